@@ -1,0 +1,3 @@
+from parameternet.cli import main
+
+raise SystemExit(main())
