@@ -1,0 +1,74 @@
+"""Dynamic linear layer: M expert matrices mixed per sample by a router (ParameterNet, sec. 3.2 and Table 5).
+
+For an input ``(B, ..., C)`` one sample gets one mixture, as in the dynamic conv: the router sees the mean over
+all dimensions but the batch and the channels, and every token of sample ``b`` goes through
+``sum_i alpha_bi W_i`` as a batched matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from parameternet.errors import ParameterNetError
+from parameternet.layers.experts import check_num_experts, init_experts_, mix_experts
+from parameternet.layers.router import create_router
+
+__all__ = ["DynamicLinear"]
+
+
+class DynamicLinear(nn.Module):
+    """A drop-in ``nn.Linear`` with ``num_experts`` matrices mixed per sample.
+
+    ``weight`` is ``(M, out, in)`` and ``bias`` ``(M, out)``; router options as in :class:`DynamicConv2d`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        num_experts: int = 4,
+        router: str = "linear-sigmoid",
+        router_temperature: float = 1.0,
+        router_hidden: int | None = None,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.num_experts = check_num_experts(num_experts)
+        kw = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, **kw))
+        self.bias = nn.Parameter(torch.empty(num_experts, out_features, **kw)) if bias else None
+        self.router = create_router(
+            router, in_features, num_experts, temperature=router_temperature, hidden_features=router_hidden, **kw
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_experts_(self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"num_experts={self.num_experts}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[-1] != self.in_features:
+            raise ParameterNetError(
+                f"{type(self).__name__} expects an input (B, ..., {self.in_features}), got shape {tuple(x.shape)}."
+            )
+        B = x.shape[0]
+        pooled = x if x.dim() == 2 else x.mean(dim=tuple(range(1, x.dim() - 1)))  # (B, C)
+        alpha = self.router(pooled)  # (B, M)
+        wt = mix_experts(alpha, self.weight).transpose(1, 2)  # (B, I, O)
+        xs = x.reshape(B, -1, self.in_features)  # (B, T, I)
+        if self.bias is None:
+            y = torch.bmm(xs, wt)
+        else:
+            y = torch.baddbmm((alpha @ self.bias).unsqueeze(1), xs, wt)  # (B, T, O)
+        return y.view(*x.shape[:-1], self.out_features)

@@ -1,0 +1,192 @@
+"""Dynamic layers against a plain reference: per sample, mix the kernels, run nn.functional, stack."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parameternet import DynamicConv2d, DynamicLinear, ParameterNetError
+from parameternet.layers import ROUTERS
+
+
+def reference_conv(layer: DynamicConv2d, x: torch.Tensor) -> torch.Tensor:
+    outs = []
+    for xb in x.split(1):
+        alpha = layer.router(xb.mean((2, 3)))[0]  # (M,)
+        w = sum(a * wi for a, wi in zip(alpha, layer.weight))
+        b = None if layer.bias is None else sum(a * bi for a, bi in zip(alpha, layer.bias))
+        padding = layer.padding
+        if layer.padding_mode != "zeros":
+            xb = F.pad(xb, layer._pad, mode=layer.padding_mode)
+            padding = 0
+        outs.append(F.conv2d(xb, w, b, layer.stride, padding, layer.dilation, layer.groups))
+    return torch.cat(outs)
+
+
+def reference_linear(layer: DynamicLinear, x: torch.Tensor) -> torch.Tensor:
+    outs = []
+    for xb in x.split(1):
+        pooled = xb.reshape(1, -1, layer.in_features).mean(1)
+        alpha = layer.router(pooled)[0]
+        w = sum(a * wi for a, wi in zip(alpha, layer.weight))
+        b = None if layer.bias is None else sum(a * bi for a, bi in zip(alpha, layer.bias))
+        outs.append(F.linear(xb, w, b))
+    return torch.cat(outs)
+
+
+def assert_same_function(layer, reference, x):
+    """Output and every gradient (input, experts, bias, router) equal the reference's, fp32 within 1e-5."""
+    x1 = x.clone().requires_grad_(True)
+    x2 = x.clone().requires_grad_(True)
+    y1 = layer(x1)
+    y2 = reference(layer, x2)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y2)
+    params = [p for p in layer.parameters()]
+    grads1 = torch.autograd.grad(y1, [x1, *params], g)
+    grads2 = torch.autograd.grad(y2, [x2, *params], g)
+    for a, b in zip(grads1, grads2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    return y1
+
+
+CONV_CASES = {
+    # name: (in, out, kernel, kwargs, expected path)
+    "pointwise": (16, 24, 1, {}, "pointwise"),
+    "pointwise-stride2": (16, 24, 1, dict(stride=2), "pointwise"),
+    "pointwise-nobias": (16, 24, 1, dict(bias=False), "pointwise"),
+    "dense3x3": (6, 10, 3, dict(padding=1), "grouped"),
+    "dense3x3-stride2-nobias": (3, 8, 3, dict(stride=2, padding=1, bias=False), "grouped"),
+    "depthwise": (12, 12, 3, dict(padding=1, groups=12), "grouped"),
+    "depthwise-5x5-stride2": (12, 12, 5, dict(stride=2, padding=2, groups=12, bias=False), "grouped"),
+    "depthwise-multiplier": (6, 12, 3, dict(padding=1, groups=6), "grouped"),
+    "grouped": (8, 12, 3, dict(padding=1, groups=4), "grouped"),
+    "grouped-pointwise": (8, 12, 1, dict(groups=2), "grouped"),
+    "dilated": (6, 6, 3, dict(padding=2, dilation=2), "grouped"),
+    "padded-pointwise": (6, 6, 1, dict(padding=1), "grouped"),
+    "same-padding": (6, 8, (3, 5), dict(padding="same"), "grouped"),
+    "reflect": (6, 8, 3, dict(padding=1, padding_mode="reflect"), "grouped"),
+    "rect-kernel": (6, 8, (1, 3), dict(padding=(0, 1), stride=(1, 2)), "grouped"),
+}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv_matches_reference(case, batch, channels_last):
+    torch.manual_seed(0)
+    cin, cout, k, kwargs, path = CONV_CASES[case]
+    layer = DynamicConv2d(cin, cout, k, num_experts=3, **kwargs)
+    assert layer.path == path
+    x = torch.randn(batch, cin, 9, 11)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert_same_function(layer, reference_conv, x)
+
+
+def test_pointwise_keeps_channels_last():
+    layer = DynamicConv2d(8, 16, 1)
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    assert layer(x).is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("shape", [(4, 10), (1, 10), (3, 7, 10), (2, 3, 4, 10)])
+def test_linear_matches_reference(shape, router):
+    torch.manual_seed(0)
+    layer = DynamicLinear(10, 6, num_experts=4, router=router)
+    assert_same_function(layer, reference_linear, torch.randn(*shape))
+
+
+def test_linear_routes_per_sample():
+    """Every token of a sample shares the mixture: permuting tokens permutes outputs and nothing else."""
+    torch.manual_seed(0)
+    layer = DynamicLinear(10, 6)
+    x = torch.randn(2, 7, 10)
+    perm = torch.randperm(7)
+    torch.testing.assert_close(layer(x)[:, perm], layer(x[:, perm]))
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_batch_equals_samples_one_by_one(router):
+    torch.manual_seed(0)
+    layer = DynamicConv2d(8, 8, 3, padding=1, groups=8, router=router)
+    x = torch.randn(5, 8, 6, 6)
+    torch.testing.assert_close(layer(x), torch.cat([layer(xb) for xb in x.split(1)]), rtol=1e-5, atol=1e-6)
+
+
+def test_one_expert_is_a_gated_conv():
+    torch.manual_seed(0)
+    layer = DynamicConv2d(4, 6, 3, padding=1, num_experts=1)
+    x = torch.randn(2, 4, 5, 5)
+    gate = torch.sigmoid(layer.router.fc(x.mean((2, 3))))  # (B, 1)
+    expected = torch.cat(
+        [F.conv2d(xb, g * layer.weight[0], g * layer.bias[0], padding=1) for xb, g in zip(x.split(1), gate)]
+    )
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mlp_softmax_router_is_a_distribution_and_sharpens_with_temperature():
+    torch.manual_seed(0)
+    pooled = torch.randn(4, 16)
+    soft = DynamicConv2d(16, 16, 1, router="mlp-softmax", router_temperature=1.0)
+    sharp = DynamicConv2d(16, 16, 1, router="mlp-softmax", router_temperature=0.1)
+    sharp.router.load_state_dict(soft.router.state_dict())
+    a_soft, a_sharp = soft.router(pooled), sharp.router(pooled)
+    torch.testing.assert_close(a_soft.sum(-1), torch.ones(4))
+    assert (a_sharp.max(-1).values > a_soft.max(-1).values).all()
+
+
+@pytest.mark.parametrize(
+    "make_dynamic, make_dense",
+    [
+        (lambda: DynamicConv2d(32, 64, 3, num_experts=4), lambda: nn.Conv2d(32, 64, 3)),
+        (lambda: DynamicLinear(96, 64, num_experts=4), lambda: nn.Linear(96, 64)),
+    ],
+    ids=["conv", "linear"],
+)
+def test_experts_initialised_like_the_dense_layer(make_dynamic, make_dense):
+    torch.manual_seed(0)
+    dyn, dense = make_dynamic(), make_dense()
+    fan_in = dense.weight[0].numel()
+    bound = 1 / math.sqrt(fan_in)  # kaiming_uniform(a=sqrt(5)) and the bias both use U(-1/sqrt(fan_in), ...)
+    for expert, b in zip(dyn.weight, dyn.bias):
+        assert expert.shape == dense.weight.shape
+        assert expert.abs().max() <= bound and b.abs().max() <= bound
+        assert abs(expert.std().item() - dense.weight.std().item()) < 0.1 * dense.weight.std().item()
+    assert not torch.equal(dyn.weight[0], dyn.weight[1])
+
+
+def test_parameter_count_is_experts_times_dense_plus_router():
+    dense = nn.Conv2d(16, 32, 3, bias=False)
+    dyn = DynamicConv2d(16, 32, 3, bias=False, num_experts=4)
+    router = 16 * 4 + 4
+    assert sum(p.numel() for p in dyn.parameters()) == 4 * dense.weight.numel() + router
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: DynamicConv2d(4, 4, 3, num_experts=0), "num_experts must be an integer >= 1, got 0"),
+        (lambda: DynamicLinear(4, 4, num_experts=2.5), "num_experts must be an integer >= 1, got 2.5"),
+        (lambda: DynamicConv2d(4, 4, 3, router="softmax"), "unknown router 'softmax'; choose one of linear-sigmoid"),
+        (lambda: DynamicConv2d(4, 6, 3, groups=4), "must be divisible by groups (4)"),
+        (lambda: DynamicConv2d(4, 4, 3, stride=2, padding="same"), "padding='same' needs stride 1"),
+        (lambda: DynamicConv2d(4, 4, 3, router="mlp-softmax", router_temperature=0), "temperature must be positive"),
+    ],
+)
+def test_bad_construction_says_what_is_wrong(build, message):
+    with pytest.raises(ParameterNetError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build()
+
+
+def test_bad_inputs_say_what_is_wrong():
+    conv = DynamicConv2d(3, 8, 3)
+    with pytest.raises(ParameterNetError, match="expected 3 input channels, got 1"):
+        conv(torch.randn(2, 1, 8, 8))
+    with pytest.raises(ParameterNetError, match=r"expects a 4-d input \(B, C, H, W\), got shape \(3, 8, 8\)"):
+        conv(torch.randn(3, 8, 8))
+    with pytest.raises(ParameterNetError, match=r"expects an input \(B, ..., 4\), got shape \(2, 5\)"):
+        DynamicLinear(4, 2)(torch.randn(2, 5))
