@@ -32,6 +32,7 @@ class DynamicConv2d(nn.Module):
     Takes ``nn.Conv2d``'s arguments plus ``num_experts``, ``router`` (``"linear-sigmoid"``, the release's, or
     ``"mlp-softmax"``, the paper text's), ``router_temperature`` and ``router_hidden`` (the MLP router's width).
     ``weight`` is ``(M, out, in / groups, kh, kw)`` and ``bias`` ``(M, out)``: experts carry the bias too.
+    ``static_bias`` ``(out,)``, added after mixing, is ``None`` unless ``parameternet.deploy`` folded a BatchNorm in.
     """
 
     def __init__(
@@ -85,6 +86,9 @@ class DynamicConv2d(nn.Module):
             torch.empty(num_experts, out_channels, in_channels // groups, *self.kernel_size, **kw)
         )
         self.bias = nn.Parameter(torch.empty(num_experts, out_channels, **kw)) if bias else None
+        # (out,) added once after mixing, or None: where parameternet.deploy() puts a folded BatchNorm's shift,
+        # which must not be scaled by coefficients that need not sum to one.
+        self.register_parameter("static_bias", None)
         self.router = create_router(
             router, in_channels, num_experts, temperature=router_temperature, hidden_features=router_hidden, **kw
         )
@@ -144,6 +148,8 @@ class DynamicConv2d(nn.Module):
         alpha = self.router(x.mean((2, 3)))  # (B, M)
         weight = mix_experts(alpha, self.weight)  # (B, O, I/g, kh, kw)
         bias = None if self.bias is None else alpha @ self.bias  # (B, O)
+        if self.static_bias is not None:
+            bias = self.static_bias.expand(alpha.shape[0], -1) if bias is None else bias + self.static_bias
         if self.path == "pointwise":
             return self._pointwise(x, weight.flatten(2), bias)
         return self._grouped(x, weight, bias)
@@ -156,10 +162,14 @@ class DynamicConv2d(nn.Module):
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             xs = x.permute(0, 2, 3, 1).reshape(B, H * W, self.in_channels)  # (B, HW, I), a view
             wt = weight.transpose(1, 2)  # (B, I, O)
-            y = torch.bmm(xs, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), xs, wt)
+            y = torch.bmm(xs, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1).expand(B, H * W, -1), xs, wt)
             return y.view(B, H, W, self.out_channels).permute(0, 3, 1, 2)  # channels_last (B, O, H, W)
         xs = x.reshape(B, self.in_channels, H * W)  # (B, I, HW)
-        y = torch.bmm(weight, xs) if bias is None else torch.baddbmm(bias.unsqueeze(2), weight, xs)
+        y = (
+            torch.bmm(weight, xs)
+            if bias is None
+            else torch.baddbmm(bias.unsqueeze(2).expand(-1, -1, H * W), weight, xs)
+        )
         return y.view(B, self.out_channels, H, W)
 
     def _grouped(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

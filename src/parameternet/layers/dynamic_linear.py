@@ -70,5 +70,6 @@ class DynamicLinear(nn.Module):
         if self.bias is None:
             y = torch.bmm(xs, wt)
         else:
-            y = torch.baddbmm((alpha @ self.bias).unsqueeze(1), xs, wt)  # (B, T, O)
+            bias = (alpha @ self.bias).unsqueeze(1).expand(B, xs.shape[1], -1)  # (B, T, O), a view
+            y = torch.baddbmm(bias, xs, wt)
         return y.view(*x.shape[:-1], self.out_features)
