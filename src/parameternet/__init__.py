@@ -3,9 +3,27 @@
 ``import parameternet`` registers the paper's models in timm and exposes the dynamic layers.
 """
 
+from parameternet.deploy import DeployReport, deploy
 from parameternet.errors import ParameterNetError
 from parameternet.layers import DynamicConv2d, DynamicLinear
+from parameternet.models import create_model  # importing models registers them in timm
+from parameternet.parameterize import ParameterizeReport, load, parameterize, save
+from parameternet.profile import ProfileResult  # the package itself is callable: parameternet.profile(model)
 
 __version__ = "0.1.0"
 
-__all__ = ["DynamicConv2d", "DynamicLinear", "ParameterNetError", "__version__"]
+__all__ = [
+    "DeployReport",
+    "DynamicConv2d",
+    "DynamicLinear",
+    "ParameterNetError",
+    "ParameterizeReport",
+    "ProfileResult",
+    "__version__",
+    "create_model",
+    "deploy",
+    "load",
+    "parameterize",
+    "profile",
+    "save",
+]

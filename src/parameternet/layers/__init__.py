@@ -4,6 +4,7 @@ but its error type, so it can be read and reused on its own."""
 from parameternet.layers.dynamic_conv import DynamicConv2d
 from parameternet.layers.dynamic_linear import DynamicLinear
 from parameternet.layers.experts import check_num_experts, init_experts_, mix_experts
+from parameternet.layers.repconv import RepConv2d
 from parameternet.layers.router import ROUTERS, LinearSigmoidRouter, MlpSoftmaxRouter, create_router
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "DynamicLinear",
     "LinearSigmoidRouter",
     "MlpSoftmaxRouter",
+    "RepConv2d",
     "check_num_experts",
     "create_router",
     "init_experts_",
