@@ -1,0 +1,124 @@
+"""Distributed data parallel plumbing: torchrun detection, process groups, samplers, metric reduction.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the trainer joins a process group, NCCL on GPUs and
+gloo on CPUs, shards the data per rank and reduces metrics across ranks; only rank 0 writes files. A single
+process is the same code with a world of one.
+
+The training sampler is torch's ``DistributedSampler`` (the same permutation of the dataset per epoch on every
+rank, each rank taking its stride) extended in two ways the resume guarantee needs: it can start part-way
+through an epoch, and it yields ``(index, sample_seed)`` so per-image augmentation depends only on
+(seed, epoch, index).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler, Sampler
+
+from parameternet.errors import ParameterNetError
+
+__all__ = ["DistInfo", "ResumableSampler", "ShardSampler", "all_reduce_sum", "cleanup", "mix_seed", "setup"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str = "auto") -> DistInfo:
+    """Pick the device and, under torchrun, join the process group (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ParameterNetError(f"device={device!r} but no CUDA device is visible; use device=cpu")
+    if use_cuda:
+        index = int(device.split(":")[1]) if ":" in device else local_rank
+        dev = torch.device("cuda", index)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        log.info("rank %d/%d joined the %s process group on %s", rank, world, backend, dev)
+    return DistInfo(rank, world, local_rank, dev)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (a no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix64 steps), so (seed, epoch, step) give unrelated streams."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start at ``start`` within an epoch and yields ``(index, sample_seed)``."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.start = 0
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        self.set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start :]
+        for i in indices:
+            yield i, mix_seed(self.seed, self.epoch, i)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class ShardSampler(Sampler):
+    """Evaluation sampler: rank r takes indices r, r + world, ...; no padding, so reduced metrics are exact."""
+
+    def __init__(self, length: int, num_replicas: int, rank: int):
+        self.indices = list(range(rank, length, num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)

@@ -1,0 +1,735 @@
+"""The training loop: one recipe, from one CPU to torchrun DDP, that never loses a run (paper Table 1, section 4).
+
+The pieces come from timm (transforms, RandAugment, random erasing, Mixup / CutMix, label-smoothing losses,
+``create_optimizer_v2`` with layer decay, ``create_scheduler_v2`` stepped every update, ``ModelEmaV3``); what is
+written here is the loop around them: data order and randomness that depend only on (seed, epoch, step), so a
+run killed at any point and resumed from its last checkpoint ends with the same weights and metrics on CPU;
+metrics in ``metrics.jsonl``; data-wait against compute time; and the pretrain -> fine-tune hand-over.
+
+Randomness: before each step the python, numpy and torch generators are reseeded from (seed, rank, epoch,
+step), and PIL augmentation is seeded per image (see ``parameternet.data.pipeline``), so neither worker
+scheduling nor a restart changes what a step sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+from parameternet.data.images import build_dataset
+from parameternet.data.pipeline import BatchTransform, LoaderDataset, collate, pil_transform
+from parameternet.errors import ParameterNetError
+from parameternet.train import distributed as D
+from parameternet.train.checkpoint import (
+    CheckpointManager,
+    load_into,
+    load_state,
+    load_weights,
+    resolve_weights,
+    state_path_for,
+)
+from parameternet.train.config import TrainConfig, apply_overrides, config_from_dict
+
+__all__ = ["Trainer", "build_transforms", "create_model", "evaluate", "evaluate_checkpoint", "train"]
+
+log = logging.getLogger(__name__)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def create_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """``timm.create_model`` with the recipe's model, class count, input channels and extra arguments."""
+    import timm
+
+    import parameternet.models  # noqa: F401  (registers the paper's models in timm)
+
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.drop_path > 0:
+        kwargs["drop_path_rate"] = cfg.drop_path
+    if not timm.is_model(cfg.model):
+        close = difflib.get_close_matches(cfg.model, timm.list_models(), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "see timm.list_models()"
+        raise ParameterNetError(f"model {cfg.model!r} is not a timm model; {hint}")
+    try:
+        return timm.create_model(cfg.model, pretrained=False, num_classes=num_classes, in_chans=cfg.in_chans, **kwargs)
+    except TypeError as e:
+        raise ParameterNetError(f"model {cfg.model!r} rejects model_kwargs {kwargs} ({e}); fix model_kwargs") from None
+
+
+def _classifier_classes(model: nn.Module, state_dict: dict) -> int | None:
+    name = getattr(model, "pretrained_cfg", {}).get("classifier")
+    w = state_dict.get(f"{name}.weight") if name else None
+    return int(w.shape[0]) if w is not None else None
+
+
+def init_from_checkpoint(model: nn.Module, path: str, num_classes: int) -> None:
+    """Load pretrained weights; a checkpoint with another class count gets a fresh classifier."""
+    weights = resolve_weights(path)
+    sd, meta = load_weights(weights)
+    src_classes = meta.get("num_classes") or _classifier_classes(model, sd) or num_classes
+    if src_classes != num_classes:
+        model.reset_classifier(src_classes)  # shape the head like the checkpoint's, load, then replace it
+        load_into(model, sd, str(weights), strict=False)
+        model.reset_classifier(num_classes)
+        log.info("init from %s: classifier re-initialised (%d -> %d classes)", weights, src_classes, num_classes)
+    else:
+        load_into(model, sd, str(weights), strict=False)
+        log.info("init from %s (model %s, %d classes)", weights, meta.get("model", "?"), num_classes)
+
+
+def build_transforms(cfg: TrainConfig, ds, train: bool, device: torch.device):
+    """((per-image PIL transform or None, batch transform on the device), pipeline name) for a dataset."""
+    in_memory = getattr(ds, "in_memory", False)
+    pipeline = cfg.data.pipeline
+    if pipeline == "auto":
+        pipeline = "tensor" if in_memory and not (train and cfg.aug.randaugment) else "pil"
+    if pipeline == "tensor" and not in_memory:
+        raise ParameterNetError(f"data.pipeline=tensor needs an in-memory dataset; {ds.name!r} is read from disk")
+    if pipeline == "tensor" and train and cfg.aug.randaugment:
+        raise ParameterNetError(f"aug.randaugment={cfg.aug.randaugment!r} needs data.pipeline=pil (or auto)")
+    a = cfg.aug
+    if pipeline == "pil":
+        per_image = pil_transform(
+            train,
+            cfg.img_size,
+            cfg.data.mean,
+            cfg.data.std,
+            randaugment=a.randaugment,
+            color_jitter=a.color_jitter,
+            hflip=a.hflip,
+            scale=tuple(a.scale),
+            random_erasing=a.random_erasing,
+            crop_pct=cfg.data.crop_pct,
+            interpolation=cfg.data.interpolation,
+        )
+        # the PIL transform already normalised 3 channels; the batch transform only adapts them to in_chans
+        batch = BatchTransform(False, cfg.img_size, cfg.in_chans, [0.0], [1.0])
+    else:
+        per_image = None
+        batch = BatchTransform(
+            train,
+            cfg.img_size,
+            cfg.in_chans,
+            cfg.data.mean,
+            cfg.data.std,
+            hflip=a.hflip,
+            crop_padding=a.crop_padding,
+            random_erasing=a.random_erasing,
+        )
+    return (per_image, batch.to(device)), pipeline
+
+
+class _AMP:
+    """Autocast context and (fp16 only) gradient scaler for the recipe's ``amp`` setting."""
+
+    def __init__(self, mode: str, device: torch.device):
+        if mode == "auto":
+            mode = "none" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        if mode == "fp16" and device.type != "cuda":
+            raise ParameterNetError("amp='fp16' needs a CUDA device; use amp=bf16 or amp=none on CPU")
+        self.mode, self.device = mode, device
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
+        self.scaler = torch.amp.GradScaler("cuda") if mode == "fp16" else None
+
+    def __call__(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, transform: nn.Module, device: torch.device, amp: _AMP) -> dict[str, float]:
+    """Loss, top-1 and top-5 (percent) over a loader, summed over ranks."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, images
+    for x, y in loader:
+        x, y = transform(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+        with amp():
+            out = model(x)
+        out = out.float()
+        top = out.topk(min(5, out.shape[1]), dim=1).indices
+        sums += torch.stack(
+            [
+                F.cross_entropy(out, y, reduction="sum").double(),
+                (top[:, 0] == y).sum().double(),
+                (top == y[:, None]).any(dim=1).sum().double(),
+                torch.tensor(float(len(y)), dtype=torch.float64, device=device),
+            ]
+        )
+    D.all_reduce_sum(sums)
+    n = max(sums[3].item(), 1.0)
+    return {
+        "loss": sums[0].item() / n,
+        "top1": 100 * sums[1].item() / n,
+        "top5": 100 * sums[2].item() / n,
+        "images": int(sums[3].item()),
+    }
+
+
+class _Metrics:
+    """``metrics.jsonl`` (and TensorBoard when asked and installed); written by the main rank only."""
+
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool):
+        self.path, self.enabled, self.tb = out / "metrics.jsonl", enabled, None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                log.warning("tensorboard=true but the tensorboard package is not installed; writing metrics.jsonl only")
+
+    def truncate(self, last_step: int) -> None:
+        """Drop rows a killed run wrote after its last checkpoint, so a resumed file reads like an unbroken one."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        rows = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+        keep = [ln for ln in rows if json.loads(ln).get("step", 0) <= last_step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        tmp.replace(self.path)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(
+                        f"{row['split']}{'_' + row['weights'] if 'weights' in row else ''}/{k}", v, row["step"]
+                    )
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Trainer:
+    """Builds everything a recipe names and runs it; ``run()`` returns the summary dict."""
+
+    def __init__(self, cfg: TrainConfig, dist: D.DistInfo):
+        self.cfg, self.dist = cfg, dist
+        self.device = dist.device
+        self.out = Path(cfg.output_dir)
+        self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.keep_last)
+        resume_from = self._find_resume()
+        if resume_from is None and self.ckpt.steps():
+            raise ParameterNetError(
+                f"output_dir {str(self.out)!r} already holds checkpoints; pass resume=auto to continue that run "
+                f"or choose another output_dir"
+            )
+        _seed_all(cfg.seed)
+        self._build_data()
+        self._build_model()
+        self._build_optim()
+        self.best, self.best_step = -math.inf, None
+        self.step = self.epoch = self.pos = 0
+        self.last_val: dict[str, dict] = {}
+        # loss sum and steps since the last train row (saved, so rows straddling a resume are unchanged);
+        # data wait, step time and steps timed in this process
+        self.window = [0.0, 0, 0.0, 0.0, 0]
+        if resume_from is not None:
+            self._resume(resume_from)
+        if dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.metrics = _Metrics(self.out, dist.is_main, cfg.tensorboard)
+        if resume_from is not None:
+            self.metrics.truncate(self.step)
+
+    # ----- setup -----
+    def _build_data(self) -> None:
+        cfg, dist = self.cfg, self.dist
+        if cfg.batch_size % dist.world_size:
+            raise ParameterNetError(f"batch_size={cfg.batch_size} does not divide over {dist.world_size} processes")
+        self.local_batch = cfg.batch_size // dist.world_size
+        self.train_ds = build_dataset(cfg.data.train)
+        self.num_classes = cfg.num_classes or self.train_ds.num_classes
+        self.steps_per_epoch = len(self.train_ds) // dist.world_size // self.local_batch
+        if self.steps_per_epoch == 0:
+            raise ParameterNetError(
+                f"data.train={cfg.data.train!r} has {len(self.train_ds)} images, fewer than one batch of "
+                f"{cfg.batch_size}; lower batch_size"
+            )
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        if (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0) and self.local_batch % 2:
+            raise ParameterNetError(f"mixup / cutmix need an even batch per process, got {self.local_batch}")
+        self.train_tf, self.pipeline = build_transforms(cfg, self.train_ds, True, self.device)
+        self.sampler = D.ResumableSampler(self.train_ds, dist.world_size, dist.rank, seed=cfg.seed)
+        self.train_loader = self._loader(LoaderDataset(self.train_ds, self.train_tf[0]), self.local_batch, self.sampler)
+        self.val_loader = None
+        if cfg.data.val:
+            self.val_ds = build_dataset(cfg.data.val)
+            if self.val_ds.num_classes > self.num_classes:
+                raise ParameterNetError(
+                    f"data.val={cfg.data.val!r} has {self.val_ds.num_classes} classes but the model predicts "
+                    f"{self.num_classes}; evaluate on a dataset with the training classes"
+                )
+            self.val_tf, _ = build_transforms(cfg, self.val_ds, False, self.device)
+            batch = (cfg.eval_batch_size or cfg.batch_size) // dist.world_size or 1
+            sampler = D.ShardSampler(len(self.val_ds), dist.world_size, dist.rank)
+            self.val_loader = self._loader(LoaderDataset(self.val_ds, self.val_tf[0]), batch, sampler, drop_last=False)
+
+    def _loader(self, dataset, batch_size: int, sampler, drop_last: bool = True):
+        workers = self.cfg.data.num_workers
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=self.device.type == "cuda",
+            drop_last=drop_last,
+            persistent_workers=workers > 0,
+        )
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        model = create_model(cfg, self.num_classes)
+        if cfg.init_from:
+            init_from_checkpoint(model, cfg.init_from, self.num_classes)
+        if cfg.sync_bn and self.dist.distributed:
+            if self.device.type != "cuda":
+                raise ParameterNetError("sync_bn=true needs CUDA devices; set sync_bn=false for CPU runs")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.to(self.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.params = sum(p.numel() for p in model.parameters())
+        self.ddp = model
+        if self.dist.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.ema = None
+        if cfg.ema is not None:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(model, decay=cfg.ema)
+        self.amp = _AMP(cfg.amp, self.device)
+
+    def _build_optim(self) -> None:
+        from timm.data import Mixup
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import create_scheduler_v2
+
+        cfg, o, s = self.cfg, self.cfg.optim, self.cfg.schedule
+        extra = {k: v for k, v in (("betas", tuple(o.betas) if o.betas else None), ("eps", o.eps)) if v is not None}
+        try:
+            self.optimizer = create_optimizer_v2(
+                self.model,
+                opt=o.name,
+                lr=o.lr,
+                weight_decay=o.weight_decay,
+                momentum=o.momentum,
+                layer_decay=o.layer_decay,
+                **extra,
+            )
+        except (ValueError, AssertionError, KeyError) as e:
+            raise ParameterNetError(f"optim.name={o.name!r} could not be created ({e}); use adamw or sgd") from None
+        warmup = s.warmup_steps if s.warmup_steps is not None else round(s.warmup_epochs * self.steps_per_epoch)
+        try:
+            self.scheduler, _ = create_scheduler_v2(
+                self.optimizer,
+                sched=s.name,
+                num_epochs=self.total_steps,
+                warmup_epochs=min(warmup, self.total_steps),
+                warmup_lr=s.warmup_lr,
+                min_lr=s.min_lr,
+                step_on_epochs=False,
+                updates_per_epoch=1,
+            )
+        except (ValueError, AssertionError) as e:
+            raise ParameterNetError(f"schedule.name={s.name!r} could not be created ({e}); use e.g. cosine") from None
+        if self.scheduler is not None:
+            self.scheduler.step_update(0)
+        a = cfg.aug
+        self.mixup = None
+        if a.mixup > 0 or a.cutmix > 0:
+            self.mixup = Mixup(
+                mixup_alpha=a.mixup,
+                cutmix_alpha=a.cutmix,
+                prob=a.mixup_prob,
+                switch_prob=a.mixup_switch_prob,
+                label_smoothing=a.label_smoothing,
+                num_classes=self.num_classes,
+            )
+            self.criterion = SoftTargetCrossEntropy()
+        elif a.label_smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(smoothing=a.label_smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+
+    # ----- checkpoints -----
+    def _find_resume(self) -> Path | None:
+        r = self.cfg.resume
+        if r is None:
+            return None
+        if r == "auto":
+            latest = self.ckpt.latest()
+            if latest is None:
+                log.info("resume=auto: no checkpoint in %s, starting a new run", self.ckpt.dir)
+            return latest
+        p = Path(r)
+        if p.is_dir():
+            latest = CheckpointManager(p / "checkpoints" if (p / "checkpoints").is_dir() else p).latest()
+            if latest is None:
+                raise ParameterNetError(f"resume={r!r}: the directory holds no checkpoint; use resume=auto or a file")
+            return latest
+        if p.name.endswith(".safetensors"):
+            p = state_path_for(p)
+        if not p.is_file():
+            raise ParameterNetError(f"resume={r!r} does not exist; use resume=auto or a checkpoint's .state.pt")
+        return p
+
+    def _metadata(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "model": cfg.model,
+            "model_kwargs": cfg.model_kwargs,
+            "num_classes": self.num_classes,
+            "in_chans": cfg.in_chans,
+            "img_size": cfg.img_size,
+            "classes": list(self.train_ds.classes) if len(self.train_ds.classes) == self.num_classes else None,
+            "step": self.step,
+            "config": cfg.to_dict(),
+        }
+
+    def _rng_state(self) -> dict[str, Any]:
+        np_state = np.random.get_state()
+        return {
+            "python": random.getstate(),
+            "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+        }
+
+    def _save(self, tag: str | None = None) -> None:
+        if not self.dist.is_main:
+            return
+        ema = self.ema.module.state_dict() if self.ema is not None else None
+        meta = self._metadata()
+        if tag is not None:  # best / final: weights only
+            self.ckpt.save(tag, self.model.state_dict(), ema, None, meta)
+            return
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "pos": self.pos,
+            "sampler_seed": self.cfg.seed,
+            "batch_size": self.cfg.batch_size,
+            "world_size": self.dist.world_size,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.amp.scaler.state_dict() if self.amp.scaler is not None else None,
+            "rng": self._rng_state(),
+            "best": self.best,
+            "best_step": self.best_step,
+            "last_val": self.last_val,
+            "log_window": self.window[:2],
+        }
+        path = self.ckpt.save_step(self.step, self.model.state_dict(), ema, state, meta)
+        log.debug("checkpoint %s", path)
+
+    def _resume(self, state_path: Path) -> None:
+        state = load_state(state_path)
+        weights = state_path.with_name(state_path.name.replace(".state.pt", ".safetensors"))
+        sd, meta = load_weights(weights)
+        if meta.get("model") != self.cfg.model:
+            raise ParameterNetError(
+                f"checkpoint {str(weights)!r} was written for model {meta.get('model')!r}, the recipe says "
+                f"{self.cfg.model!r}; resume with the same model or start a new output_dir"
+            )
+        if (state["batch_size"], state["steps_per_epoch"]) != (self.cfg.batch_size, self.steps_per_epoch):
+            raise ParameterNetError(
+                f"checkpoint {str(state_path)!r} ran batch_size={state['batch_size']} with "
+                f"{state['steps_per_epoch']} steps per epoch; resume with the same batch_size and data.train"
+            )
+        load_into(self.model, sd, str(weights), strict=True)
+        if self.ema is not None:
+            ema_path = weights.with_name(weights.name.replace(".safetensors", ".ema.safetensors"))
+            if ema_path.is_file():
+                load_into(self.ema.module, load_weights(ema_path)[0], str(ema_path), strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.amp.scaler is not None and state.get("scaler") is not None:
+            self.amp.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.step, self.epoch, self.pos = state["step"], state["epoch"], state["pos"]
+        self.best, self.best_step, self.last_val = state["best"], state["best_step"], state.get("last_val", {})
+        self.window[:2] = state.get("log_window", [0.0, 0])
+        if self.scheduler is not None:
+            self.scheduler.step_update(self.step)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", state_path, self.step, self.epoch, self.pos)
+
+    # ----- the loop -----
+    def _validate(self) -> None:
+        if self.val_loader is None:
+            return
+        targets = [("model", self.model)] + ([("ema", self.ema.module)] if self.ema is not None else [])
+        for name, net in targets:
+            m = evaluate(net, self.val_loader, self.val_tf[1], self.device, self.amp)
+            self.last_val[name] = m
+            row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "split": "val"}
+            self.metrics.write({**row, "weights": name, **{k: round(v, 6) for k, v in m.items()}})
+        score = self.last_val["ema" if self.ema is not None else "model"]["top1"]
+        if score > self.best:
+            self.best, self.best_step = score, self.step
+            self._save("best")
+            if self.dist.is_main:
+                (self.out / "checkpoints" / "best.json").write_text(
+                    json.dumps({"step": self.step, "val": self.last_val}, indent=1) + "\n"
+                )
+        self.model.train()
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.step >= self.total_steps:
+            log.info("run in %s is already complete (%d steps)", self.out, self.step)
+            return self._summary(0.0, 0, [0.0, 0.0, 0])
+        log.info(
+            "training %s (%.2fM params, %d classes) on %s: %d images, %d steps/epoch, %d steps, batch %d x %d "
+            "process(es), %s pipeline, %s",
+            cfg.model, self.params / 1e6, self.num_classes, cfg.data.train, len(self.train_ds),
+            self.steps_per_epoch, self.total_steps, self.local_batch, self.dist.world_size, self.pipeline,
+            self.device,
+        )  # fmt: skip
+        bar = None
+        if self.dist.is_main and cfg.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc=cfg.model)
+        totals = [0.0, 0.0, 0]  # data wait, step time, steps (this process, this session)
+        start = time.perf_counter()
+        try:
+            self._loop(bar, totals, self.window)
+        finally:
+            if bar is not None:
+                bar.close()
+            self.metrics.close()
+        return self._summary(time.perf_counter() - start, totals[2], totals)
+
+    def _loop(self, bar, totals: list, window: list) -> None:
+        cfg, dev = self.cfg, self.device
+        self.ddp.train()
+        while self.step < self.total_steps:
+            self.sampler.set_position(self.epoch, self.pos * self.local_batch)
+            it = iter(self.train_loader)
+            while self.pos < self.steps_per_epoch and self.step < self.total_steps:
+                t0 = time.perf_counter()
+                x, y = next(it)
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                t1 = time.perf_counter()
+                loss = self._train_step(x, y)
+                t2 = time.perf_counter()
+                window[0] += loss
+                window[1] += 1
+                for w, dt in ((2, t1 - t0), (3, t2 - t1)):
+                    window[w] += dt
+                    totals[w - 2] += dt
+                window[4] += 1
+                totals[2] += 1
+                self.pos += 1
+                epoch_end = self.pos == self.steps_per_epoch
+                finished = self.step == self.total_steps
+                if bar is not None:
+                    ips = self.local_batch * self.dist.world_size / max(t2 - t0, 1e-9)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self._lr():.2e}", img_s=f"{ips:.0f}", refresh=False)
+                    bar.update(1)
+                if self.step % cfg.log_every == 0 or finished:
+                    self._log_train(window, bar)
+                if epoch_end:
+                    self.epoch, self.pos = self.epoch + 1, 0
+                do_eval = finished or (cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0)
+                do_eval = do_eval or (epoch_end and cfg.eval_every_epochs and self.epoch % cfg.eval_every_epochs == 0)
+                if do_eval:
+                    self._validate()
+                do_ckpt = finished or (cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0)
+                do_ckpt = do_ckpt or (epoch_end and cfg.ckpt_every_epochs and self.epoch % cfg.ckpt_every_epochs == 0)
+                if do_ckpt:
+                    self._save()
+                if finished:
+                    self._save("final")
+                if epoch_end:
+                    break
+
+    def _lr(self) -> float:
+        return max(g["lr"] for g in self.optimizer.param_groups)
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        cfg = self.cfg
+        _seed_all(D.mix_seed(cfg.seed, self.dist.rank, self.epoch, self.step))
+        x = self.train_tf[1](x)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
+        with self.amp():
+            out = self.ddp(x)
+            loss = self.criterion(out.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        scaler = self.amp.scaler
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if cfg.optim.clip_grad:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        self.step += 1
+        if self.scheduler is not None:
+            self.scheduler.step_update(self.step)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        value = loss.detach().float().reshape(1)
+        if self.dist.distributed:  # every rank sees the same mean loss, so all stop together on NaN
+            value = D.all_reduce_sum(value) / self.dist.world_size
+        value = value.item()
+        if not math.isfinite(value):
+            latest = self.ckpt.latest()
+            kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written"
+            raise ParameterNetError(
+                f"training loss became {value} at step {self.step} (epoch {self.epoch}); stopped and {kept}; "
+                f"lower optim.lr or set optim.clip_grad"
+            )
+        return value
+
+    def _log_train(self, window: list, bar) -> None:
+        n, timed = window[1], window[4]
+        if n == 0:
+            return
+        busy = window[2] + window[3]
+        row = {
+            "step": self.step,
+            "epoch": round(self.step / self.steps_per_epoch, 4),
+            "split": "train",
+            "loss": round(window[0] / n, 6),
+            "lr": self._lr(),
+            "images_per_s": round(timed * self.local_batch * self.dist.world_size / max(busy, 1e-9), 1),
+            "data_wait_s": round(window[2] / max(timed, 1), 6),
+            "step_s": round(window[3] / max(timed, 1), 6),
+        }
+        self.metrics.write(row)
+        if bar is None and self.dist.is_main:
+            log.info(
+                "step %d/%d  epoch %.2f  loss %.4f  lr %.2e  %.0f img/s  data wait %.1f%%",
+                self.step, self.total_steps, row["epoch"], row["loss"], row["lr"], row["images_per_s"],
+                100 * window[2] / max(busy, 1e-9),
+            )  # fmt: skip
+        window[:] = [0.0, 0, 0.0, 0.0, 0]
+
+    def _summary(self, wall: float, steps: int, totals: list) -> dict[str, Any]:
+        wait, compute = totals[0], totals[1]
+        summary = {
+            "output_dir": str(self.out),
+            "model": self.cfg.model,
+            "steps": self.step,
+            "epochs": round(self.step / self.steps_per_epoch, 4),
+            "session_steps": steps,
+            "wall_s": round(wall, 3),
+            "images_per_s": round(steps * self.local_batch * self.dist.world_size / max(wall, 1e-9), 1),
+            "data_wait_s_per_step": round(wait / max(steps, 1), 6),
+            "step_s_per_step": round(compute / max(steps, 1), 6),
+            "data_wait_fraction": round(wait / max(wait + compute, 1e-9), 4),
+            "val": self.last_val,
+            "best_top1": None if self.best_step is None else round(self.best, 4),
+            "best_step": self.best_step,
+        }
+        if self.dist.is_main and steps:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            val = self.last_val.get("ema") or self.last_val.get("model")
+            log.info(
+                "done: %d steps in %.1f s (%.0f img/s); data wait %.4f s/step vs step %.4f s/step (%.1f%% waiting)",
+                steps, wall, summary["images_per_s"], summary["data_wait_s_per_step"],
+                summary["step_s_per_step"], 100 * summary["data_wait_fraction"],
+            )  # fmt: skip
+            if val:
+                log.info("val top1 %.2f  top5 %.2f  loss %.4f  (%d images)", val["top1"], val["top5"], val["loss"],
+                         val["images"])  # fmt: skip
+            log.info("outputs in %s (metrics.jsonl, checkpoints/)", self.out)
+        elif self.dist.is_main and (self.out / "summary.json").is_file():
+            summary = json.loads((self.out / "summary.json").read_text())
+        return summary
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run a validated recipe (single process or one rank of torchrun) and return its summary."""
+    dist = D.setup(cfg.device)
+    try:
+        return Trainer(cfg, dist).run()
+    finally:
+        D.cleanup()
+
+
+def evaluate_checkpoint(path: str, overrides: list[str]) -> dict[str, Any]:
+    """Top-1 / top-5 / loss of a checkpoint on ``data=SPEC`` (the recipe comes from the checkpoint)."""
+    weights = resolve_weights(path)
+    sd, meta = load_weights(weights)
+    if "model" not in meta:
+        raise ParameterNetError(f"{str(weights)!r} has no parameternet metadata (model name); evaluate a run's file")
+    cfg = config_from_dict(meta.get("config") or {"model": meta["model"]})
+    cfg.resume = cfg.init_from = None
+    overrides = [f"data.val={o.split('=', 1)[1]}" if o.startswith("data=") else o for o in overrides]
+    apply_overrides(cfg, overrides)
+    if not cfg.data.val:
+        raise ParameterNetError("no dataset to evaluate on; pass data=SPEC, e.g. data=fashion-mnist:test")
+    cfg.validate()
+    dist = D.setup(cfg.device)
+    try:
+        _seed_all(cfg.seed)
+        num_classes = int(meta["num_classes"])
+        model = create_model(cfg, num_classes)
+        load_into(model, sd, str(weights), strict=True)
+        model.to(dist.device)
+        ds = build_dataset(cfg.data.val)
+        if ds.num_classes > num_classes:
+            raise ParameterNetError(
+                f"data={cfg.data.val!r} has {ds.num_classes} classes but checkpoint predicts {num_classes}"
+            )
+        (per_image, batch_tf), _ = build_transforms(cfg, ds, False, dist.device)
+        batch = (cfg.eval_batch_size or cfg.batch_size) // dist.world_size or 1
+        loader = torch.utils.data.DataLoader(
+            LoaderDataset(ds, per_image),
+            batch_size=batch,
+            sampler=D.ShardSampler(len(ds), dist.world_size, dist.rank),
+            num_workers=cfg.data.num_workers,
+            collate_fn=collate,
+        )
+        result = evaluate(model, loader, batch_tf, dist.device, _AMP(cfg.amp, dist.device))
+    finally:
+        D.cleanup()
+    return {"checkpoint": str(weights), "data": cfg.data.val, **result}

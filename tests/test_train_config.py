@@ -1,0 +1,72 @@
+"""Recipes: YAML into typed dataclasses, validated overrides, and the paper's Table 1 numbers."""
+
+from pathlib import Path
+
+import pytest
+
+from parameternet.errors import ParameterNetError
+from parameternet.train.config import TrainConfig, apply_overrides, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_overrides_are_typed():
+    cfg = apply_overrides(
+        TrainConfig(),
+        ["optim.lr=5e-4", "batch_size=64", "ema=0.999", "ema=null", "progress=false", "data.mean=[0.5]",
+         "aug.scale=0.5,1", "model_kwargs.num_experts=8", "data.train=folder:/x:y/train"],
+    )  # fmt: skip
+    assert cfg.optim.lr == 5e-4 and cfg.batch_size == 64 and cfg.ema is None and cfg.progress is False
+    assert cfg.data.mean == [0.5] and cfg.aug.scale == [0.5, 1.0] and cfg.model_kwargs == {"num_experts": 8}
+    assert cfg.data.train == "folder:/x:y/train"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "unknown recipe key 'optim.lrr' in the overrides; did you mean 'optim.lr'?"),
+        ("batchsize=4", "did you mean 'batch_size'?"),
+        ("warmup_epochs=3", "did you mean 'schedule.warmup_epochs'?"),
+        ("batch_size=abc", "batch_size='abc' has the wrong type; it must be an integer"),
+        ("optim.lr=fast", "it must be a number"),
+        ("progress=maybe", "it must be true or false"),
+        ("optim=adamw", "names a section"),
+        ("lr", "is not key=value"),
+        ("data.train=imagenet:train", "unknown source"),
+        ("amp=fp8", "amp='fp8' is invalid"),
+    ],
+)
+def test_bad_overrides_say_one_thing(override, message):
+    with pytest.raises(ParameterNetError) as e:
+        load_config(CONFIGS / "smoke.yaml", [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_yaml_key_names_the_file_and_the_nearest_key(tmp_path):
+    (tmp_path / "r.yaml").write_text("optim:\n  weight_decy: 0.1\n")
+    with pytest.raises(ParameterNetError, match=r"'optim.weight_decy' in .*r.yaml; did you mean 'optim.weight_decay'"):
+        load_config(tmp_path / "r.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ParameterNetError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ParameterNetError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_recipe_loads(name):
+    load_config(CONFIGS / name)
+
+
+def test_paper_recipes_follow_table_1():
+    rows = {  # epochs, batch, lr, layer decay, warmup epochs, weight decay, label smoothing, erasing, EMA
+        "in1k.yaml": (300, 1024, 1e-3, None, 20, 0.05, 0.1, 0.25, 0.9999),
+        "in22k-pretrain.yaml": (90, 4096, 4e-3, None, 5, 0.05, 0.1, 0.25, 0.9999),
+        "in1k-finetune.yaml": (30, 512, 5e-4, 0.5, 0, 1e-8, 0.1, 0.0, None),
+    }
+    for name, want in rows.items():
+        c = load_config(CONFIGS / name)
+        got = (c.epochs, c.batch_size, c.optim.lr, c.optim.layer_decay, c.schedule.warmup_epochs,
+               c.optim.weight_decay, c.aug.label_smoothing, c.aug.random_erasing, c.ema)  # fmt: skip
+        assert got == want, name
+        assert c.optim.name == "adamw" and c.schedule.name == "cosine" and c.aug.randaugment, name
