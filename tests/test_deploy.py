@@ -54,15 +54,6 @@ def randomise_routers_(model: nn.Module, seed: int = 0) -> None:
             fc.bias.copy_(torch.randn(fc.bias.shape, generator=g))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two threads on a shared 2-core machine thrash; one is 10x faster for these small models."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_dynamic_model_with_trained_batchnorm_deploys_exactly():
     torch.manual_seed(0)
     model = parameterize(timm.create_model("resnet10t", num_classes=10), 4, example_input=(1, 3, 48, 48))

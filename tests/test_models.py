@@ -37,15 +37,6 @@ def build(name: str, **kwargs) -> nn.Module:
 _SHARED: dict[str, nn.Module] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many small first-time kernels run faster on one thread than on two contended ones."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def shared(name: str) -> nn.Module:
     """One instance per model for the whole file, in eval mode; tests that change a model take a deep copy."""
     if name not in _SHARED:

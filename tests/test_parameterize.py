@@ -31,15 +31,6 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two threads on a shared 2-core machine thrash; one is 10x faster for these small models."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(name: str) -> tuple[nn.Module, int]:
     kwargs, size = FAMILIES[name]
     torch.manual_seed(0)

@@ -19,15 +19,6 @@ from parameternet.profile import count_macs, count_params, report
 from parameternet.profile.report import PAPER_ROWS, TOLERANCE, PaperRow, format_rows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tracing many models is faster on one thread than on two contended ones."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def run_cli(*argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
