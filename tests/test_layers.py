@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parameternet import DynamicConv2d, DynamicLinear, ParameterNetError
-from parameternet.layers import ROUTERS
+from parameternet.layers import ROUTERS, kernels
 
 
 def reference_conv(layer: DynamicConv2d, x: torch.Tensor) -> torch.Tensor:
@@ -21,7 +21,8 @@ def reference_conv(layer: DynamicConv2d, x: torch.Tensor) -> torch.Tensor:
         if layer.padding_mode != "zeros":
             xb = F.pad(xb, layer._pad, mode=layer.padding_mode)
             padding = 0
-        outs.append(F.conv2d(xb, w, b, layer.stride, padding, layer.dilation, layer.groups))
+        y = F.conv2d(xb, w, b, layer.stride, padding, layer.dilation, layer.groups)
+        outs.append(y if layer.static_bias is None else y + layer.static_bias[:, None, None])
     return torch.cat(outs)
 
 
@@ -36,11 +37,11 @@ def reference_linear(layer: DynamicLinear, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(outs)
 
 
-def assert_same_function(layer, reference, x):
+def assert_same_function(layer, reference, x, run=None):
     """Output and every gradient (input, experts, bias, router) equal the reference's, fp32 within 1e-5."""
     x1 = x.clone().requires_grad_(True)
     x2 = x.clone().requires_grad_(True)
-    y1 = layer(x1)
+    y1 = layer(x1) if run is None else run(layer, x1)
     y2 = reference(layer, x2)
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(y2)
@@ -53,34 +54,79 @@ def assert_same_function(layer, reference, x):
 
 
 CONV_CASES = {
-    # name: (in, out, kernel, kwargs, expected path)
-    "pointwise": (16, 24, 1, {}, "pointwise"),
-    "pointwise-stride2": (16, 24, 1, dict(stride=2), "pointwise"),
-    "pointwise-nobias": (16, 24, 1, dict(bias=False), "pointwise"),
-    "dense3x3": (6, 10, 3, dict(padding=1), "grouped"),
-    "dense3x3-stride2-nobias": (3, 8, 3, dict(stride=2, padding=1, bias=False), "grouped"),
-    "depthwise": (12, 12, 3, dict(padding=1, groups=12), "grouped"),
-    "depthwise-5x5-stride2": (12, 12, 5, dict(stride=2, padding=2, groups=12, bias=False), "grouped"),
-    "depthwise-multiplier": (6, 12, 3, dict(padding=1, groups=6), "grouped"),
-    "grouped": (8, 12, 3, dict(padding=1, groups=4), "grouped"),
-    "grouped-pointwise": (8, 12, 1, dict(groups=2), "grouped"),
-    "dilated": (6, 6, 3, dict(padding=2, dilation=2), "grouped"),
-    "padded-pointwise": (6, 6, 1, dict(padding=1), "grouped"),
-    "same-padding": (6, 8, (3, 5), dict(padding="same"), "grouped"),
-    "reflect": (6, 8, 3, dict(padding=1, padding_mode="reflect"), "grouped"),
-    "rect-kernel": (6, 8, (1, 3), dict(padding=(0, 1), stride=(1, 2)), "grouped"),
+    # name: (in, out, kernel, kwargs, eager path, graph path)
+    "pointwise": (16, 24, 1, {}, "pointwise", "pointwise"),
+    "pointwise-stride2": (16, 24, 1, dict(stride=2), "pointwise", "pointwise"),
+    "pointwise-nobias": (16, 24, 1, dict(bias=False), "pointwise", "pointwise"),
+    "dense3x3": (6, 10, 3, dict(padding=1), "grouped", "unfold"),
+    "dense3x3-stride2-nobias": (3, 8, 3, dict(stride=2, padding=1, bias=False), "grouped", "unfold"),
+    "depthwise": (12, 12, 3, dict(padding=1, groups=12), "grouped", "stacked"),
+    "depthwise-5x5-stride2": (12, 12, 5, dict(stride=2, padding=2, groups=12, bias=False), "grouped", "stacked"),
+    "depthwise-multiplier": (6, 12, 3, dict(padding=1, groups=6), "grouped", "stacked"),
+    "grouped": (8, 12, 3, dict(padding=1, groups=4), "grouped", "unfold"),
+    "grouped-pointwise": (8, 12, 1, dict(groups=2), "grouped", "unfold"),
+    "dilated": (6, 6, 3, dict(padding=2, dilation=2), "grouped", "unfold"),
+    "padded-pointwise": (6, 6, 1, dict(padding=1), "grouped", "unfold"),
+    "same-padding": (6, 8, (3, 5), dict(padding="same"), "grouped", "unfold"),
+    "reflect": (6, 8, 3, dict(padding=1, padding_mode="reflect"), "grouped", "unfold"),
+    "rect-kernel": (6, 8, (1, 3), dict(padding=(0, 1), stride=(1, 2)), "grouped", "unfold"),
+}
+
+# How the layer is run: eager PyTorch (the public call), the plain formulas the MAC counter traces, and the
+# batch-agnostic formulations torch.compile and ONNX export use (called directly: compiling each case is slow).
+IMPLEMENTATIONS = {
+    "eager": lambda layer, x: layer(x),
+    "plain": lambda layer, x: layer._forward_plain(x),
+    "graph": lambda layer, x: layer._forward_graph(x),
 }
 
 
+def conv_layer(case: str, static_bias: bool = False) -> DynamicConv2d:
+    torch.manual_seed(0)
+    cin, cout, k, kwargs, path, graph_path = CONV_CASES[case]
+    layer = DynamicConv2d(cin, cout, k, num_experts=3, **kwargs)
+    assert (layer.path, layer.graph_path) == (path, graph_path)
+    if static_bias:  # what parameternet.deploy() leaves after folding a BatchNorm
+        layer.static_bias = nn.Parameter(torch.randn(cout))
+    return layer
+
+
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("case", list(CONV_CASES))
-def test_conv_matches_reference(case, batch, channels_last):
-    torch.manual_seed(0)
-    cin, cout, k, kwargs, path = CONV_CASES[case]
-    layer = DynamicConv2d(cin, cout, k, num_experts=3, **kwargs)
-    assert layer.path == path
-    x = torch.randn(batch, cin, 9, 11)
+def test_conv_matches_reference(case, batch, channels_last, impl):
+    layer = conv_layer(case, static_bias=case.startswith(("pointwise", "depthwise-5x5", "dense3x3-stride2")))
+    x = torch.randn(batch, layer.in_channels, 9, 11)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert_same_function(layer, reference_conv, x, run=IMPLEMENTATIONS[impl])
+
+
+@pytest.fixture(autouse=True)
+def cheap_mean_backward_everywhere(monkeypatch):
+    """The router's pooling uses its own backward from a size on; test inputs are small, so from any size."""
+    monkeypatch.setattr(kernels, "MEAN_MIN_NUMEL", 0)
+
+
+def test_large_pointwise_keeps_no_per_sample_kernels_for_backward(monkeypatch):
+    monkeypatch.setattr(kernels, "KEEP_BYTES", 0)
+    layer = DynamicConv2d(64, 96, 1)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        layer(torch.randn(8, 64, 4, 4, requires_grad=True))
+    assert saved and (8, 96, 64) not in saved and max(math.prod(s) for s in saved) <= 96 * 64 * 4  # the experts
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", ["pointwise", "pointwise-stride2", "pointwise-nobias"])
+def test_pointwise_in_chunks(case, channels_last, chunk, monkeypatch):
+    """Large per-sample kernels are built (and rebuilt in backward) a few samples at a time: here 1 or 2 of 5."""
+    layer = conv_layer(case, static_bias=case != "pointwise-nobias")
+    monkeypatch.setattr(kernels, "KEEP_BYTES", 0)
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", chunk * layer.out_channels * layer.in_channels * 4)
+    x = torch.randn(5, layer.in_channels, 5, 7)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     assert_same_function(layer, reference_conv, x)
@@ -92,12 +138,17 @@ def test_pointwise_keeps_channels_last():
     assert layer(x).is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("impl", ["eager", "plain", "chunks-of-one"])
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("shape", [(4, 10), (1, 10), (3, 7, 10), (2, 3, 4, 10)])
-def test_linear_matches_reference(shape, router):
+def test_linear_matches_reference(shape, router, impl, monkeypatch):
     torch.manual_seed(0)
     layer = DynamicLinear(10, 6, num_experts=4, router=router)
-    assert_same_function(layer, reference_linear, torch.randn(*shape))
+    if impl == "chunks-of-one":
+        monkeypatch.setattr(kernels, "KEEP_BYTES", 0)
+        monkeypatch.setattr(kernels, "CHUNK_BYTES", 1)
+    run = (lambda layer, x: layer._forward_plain(x)) if impl == "plain" else None
+    assert_same_function(layer, reference_linear, torch.randn(*shape), run=run)
 
 
 def test_linear_routes_per_sample():

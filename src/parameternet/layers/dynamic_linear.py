@@ -2,16 +2,22 @@
 
 For an input ``(B, ..., C)`` one sample gets one mixture, as in the dynamic conv: the router sees the mean over
 all dimensions but the batch and the channels, and every token of sample ``b`` goes through
-``sum_i alpha_bi W_i`` as a batched matmul.
+``sum_i alpha_bi W_i``.
+
+In eager PyTorch one sample is one ``F.linear`` with the mixed matrix, a batch a per-sample matmul in chunks whose
+mixed matrices are rebuilt in backward (:func:`~parameternet.layers.kernels.per_sample_matmul`). Traced, compiled or
+exported, it is the batched matmul of mixed matrices, which holds no batch size in the graph.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from parameternet.errors import ParameterNetError
 from parameternet.layers.experts import check_num_experts, init_experts_, mix_experts
+from parameternet.layers.kernels import per_sample_matmul, route, spatial_mean
 from parameternet.layers.router import create_router
 
 __all__ = ["DynamicLinear"]
@@ -62,6 +68,19 @@ class DynamicLinear(nn.Module):
             raise ParameterNetError(
                 f"{type(self).__name__} expects an input (B, ..., {self.in_features}), got shape {tuple(x.shape)}."
             )
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():  # ONNX export sets one of them
+            return self._forward_plain(x)
+        B = x.shape[0]
+        dims = tuple(range(1, x.dim() - 1))
+        alpha = route(self.router, spatial_mean(x, dims) if dims else x)  # (B, M)
+        bias = None if self.bias is None else alpha @ self.bias  # (B, O)
+        if B == 1:
+            weight = (alpha @ self.weight.view(self.num_experts, -1)).view(self.out_features, self.in_features)
+            return F.linear(x, weight, None if bias is None else bias[0])
+        y = per_sample_matmul(x.reshape(B, -1, self.in_features), alpha, self.weight, bias, channels_first=False)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
         pooled = x if x.dim() == 2 else x.mean(dim=tuple(range(1, x.dim() - 1)))  # (B, C)
         alpha = self.router(pooled)  # (B, M)

@@ -1,4 +1,4 @@
-"""Profiling: parameters (experts / routers / static), MACs in the paper's convention and latency.
+"""Profiling: parameters (experts / routers / static), MACs in the paper's convention, latency and ONNX export.
 
 ``parameternet.profile(model, img_size=224, ...)`` calls :func:`parameternet.profile.counting.profile`: this
 package is callable, so the short spelling works and its submodules (``parameternet.profile.report``, which
@@ -9,8 +9,18 @@ import sys
 import types
 
 from parameternet.profile.counting import ParamCounts, ProfileResult, count_macs, count_params, measure_latency, profile
+from parameternet.profile.export import ExportReport, export_onnx
 
-__all__ = ["ParamCounts", "ProfileResult", "count_macs", "count_params", "measure_latency", "profile"]
+__all__ = [
+    "ExportReport",
+    "ParamCounts",
+    "ProfileResult",
+    "count_macs",
+    "count_params",
+    "export_onnx",
+    "measure_latency",
+    "profile",
+]
 
 
 class _CallablePackage(types.ModuleType):

@@ -1,0 +1,159 @@
+"""Eager kernels of the dynamic layers (ParameterNet, arXiv 2306.14525, sec. 3.2): what autograd does badly alone.
+
+- :func:`route`: the release's ``linear-sigmoid`` router as one linear and a sigmoid, without two module calls
+  per layer (batch-1 inference runs 88 routers in ParameterNet-600M); any other router is called as a module.
+- :func:`spatial_mean`: the router's pooled input. Its gradient is a broadcast view of ``grad / n``: the stock
+  ``mean`` backward writes a full-size tensor for every dynamic layer just to add a constant per channel.
+- :func:`per_sample_matmul`: ``y_b = W_b x_b`` with ``W_b = sum_i alpha_bi W_i``, the product of a 1x1 dynamic
+  conv or a dynamic linear. On a CPU, once a batch's per-sample kernels ``(B, O, I)`` outgrow a few MB they are
+  built a few samples at a time and rebuilt in backward instead of being kept: at batch 32 they are 600 MB for
+  ParameterNet-600M, often larger than the activations they multiply, and large fresh buffers cost page faults on
+  every step, while a chunk that stays in the cache is written and read back at cache speed.
+
+Both equal the plain formulas (``x.mean``, ``torch.bmm`` of the mixed kernels); ``tests/test_layers.py`` checks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parameternet.layers.router import LinearSigmoidRouter
+
+__all__ = [
+    "CHUNK_BYTES",
+    "KEEP_BYTES",
+    "KEEP_BYTES_GPU",
+    "MEAN_MIN_NUMEL",
+    "per_sample_matmul",
+    "route",
+    "spatial_mean",
+]
+
+# Per-sample kernels built at once: small enough for the cache and for the heap (glibc maps anything over 32 MB
+# afresh, page by page, on every call), large enough that the expert gradient is not re-read for every sample.
+CHUNK_BYTES = 16 << 20
+# Kernels of a whole batch up to this size are built at once and kept for backward by autograd: cheaper than the
+# chunked function for small layers, and little memory. On a GPU, where the chunk loop costs kernel launches and
+# memory is less tight, up to KEEP_BYTES_GPU (H100, ParameterNet-600M, batch 128: 1.33x GhostNet's step time and
+# 1.22x its memory kept, 1.69x and 1.02x rebuilt in chunks).
+KEEP_BYTES = 4 << 20
+KEEP_BYTES_GPU = 2 << 30
+# Below this many elements the stock mean backward is cheaper than a Python autograd function.
+MEAN_MIN_NUMEL = 1 << 16
+
+
+def route(router: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """``router(pooled)``: coefficients ``(B, M)``."""
+    if type(router) is LinearSigmoidRouter and not (router._forward_hooks or router._forward_pre_hooks):
+        fc = router.fc
+        if not (fc._forward_hooks or fc._forward_pre_hooks):
+            return torch.sigmoid(F.linear(pooled, fc.weight, fc.bias))
+    return router(pooled)
+
+
+class _SpatialMean(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        ctx.shape = x.shape
+        ctx.dims = dims
+        return x.mean(dims)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        n = 1
+        for d in ctx.dims:
+            n *= ctx.shape[d]
+        for d in sorted(ctx.dims):
+            grad = grad.unsqueeze(d)
+        return (grad / n).expand(ctx.shape), None
+
+
+def spatial_mean(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """``x.mean(dims)`` whose backward is a broadcast view rather than a full-size tensor."""
+    if x.requires_grad and torch.is_grad_enabled() and x.numel() >= MEAN_MIN_NUMEL:
+        return _SpatialMean.apply(x, dims)
+    return x.mean(dims)
+
+
+def _chunk(batch: int, kernel_numel: int, element_size: int) -> int:
+    return max(1, min(batch, CHUNK_BYTES // max(1, kernel_numel * element_size)))
+
+
+def _mix(alpha: torch.Tensor, bank: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    return (alpha @ bank).view(alpha.shape[0], *shape)  # (b, O, I)
+
+
+class _PerSampleMatmul(torch.autograd.Function):
+    """``x (B, I, L) -> y (B, O, L)`` (``channels_first``) or ``x (B, L, I) -> y (B, L, O)``."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, bank, bias, channels_first):
+        M, n_out, n_in = bank.shape
+        B = x.shape[0]
+        flat = bank.reshape(M, n_out * n_in)
+        L = x.shape[2] if channels_first else x.shape[1]
+        y = x.new_empty((B, n_out, L) if channels_first else (B, L, n_out))
+        step = _chunk(B, n_out * n_in, bank.element_size())
+        for s in range(0, B, step):
+            w = _mix(alpha[s : s + step], flat, (n_out, n_in))
+            if channels_first:
+                torch.bmm(w, x[s : s + step], out=y[s : s + step])
+            else:
+                torch.bmm(x[s : s + step], w.transpose(1, 2), out=y[s : s + step])
+        if bias is not None:
+            y += bias.unsqueeze(2 if channels_first else 1)
+        ctx.save_for_backward(x, alpha, bank)
+        ctx.channels_first = channels_first
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, alpha, bank = ctx.saved_tensors
+        gy = gy.contiguous()
+        cf = ctx.channels_first
+        M, n_out, n_in = bank.shape
+        B = x.shape[0]
+        flat = bank.reshape(M, n_out * n_in)
+        need_x, need_alpha, need_bank, need_bias, _ = ctx.needs_input_grad
+        gx = torch.empty_like(x) if need_x else None
+        g_alpha = alpha.new_empty(alpha.shape) if need_alpha else None
+        g_bank = None
+        g_bias = (gy.sum(2) if cf else gy.sum(1)) if need_bias and ctx.has_bias else None
+        step = _chunk(B, n_out * n_in, bank.element_size())
+        for s in range(0, B, step):
+            xs, gs = x[s : s + step], gy[s : s + step]
+            if need_x:
+                w = _mix(alpha[s : s + step], flat, (n_out, n_in))
+                if cf:
+                    torch.bmm(w.transpose(1, 2), gs, out=gx[s : s + step])  # (b, I, L)
+                else:
+                    torch.bmm(gs, w, out=gx[s : s + step])  # (b, L, I)
+            if need_alpha or need_bank:
+                gw = torch.bmm(gs, xs.transpose(1, 2)) if cf else torch.bmm(gs.transpose(1, 2), xs)  # (b, O, I)
+                gw = gw.view(gw.shape[0], n_out * n_in)
+                if need_bank and g_bank is None:
+                    g_bank = alpha[s : s + step].t() @ gw  # (M, O*I)
+                elif need_bank:
+                    g_bank.addmm_(alpha[s : s + step].t(), gw)
+                if need_alpha:
+                    torch.mm(gw, flat.t(), out=g_alpha[s : s + step])
+        return gx, g_alpha, None if g_bank is None else g_bank.view(M, n_out, n_in), g_bias, None
+
+
+def per_sample_matmul(
+    x: torch.Tensor, alpha: torch.Tensor, bank: torch.Tensor, bias: torch.Tensor | None, channels_first: bool
+) -> torch.Tensor:
+    """Multiply every sample by its own mixed kernel ``sum_i alpha[b, i] * bank[i]`` (``bank``: ``(M, O, I)``).
+
+    ``x`` is ``(B, I, L)`` with ``channels_first``, else ``(B, L, I)``; ``bias`` is ``(B, O)`` or None. When all
+    the per-sample kernels fit in one chunk they are built at once and autograd keeps them, which is cheaper.
+    """
+    B, (M, n_out, n_in) = x.shape[0], bank.shape
+    if B * n_out * n_in * bank.element_size() <= (KEEP_BYTES if x.device.type == "cpu" else KEEP_BYTES_GPU):
+        w = _mix(alpha, bank.reshape(M, n_out * n_in), (n_out, n_in))  # (B, O, I)
+        y = torch.bmm(w, x) if channels_first else torch.bmm(x, w.transpose(1, 2))
+        return y if bias is None else y + bias.unsqueeze(2 if channels_first else 1)
+    return _PerSampleMatmul.apply(x.contiguous(), alpha.contiguous(), bank, bias, channels_first)

@@ -1,0 +1,224 @@
+"""ONNX export of a model's inference graph, checked in ONNX Runtime (ParameterNet, arXiv 2306.14525, sec. 5.2:
+the paper times its models with ONNX on one CPU thread).
+
+``export_onnx(model, path)`` exports :func:`parameternet.deploy`'s graph (BatchNorms folded into the experts,
+RepConv merged) with a symbolic batch dimension. Public dynamic convs fold the batch into the channels and call a
+conv with ``groups=batch``, which an ONNX graph can only hold as a constant; :class:`~parameternet.DynamicConv2d`
+switches to formulations that hold no batch size while it is exported (see its module docstring). With
+``dynamic_batch=False`` the graph is for one batch size only and may use the faster per-sample conv; for a batch of
+one that is a plain conv whose kernel is mixed in the graph.
+
+Two exporters: ``"torchscript"`` (the default here: about ten times faster to run on these models, and what
+``parameternet benchmark`` uses) and ``"dynamo"`` (``torch.export``; PyTorch's default since 2.9 and the one that
+stays when the TorchScript exporter is removed). Both give graphs that match PyTorch; the export is checked in
+ONNX Runtime at batch 1 and a larger batch (or at the fixed batch size) against the model as given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from parameternet.errors import ParameterNetError
+from parameternet.layers import DynamicConv2d
+
+__all__ = ["EXPORTERS", "ExportReport", "export_onnx", "onnx_session"]
+
+log = logging.getLogger(__name__)
+
+EXPORTERS = ("torchscript", "dynamo")
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote; ``max_rel_error`` maps a batch size to ``max|ort - torch| / max|torch|``."""
+
+    path: str
+    model: str
+    input_shape: list[int | str]
+    dynamic_batch: bool
+    opset: int
+    exporter: str
+    deployed: bool
+    max_rel_error: dict[int, float]
+    export_seconds: float
+    size_mb: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        shape = "x".join(map(str, self.input_shape))
+        checked = ", ".join(f"batch {b}: {e:.1e}" for b, e in self.max_rel_error.items()) or "not checked"
+        return (
+            f"{self.path}: {self.model}, input {shape}, opset {self.opset}, {self.exporter} exporter, "
+            f"{'deploy() graph' if self.deployed else 'graph as given'}, {self.size_mb:.1f} MB, "
+            f"{self.export_seconds:.1f} s\n"
+            f"onnxruntime vs PyTorch, max relative error: {checked}"
+        )
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+def _input_shape(model: nn.Module, img_size: int | tuple[int, int] | None) -> tuple[int, int, int]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    chans, *size = cfg.get("input_size") or (getattr(model, "in_chans", 3), 224, 224)
+    chans = getattr(model, "in_chans", chans)
+    if img_size is not None:
+        size = [img_size, img_size] if isinstance(img_size, int) else list(img_size)
+        if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+            raise ParameterNetError(f"img_size must be a positive int or (height, width), got {img_size!r}.")
+    return int(chans), int(size[0]), int(size[1])
+
+
+def onnx_session(path: str | Path, threads: int | None = None):
+    """An ONNX Runtime CPU session for ``path``; ``threads`` fixes intra- and inter-op threads (None: ORT's)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ParameterNetError(
+            "onnxruntime is not installed; install it with `pip install parameternet[onnx]`."
+        ) from e
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class _Modes:
+    """Eval mode for the block; every module's train / eval flag is restored after."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        for m, training in self.modes.items():
+            m.training = training
+
+
+def _run_export(model, x, path, *, dynamic_batch, opset, exporter) -> None:
+    names = dict(input_names=["images"], output_names=["logits"])
+    # The exporters warn about traced shapes and their own deprecation: the check below is what counts.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            axes = {"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset, dynamic_axes=axes, **names)
+        else:
+            shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+            program = torch.onnx.export(
+                model, (x,), dynamo=True, opset_version=opset, dynamic_shapes=shapes, verbose=False, **names
+            )
+            program.save(str(path), external_data=False)
+
+
+@torch.no_grad()
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    dynamic_batch: bool = True,
+    batch_size: int = 1,
+    opset: int = 18,
+    deploy: bool = True,
+    img_size: int | tuple[int, int] | None = None,
+    exporter: str = "torchscript",
+    check: bool = True,
+    rtol: float = 1e-4,
+) -> ExportReport:
+    """Write ``model``'s inference graph to ``path`` as ONNX and check it in ONNX Runtime.
+
+    ``dynamic_batch``: a symbolic batch dimension (``batch_size`` is then only the traced example's); otherwise the
+    graph takes exactly ``batch_size`` images. ``deploy``: export :func:`parameternet.deploy`'s graph (the default)
+    rather than the model as given. ``img_size`` defaults to timm's ``pretrained_cfg["input_size"]``. With
+    ``check`` the ONNX outputs must match the model's (eval mode) within ``rtol`` relative to the largest output, at
+    batch 1 and 3 (dynamic) or ``batch_size``; a larger error raises ``RuntimeError``. The model is not changed.
+    """
+    if not isinstance(model, nn.Module):
+        raise ParameterNetError(f"export_onnx() takes an nn.Module, got {type(model).__name__}.")
+    if exporter not in EXPORTERS:
+        raise ParameterNetError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}.")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ParameterNetError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ParameterNetError(f"the output path must end in .onnx, got {str(path)!r}.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    chans, height, width = _input_shape(model, img_size)
+    ref = next(iter(model.parameters()), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    generator = torch.Generator().manual_seed(0)
+
+    def images(n: int) -> torch.Tensor:
+        return torch.randn(n, chans, height, width, generator=generator).to(device)
+
+    # torch.export would fix a symbolic size traced at 1, so a dynamic graph is traced at batch 2.
+    example = images(max(batch_size, 2) if dynamic_batch else batch_size)
+    if deploy:
+        from parameternet.deploy import deploy as deploy_model
+
+        graph = deploy_model(model, example_input=example[:1])
+    else:
+        graph = copy.deepcopy(model).eval()
+    for layer in graph.modules():
+        if isinstance(layer, DynamicConv2d):
+            layer.export_batch_size = None if dynamic_batch else batch_size
+
+    start = time.perf_counter()
+    try:
+        _run_export(graph, example, path, dynamic_batch=dynamic_batch, opset=opset, exporter=exporter)
+    except Exception as e:
+        raise RuntimeError(f"ONNX export of {_model_name(model)} failed: {type(e).__name__}: {e}") from e
+    seconds = time.perf_counter() - start
+
+    errors: dict[int, float] = {}
+    if check:
+        session = onnx_session(path)
+        input_name = session.get_inputs()[0].name
+        with _Modes(model):
+            for n in (1, 3) if dynamic_batch else (batch_size,):
+                x = images(n)
+                expected = model(x).float().cpu()
+                got = torch.from_numpy(session.run(None, {input_name: x.cpu().numpy()})[0])
+                scale = expected.abs().max().double().clamp_min(1e-12)
+                errors[n] = ((got.double() - expected.double()).abs().max() / scale).item()
+        worst = max(errors.values())
+        if worst > rtol:
+            raise RuntimeError(
+                f"the ONNX graph of {_model_name(model)} differs from PyTorch by {worst:.2e} (relative) in "
+                f"onnxruntime, more than rtol={rtol:g}; please report this model."
+            )
+    report = ExportReport(
+        path=str(path),
+        model=_model_name(model),
+        input_shape=["batch" if dynamic_batch else batch_size, chans, height, width],
+        dynamic_batch=dynamic_batch,
+        opset=opset,
+        exporter=exporter,
+        deployed=deploy,
+        max_rel_error=errors,
+        export_seconds=seconds,
+        size_mb=path.stat().st_size / 2**20,
+    )
+    log.debug("%s", report)
+    return report

@@ -1,0 +1,230 @@
+"""Deployment: ONNX export with a symbolic batch, batch-specialised graphs, torch.compile once, the benchmark CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import onnx
+import pytest
+import timm
+import torch
+from torch import nn
+
+import parameternet
+from parameternet import DynamicConv2d, ParameterNetError
+from parameternet.cli import main
+from parameternet.models import MODELS
+from parameternet.models.ghostnet import GhostNet
+from parameternet.profile.export import onnx_session
+
+IMG = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def build(name: str, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    if "swin" in name:
+        kwargs.setdefault("img_size", IMG)
+    return timm.create_model(name, num_classes=10, **kwargs)
+
+
+def tiny_parameternet(**kwargs) -> GhostNet:
+    """Two blocks with every kind of dynamic conv (dense stem, 1x1, depthwise, a shortcut) and SE."""
+    torch.manual_seed(0)
+    stages = (((3, 16, 16, 0.0, 1),), ((5, 48, 24, 0.25, 2),))
+    model = GhostNet(stages, width=0.5, num_classes=10, num_experts=3, **kwargs)
+    with torch.no_grad():  # BatchNorms with statistics of their own, so deploy() has something to fold
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def images(n: int) -> torch.Tensor:
+    return torch.randn(n, 3, IMG, IMG, generator=torch.Generator().manual_seed(n))
+
+
+def ort_outputs(path, x: torch.Tensor) -> torch.Tensor:
+    session = onnx_session(path)
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
+def assert_close_relative(got: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4) -> None:
+    err = ((got - expected).abs().max() / expected.abs().max()).item()
+    assert err < rtol, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_exports_with_a_symbolic_batch(name, tmp_path):
+    model = build(name).eval()
+    path = tmp_path / f"{name}.onnx"
+    report = parameternet.export_onnx(model, path, img_size=IMG)
+    assert report.dynamic_batch and report.deployed
+    assert set(report.max_rel_error) == {1, 3} and max(report.max_rel_error.values()) < 1e-4
+    graph = onnx.load(str(path), load_external_data=False).graph
+    batch_dim = graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param == "batch" and not batch_dim.HasField("dim_value")
+    # Independently of the report: a batch size the export never saw.
+    x = images(5)
+    with torch.no_grad():
+        assert_close_relative(ort_outputs(path, x), model(x))
+
+
+def test_the_graph_is_the_deployed_one(tmp_path):
+    """BatchNorms are folded into the experts: the exported graph holds no BatchNormalization node."""
+    model = tiny_parameternet()
+    parameternet.export_onnx(model, tmp_path / "deployed.onnx", img_size=IMG)
+    parameternet.export_onnx(model, tmp_path / "as_is.onnx", img_size=IMG, deploy=False)
+    ops = {f: {n.op_type for n in onnx.load(str(tmp_path / f)).graph.node} for f in ("deployed.onnx", "as_is.onnx")}
+    assert "BatchNormalization" not in ops["deployed.onnx"]
+    assert "BatchNormalization" in ops["as_is.onnx"]
+    # The model itself is not changed.
+    assert not any(isinstance(m, DynamicConv2d) and m.static_bias is not None for m in model.modules())
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_graph_for_one_batch_size(batch_size, tmp_path):
+    """dynamic_batch=False: the per-sample grouped conv (for one image a plain conv), exact at that batch size."""
+    model = tiny_parameternet()
+    path = tmp_path / "fixed.onnx"
+    report = parameternet.export_onnx(model, path, dynamic_batch=False, batch_size=batch_size, img_size=IMG)
+    assert report.input_shape == [batch_size, 3, IMG, IMG] and set(report.max_rel_error) == {batch_size}
+    graph = onnx.load(str(path)).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_value == batch_size
+    groups = {a.i for n in graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group"}
+    dynamic = {batch_size * m.groups for m in model.modules() if isinstance(m, DynamicConv2d) and m.path == "grouped"}
+    assert dynamic <= groups  # every dynamic conv holds its group count times the batch
+    x = images(batch_size)
+    with torch.no_grad():
+        assert_close_relative(ort_outputs(path, x), model(x))
+
+
+def test_dynamo_exporter(tmp_path):
+    model = tiny_parameternet()
+    report = parameternet.export_onnx(model, tmp_path / "dynamo.onnx", img_size=IMG, exporter="dynamo")
+    assert report.exporter == "dynamo" and max(report.max_rel_error.values()) < 1e-4
+
+
+def test_export_cli_with_a_checkpoint(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = timm.create_model("parameternet_300m")
+    ckpt = tmp_path / "weights.pth"
+    torch.save(model.state_dict(), ckpt)
+    out = tmp_path / "cli.onnx"
+    args = ["export", "parameternet_300m", "--onnx", str(out), "--checkpoint", str(ckpt), "--img-size", str(IMG)]
+    assert main(args) == 0
+    assert "batchx3x64x64" in capsys.readouterr().out
+    model.eval()
+    x = images(2)
+    with torch.no_grad():
+        assert_close_relative(ort_outputs(out, x), model(x))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(exporter="jit"), "unknown exporter 'jit'"),
+        (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
+        (dict(img_size=-3), "img_size must be a positive int"),
+    ],
+)
+def test_bad_export_arguments(kwargs, message, tmp_path):
+    with pytest.raises(ParameterNetError, match=message):
+        parameternet.export_onnx(tiny_parameternet(), tmp_path / "x.onnx", **kwargs)
+
+
+def test_export_path_must_be_onnx(tmp_path, capsys):
+    assert main(["export", "ghostnet_300m", "--onnx", str(tmp_path / "model.pt")]) == 2
+    assert "must end in .onnx" in capsys.readouterr().err
+
+
+def test_torch_compile_once_for_every_batch_size():
+    """One graph for batches 2, 3 and 5 (batch 1 is specialised by PyTorch itself), equal to eager, no breaks."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    model = tiny_parameternet()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, dynamic=True)
+    with torch.no_grad():
+        for n in (2, 3, 5):
+            torch.testing.assert_close(compiled(images(n)), model(images(n)), rtol=1e-4, atol=1e-5)
+    # Dynamo may restart its first analysis once (to specialise a Python scalar); what counts is what it kept.
+    assert counters["stats"]["unique_graphs"] == 1 and counters["frames"]["ok"] == 1
+    assert not counters["graph_break"] and not counters["recompiles"]
+    # No conv of the captured graph takes a group count that depends on the batch size: inductor would specialise
+    # it and compile again for every batch size (the slow test below checks with inductor itself).
+    graph = counter.graphs[-1]
+    for node in graph.graph.nodes:
+        if node.target is torch.conv2d or node.target is torch.nn.functional.conv2d:
+            groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+            assert isinstance(groups, int), node.format_node()
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager():
+    """Gradients through the compiled graph (the batch-agnostic formulations) equal eager ones."""
+    torch._dynamo.reset()
+    model = tiny_parameternet(drop_rate=0.0).train()
+    x = images(3)
+    grads = []
+    for fn in (model, torch.compile(model, backend="aot_eager", dynamic=True)):
+        model.zero_grad()
+        fn(x).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_inductor_compiles_once_for_every_batch_size():
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    model = tiny_parameternet()
+    compiled = torch.compile(model, dynamic=True)
+    with torch.no_grad():
+        for n in (2, 3, 5, 8):
+            torch.testing.assert_close(compiled(images(n)), model(images(n)), rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_exports_with_the_dynamo_exporter(name, tmp_path):
+    report = parameternet.export_onnx(build(name), tmp_path / f"{name}.onnx", img_size=IMG, exporter="dynamo")
+    assert max(report.max_rel_error.values()) < 1e-4
+
+
+def test_benchmark_cli_writes_csv_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["benchmark", "--models", "ghostnet_300m", "parameternet_300m", "ghostnet_100", "--img-size", "64"]
+    assert main([*args, "--runs", "3", "--warmup", "1", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "parameternet_300m / ghostnet_300m: ONNX Runtime" in printed
+    rows = list(csv.DictReader(open(out / "benchmark.csv")))
+    assert [r["model"] for r in rows] == ["ghostnet_300m", "parameternet_300m", "ghostnet_100"]
+    for r in rows:
+        assert float(r["onnx_ms"]) > 0 and float(r["eager_ms"]) > 0 and float(r["onnx_p90_ms"]) >= float(r["onnx_ms"])
+        assert r["top1_source"]  # every reported figure names where it comes from
+    assert rows[1]["top1_reported"] == "79.1" and "Table 2" in rows[1]["top1_source"]
+    assert json.loads((out / "benchmark.json").read_text())["ratios"][0]["dynamic"] == "parameternet_300m"
+    assert (out / "latency_top1.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_benchmark_rejects_an_unknown_model(capsys):
+    assert main(["benchmark", "--models", "parameternet_601m"]) == 2
+    assert "unknown model 'parameternet_601m'" in capsys.readouterr().err
