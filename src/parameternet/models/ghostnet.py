@@ -12,6 +12,9 @@ depthwise conv inside a bottleneck, the SE convs, ``conv_head`` and the classifi
 - ``ghostnet_300m`` / ``parameternet_300m``: the original GhostNet stage table at width 1.45 (the paper publishes
   no table for it; this one matches every row of its Table 4).
 - ``ghostnet_600m`` / ``parameternet_600m``: the release's own stage table at width 1.9.
+- ``ghostnet_mini_{025,050,100,200}`` / ``parameternet_mini_{025,050,100,200}``: a five-block table for 28-32 px
+  inputs (Fashion-MNIST, MNIST) with a 256-channel head, for the low-FLOPs pitfall experiment at CPU scale
+  (``parameternet pitfall``). ``method="repconv"`` builds the RepConv alternative of the same layers (Table 6).
 
 ``import parameternet`` registers all four in timm; ``parameternet_*`` take ``num_experts`` (default 4) and the
 router options of :class:`~parameternet.layers.DynamicConv2d`.
@@ -33,10 +36,17 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from parameternet.errors import ParameterNetError
-from parameternet.layers import DynamicConv2d
+from parameternet.layers import DynamicConv2d, RepConv2d
 from parameternet.models._pretrained import check_pretrained_source
 
-__all__ = ["GhostBottleneck", "GhostModule", "GhostNet", "GHOSTNET_STAGES", "PARAMETERNET_600M_STAGES"]
+__all__ = [
+    "GhostBottleneck",
+    "GhostModule",
+    "GhostNet",
+    "GHOSTNET_MINI_STAGES",
+    "GHOSTNET_STAGES",
+    "PARAMETERNET_600M_STAGES",
+]
 
 # One block: (depthwise kernel, expansion channels, output channels, SE ratio, stride), before the width multiplier.
 # Each inner tuple is a stage; the final 1x1 conv widens to the last block's expansion channels.
@@ -73,6 +83,16 @@ PARAMETERNET_600M_STAGES = (
     ((3, 200, 80, 0.0, 1),) * 3 + ((3, 480, 112, 0.25, 1),) + ((3, 672, 112, 0.25, 1),) * 2,
     ((5, 672, 160, 0.25, 2),),
     ((3, 960, 160, 0.25, 1),) * 5,
+)
+
+# For 28-32 px images: the stem halves 28 to 14, two stride-2 stages reach 7 and 4; the first five blocks of
+# GHOSTNET_STAGES with the third-resolution SE block repeated once.
+GHOSTNET_MINI_STAGES = (
+    ((3, 16, 16, 0.0, 1),),
+    ((3, 48, 24, 0.0, 2),),
+    ((3, 72, 24, 0.0, 1),),
+    ((5, 72, 40, 0.25, 2),),
+    ((3, 120, 40, 0.25, 1),),
 )
 
 ConvLayer = Callable[..., nn.Module]
@@ -222,6 +242,8 @@ class GhostNet(nn.Module):
         stages: the stage table, a sequence of stages of ``(kernel, expansion, out, se_ratio, stride)`` blocks.
         width: channel multiplier; channels are ``make_divisible(c * width, 4)``.
         num_experts: ``None`` for static convs, else the experts of every dynamic conv.
+        method: ``"dynamic"`` (:class:`DynamicConv2d`) or ``"repconv"`` (:class:`RepConv2d` with
+            ``num_experts - 1`` branches that merge into one conv for inference) for the same layers.
         router, router_temperature, router_hidden: passed to every :class:`DynamicConv2d`.
         num_classes, in_chans, global_pool, drop_rate, drop_path_rate: timm's meanings.
     """
@@ -239,6 +261,7 @@ class GhostNet(nn.Module):
         router: str = "linear-sigmoid",
         router_temperature: float = 1.0,
         router_hidden: int | None = None,
+        method: str = "dynamic",
         head_chs: int = 1280,
         act_layer: type[nn.Module] = nn.Hardswish,
         output_stride: int = 32,
@@ -254,8 +277,12 @@ class GhostNet(nn.Module):
         self.drop_rate = drop_rate
         self.num_experts = num_experts
         self.grad_checkpointing = False
+        if method not in ("dynamic", "repconv"):
+            raise ParameterNetError(f"method={method!r} is unknown; use 'dynamic' or 'repconv'.")
         if num_experts is None:
             conv_layer: ConvLayer = nn.Conv2d
+        elif method == "repconv":
+            conv_layer = partial(RepConv2d, num_experts=num_experts)
         else:
             conv_layer = partial(
                 DynamicConv2d,
@@ -438,7 +465,7 @@ def _create_ghostnet(variant: str, stages, width: float, pretrained: bool = Fals
 
 
 def _static(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    for key in ("num_experts", "router", "router_temperature", "router_hidden"):
+    for key in ("num_experts", "router", "router_temperature", "router_hidden", "method"):
         if key in kwargs:
             twin = variant.replace("ghostnet", "parameternet")
             raise ParameterNetError(f"{variant} has static convs and takes no {key}; use {twin} for experts.")
@@ -463,12 +490,19 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
     }
 
 
+_MINI_CFG = dict(crop_pct=1.0, interpolation="bilinear", mean=(0.5,), std=(0.5,))
+
 default_cfgs = generate_default_cfgs(
     {
         "ghostnet_300m.untrained": _cfg(),
         "ghostnet_600m.untrained": _cfg(),
         "parameternet_300m.untrained": _cfg(),
         "parameternet_600m.untrained": _cfg(),
+        **{
+            f"{family}_mini_{w}.untrained": _cfg(num_classes=10, input_size=(1, 28, 28), pool_size=(4, 4), **_MINI_CFG)
+            for family in ("ghostnet", "parameternet")
+            for w in ("025", "050", "100", "200")
+        },
     }
 )
 
@@ -497,3 +531,62 @@ def parameternet_600m(pretrained: bool = False, num_experts: int = 4, **kwargs: 
     """ParameterNet-600M: the authors' release (4 experts: 34.5M params, 599M MACs)."""
     kwargs["num_experts"] = num_experts
     return _create_ghostnet("parameternet_600m", PARAMETERNET_600M_STAGES, 1.9, pretrained, **kwargs)
+
+
+def _mini(variant: str, width: float, pretrained: bool, kwargs: dict[str, Any]) -> GhostNet:
+    kwargs.setdefault("head_chs", 256)
+    kwargs.setdefault("in_chans", 1)
+    kwargs.setdefault("num_classes", 10)
+    if variant.startswith("ghostnet"):
+        kwargs = _static(variant, kwargs)
+    else:
+        kwargs.setdefault("num_experts", 4)
+    return _create_ghostnet(variant, GHOSTNET_MINI_STAGES, width, pretrained, **kwargs)
+
+
+@register_model
+def ghostnet_mini_025(pretrained: bool = False, **kwargs: Any) -> GhostNet:
+    """GhostNet-mini at width 0.25 for 28 px grey images (the pitfall experiment's smallest baseline)."""
+    return _mini("ghostnet_mini_025", 0.25, pretrained, kwargs)
+
+
+@register_model
+def ghostnet_mini_050(pretrained: bool = False, **kwargs: Any) -> GhostNet:
+    """GhostNet-mini at width 0.5 for 28 px grey images."""
+    return _mini("ghostnet_mini_050", 0.5, pretrained, kwargs)
+
+
+@register_model
+def ghostnet_mini_100(pretrained: bool = False, **kwargs: Any) -> GhostNet:
+    """GhostNet-mini at width 1.0 for 28 px grey images."""
+    return _mini("ghostnet_mini_100", 1.0, pretrained, kwargs)
+
+
+@register_model
+def ghostnet_mini_200(pretrained: bool = False, **kwargs: Any) -> GhostNet:
+    """GhostNet-mini at width 2.0 for 28 px grey images."""
+    return _mini("ghostnet_mini_200", 2.0, pretrained, kwargs)
+
+
+@register_model
+def parameternet_mini_025(pretrained: bool = False, **kwargs: Any) -> GhostNet:
+    """ParameterNet-mini at width 0.25: dynamic convs (``num_experts`` default 4; ``method="repconv"`` too)."""
+    return _mini("parameternet_mini_025", 0.25, pretrained, kwargs)
+
+
+@register_model
+def parameternet_mini_050(pretrained: bool = False, **kwargs: Any) -> GhostNet:
+    """ParameterNet-mini at width 0.5: dynamic convs (``num_experts`` default 4; ``method="repconv"`` too)."""
+    return _mini("parameternet_mini_050", 0.5, pretrained, kwargs)
+
+
+@register_model
+def parameternet_mini_100(pretrained: bool = False, **kwargs: Any) -> GhostNet:
+    """ParameterNet-mini at width 1.0: dynamic convs (``num_experts`` default 4; ``method="repconv"`` too)."""
+    return _mini("parameternet_mini_100", 1.0, pretrained, kwargs)
+
+
+@register_model
+def parameternet_mini_200(pretrained: bool = False, **kwargs: Any) -> GhostNet:
+    """ParameterNet-mini at width 2.0: dynamic convs (``num_experts`` default 4; ``method="repconv"`` too)."""
+    return _mini("parameternet_mini_200", 2.0, pretrained, kwargs)
