@@ -53,8 +53,8 @@ def test_unknown_yaml_key_names_the_file_and_the_nearest_key(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
-def test_every_shipped_recipe_loads(name):
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("lm-")))
+def test_every_shipped_vision_recipe_loads(name):  # lm-*.yaml are language-model recipes, loaded by lm-train
     load_config(CONFIGS / name)
 
 

@@ -9,6 +9,7 @@ from parameternet.layers import DynamicConv2d, DynamicLinear
 from parameternet.models import create_model  # importing models registers them in timm
 from parameternet.parameterize import ParameterizeReport, load, parameterize, save
 from parameternet.profile import ProfileResult  # the package itself is callable: parameternet.profile(model)
+from parameternet.profile.export import ExportReport, export_onnx
 
 __version__ = "0.1.0"
 
@@ -16,12 +17,14 @@ __all__ = [
     "DeployReport",
     "DynamicConv2d",
     "DynamicLinear",
+    "ExportReport",
     "ParameterNetError",
     "ParameterizeReport",
     "ProfileResult",
     "__version__",
     "create_model",
     "deploy",
+    "export_onnx",
     "load",
     "parameterize",
     "profile",

@@ -223,6 +223,110 @@ def _run_lm_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_pitfall(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pitfall",
+        help="the low-FLOPs pitfall on Fashion-MNIST / MNIST: GhostNet vs ParameterNet, with and without pretraining",
+        description="Train the grid (models x {target-only, pretrain -> fine-tune} x seeds), append each finished "
+        "run to OUTPUT/results.csv (rows already there are skipped, so the command resumes), and write "
+        "OUTPUT/table.md and OUTPUT/pitfall.png.",
+    )
+    p.add_argument("--preset", default="full", choices=["full", "quick", "smoke"], help="the grid (default: full)")
+    p.add_argument("--seeds", type=int, help="seeds 0..N-1 for every model (default: the preset's)")
+    p.add_argument("--models", nargs="+", metavar="MODEL", help="only these grid models, e.g. ghostnet_mini_025")
+    p.add_argument("--output", help="results directory (default: results/pitfall for full, runs/pitfall-PRESET else)")
+    p.add_argument("--runs-dir", default="runs/pitfall", help="the individual runs (shared by the presets)")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side, one thread each (default 1)")
+    p.add_argument("--report-only", action="store_true", help="only rebuild table.md and pitfall.png from the CSV")
+    p.set_defaults(func=_run_pitfall)
+
+
+def _run_pitfall(args: argparse.Namespace) -> int:
+    from parameternet.experiments.pitfall import default_output, report, run_pitfall
+
+    if args.report_only:
+        print(report(args.output or default_output(args.preset), preset=args.preset))
+        return 0
+    print(run_pitfall(args.preset, args.output, args.runs_dir, args.seeds, args.models, args.jobs))
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a model's deploy() graph to ONNX (symbolic batch by default) and check it in onnxruntime",
+    )
+    p.add_argument("model", help="a timm model name, e.g. parameternet_600m")
+    p.add_argument("--onnx", required=True, metavar="PATH.onnx", help="the ONNX file to write")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch-size", type=int, help="a graph for exactly this many images (1: the fastest)")
+    batch.add_argument("--dynamic-batch", action="store_true", help="a symbolic batch dimension (the default)")
+    p.add_argument("--checkpoint", metavar="FILE", help="weights to load: a parameternet or timm checkpoint")
+    p.add_argument("--img-size", type=int, help="input height and width (default: the model's)")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--exporter", default="torchscript", help="torchscript (default, fast) or dynamo (torch.export)")
+    p.add_argument("--no-deploy", action="store_true", help="export the model as it is, BatchNorms unfolded")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from parameternet.parameterize import load_source_model
+    from parameternet.profile.export import export_onnx
+
+    if args.checkpoint:
+        model, _, _ = load_source_model(args.checkpoint, arch=args.model)
+    else:
+        model, _, _ = load_source_model(args.model)
+    report = export_onnx(
+        model,
+        args.onnx,
+        dynamic_batch=args.batch_size is None,
+        batch_size=args.batch_size or 1,
+        opset=args.opset,
+        deploy=not args.no_deploy,
+        img_size=args.img_size,
+        exporter=args.exporter,
+    )
+    print(report)
+    return 0
+
+
+def _add_benchmark(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "benchmark",
+        help="the paper's latency protocol (ONNX Runtime, batch 1, 1 thread) plus eager PyTorch; CSV and plot",
+        description="Export every model's deploy() graph, time it in ONNX Runtime and in eager PyTorch (batch 1, "
+        "interleaved rounds, median and p90) and write OUTPUT/benchmark.csv, benchmark.json and latency_top1.png "
+        "(top-1 reported by the paper or timm, not measured).",
+    )
+    p.add_argument("--models", nargs="+", metavar="MODEL", help="timm model names (default: ours and five peers)")
+    p.add_argument("--output", default="results/benchmark", help="where the CSV, JSON and plot go")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=10, help="untimed rounds first (default 10)")
+    p.add_argument("--runs", type=int, default=50, help="timed rounds (default 50)")
+    p.add_argument("--no-eager", action="store_true", help="time ONNX Runtime only")
+    p.set_defaults(func=_run_benchmark)
+
+
+def _run_benchmark(args: argparse.Namespace) -> int:
+    from parameternet.profile.benchmark import OURS, PEERS, format_table, run_benchmark, write_outputs
+
+    rows, meta = run_benchmark(
+        args.models or OURS + PEERS,
+        img_size=args.img_size,
+        threads=args.threads,
+        warmup=args.warmup,
+        runs=args.runs,
+        eager=not args.no_eager,
+        progress=True,
+    )
+    print(format_table(rows, meta))
+    paths = write_outputs(rows, meta, args.output)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parameternet", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -233,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_lm(sub)
+    _add_pitfall(sub)
+    _add_export(sub)
+    _add_benchmark(sub)
     return parser
 
 

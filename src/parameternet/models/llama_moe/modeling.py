@@ -1,0 +1,244 @@
+"""ParameterNet LLaMA: transformers' LLaMA with top-k mixture-of-experts FFN projections (paper section 5.4, Table 7).
+
+Everything but the converted projections is transformers' own LLaMA: the classes here subclass it and replace
+``mlp.<name>`` by a :class:`~parameternet.layers.moe.TopKMoELinear` for every name in
+``config.moe_projections``. Router logits reach the output through transformers' output capture (a forward hook
+on every :class:`~parameternet.layers.moe.MoERouter`), never through module attributes; the causal-LM head turns
+them into the Switch load-balancing loss and the router z-loss and adds both, weighted, to the training loss.
+
+:meth:`ParameterNetLlamaForCausalLM.from_dense` upcycles a trained ``LlamaForCausalLM`` without changing its
+logits (see :meth:`~parameternet.layers.moe.TopKMoELinear.from_linear`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaModel,
+    LlamaPreTrainedModel,
+)
+from transformers.utils import can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder
+
+from parameternet.errors import ParameterNetError
+from parameternet.layers.moe import MoERouter, TopKMoELinear, load_balancing_loss, router_z_loss
+from parameternet.models.llama_moe.configuration import ParameterNetLlamaConfig
+
+__all__ = [
+    "ParameterNetCausalLMOutput",
+    "ParameterNetLlamaForCausalLM",
+    "ParameterNetLlamaModel",
+    "ParameterNetLlamaPreTrainedModel",
+    "router_losses",
+]
+
+
+@dataclass
+class ParameterNetCausalLMOutput(MoeCausalLMOutputWithPast):
+    """Mixtral's output plus ``z_loss``. ``aux_loss`` and ``z_loss`` are unweighted; ``loss`` includes both,
+    weighted by ``router_aux_loss_coef`` and ``router_z_loss_coef``."""
+
+    z_loss: torch.Tensor | None = None
+
+
+def router_losses(
+    router_logits: tuple[torch.Tensor, ...], top_k: int, attention_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(load-balancing loss, z-loss), each averaged over the routers; padding (mask 0) is left out.
+
+    Each router is balanced on its own: pooling the counts of all layers, as Mixtral does, would call two layers
+    that favour different experts balanced.
+    """
+    mask = None
+    if attention_mask is not None and attention_mask.dim() == 2:
+        tokens = router_logits[0].shape[0] // attention_mask.shape[0]
+        mask = attention_mask[:, -tokens:]  # with a cache the mask also covers the past tokens
+    aux = torch.stack([load_balancing_loss(logits, top_k, mask) for logits in router_logits]).mean()
+    z = torch.stack([router_z_loss(logits, mask) for logits in router_logits]).mean()
+    return aux, z
+
+
+def _convert_mlp(mlp: nn.Module, config: ParameterNetLlamaConfig) -> None:
+    for name in config.moe_projections:
+        dense: nn.Linear = getattr(mlp, name)
+        moe = TopKMoELinear(
+            dense.in_features,
+            dense.out_features,
+            bias=config.expert_bias,
+            device=dense.weight.device,
+            dtype=dense.weight.dtype,
+            num_experts=config.num_experts,
+            top_k=config.num_experts_per_tok,
+            capacity_factor=config.capacity_factor,
+        )
+        setattr(mlp, name, moe)
+
+
+class ParameterNetLlamaPreTrainedModel(LlamaPreTrainedModel):
+    config: ParameterNetLlamaConfig
+    config_class = ParameterNetLlamaConfig
+    # The dispatch sizes its blocks from the routing (data-dependent shapes): no full-graph compile.
+    _can_compile_fullgraph = False
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(MoERouter, index=0),
+        "hidden_states": LlamaDecoderLayer,
+        "attentions": LlamaAttention,
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)  # nn.Linear (the routers too): normal(0, initializer_range)
+        if isinstance(module, TopKMoELinear):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+
+class ParameterNetLlamaModel(ParameterNetLlamaPreTrainedModel, LlamaModel):
+    """``LlamaModel`` with the projections of ``config.moe_projections`` as mixtures of experts."""
+
+    def __init__(self, config: ParameterNetLlamaConfig):
+        LlamaModel.__init__(self, config)
+        for layer in self.layers:
+            _convert_mlp(layer.mlp, config)
+        self.post_init()  # initialises the new modules only: the others are marked initialised
+
+    def forward(self, *args, **kwargs) -> MoeModelOutputWithPast:
+        out = super().forward(*args, **kwargs)  # LLaMA's, with router logits captured when asked
+        return MoeModelOutputWithPast(**out) if isinstance(out, dict) else out  # a tuple for return_dict=False
+
+
+class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, LlamaForCausalLM):
+    """``LlamaForCausalLM`` over :class:`ParameterNetLlamaModel`; the loss includes the router losses."""
+
+    def __init__(self, config: ParameterNetLlamaConfig):
+        ParameterNetLlamaPreTrainedModel.__init__(self, config)
+        self.model = ParameterNetLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> ParameterNetCausalLMOutput:
+        """LLaMA's causal-LM forward. The router losses are computed whenever there are labels, the model is
+        training or ``output_router_logits`` is set; ``router_logits`` are returned only in the last case."""
+        config = self.config
+        if output_router_logits is None:
+            output_router_logits = config.output_router_logits
+        has_routers = bool(config.moe_projections)
+        collect = has_routers and (output_router_logits or labels is not None or self.training)
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=collect,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)  # (B, T, vocab)
+
+        aux_loss = z_loss = None
+        if collect:
+            aux_loss, z_loss = router_losses(outputs.router_logits, config.num_experts_per_tok, attention_mask)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=config.vocab_size, **kwargs)
+            if aux_loss is not None:
+                loss = loss + config.router_aux_loss_coef * aux_loss + config.router_z_loss_coef * z_loss
+
+        return ParameterNetCausalLMOutput(
+            loss=loss,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits if output_router_logits else None,
+        )
+
+    @classmethod
+    def from_dense(
+        cls,
+        model: LlamaForCausalLM,
+        num_experts: int,
+        moe_projections: list[str] | tuple[str, ...] | str = ("down_proj",),
+        *,
+        seed: int = 0,
+        router_init_std: float = 1e-12,
+        **config_overrides,
+    ) -> ParameterNetLlamaForCausalLM:
+        """Upcycle a dense ``LlamaForCausalLM`` (or a ParameterNet LLaMA without those projections converted).
+
+        Every weight is copied; each converted projection becomes ``num_experts`` experts computing, at
+        conversion, exactly the dense projection (float32: to rounding, about 1e-7 relative), and a router with
+        random weights far below float32 softmax resolution, so tokens already spread over the experts and the
+        experts diverge once trained (see :meth:`TopKMoELinear.from_linear`). ``config_overrides`` set the other
+        mixture-of-experts fields (``num_experts_per_tok``, ``router_aux_loss_coef``, ``capacity_factor``, ...);
+        ``expert_bias`` follows the dense model's ``mlp_bias`` unless given. ``seed`` fixes the router noise.
+        """
+        dense_config = model.config
+        if getattr(dense_config, "moe_projections", None):
+            raise ParameterNetError(
+                f"from_dense needs a dense model, but this one already has experts on {dense_config.moe_projections}."
+            )
+        fields = dense_config.to_dict()
+        for key in ("model_type", "architectures", "transformers_version", "auto_map"):
+            fields.pop(key, None)
+        fields.update(
+            num_experts=num_experts,
+            moe_projections=moe_projections,
+            expert_bias=config_overrides.pop("expert_bias", dense_config.mlp_bias),
+        )
+        fields.update(config_overrides)
+        config = ParameterNetLlamaConfig(**fields)
+        config._attn_implementation = dense_config._attn_implementation
+
+        first = next(model.parameters())
+        new = cls(config).to(device=first.device, dtype=first.dtype)
+        # Everything but the converted projections has the same names and shapes.
+        skip = tuple(f".mlp.{name}." for name in config.moe_projections)
+        state = {k: v for k, v in model.state_dict().items() if not any(s in k for s in skip)}
+        missing, unexpected = new.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ParameterNetError(f"from_dense cannot place the dense weights {unexpected[:3]}; pass a LLaMA model.")
+
+        generator = torch.Generator().manual_seed(seed)
+        for dense_layer, layer in zip(model.model.layers, new.model.layers):
+            for name in config.moe_projections:
+                upcycled = TopKMoELinear.from_linear(
+                    getattr(dense_layer.mlp, name),
+                    num_experts=config.num_experts,
+                    top_k=config.num_experts_per_tok,
+                    capacity_factor=config.capacity_factor,
+                    bias=config.expert_bias,
+                    router_init_std=router_init_std,
+                    generator=generator,
+                )
+                getattr(layer.mlp, name).load_state_dict(upcycled.state_dict())
+        new.train(model.training)
+        return new

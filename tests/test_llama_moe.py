@@ -1,0 +1,264 @@
+"""The top-k MoE projection against a per-token loop, and the ParameterNet LLaMA as a transformers model."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from parameternet.errors import ParameterNetError
+from parameternet.layers import moe as moe_module
+from parameternet.layers.moe import TopKMoELinear, load_balancing_loss, route, router_z_loss
+from parameternet.models.llama_moe import (
+    ParameterNetLlamaConfig,
+    ParameterNetLlamaForCausalLM,
+    ParameterNetLlamaModel,
+    llama_1b_config,
+    router_losses,
+)
+
+TINY = dict(
+    vocab_size=101,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+)
+
+
+def tiny_config(**overrides) -> ParameterNetLlamaConfig:
+    return ParameterNetLlamaConfig(**{**TINY, "num_experts": 4, **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides) -> ParameterNetLlamaForCausalLM:
+    torch.manual_seed(seed)
+    return ParameterNetLlamaForCausalLM(tiny_config(**overrides))
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    return torch.randint(0, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+# --- the layer -----------------------------------------------------------------------------------------------
+
+
+def reference_moe(layer: TopKMoELinear, x: torch.Tensor) -> torch.Tensor:
+    """Token by token: softmax over the router logits, the top-k experts by logit, each output scaled by its
+    probability; with a capacity, first choices before second choices, earlier tokens first."""
+    flat = x.reshape(-1, layer.in_features)
+    n, k, m = flat.shape[0], layer.top_k, layer.num_experts
+    capacity = math.inf if layer.capacity_factor is None else math.ceil(layer.capacity_factor * n * k / m)
+    used = [0] * m
+    rows = [torch.zeros(layer.out_features) for _ in range(n)]
+    for choice in range(k):
+        for t in range(n):
+            logits = layer.router.weight @ flat[t]
+            probs = torch.softmax(logits, dim=-1)
+            e = int(logits.topk(k).indices[choice]) if k > 1 else int(logits.argmax())
+            if used[e] >= capacity:
+                continue
+            used[e] += 1
+            b = 0 if layer.bias is None else layer.bias[e]
+            rows[t] = rows[t] + probs[e] * (layer.weight[e] @ flat[t] + b)
+    return torch.stack(rows).view(*x.shape[:-1], layer.out_features)
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm", "loop"])
+@pytest.mark.parametrize(
+    "top_k,capacity_factor,bias", [(1, None, False), (1, None, True), (2, None, True), (1, 0.5, True), (2, 0.6, False)]
+)
+def test_dispatch_matches_per_token_reference(monkeypatch, grouped, top_k, capacity_factor, bias):
+    if grouped and not hasattr(torch.nn.functional, "grouped_mm"):
+        pytest.skip("this torch has no grouped_mm")
+    if not grouped:
+        monkeypatch.setattr(moe_module, "_grouped_mm_ok", lambda x, w: False)
+    torch.manual_seed(0)
+    layer = TopKMoELinear(8, 12, bias=bias, num_experts=4, top_k=top_k, capacity_factor=capacity_factor)
+    x = torch.randn(3, 7, 8, requires_grad=True)
+    grad_out = torch.randn(3, 7, 12)
+    params = [x, *layer.parameters()]
+
+    y = layer(x)
+    grads = torch.autograd.grad(y, params, grad_out)
+    y_ref = reference_moe(layer, x)
+    grads_ref = torch.autograd.grad(y_ref, params, grad_out)
+
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+    assert y.shape == (3, 7, 12)
+
+
+def test_capacity_drops_tokens_and_none_drops_nothing():
+    torch.manual_seed(0)
+    layer = TopKMoELinear(8, 8, num_experts=4, capacity_factor=0.25)  # one token per expert at most
+    x = torch.randn(16, 8)
+    zero_rows = (layer(x).abs().sum(-1) == 0).sum().item()
+    assert zero_rows >= 16 - 4
+    layer.capacity_factor = None
+    assert (layer(x).abs().sum(-1) > 0).all()
+
+
+def test_from_linear_is_exact_and_spreads_tokens():
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(16, 24, bias=True)
+    x = torch.randn(400, 16) * 4
+    for num_experts, top_k in [(4, 1), (8, 1), (3, 1), (4, 2)]:
+        layer = TopKMoELinear.from_linear(dense, num_experts=num_experts, top_k=top_k)
+        torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-6)
+        chosen = route(layer.router(x), top_k)[2].flatten()
+        assert torch.bincount(chosen, minlength=num_experts).min() > 0  # every expert already gets tokens
+
+
+def test_load_balancing_and_z_loss_formulas():
+    n, m = 64, 4
+    uniform = torch.zeros(n, m)  # every expert equally likely; argmax ties go to expert 0
+    assert load_balancing_loss(uniform).item() == pytest.approx(1.0)  # f = (1,0,0,0), P = 1/4 -> 4 * 1/4
+    collapsed = torch.zeros(n, m)
+    collapsed[:, 2] = 100.0
+    assert load_balancing_loss(collapsed).item() == pytest.approx(m, rel=1e-4)
+    balanced = torch.full((n, m), -100.0)
+    balanced[torch.arange(n), torch.arange(n) % m] = 100.0
+    assert load_balancing_loss(balanced).item() == pytest.approx(1.0, rel=1e-4)
+
+    logits = torch.randn(n, m)
+    probs = torch.softmax(logits, -1)
+    f = torch.bincount(logits.argmax(-1), minlength=m).float() / n
+    assert load_balancing_loss(logits).item() == pytest.approx((m**2 * (f * probs.mean(0)).mean()).item(), rel=1e-5)
+    assert router_z_loss(logits).item() == pytest.approx(torch.logsumexp(logits, -1).square().mean().item())
+
+    mask = torch.ones(n)
+    mask[::3] = 0
+    keep = mask.bool()
+    assert load_balancing_loss(logits, 1, mask).item() == pytest.approx(load_balancing_loss(logits[keep]).item())
+    assert router_z_loss(logits, mask).item() == pytest.approx(router_z_loss(logits[keep]).item())
+
+
+def test_layer_bad_input():
+    with pytest.raises(ParameterNetError, match="top_k"):
+        TopKMoELinear(8, 8, num_experts=2, top_k=3)
+    with pytest.raises(ParameterNetError, match="num_experts"):
+        TopKMoELinear(8, 8, num_experts=0)
+    with pytest.raises(ParameterNetError, match="capacity_factor"):
+        TopKMoELinear(8, 8, num_experts=2, capacity_factor=0)
+    with pytest.raises(ParameterNetError, match=r"\(\.\.\., 8\)"):
+        TopKMoELinear(8, 8, num_experts=2)(torch.randn(3, 5))
+
+
+# --- the transformers model ---------------------------------------------------------------------------------
+
+
+def test_auto_classes_and_save_load_round_trip(tmp_path, ids):
+    model = tiny_model(moe_projections=["up_proj", "down_proj"]).eval()
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "parameternet_llama"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is ParameterNetLlamaForCausalLM
+    assert loaded.config.moe_projections == ["up_proj", "down_proj"] and loaded.config.num_experts == 4
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert type(base) is ParameterNetLlamaModel
+    assert type(AutoModelForCausalLM.from_config(tiny_config())) is ParameterNetLlamaForCausalLM
+
+
+def test_generate_with_and_without_cache_agree(ids):
+    model = tiny_model().eval()
+    prompt = ids[:, :4]
+    cached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    uncached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert cached.shape == (2, 10)
+    torch.testing.assert_close(cached, uncached)
+
+
+def test_loss_includes_weighted_router_losses(ids):
+    model = tiny_model(router_aux_loss_coef=0.0, router_z_loss_coef=0.0).eval()
+    plain = model(ids, labels=ids)
+    assert plain.aux_loss is not None and plain.z_loss is not None and plain.router_logits is None
+    assert plain.aux_loss.item() >= 1.0 - 1e-6  # Switch's loss is 1 at best
+    model.config.router_aux_loss_coef, model.config.router_z_loss_coef = 0.5, 0.25
+    weighted = model(ids, labels=ids)
+    expected = plain.loss + 0.5 * plain.aux_loss + 0.25 * plain.z_loss
+    torch.testing.assert_close(weighted.loss, expected)
+    weighted.loss.backward()
+    assert model.model.layers[0].mlp.down_proj.router.weight.grad.abs().sum() > 0
+
+
+def test_router_logits_only_when_asked(ids):
+    model = tiny_model(moe_projections=["gate_proj", "down_proj"]).eval()
+    out = model(ids, output_router_logits=True)
+    assert len(out.router_logits) == 2 * 2  # two layers, two converted projections each
+    assert all(r.shape == (ids.numel(), 4) for r in out.router_logits)
+    assert out.aux_loss is not None
+    quiet = model(ids)
+    assert quiet.router_logits is None and quiet.aux_loss is None and quiet.loss is None
+    model.train()
+    assert model(ids).aux_loss is not None  # training collects them for the aux loss
+
+
+def test_router_losses_leave_padding_out():
+    logits = (torch.randn(6, 4), torch.randn(6, 4))
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    aux, z = router_losses(logits, 1, mask)
+    keep = mask.flatten().bool()
+    assert aux.item() == pytest.approx(sum(load_balancing_loss(r[keep]) for r in logits).item() / 2)
+    assert z.item() == pytest.approx(sum(router_z_loss(r[keep]) for r in logits).item() / 2)
+
+
+def test_gradient_checkpointing_keeps_router_gradient(ids):
+    model = tiny_model().train()
+    model.activation_checkpointing_enable()  # non-reentrant: the captured router logits keep their graph
+    model(ids, labels=ids).aux_loss.backward()
+    assert model.model.layers[1].mlp.down_proj.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("projection", ["gate_proj", "up_proj", "down_proj"])
+@pytest.mark.parametrize("num_experts", [4, 8])
+def test_from_dense_reproduces_dense_logits(projection, num_experts, ids):
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    model = ParameterNetLlamaForCausalLM.from_dense(dense, num_experts=num_experts, moe_projections=[projection])
+    assert model.config.moe_projections == [projection] and not model.training
+    ref = dense(ids).logits
+    torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    routed = torch.cat([r.argmax(-1) for r in model(ids, output_router_logits=True).router_logits])
+    assert torch.unique(routed).numel() > 1  # tokens already go to different experts: symmetry is broken
+
+    # One training step later the experts differ: they were fed different tokens.
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    experts = model.model.layers[0].mlp.get_submodule(projection).weight
+    assert not torch.equal(experts[0], experts[1])
+
+
+def test_from_dense_rejects_a_converted_model():
+    with pytest.raises(ParameterNetError, match="already has experts"):
+        ParameterNetLlamaForCausalLM.from_dense(tiny_model(), num_experts=4)
+
+
+@pytest.mark.parametrize("projection", ["gate_proj", "up_proj", "down_proj"])
+def test_llama_1b_parameter_counts_match_the_paper(projection):
+    """Table 7 / DESIGN.md: dense 0.9366B, 4 experts 1.5409B, 8 experts 2.3467B, for any one projection."""
+    with torch.device("meta"):
+        dense = ParameterNetLlamaForCausalLM(llama_1b_config(moe_projections=[])).num_parameters()
+        assert dense == pytest.approx(0.9366e9, rel=5e-3)
+        for num_experts, paper in [(4, 1.5409e9), (8, 2.3467e9)]:
+            config = llama_1b_config(num_experts=num_experts, moe_projections=[projection])
+            assert ParameterNetLlamaForCausalLM(config).num_parameters() == pytest.approx(paper, rel=5e-3)
+            # With a bias on every expert (the release's nn.Linear experts) the count is the paper's to the digit.
+            config = llama_1b_config(num_experts=num_experts, moe_projections=[projection], expert_bias=True)
+            assert ParameterNetLlamaForCausalLM(config).num_parameters() == pytest.approx(paper, abs=0.5e5)
+
+
+def test_config_bad_input():
+    with pytest.raises(ParameterNetError, match="'mlp_proj'.*gate_proj, up_proj, down_proj"):
+        tiny_config(moe_projections=["mlp_proj"])
+    with pytest.raises(ParameterNetError, match="num_experts_per_tok=3"):
+        tiny_config(num_experts=2, num_experts_per_tok=3)
+    with pytest.raises(ParameterNetError, match="capacity_factor"):
+        tiny_config(capacity_factor=-1.0)
+    assert tiny_config(moe_projections="up_proj").moe_projections == ["up_proj"]
+    assert tiny_config(moe_projections=["down_proj", "gate_proj"]).moe_projections == ["gate_proj", "down_proj"]

@@ -1,0 +1,132 @@
+"""lm-train end to end on a tiny model and fake corpora: outputs, Auto-class loading, resume, recipes, experiment."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from parameternet.cli import main
+from parameternet.errors import ParameterNetError
+from parameternet.train.lm import load_lm_config, train_lm
+from test_lm_text import make_fake_corpora
+
+TINY = [
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_hidden_layers=2",
+    "model.num_experts=4",
+    "data.vocab_size=300",
+    "data.val_fraction=0.2",
+    "data.eval_fraction=0.2",
+    "data.seq_len=32",
+    "batch_size=4",
+    "max_steps=4",
+    "schedule.warmup_steps=1",
+    "log_every=1",
+    "eval_tokens=256",
+    "eval_batch_size=8",
+    "zero_shot_items=8",
+    "threads=1",
+    "progress=false",
+]
+
+
+@pytest.fixture
+def corpora(tmp_path, monkeypatch):
+    make_fake_corpora(tmp_path / "cache", monkeypatch)
+    return tmp_path
+
+
+def test_lm_train_outputs_load_with_auto_classes(corpora):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = corpora / "run"
+    summary = train_lm(
+        load_lm_config("configs/lm-small.yaml", [*TINY, "model.moe_projections=[up_proj]", f"output_dir={out}"])
+    )
+    assert summary["steps"] == 4 and summary["tokens"] == 4 * 4 * 32
+    assert set(summary["zero_shot"]) == {"next_sentence", "last_word"}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4] and all(r["aux_loss"] > 0.9 for r in train_rows)
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    assert model.config.moe_projections == ["up_proj"] and len(tokenizer) == model.config.vocab_size == 300
+    ids = tokenizer("The river stone", return_tensors="pt")["input_ids"]
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+
+
+def test_lm_train_lr_schedule_ends_at_a_tenth_of_the_peak(corpora):
+    out = corpora / "run"
+    train_lm(load_lm_config("configs/lm-small.yaml", [*TINY, "zero_shot_items=0", f"output_dir={out}"]))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if r["split"] == "train"]
+    peak = 1e-3  # configs/lm-small.yaml
+    assert max(lrs) == pytest.approx(peak) and lrs[-1] == pytest.approx(0.1 * peak)
+
+
+def test_lm_train_resume_ends_with_the_same_weights(corpora):
+    common = [*TINY, "max_steps=6", "ckpt_every_steps=3", "zero_shot_items=0", "model.moe_projections=[down_proj]"]
+    a, b = corpora / "a", corpora / "b"
+    train_lm(load_lm_config("configs/lm-small.yaml", [*common, f"output_dir={a}"]))
+    train_lm(load_lm_config("configs/lm-small.yaml", [*common, f"output_dir={b}"]))
+    # Pretend b was killed after its step-3 checkpoint: drop everything written later, resume.
+    for name in ("step_0000006.safetensors", "step_0000006.state.pt"):
+        (b / "checkpoints" / name).unlink()
+    shutil.rmtree(b / "model")
+    (b / "summary.json").unlink()
+    with pytest.raises(ParameterNetError, match="resume=auto"):
+        train_lm(load_lm_config("configs/lm-small.yaml", [*common, f"output_dir={b}"]))
+    train_lm(load_lm_config("configs/lm-small.yaml", [*common, f"output_dir={b}", "resume=auto"]))
+    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (a / "metrics.jsonl").read_text().count('"split": "train"') == 6
+    strip = [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in (b / "metrics.jsonl").open()]
+    ref = [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in (a / "metrics.jsonl").open()]
+    assert strip == ref
+
+
+def test_lm_recipe_errors(tmp_path):
+    with pytest.raises(ParameterNetError, match="did you mean 'model.num_experts'"):
+        load_lm_config("configs/lm-small.yaml", ["model.num_expert=4"])
+    with pytest.raises(ParameterNetError, match="grad_accum"):
+        load_lm_config("configs/lm-small.yaml", ["grad_accum=3"])
+    with pytest.raises(ParameterNetError, match="Unknown projection 'gate'"):
+        load_lm_config("configs/lm-small.yaml", ["model.moe_projections=[gate]"])
+    with pytest.raises(ParameterNetError, match="does not exist"):
+        load_lm_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  hidden: 3\n")
+    with pytest.raises(ParameterNetError, match="unknown recipe key 'model.hidden'"):
+        load_lm_config(bad)
+    cfg = load_lm_config("configs/lm-small.yaml", ["model.moe_projections=[down_proj]", "optim.betas=[0.9,0.99]"])
+    assert cfg.model.moe_projections == ["down_proj"] and cfg.optim.betas == [0.9, 0.99]
+    assert load_lm_config("configs/lm-1b-moe-down.yaml").total_steps == 21457
+
+
+def test_cli_lm_train_reports_bad_input_in_one_line(capsys):
+    assert main(["lm-train", "configs/lm-small.yaml", "model.num_experts_per_tok=9", "max_steps=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "num_experts_per_tok=9" in err
+
+
+def test_lm_experiment_writes_results(corpora, monkeypatch):
+    from parameternet.experiments import lm as experiment
+
+    monkeypatch.setattr(experiment, "VARIANTS", (experiment.Variant("dense", None, 1, (0, 1)),
+                                                 experiment.Variant("down_proj-4", "down_proj", 4, (0,))))  # fmt: skip
+    runs, results = corpora / "runs", corpora / "results"
+    rows = experiment.run_lm_experiment("configs/lm-small.yaml", TINY, runs, results)
+    assert [(r["variant"], r["seed"]) for r in rows] == [("dense", 0), ("dense", 1), ("down_proj-4", 0)]
+    assert rows[2]["params"] > rows[0]["params"] and rows[0]["tokens"] == rows[2]["tokens"]
+    table = (results / "table7.md").read_text()
+    assert "| LLaMA (dense) | - |" in table and "| MoE on down | 4 |" in table and " ± " in table
+    assert (results / "loss_curves.png").stat().st_size > 1000
+    assert len(Path(results / "runs.csv").read_text().splitlines()) == 4
+    # A second call trains nothing: every run is finished.
+    mtime = (runs / "dense-s0" / "summary.json").stat().st_mtime
+    experiment.run_lm_experiment("configs/lm-small.yaml", TINY, runs, results)
+    assert (runs / "dense-s0" / "summary.json").stat().st_mtime == mtime
