@@ -18,7 +18,7 @@ data: $(STAMP)
 	$(BIN)/parameternet data fetch fashion-mnist mnist
 
 demo: data
-	$(BIN)/parameternet profile
+	$(BIN)/parameternet pitfall --preset quick --jobs 2
 
 test: data
 	$(BIN)/python -m pytest -q
