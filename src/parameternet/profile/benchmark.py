@@ -301,7 +301,9 @@ def _plot(rows: list[BenchmarkRow], meta: dict[str, Any], path: Path) -> None:
     if others:
         ax.plot([r.onnx_ms for r in others], [r.top1_reported for r in others], "D", color="gray", label="timm peers")
     for r in by_name.values():
-        ax.annotate(r.model, (r.onnx_ms, r.top1_reported), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        below = r.model.startswith("ghostnet_") or r.model.startswith("swin_3")  # keeps twins' labels apart
+        offset = (5, -10) if below else (5, 4)
+        ax.annotate(r.model, (r.onnx_ms, r.top1_reported), textcoords="offset points", xytext=offset, fontsize=7)
     ax.set_xlabel(f"ONNX Runtime latency, batch 1, {meta['protocol'].split(', ')[2]} (ms, measured)")
     ax.set_ylabel("ImageNet-1K top-1 (%, reported, not measured)")
     ax.set_title("Top-1 vs latency (after the paper's Figure 5)")
