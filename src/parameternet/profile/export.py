@@ -101,21 +101,6 @@ def onnx_session(path: str | Path, threads: int | None = None):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-class _Modes:
-    """Eval mode for the block; every module's train / eval flag is restored after."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.modes = {m: m.training for m in self.model.modules()}
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        for m, training in self.modes.items():
-            m.training = training
-
-
 def _run_export(model, x, path, *, dynamic_batch, opset, exporter) -> None:
     names = dict(input_names=["images"], output_names=["logits"])
     # The exporters warn about traced shapes and their own deprecation: the check below is what counts.
@@ -195,7 +180,9 @@ def export_onnx(
     if check:
         session = onnx_session(path)
         input_name = session.get_inputs()[0].name
-        with _Modes(model):
+        from parameternet.parameterize import _EvalMode  # lazily: parameterize reads the profiler
+
+        with _EvalMode(model):
             for n in (1, 3) if dynamic_batch else (batch_size,):
                 x = images(n)
                 expected = model(x).float().cpu()
