@@ -4,6 +4,7 @@ but its error type, so it can be read and reused on its own."""
 from parameternet.layers.dynamic_conv import DynamicConv2d
 from parameternet.layers.dynamic_linear import DynamicLinear
 from parameternet.layers.experts import check_num_experts, init_experts_, mix_experts
+from parameternet.layers.moe import MoERouter, TopKMoELinear, load_balancing_loss, router_z_loss
 from parameternet.layers.repconv import RepConv2d
 from parameternet.layers.router import ROUTERS, LinearSigmoidRouter, MlpSoftmaxRouter, create_router
 
@@ -13,9 +14,13 @@ __all__ = [
     "DynamicLinear",
     "LinearSigmoidRouter",
     "MlpSoftmaxRouter",
+    "MoERouter",
     "RepConv2d",
+    "TopKMoELinear",
     "check_num_experts",
     "create_router",
     "init_experts_",
+    "load_balancing_loss",
     "mix_experts",
+    "router_z_loss",
 ]
