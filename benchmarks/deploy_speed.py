@@ -1,7 +1,9 @@
 """All of the deployment issue's ratios, ParameterNet against its static twin, measured in one process.
 
-- ONNX Runtime, batch 1, 1 thread (the paper's latency protocol): the deploy() graphs exported for batch 1 (what
-  ``parameternet benchmark`` times) and the dynamic-batch graphs;
+- ONNX Runtime, batch 1, 1 thread (the paper's latency protocol): the deploy() graphs exported for batch 1, as
+  ONNX Runtime optimises them and with every conv in its NCHWc kernels (``optimize_for_onnxruntime``; the
+  ParameterNet against the faster of the static model's two, as ``parameternet benchmark`` compares them), and the
+  dynamic-batch graphs;
 - eager PyTorch, batch 1, 1 thread: undeployed against undeployed and deploy() against deploy() (which folds the
   BatchNorms of the static twin too);
 - training step (forward + backward + AdamW, batch 32, 224px, 2 threads, NCHW), as ``layer_speed.py`` times it;
@@ -40,6 +42,7 @@ import parameternet
 from parameternet.layers import DynamicConv2d
 from parameternet.layers.kernels import route
 from parameternet.profile.export import export_onnx, onnx_session
+from parameternet.profile.ort_nchwc import optimize_for_onnxruntime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layer_speed import interleaved, summarize, train_step_fn  # noqa: E402
@@ -59,20 +62,35 @@ def ratio_line(label: str, times: dict[str, list[float]], dynamic: str, static: 
 
 
 def onnx_section(models: dict[str, torch.nn.Module], names: tuple[str, str], rounds: int, img: int) -> list[str]:
+    """Each model's batch-1 graph with ONNX Runtime's own optimisations ("ORT") and with every conv moved to its
+    NCHWc kernels by parameternet ("NCHWc"; a static model runs faster one way or the other), and the
+    dynamic-batch graph."""
     x = np.random.default_rng(0).standard_normal((1, 3, img, img)).astype(np.float32)
     fns = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for graph, dynamic_batch in (("batch-1 graph", False), ("dynamic-batch graph", True)):
-            for name in names:
+        for name in names:
+            for dynamic_batch in (False, True):
                 path = Path(tmp) / f"{name}-{dynamic_batch}.onnx"
                 export_onnx(models[name], path, dynamic_batch=dynamic_batch, batch_size=1, img_size=img)
-                session = onnx_session(path, threads=1)
-                fns[(graph, name)] = lambda s=session: s.run(None, {"images": x})
+                graphs = {"dynamic-batch": str(path)} if dynamic_batch else {"ORT": str(path)}
+                if not dynamic_batch:
+                    graphs["NCHWc"] = optimize_for_onnxruntime(path, static_convs=True)[0]
+                for graph, source in graphs.items():
+                    session = onnx_session(source, threads=1, nchwc=False)
+                    fns[(graph, name)] = lambda s=session: s.run(None, {"images": x})
     times = interleaved(fns, rounds, warmup=10)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    dynamic, static = names
+    best = min(("ORT", "NCHWc"), key=lambda g: med[(g, static)])
     lines = []
-    for graph in ("batch-1 graph", "dynamic-batch graph"):
-        sub = {name: times[(graph, name)] for name in names}
-        lines.append(ratio_line(f"ONNX Runtime, batch 1, 1 thread, deploy() {graph}", sub, *names))
+    for label, graph_d, graph_s in (
+        (f"NCHWc vs the static model's faster graph ({best})", "NCHWc", best),
+        ("NCHWc vs ORT (the static model as ONNX Runtime runs it)", "NCHWc", "ORT"),
+        ("ORT vs ORT (the exported graphs, no rewrite)", "ORT", "ORT"),
+        ("dynamic-batch graph vs dynamic-batch graph", "dynamic-batch", "dynamic-batch"),
+    ):
+        sub = {dynamic: times[(graph_d, dynamic)], static: times[(graph_s, static)]}
+        lines.append(ratio_line(f"ONNX Runtime, batch 1, 1 thread, deploy(), {label}", sub, *names))
     return lines
 
 
@@ -237,20 +255,22 @@ def eager_breakdown(name: str, rounds: int, img: int) -> list[str]:
 
 
 def onnx_breakdown(names: tuple[str, str], rounds: int, img: int) -> list[str]:
-    """ONNX Runtime's own per-node profile of both batch-1 graphs, summed by kind of node (ms per image)."""
+    """ONNX Runtime's own per-node profile of the batch-1 graphs (the dynamic one as exported and with its convs in
+    NCHWc kernels, and the static one), summed by kind of node (ms per image)."""
     import onnxruntime as ort
 
     lines = []
     x = np.random.default_rng(0).standard_normal((1, 3, img, img)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
+        for name, nchwc in ((names[0], False), (names[0], True), (names[1], False), (names[1], True)):
             path = Path(tmp) / f"{name}.onnx"
             export_onnx(timm.create_model(name), path, dynamic_batch=False, img_size=img)
+            source = optimize_for_onnxruntime(path, static_convs=True)[0].SerializeToString() if nchwc else str(path)
             options = ort.SessionOptions()
             options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
             options.enable_profiling = True
             options.profile_file_prefix = str(Path(tmp) / name)
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
             for _ in range(rounds):
                 session.run(None, {"images": x})
             events = json.loads(Path(session.end_profiling()).read_text())
@@ -263,13 +283,14 @@ def onnx_breakdown(names: tuple[str, str], rounds: int, img: int) -> list[str]:
                 if op == "MatMul" and len(shapes[0]) == 2 and shapes[0][0] == 1:
                     op = "MatMul (kernel mixing)"
                 elif op == "Conv" and len(shapes) > 1 and shapes[1][1] == 1:
-                    op = "Conv (depthwise, kernel an input)" if name == names[0] else "Conv (depthwise)"
+                    generic = name == names[0] and not nchwc
+                    op = "Conv (depthwise, kernel an input)" if generic else "Conv (depthwise)"
                 kinds[op] = kinds.get(op, 0.0) + e["dur"] / 1e3 / rounds
             total = sum(kinds.values())
             top = sorted(kinds.items(), key=lambda kv: -kv[1])[:8]
             lines.append(
-                f"  ONNX Runtime profile of {name} (batch-1 graph, {total:.1f} ms of node time): "
-                + ", ".join(f"{k} {v:.2f}" for k, v in top)
+                f"  ONNX Runtime profile of {name} (batch-1 graph{', NCHWc kernels' if nchwc else ''}, "
+                f"{total:.1f} ms of node time): " + ", ".join(f"{k} {v:.2f}" for k, v in top)
             )
     return lines
 

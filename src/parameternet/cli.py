@@ -266,6 +266,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--exporter", default="torchscript", help="torchscript (default, fast) or dynamo (torch.export)")
     p.add_argument("--no-deploy", action="store_true", help="export the model as it is, BatchNorms unfolded")
+    p.add_argument(
+        "--ort-cpu",
+        metavar="PATH.onnx",
+        help="with --batch-size 1: also write the graph with its dynamic convs in ONNX Runtime's NCHWc CPU kernels "
+        "(runs only in ONNX Runtime on a CPU with this one's block size; the fastest)",
+    )
     p.set_defaults(func=_run_export)
 
 
@@ -277,6 +283,10 @@ def _run_export(args: argparse.Namespace) -> int:
         model, _, _ = load_source_model(args.checkpoint, arch=args.model)
     else:
         model, _, _ = load_source_model(args.model)
+    if args.ort_cpu and args.batch_size != 1:
+        raise ParameterNetError("--ort-cpu rewrites a graph for one image; add --batch-size 1.")
+    if args.ort_cpu and not args.ort_cpu.endswith(".onnx"):
+        raise ParameterNetError(f"the --ort-cpu path must end in .onnx, got {args.ort_cpu!r}.")
     report = export_onnx(
         model,
         args.onnx,
@@ -288,6 +298,11 @@ def _run_export(args: argparse.Namespace) -> int:
         exporter=args.exporter,
     )
     print(report)
+    if args.ort_cpu:
+        from parameternet.profile.ort_nchwc import optimize_for_onnxruntime
+
+        _, nchwc = optimize_for_onnxruntime(args.onnx, args.ort_cpu)
+        print(f"{args.ort_cpu}: {nchwc}")
     return 0
 
 

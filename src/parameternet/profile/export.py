@@ -53,6 +53,9 @@ class ExportReport:
     max_rel_error: dict[int, float]
     export_seconds: float
     size_mb: float
+    # Checked too: the graph with its dynamic convs in ONNX Runtime's NCHWc kernels (a batch-1 graph on a CPU
+    # that has them), as ``onnx_session`` and ``parameternet benchmark`` run it; None when not applicable.
+    nchwc_rel_error: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +68,7 @@ class ExportReport:
             f"{'deploy() graph' if self.deployed else 'graph as given'}, {self.size_mb:.1f} MB, "
             f"{self.export_seconds:.1f} s\n"
             f"onnxruntime vs PyTorch, max relative error: {checked}"
+            + ("" if self.nchwc_rel_error is None else f"; with NCHWc kernels: {self.nchwc_rel_error:.1e}")
         )
 
 
@@ -84,8 +88,13 @@ def _input_shape(model: nn.Module, img_size: int | tuple[int, int] | None) -> tu
     return int(chans), int(size[0]), int(size[1])
 
 
-def onnx_session(path: str | Path, threads: int | None = None):
-    """An ONNX Runtime CPU session for ``path``; ``threads`` fixes intra- and inter-op threads (None: ORT's)."""
+def onnx_session(path, threads: int | None = None, *, nchwc: bool = True):
+    """An ONNX Runtime CPU session for ``path`` (a file or an ``onnx.ModelProto``).
+
+    ``threads`` fixes intra- and inter-op threads (None: ONNX Runtime's choice). With ``nchwc`` (the default) the
+    dynamic convs of a batch-1 graph run in ONNX Runtime's blocked CPU kernels
+    (:func:`~parameternet.profile.ort_nchwc.optimize_for_onnxruntime`); the file is not changed.
+    """
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -98,7 +107,14 @@ def onnx_session(path: str | Path, threads: int | None = None):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = str(path) if isinstance(path, (str, Path)) else path.SerializeToString()
+    if nchwc:
+        from parameternet.profile.ort_nchwc import optimize_for_onnxruntime
+
+        model, report = optimize_for_onnxruntime(path)
+        if report.convs:
+            source = model.SerializeToString()
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def _run_export(model, x, path, *, dynamic_batch, opset, exporter) -> None:
@@ -177,19 +193,36 @@ def export_onnx(
     seconds = time.perf_counter() - start
 
     errors: dict[int, float] = {}
+    nchwc_error = None
     if check:
-        session = onnx_session(path)
+        session = onnx_session(path, nchwc=False)
+        nchwc_session = None
+        if not dynamic_batch:
+            from parameternet.profile.ort_nchwc import optimize_for_onnxruntime
+
+            rewritten, nchwc = optimize_for_onnxruntime(path)
+            nchwc_session = onnx_session(rewritten, nchwc=False) if nchwc.convs else None
         input_name = session.get_inputs()[0].name
         from parameternet.parameterize import _EvalMode  # lazily: parameterize reads the profiler
+
+        def rel_error(got, expected) -> float:
+            scale = expected.abs().max().double().clamp_min(1e-12)
+            return ((torch.from_numpy(got).double() - expected.double()).abs().max() / scale).item()
 
         with _EvalMode(model):
             for n in (1, 3) if dynamic_batch else (batch_size,):
                 x = images(n)
                 expected = model(x).float().cpu()
-                got = torch.from_numpy(session.run(None, {input_name: x.cpu().numpy()})[0])
-                scale = expected.abs().max().double().clamp_min(1e-12)
-                errors[n] = ((got.double() - expected.double()).abs().max() / scale).item()
+                feed = {input_name: x.cpu().numpy()}
+                errors[n] = rel_error(session.run(None, feed)[0], expected)
+                if nchwc_session is not None:
+                    nchwc_error = rel_error(nchwc_session.run(None, feed)[0], expected)
         worst = max(errors.values())
+        if nchwc_error is not None and nchwc_error > rtol:
+            raise RuntimeError(
+                f"ONNX Runtime's NCHWc kernels give outputs of {_model_name(model)} that differ from PyTorch by "
+                f"{nchwc_error:.2e} (relative), more than rtol={rtol:g}; please report this model."
+            )
         if worst > rtol:
             raise RuntimeError(
                 f"the ONNX graph of {_model_name(model)} differs from PyTorch by {worst:.2e} (relative) in "
@@ -206,6 +239,7 @@ def export_onnx(
         max_rel_error=errors,
         export_seconds=seconds,
         size_mb=path.stat().st_size / 2**20,
+        nchwc_rel_error=nchwc_error,
     )
     log.debug("%s", report)
     return report

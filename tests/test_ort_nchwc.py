@@ -1,0 +1,133 @@
+"""ONNX Runtime's NCHWc kernels for dynamic convs: the rewrite of a batch-1 graph, its self-check and its CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import parameternet
+from parameternet import ParameterNetError
+from parameternet.cli import main
+from parameternet.profile import ort_nchwc
+from parameternet.profile.export import onnx_session
+from parameternet.profile.ort_nchwc import NCHWC, nchwc_block_size, optimize_for_onnxruntime
+from test_export import IMG, assert_close_relative, build, images, tiny_parameternet
+
+needs_nchwc = pytest.mark.skipif(nchwc_block_size() is None, reason="this ONNX Runtime has no NCHWc kernels")
+
+
+def run(source, x: torch.Tensor) -> torch.Tensor:
+    session = onnx_session(source, nchwc=False)
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
+def generic_convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The ONNX-domain convs whose kernel is computed in the graph (what ONNX Runtime leaves generic)."""
+    constants = {t.name for t in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type == "Conv" and n.domain == "" and n.input[1] not in constants]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    path = tmp_path_factory.mktemp("nchwc") / "tiny.onnx"
+    report = parameternet.export_onnx(tiny_parameternet(), path, dynamic_batch=False, img_size=IMG)
+    return path, report
+
+
+@needs_nchwc
+def test_dynamic_convs_move_to_blocked_kernels_and_match(exported):
+    path, export_report = exported
+    assert export_report.nchwc_rel_error is not None and export_report.nchwc_rel_error < 1e-4
+    model, report = optimize_for_onnxruntime(path)
+    original = onnx.load(str(path))
+    # Every dynamic conv but the stem (3 input channels: ONNX Runtime's blocked input needs a multiple of 4) moves.
+    assert len(generic_convs(original)) == report.candidates == report.convs + 1 == report.dynamic + 1
+    assert [n.name for n in generic_convs(model)] == ["/stem/conv/Conv"] and "/stem/conv/Conv" in report.skipped
+    assert sum(n.domain == NCHWC and n.op_type == "Conv" for n in model.graph.node) == report.convs
+    assert report.activations_fused > 0 and report.reorders_saved > 0
+    acts = [sum(n.op_type in ("HardSwish", "Relu") for n in m.graph.node) for m in (original, model)]
+    assert acts[1] == acts[0] - report.activations_fused
+    x = images(1)
+    with torch.no_grad():
+        assert_close_relative(run(model, x), tiny_parameternet()(x), rtol=1e-5)
+    assert_close_relative(run(model, x), run(str(path), x), rtol=1e-5)
+    # The input file is untouched; onnx_session() applies the rewrite by default.
+    assert onnx.load(str(path)) == original
+    assert_close_relative(run(str(path), x), torch.from_numpy(onnx_session(path).run(None, {"images": x.numpy()})[0]))
+
+
+@needs_nchwc
+def test_static_convs_too(tmp_path):
+    model = build("ghostnet_300m").eval()
+    path = tmp_path / "g.onnx"
+    report = parameternet.export_onnx(model, path, dynamic_batch=False, img_size=IMG)
+    assert report.nchwc_rel_error is None  # nothing dynamic to move
+    same, nothing = optimize_for_onnxruntime(path)
+    assert nothing.convs == 0
+    moved, report = optimize_for_onnxruntime(path, tmp_path / "g_nchwc.onnx", static_convs=True)
+    assert report.convs > 0 and report.dynamic == 0
+    assert (tmp_path / "g_nchwc.onnx").is_file()
+    x = images(1)
+    with torch.no_grad():
+        assert_close_relative(run(moved, x), model(x), rtol=1e-5)
+
+
+@needs_nchwc
+@pytest.mark.parametrize("name", ["parameternet_300m", "parameternet_600m", "parameternet_swin_300m"])
+def test_every_parameternet_batch1_graph_in_blocked_kernels(name, tmp_path):
+    model = build(name).eval()
+    report = parameternet.export_onnx(model, tmp_path / f"{name}.onnx", dynamic_batch=False, img_size=IMG)
+    if name.startswith("parameternet_swin"):  # dynamic linears and a dynamic patch embedding with 3 channels
+        assert report.nchwc_rel_error is None
+    else:
+        assert report.nchwc_rel_error is not None and report.nchwc_rel_error < 1e-4
+
+
+def test_without_nchwc_kernels_the_graph_is_unchanged(exported, monkeypatch):
+    path, _ = exported
+    monkeypatch.setattr(ort_nchwc, "nchwc_block_size", lambda: None)
+    model, report = optimize_for_onnxruntime(path)
+    assert report.convs == 0 and "all" in report.skipped
+    assert model == onnx.load(str(path))
+
+
+@needs_nchwc
+def test_the_self_check_rejects_a_wrong_kernel_layout(monkeypatch):
+    assert ort_nchwc._self_check(nchwc_block_size())
+
+    def plain(bank, shape, depthwise, c_in_pad, block):  # padded, but not blocked
+        c_out, c_in = shape[:2]
+        o_pad = -(-c_out // block) * block
+        padded = np.zeros((bank.shape[0], o_pad, c_in if depthwise else c_in_pad, *shape[2:]), bank.dtype)
+        padded[:, :c_out, :c_in] = bank.reshape(bank.shape[0], *shape)
+        return padded.reshape(bank.shape[0], -1)
+
+    monkeypatch.setattr(ort_nchwc, "_block_experts", plain)
+    assert not ort_nchwc._self_check(nchwc_block_size())
+
+
+def test_a_missing_file_is_one_sentence(tmp_path):
+    with pytest.raises(ParameterNetError, match="no ONNX file at"):
+        optimize_for_onnxruntime(tmp_path / "missing.onnx")
+    with pytest.raises(ParameterNetError, match="takes a path or an onnx.ModelProto"):
+        optimize_for_onnxruntime(42)
+
+
+@needs_nchwc
+def test_export_cli_writes_the_onnxruntime_graph(tmp_path, capsys):
+    out, fast = tmp_path / "p.onnx", tmp_path / "p_ort.onnx"
+    args = ["export", "parameternet_300m", "--onnx", str(out), "--batch-size", "1", "--img-size", str(IMG)]
+    assert main([*args, "--ort-cpu", str(fast)]) == 0
+    printed = capsys.readouterr().out
+    assert "with NCHWc kernels" in printed and f"{fast}: " in printed
+    assert any(op.domain == NCHWC for op in onnx.load(str(fast)).opset_import)
+    x = images(1)
+    assert_close_relative(run(str(fast), x), run(str(out), x), rtol=1e-5)
+
+
+def test_export_cli_ort_cpu_needs_one_image(tmp_path, capsys):
+    args = ["export", "parameternet_300m", "--onnx", str(tmp_path / "p.onnx"), "--ort-cpu", str(tmp_path / "q.onnx")]
+    assert main(args) == 2
+    assert "add --batch-size 1" in capsys.readouterr().err
