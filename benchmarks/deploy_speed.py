@@ -3,7 +3,7 @@
 - ONNX Runtime, batch 1, 1 thread (the paper's latency protocol): the deploy() graphs exported for batch 1, as
   ONNX Runtime optimises them and with every conv in its NCHWc kernels (``optimize_for_onnxruntime``; the
   ParameterNet against the faster of the static model's two, as ``parameternet benchmark`` compares them), and the
-  dynamic-batch graphs;
+  dynamic-batch graphs, portable and for ONNX Runtime's CPU provider (a Scan over the images);
 - eager PyTorch, batch 1, 1 thread: undeployed against undeployed and deploy() against deploy() (which folds the
   BatchNorms of the static twin too);
 - training step (forward + backward + AdamW, batch 32, 224px, 2 threads, NCHW), as ``layer_speed.py`` times it;
@@ -63,17 +63,20 @@ def ratio_line(label: str, times: dict[str, list[float]], dynamic: str, static: 
 
 def onnx_section(models: dict[str, torch.nn.Module], names: tuple[str, str], rounds: int, img: int) -> list[str]:
     """Each model's batch-1 graph with ONNX Runtime's own optimisations ("ORT") and with every conv moved to its
-    NCHWc kernels by parameternet ("NCHWc"; a static model runs faster one way or the other), and the
-    dynamic-batch graph."""
+    NCHWc kernels by parameternet ("NCHWc"; a static model runs faster one way or the other), the portable
+    dynamic-batch graph and the dynamic-batch graph for ONNX Runtime's CPU provider (``runtime="onnxruntime-cpu"``),
+    all at batch 1."""
     x = np.random.default_rng(0).standard_normal((1, 3, img, img)).astype(np.float32)
     fns = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            for dynamic_batch in (False, True):
-                path = Path(tmp) / f"{name}-{dynamic_batch}.onnx"
-                export_onnx(models[name], path, dynamic_batch=dynamic_batch, batch_size=1, img_size=img)
+            for dynamic_batch, runtime in ((False, "any"), (True, "any"), (True, "onnxruntime-cpu")):
+                path = Path(tmp) / f"{name}-{dynamic_batch}-{runtime}.onnx"
+                export_onnx(models[name], path, dynamic_batch=dynamic_batch, img_size=img, runtime=runtime)
                 graphs = {"dynamic-batch": str(path)} if dynamic_batch else {"ORT": str(path)}
-                if not dynamic_batch:
+                if runtime != "any":
+                    graphs = {"dynamic-batch, onnxruntime-cpu": str(path)}
+                elif not dynamic_batch:
                     graphs["NCHWc"] = optimize_for_onnxruntime(path, static_convs=True)[0]
                 for graph, source in graphs.items():
                     session = onnx_session(source, threads=1, nchwc=False)
@@ -88,6 +91,12 @@ def onnx_section(models: dict[str, torch.nn.Module], names: tuple[str, str], rou
         ("NCHWc vs ORT (the static model as ONNX Runtime runs it)", "NCHWc", "ORT"),
         ("ORT vs ORT (the exported graphs, no rewrite)", "ORT", "ORT"),
         ("dynamic-batch graph vs dynamic-batch graph", "dynamic-batch", "dynamic-batch"),
+        ("runtime='onnxruntime-cpu' dynamic-batch graphs (Scan over images)", *["dynamic-batch, onnxruntime-cpu"] * 2),
+        (
+            "runtime='onnxruntime-cpu' vs the portable dynamic-batch graph",
+            "dynamic-batch, onnxruntime-cpu",
+            "dynamic-batch",
+        ),
     ):
         sub = {dynamic: times[(graph_d, dynamic)], static: times[(graph_s, static)]}
         lines.append(ratio_line(f"ONNX Runtime, batch 1, 1 thread, deploy(), {label}", sub, *names))

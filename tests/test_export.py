@@ -17,6 +17,7 @@ from parameternet.cli import main
 from parameternet.models import MODELS
 from parameternet.models.ghostnet import GhostNet
 from parameternet.profile.export import onnx_session
+from parameternet.profile.ort_nchwc import nchwc_block_size
 
 IMG = 64
 
@@ -223,6 +224,8 @@ def test_benchmark_cli_writes_csv_json_and_plot(tmp_path, capsys):
         assert r["onnx_graph"] in ("onnxruntime", "nchwc") and float(r["onnx_generic_ms"]) >= float(r["onnx_ms"])
         assert r["top1_source"]  # every reported figure names where it comes from
     assert rows[1]["top1_reported"] == "79.1" and "Table 2" in rows[1]["top1_source"]
+    if nchwc_block_size() is not None:  # the rewritten graph was timed for every model with convs to move
+        assert all(float(r["onnx_nchwc_ms"]) > 0 for r in rows)
     assert json.loads((out / "benchmark.json").read_text())["ratios"][0]["dynamic"] == "parameternet_300m"
     assert (out / "latency_top1.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -115,19 +115,51 @@ def test_a_missing_file_is_one_sentence(tmp_path):
         optimize_for_onnxruntime(42)
 
 
-@needs_nchwc
-def test_export_cli_writes_the_onnxruntime_graph(tmp_path, capsys):
-    out, fast = tmp_path / "p.onnx", tmp_path / "p_ort.onnx"
-    args = ["export", "parameternet_300m", "--onnx", str(out), "--batch-size", "1", "--img-size", str(IMG)]
-    assert main([*args, "--ort-cpu", str(fast)]) == 0
+def test_onnxruntime_cpu_graph_with_a_symbolic_batch(tmp_path):
+    """runtime="onnxruntime-cpu": the batch-1 graph with blocked convs, run image by image by a Scan."""
+    model = tiny_parameternet()
+    path = tmp_path / "ort.onnx"
+    report = parameternet.export_onnx(model, path, runtime="onnxruntime-cpu", img_size=IMG)
+    assert report.runtime == "onnxruntime-cpu" and set(report.max_rel_error) == {1, 3}
+    assert max(report.max_rel_error.values()) < 1e-4 and "convs" in report.nchwc
+    graph = onnx.load(str(path)).graph
+    assert [n.op_type for n in graph.node] == ["Scan"]
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    x = images(5)
+    with torch.no_grad():
+        assert_close_relative(run(str(path), x), model(x))
+
+
+def test_onnxruntime_cpu_graph_for_one_image(tmp_path):
+    model = tiny_parameternet()
+    path = tmp_path / "ort1.onnx"
+    report = parameternet.export_onnx(model, path, runtime="onnxruntime-cpu", dynamic_batch=False, img_size=IMG)
+    assert set(report.max_rel_error) == {1} and report.max_rel_error[1] < 1e-4
+    assert "Scan" not in {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(runtime="tensorrt"), "unknown runtime 'tensorrt'"),
+        (dict(runtime="onnxruntime-cpu", dynamic_batch=False, batch_size=2), "takes one image or any batch"),
+    ],
+)
+def test_bad_runtime_arguments(kwargs, message, tmp_path):
+    with pytest.raises(ParameterNetError, match=message):
+        parameternet.export_onnx(tiny_parameternet(), tmp_path / "x.onnx", img_size=IMG, **kwargs)
+
+
+def test_scan_needs_a_graph_for_one_image(tmp_path):
+    path = tmp_path / "b2.onnx"
+    parameternet.export_onnx(tiny_parameternet(), path, dynamic_batch=False, batch_size=2, img_size=IMG)
+    with pytest.raises(ParameterNetError, match="needs a graph for one image"):
+        ort_nchwc.scan_over_batch(onnx.load(str(path)))
+
+
+def test_export_cli_for_onnxruntime_cpu(tmp_path, capsys):
+    out = tmp_path / "p.onnx"
+    args = ["export", "parameternet_300m", "--onnx", str(out), "--img-size", str(IMG), "--runtime", "onnxruntime-cpu"]
+    assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "with NCHWc kernels" in printed and f"{fast}: " in printed
-    assert any(op.domain == NCHWC for op in onnx.load(str(fast)).opset_import)
-    x = images(1)
-    assert_close_relative(run(str(fast), x), run(str(out), x), rtol=1e-5)
-
-
-def test_export_cli_ort_cpu_needs_one_image(tmp_path, capsys):
-    args = ["export", "parameternet_300m", "--onnx", str(tmp_path / "p.onnx"), "--ort-cpu", str(tmp_path / "q.onnx")]
-    assert main(args) == 2
-    assert "add --batch-size 1" in capsys.readouterr().err
+    assert "for ONNX Runtime's CPU provider:" in printed and "batch 3:" in printed

@@ -10,6 +10,7 @@ from parameternet.models import create_model  # importing models registers them 
 from parameternet.parameterize import ParameterizeReport, load, parameterize, save
 from parameternet.profile import ProfileResult  # the package itself is callable: parameternet.profile(model)
 from parameternet.profile.export import ExportReport, export_onnx
+from parameternet.profile.ort_nchwc import optimize_for_onnxruntime
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "deploy",
     "export_onnx",
     "load",
+    "optimize_for_onnxruntime",
     "parameterize",
     "profile",
     "save",

@@ -267,10 +267,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exporter", default="torchscript", help="torchscript (default, fast) or dynamo (torch.export)")
     p.add_argument("--no-deploy", action="store_true", help="export the model as it is, BatchNorms unfolded")
     p.add_argument(
-        "--ort-cpu",
-        metavar="PATH.onnx",
-        help="with --batch-size 1: also write the graph with its dynamic convs in ONNX Runtime's NCHWc CPU kernels "
-        "(runs only in ONNX Runtime on a CPU with this one's block size; the fastest)",
+        "--runtime",
+        default="any",
+        choices=["any", "onnxruntime-cpu"],
+        help="any: a portable ONNX graph (default); onnxruntime-cpu: the fastest graph for ONNX Runtime's CPU "
+        "provider on this CPU (dynamic convs in its NCHWc kernels; a symbolic batch runs image by image)",
     )
     p.set_defaults(func=_run_export)
 
@@ -283,10 +284,6 @@ def _run_export(args: argparse.Namespace) -> int:
         model, _, _ = load_source_model(args.checkpoint, arch=args.model)
     else:
         model, _, _ = load_source_model(args.model)
-    if args.ort_cpu and args.batch_size != 1:
-        raise ParameterNetError("--ort-cpu rewrites a graph for one image; add --batch-size 1.")
-    if args.ort_cpu and not args.ort_cpu.endswith(".onnx"):
-        raise ParameterNetError(f"the --ort-cpu path must end in .onnx, got {args.ort_cpu!r}.")
     report = export_onnx(
         model,
         args.onnx,
@@ -296,13 +293,9 @@ def _run_export(args: argparse.Namespace) -> int:
         deploy=not args.no_deploy,
         img_size=args.img_size,
         exporter=args.exporter,
+        runtime=args.runtime,
     )
     print(report)
-    if args.ort_cpu:
-        from parameternet.profile.ort_nchwc import optimize_for_onnxruntime
-
-        _, nchwc = optimize_for_onnxruntime(args.onnx, args.ort_cpu)
-        print(f"{args.ort_cpu}: {nchwc}")
     return 0
 
 

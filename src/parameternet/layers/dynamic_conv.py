@@ -159,18 +159,22 @@ class DynamicConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             self._check_input(x)
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():  # both cheap; ONNX export sets one of them
-            if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
-                return self._forward_graph(x)
+        # All three checks are flag reads; either exporter sets one of the first two.
+        if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+            return self._forward_graph(x)
+        if torch.jit.is_tracing():
             return self._forward_plain(x)
         return self._forward_eager(x)
 
-    def _mixed_bias(self, alpha: torch.Tensor) -> torch.Tensor | None:
-        """``sum_i alpha_bi b_i`` plus the folded ``static_bias``: ``(B, O)``, or None without either."""
-        bias = None if self.bias is None else alpha @ self.bias
-        if self.static_bias is not None:
-            bias = self.static_bias.expand(alpha.shape[0], -1) if bias is None else bias + self.static_bias
-        return bias
+    def _mixed_bias(self, alpha: torch.Tensor, per_sample: bool = True) -> torch.Tensor | None:
+        """``sum_i alpha_bi b_i`` plus the folded ``static_bias``: ``(B, O)``, or None without either. Without
+        ``per_sample`` a lone ``static_bias`` stays ``(O,)``, which broadcasts."""
+        if self.bias is None:
+            if self.static_bias is None or not per_sample:
+                return self.static_bias
+            return self.static_bias.expand(alpha.shape[0], -1)
+        bias = alpha @ self.bias
+        return bias if self.static_bias is None else bias + self.static_bias
 
     def _forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.router(x.mean((2, 3)))  # (B, M)
@@ -246,7 +250,7 @@ class DynamicConv2d(nn.Module):
     def _forward_graph(self, x: torch.Tensor) -> torch.Tensor:
         # Shapes say -1 for the batch: an exported graph then needs no Shape / Gather / Concat to rebuild it.
         alpha = self.router(x.mean((2, 3)))  # (B, M)
-        bias = self._graph_bias(alpha)  # (B, O), (O,) or None
+        bias = self._mixed_bias(alpha, per_sample=False)  # (B, O), (O,) or None
         M, c_in, c_out, g = self.num_experts, self.in_channels, self.out_channels, self.groups
         if self.export_batch_size is not None and torch.onnx.is_in_onnx_export():
             weight = (alpha @ self.weight.view(M, -1)).view(-1, *self.weight.shape[2:])  # (B*O, I/g, kh, kw)
@@ -279,9 +283,3 @@ class DynamicConv2d(nn.Module):
             y = weight @ patches.view(-1, g, k, H * W)  # (B, g, O/g, H'W')
             y = y.view(-1, c_out, H, W)
         return y if bias is None else y + bias.unsqueeze(-1).unsqueeze(-1)
-
-    def _graph_bias(self, alpha: torch.Tensor) -> torch.Tensor | None:
-        if self.bias is None:
-            return self.static_bias
-        bias = alpha @ self.bias
-        return bias if self.static_bias is None else bias + self.static_bias

@@ -7,10 +7,10 @@ Runtime with one thread: warm-up, then median and 90th percentile. Each model ru
 one with ONNX Runtime's own optimisations (``onnx_generic_ms``; ONNX Runtime leaves a dynamic conv, whose kernel is
 computed in the graph, in its slow generic kernels) and the one with every conv moved to ONNX Runtime's blocked
 NCHWc kernels by :func:`~parameternet.profile.ort_nchwc.optimize_for_onnxruntime`. ``onnx_ms`` is the faster of
-the two (``onnx_graph`` says which), so every model, static or dynamic, is timed at its best. The same deployed
-models are timed in eager
-PyTorch (batch 1, one thread) as well. All models run interleaved in one process, a round at a time, so a change
-of load on a shared machine touches every model alike. Top-1 is not measured: it is the figure the paper (our
+the two (``onnx_graph`` says which; ``onnx_nchwc_ms`` is the rewritten graph's), so every model, static or
+dynamic, is timed at its best. The same deployed models are timed in eager PyTorch (batch 1, one thread) as well.
+All models run interleaved in one process, a round at a time, so a change of load on a shared machine touches every
+model alike. Top-1 is not measured: it is the figure the paper (our
 models) or timm's results table (the peers) reports, with its source on every row.
 """
 
@@ -86,6 +86,7 @@ class BenchmarkRow:
     onnx_p90_ms: float
     onnx_graph: str
     onnx_generic_ms: float
+    onnx_nchwc_ms: float | None
     eager_ms: float | None
     eager_p90_ms: float | None
     top1_reported: float | None
@@ -198,6 +199,7 @@ def run_benchmark(
             graphs_timed["nchwc"] = _stats(onnx_times[name])
         graph = min(graphs_timed, key=lambda k: graphs_timed[k][0])
         (onnx_ms, onnx_p90), generic_ms = graphs_timed[graph], graphs_timed["onnxruntime"][0]
+        nchwc_ms = graphs_timed["nchwc"][0] if "nchwc" in graphs_timed else None
         eager_ms, eager_p90 = _stats(eager_times[name]) if eager else (None, None)
         top1, data, source = REPORTED_TOP1.get(name, (None, "", ""))
         params, macs = counts[name]
@@ -210,6 +212,7 @@ def run_benchmark(
                 onnx_p90,
                 graph,
                 generic_ms,
+                nchwc_ms,
                 eager_ms,
                 eager_p90,
                 top1,

@@ -32,11 +32,13 @@ from torch import nn
 from parameternet.errors import ParameterNetError
 from parameternet.layers import DynamicConv2d
 
-__all__ = ["EXPORTERS", "ExportReport", "export_onnx", "onnx_session"]
+__all__ = ["EXPORTERS", "RUNTIMES", "ExportReport", "export_onnx", "onnx_session"]
 
 log = logging.getLogger(__name__)
 
 EXPORTERS = ("torchscript", "dynamo")
+# "any": a portable ONNX graph; "onnxruntime-cpu": for ONNX Runtime's CPU provider on this CPU (NCHWc kernels).
+RUNTIMES = ("any", "onnxruntime-cpu")
 
 
 @dataclass
@@ -53,6 +55,9 @@ class ExportReport:
     max_rel_error: dict[int, float]
     export_seconds: float
     size_mb: float
+    runtime: str = "any"
+    # runtime="onnxruntime-cpu": what moved to ONNX Runtime's NCHWc kernels (an NchwcReport's summary)
+    nchwc: str | None = None
     # Checked too: the graph with its dynamic convs in ONNX Runtime's NCHWc kernels (a batch-1 graph on a CPU
     # that has them), as ``onnx_session`` and ``parameternet benchmark`` run it; None when not applicable.
     nchwc_rel_error: float | None = None
@@ -67,7 +72,8 @@ class ExportReport:
             f"{self.path}: {self.model}, input {shape}, opset {self.opset}, {self.exporter} exporter, "
             f"{'deploy() graph' if self.deployed else 'graph as given'}, {self.size_mb:.1f} MB, "
             f"{self.export_seconds:.1f} s\n"
-            f"onnxruntime vs PyTorch, max relative error: {checked}"
+            + ("" if self.nchwc is None else f"for ONNX Runtime's CPU provider: {self.nchwc}\n")
+            + f"onnxruntime vs PyTorch, max relative error: {checked}"
             + ("" if self.nchwc_rel_error is None else f"; with NCHWc kernels: {self.nchwc_rel_error:.1e}")
         )
 
@@ -146,6 +152,7 @@ def export_onnx(
     exporter: str = "torchscript",
     check: bool = True,
     rtol: float = 1e-4,
+    runtime: str = "any",
 ) -> ExportReport:
     """Write ``model``'s inference graph to ``path`` as ONNX and check it in ONNX Runtime.
 
@@ -154,6 +161,11 @@ def export_onnx(
     rather than the model as given. ``img_size`` defaults to timm's ``pretrained_cfg["input_size"]``. With
     ``check`` the ONNX outputs must match the model's (eval mode) within ``rtol`` relative to the largest output, at
     batch 1 and 3 (dynamic) or ``batch_size``; a larger error raises ``RuntimeError``. The model is not changed.
+
+    ``runtime="onnxruntime-cpu"`` writes the graph for ONNX Runtime's CPU provider on this CPU rather than a portable
+    one: the graph for one image with its dynamic convs in ONNX Runtime's NCHWc kernels
+    (:func:`~parameternet.profile.ort_nchwc.optimize_for_onnxruntime`), for a symbolic batch run on each image in
+    turn (:func:`~parameternet.profile.ort_nchwc.scan_over_batch`).
     """
     if not isinstance(model, nn.Module):
         raise ParameterNetError(f"export_onnx() takes an nn.Module, got {type(model).__name__}.")
@@ -161,6 +173,14 @@ def export_onnx(
         raise ParameterNetError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}.")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ParameterNetError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if runtime not in RUNTIMES:
+        raise ParameterNetError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}.")
+    per_image = runtime == "onnxruntime-cpu"
+    if per_image and not dynamic_batch and batch_size != 1:
+        raise ParameterNetError(
+            f"an onnxruntime-cpu graph takes one image or any batch, not batch_size={batch_size}; use batch_size=1 "
+            "or dynamic_batch=True."
+        )
     path = Path(path)
     if path.suffix != ".onnx":
         raise ParameterNetError(f"the output path must end in .onnx, got {str(path)!r}.")
@@ -174,7 +194,7 @@ def export_onnx(
         return torch.randn(n, chans, height, width, generator=generator).to(device)
 
     # torch.export would fix a symbolic size traced at 1, so a dynamic graph is traced at batch 2.
-    example = images(max(batch_size, 2) if dynamic_batch else batch_size)
+    example = images(1 if per_image else max(batch_size, 2) if dynamic_batch else batch_size)
     if deploy:
         from parameternet.deploy import deploy as deploy_model
 
@@ -183,13 +203,20 @@ def export_onnx(
         graph = copy.deepcopy(model).eval()
     for layer in graph.modules():
         if isinstance(layer, DynamicConv2d):
-            layer.export_batch_size = None if dynamic_batch else batch_size
+            layer.export_batch_size = 1 if per_image else None if dynamic_batch else batch_size
 
     start = time.perf_counter()
     try:
-        _run_export(graph, example, path, dynamic_batch=dynamic_batch, opset=opset, exporter=exporter)
+        _run_export(graph, example, path, dynamic_batch=dynamic_batch and not per_image, opset=opset, exporter=exporter)
     except Exception as e:
         raise RuntimeError(f"ONNX export of {_model_name(model)} failed: {type(e).__name__}: {e}") from e
+    if per_image:
+        import onnx
+
+        from parameternet.profile.ort_nchwc import optimize_for_onnxruntime, scan_over_batch
+
+        rewritten, moved = optimize_for_onnxruntime(path)
+        onnx.save(scan_over_batch(rewritten) if dynamic_batch else rewritten, str(path))
     seconds = time.perf_counter() - start
 
     errors: dict[int, float] = {}
@@ -197,7 +224,7 @@ def export_onnx(
     if check:
         session = onnx_session(path, nchwc=False)
         nchwc_session = None
-        if not dynamic_batch:
+        if not dynamic_batch and not per_image:
             from parameternet.profile.ort_nchwc import optimize_for_onnxruntime
 
             rewritten, nchwc = optimize_for_onnxruntime(path)
@@ -232,6 +259,8 @@ def export_onnx(
         path=str(path),
         model=_model_name(model),
         input_shape=["batch" if dynamic_batch else batch_size, chans, height, width],
+        runtime=runtime,
+        nchwc=str(moved) if per_image else None,
         dynamic_batch=dynamic_batch,
         opset=opset,
         exporter=exporter,
