@@ -30,7 +30,7 @@ from torch.nn.modules.utils import _pair
 
 from parameternet.errors import ParameterNetError
 from parameternet.layers.experts import check_num_experts, init_experts_, mix_experts
-from parameternet.layers.kernels import per_sample_matmul, route, spatial_mean
+from parameternet.layers.kernels import per_sample_matmul, route_mean
 from parameternet.layers.router import create_router
 
 __all__ = ["DynamicConv2d"]
@@ -185,7 +185,7 @@ class DynamicConv2d(nn.Module):
         return self._grouped(x, weight, bias)
 
     def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
-        alpha = route(self.router, spatial_mean(x, (2, 3)))  # (B, M)
+        alpha = route_mean(self.router, x, (2, 3))  # (B, M)
         B = x.shape[0]
         if B == 1:
             bank = self.weight

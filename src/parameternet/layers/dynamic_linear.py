@@ -17,7 +17,7 @@ from torch import nn
 
 from parameternet.errors import ParameterNetError
 from parameternet.layers.experts import check_num_experts, init_experts_, mix_experts
-from parameternet.layers.kernels import per_sample_matmul, route, spatial_mean
+from parameternet.layers.kernels import per_sample_matmul, route_mean
 from parameternet.layers.router import create_router
 
 __all__ = ["DynamicLinear"]
@@ -72,7 +72,7 @@ class DynamicLinear(nn.Module):
             return self._forward_plain(x)
         B = x.shape[0]
         dims = tuple(range(1, x.dim() - 1))
-        alpha = route(self.router, spatial_mean(x, dims) if dims else x)  # (B, M)
+        alpha = route_mean(self.router, x, dims)  # (B, M)
         bias = None if self.bias is None else alpha @ self.bias  # (B, O)
         if B == 1:
             weight = (alpha @ self.weight.view(self.num_experts, -1)).view(self.out_features, self.in_features)
