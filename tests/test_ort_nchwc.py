@@ -85,6 +85,15 @@ def test_every_parameternet_batch1_graph_in_blocked_kernels(name, tmp_path):
         assert report.nchwc_rel_error is not None and report.nchwc_rel_error < 1e-4
 
 
+@needs_nchwc
+def test_graphs_from_the_dynamo_exporter_too(tmp_path):
+    report = parameternet.export_onnx(
+        tiny_parameternet(), tmp_path / "d.onnx", dynamic_batch=False, img_size=IMG, exporter="dynamo"
+    )
+    assert report.nchwc_rel_error is not None and report.nchwc_rel_error < 1e-4
+    assert optimize_for_onnxruntime(tmp_path / "d.onnx")[1].dynamic > 0
+
+
 def test_without_nchwc_kernels_the_graph_is_unchanged(exported, monkeypatch):
     path, _ = exported
     monkeypatch.setattr(ort_nchwc, "nchwc_block_size", lambda: None)
