@@ -64,8 +64,7 @@ def test_static_convs_too(tmp_path):
     path = tmp_path / "g.onnx"
     report = parameternet.export_onnx(model, path, dynamic_batch=False, img_size=IMG)
     assert report.nchwc_rel_error is None  # nothing dynamic to move
-    same, nothing = optimize_for_onnxruntime(path)
-    assert nothing.convs == 0
+    assert optimize_for_onnxruntime(path)[1].convs == 0
     moved, report = optimize_for_onnxruntime(path, tmp_path / "g_nchwc.onnx", static_convs=True)
     assert report.convs > 0 and report.dynamic == 0
     assert (tmp_path / "g_nchwc.onnx").is_file()
@@ -117,9 +116,12 @@ def test_the_self_check_rejects_a_wrong_kernel_layout(monkeypatch):
     assert not ort_nchwc._self_check(nchwc_block_size())
 
 
-def test_a_missing_file_is_one_sentence(tmp_path):
+def test_a_missing_or_corrupt_file_is_one_sentence(tmp_path):
     with pytest.raises(ParameterNetError, match="no ONNX file at"):
         optimize_for_onnxruntime(tmp_path / "missing.onnx")
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    with pytest.raises(ParameterNetError, match="is not a readable ONNX file"):
+        optimize_for_onnxruntime(tmp_path / "bad.onnx")
     with pytest.raises(ParameterNetError, match="takes a path or an onnx.ModelProto"):
         optimize_for_onnxruntime(42)
 
@@ -164,6 +166,11 @@ def test_scan_needs_a_graph_for_one_image(tmp_path):
     parameternet.export_onnx(tiny_parameternet(), path, dynamic_batch=False, batch_size=2, img_size=IMG)
     with pytest.raises(ParameterNetError, match="needs a graph for one image"):
         ort_nchwc.scan_over_batch(onnx.load(str(path)))
+
+
+def test_export_cli_rejects_an_unknown_runtime(tmp_path, capsys):
+    assert main(["export", "parameternet_300m", "--onnx", str(tmp_path / "p.onnx"), "--runtime", "trt"]) == 2
+    assert "unknown runtime 'trt'" in capsys.readouterr().err
 
 
 def test_export_cli_for_onnxruntime_cpu(tmp_path, capsys):

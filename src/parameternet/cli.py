@@ -269,7 +269,6 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--runtime",
         default="any",
-        choices=["any", "onnxruntime-cpu"],
         help="any: a portable ONNX graph (default); onnxruntime-cpu: the fastest graph for ONNX Runtime's CPU "
         "provider on this CPU (dynamic convs in its NCHWc kernels; a symbolic batch runs image by image)",
     )

@@ -159,10 +159,10 @@ class DynamicConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             self._check_input(x)
-        # All three checks are flag reads; either exporter sets one of the first two.
-        if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
-            return self._forward_graph(x)
-        if torch.jit.is_tracing():
+        compiling = torch.compiler.is_compiling()
+        if compiling or torch.jit.is_tracing():  # two flag reads on the eager path; either exporter sets one
+            if compiling or torch.onnx.is_in_onnx_export():
+                return self._forward_graph(x)
             return self._forward_plain(x)
         return self._forward_eager(x)
 

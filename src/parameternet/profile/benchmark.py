@@ -143,7 +143,7 @@ def run_benchmark(
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     x = torch.randn(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
-    sessions, generic, graphs, counts = {}, {}, {}, {}
+    nchwc_sessions, generic, graphs, counts = {}, {}, {}, {}
     tmp = tempfile.TemporaryDirectory() if workdir is None else None
     root = Path(tmp.name if tmp is not None else workdir)
     try:
@@ -159,13 +159,13 @@ def run_benchmark(
             generic[name] = onnx_session(path, threads=threads, nchwc=False)
             rewritten, nchwc = optimize_for_onnxruntime(path, static_convs=True)
             if nchwc.convs:
-                sessions[name] = onnx_session(rewritten, threads=threads, nchwc=False)
+                nchwc_sessions[name] = onnx_session(rewritten, threads=threads, nchwc=False)
             if eager:
                 graphs[name] = deploy(model, example_input=x)
             del model
 
         feeds = {name: {s.get_inputs()[0].name: x.numpy()} for name, s in generic.items()}
-        onnx_times: dict[str, list[float]] = {n: [] for n in sessions}
+        onnx_times: dict[str, list[float]] = {n: [] for n in nchwc_sessions}
         generic_times: dict[str, list[float]] = {n: [] for n in models}
         eager_times: dict[str, list[float]] = {n: [] for n in models}
         if progress:
@@ -177,9 +177,9 @@ def run_benchmark(
                     generic[name].run(None, feeds[name])
                     if i >= warmup:
                         generic_times[name].append(time.perf_counter() - start)
-                    if name in sessions:
+                    if name in nchwc_sessions:
                         start = time.perf_counter()
-                        sessions[name].run(None, feeds[name])
+                        nchwc_sessions[name].run(None, feeds[name])
                         if i >= warmup:
                             onnx_times[name].append(time.perf_counter() - start)
                     if eager:
@@ -195,7 +195,7 @@ def run_benchmark(
     rows = []
     for name in models:
         graphs_timed = {"onnxruntime": _stats(generic_times[name])}
-        if name in sessions:
+        if name in nchwc_sessions:
             graphs_timed["nchwc"] = _stats(onnx_times[name])
         graph = min(graphs_timed, key=lambda k: graphs_timed[k][0])
         (onnx_ms, onnx_p90), generic_ms = graphs_timed[graph], graphs_timed["onnxruntime"][0]

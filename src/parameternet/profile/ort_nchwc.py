@@ -124,7 +124,7 @@ def _self_check(block: int) -> bool:
     outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "pooled")]
     graph = helper.make_graph(nodes, "check", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    rewritten, report = _rewrite(model, block, static_convs=False)
+    rewritten, report = _rewrite(type(model).FromString(model.SerializeToString()), block, static_convs=False)
     if report.convs != 2:
         return False
     feed = {"x": rng.standard_normal((1, c_in, 7, 7)).astype(np.float32), "alpha": rng.random((1, M), np.float32)}
@@ -147,7 +147,6 @@ class _Graph:
     def __init__(self, graph):
         from onnx import numpy_helper
 
-        self.graph = graph
         self.init = {t.name: t for t in graph.initializer}
         self.producer = {out: n for n in graph.node for out in n.output}
         self.consumers: dict[str, list] = {}
@@ -213,22 +212,26 @@ def optimize_for_onnxruntime(model, path: str | Path | None = None, *, static_co
     if isinstance(model, (str, Path)):
         if not Path(model).is_file():
             raise ParameterNetError(f"no ONNX file at {str(model)!r}; export one with `parameternet export`.")
-        model = onnx.load(str(model))
-    elif not isinstance(model, onnx.ModelProto):
+        try:
+            model = onnx.load(str(model))  # a private copy already
+        except Exception as e:
+            raise ParameterNetError(f"{str(model)!r} is not a readable ONNX file ({e}); export it again.") from e
+    elif isinstance(model, onnx.ModelProto):
+        model = onnx.ModelProto.FromString(model.SerializeToString())  # the caller's stays as it is
+    else:
         raise ParameterNetError(f"optimize_for_onnxruntime() takes a path or an onnx.ModelProto, got {type(model)}.")
     block = nchwc_block_size()
     if block is None:
         report = NchwcReport(0, skipped={"all": "this ONNX Runtime has no (working) NCHWc kernels"})
-        return _finish(onnx.ModelProto.FromString(model.SerializeToString()), path, report)
+        return _finish(model, path, report)
     model, report = _rewrite(model, block, static_convs)
     return _finish(model, path, report)
 
 
 def _rewrite(model, block: int, static_convs: bool):
-    import onnx
+    """Rewrite ``model`` in place; returns it and the report."""
     from onnx import helper, numpy_helper
 
-    model = onnx.ModelProto.FromString(model.SerializeToString())
     report = NchwcReport(block)
     g = _Graph(model.graph)
 
@@ -441,7 +444,8 @@ def scan_over_batch(model):
     from onnx import helper
 
     graph = model.graph
-    inputs = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+    constants = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in constants]
     if len(inputs) != 1 or len(graph.output) != 1:
         raise ParameterNetError(
             f"scan_over_batch() needs a graph with one input and one output, got {len(inputs)} and {len(graph.output)}."
