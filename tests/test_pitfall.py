@@ -1,9 +1,10 @@
-"""`parameternet pitfall`: the grid runs end to end (smoke preset), resumes from its CSV, and reports; the mini
-GhostNet / ParameterNet family it trains."""
+"""`parameternet pitfall`: the grid runs end to end (smoke preset) with its gate, resumes from its CSV without
+crediting other code, and reports; the cell grammar, the pre-stated verdict and the mini GhostNet family."""
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 
 import pytest
@@ -12,7 +13,8 @@ import torch
 
 import parameternet
 from parameternet.cli import main
-from parameternet.experiments.pitfall import CELLS, COLUMNS, PRESETS, read_rows
+from parameternet.experiments import pitfall
+from parameternet.experiments.pitfall import COLUMNS, Cell, read_rows, summarize, verdict
 
 
 def _csv(path):
@@ -20,36 +22,166 @@ def _csv(path):
         return list(csv.DictReader(f))
 
 
-def test_smoke_grid_writes_rows_skips_them_on_rerun_and_reports(packaged_data, tmp_path, caplog):
+def test_smoke_grid_gates_writes_rows_with_provenance_skips_them_on_rerun_and_reports(packaged_data, tmp_path, caplog):
     out, runs = tmp_path / "out", tmp_path / "runs"
-    args = ["pitfall", "--preset", "smoke", "--output", str(out), "--runs-dir", str(runs)]
+    args = ["pitfall", "--preset", "smoke", "--output", str(out), "--runs-dir", str(runs), "--jobs", "2"]
     assert main(args) == 0
-    rows = read_rows(out / "results.csv")
     assert list(_csv(out / "results.csv")[0]) == list(COLUMNS)
-    got = {(r["model"], r["regime"], r["seed"]) for r in rows}
-    assert got == {(m, g, 0) for m, _ in PRESETS["smoke"].grid for g in ("target-only", "pretrain-finetune")}
+    rows = read_rows(out / "results.csv")
+    gate = json.loads((out / "gate.json").read_text())
+    width = gate["settled_width"]
+    assert gate["tried"][0]["model"] == "ghostnet-w0.25-h64" and width in (0.25, 0.125)
+    a = pitfall.static_cell(width)
+    expected = {
+        (a.name, "target-only"),
+        (a.name, "pretrain-finetune"),
+        (pitfall.dynamic_cell(width, 2).name, "target-only"),
+        (pitfall.dynamic_cell(width, 2).name, "pretrain-finetune"),
+        (f"{a.name}-pre0.5", "pretrain-finetune"),  # shares A's target-only run
+    }
+    assert expected <= {(r["model"], r["regime"]) for r in rows}
+    prov = pitfall.provenance()
     for r in rows:
         assert 0 <= r["top1"] <= 100 and r["steps"] == 2 and r["img_size"] == 16 and r["preset"] == "smoke"
         assert (r["pretrain_top1"] is None) == (r["regime"] == "target-only")
-    by_model = {r["model"]: r for r in rows}
-    static, dynamic = by_model["ghostnet_mini_025"], by_model["parameternet_mini_025-e2"]
-    assert dynamic["params"] > static["params"] and dynamic["macs"] < 1.2 * static["macs"]
-    # one pretraining per (model, seed), reused by its fine-tune
-    assert len(list((runs / "pretrain").iterdir())) == 2
+        assert r["commit"] == prov["commit"] and r["version"] == parameternet.__version__
+    dyn = [r for r in rows if r["method"] == "dynamic"]
+    assert dyn and all(r["route_kernel_dist"] is not None for r in dyn)
+    routing = read_rows(out / "routing.csv")
+    assert {r["model"] for r in routing} == {r["model"] for r in dyn} and all(r["kernel_dist"] >= 0 for r in routing)
+    # the half-size pretraining really used half the images (per_class=2 -> 1)
+    pre = [p for p in (runs).rglob("pretrain/*pre0.5*/config.yaml")]
+    assert pre and "per_class=1" in pre[0].read_text()
 
     # a rerun trains nothing; a row lost after its run finished comes back from the run directory
     (out / "results.csv").write_text("".join((out / "results.csv").read_text().splitlines(True)[:-1]))
     (out / "table.md").unlink()
     with caplog.at_level(logging.INFO):
         assert main(args) == 0
-    assert "3 rows already" in caplog.text and "  start " not in caplog.text
-    assert len(read_rows(out / "results.csv")) == 4
+    assert "  start " not in caplog.text
+    assert len(read_rows(out / "results.csv")) == len(rows)
     table = (out / "table.md").read_text()
-    assert "GhostNet-mini 0.25" in table and "ParameterNet-mini 0.25, 2 experts" in table
+    assert "GhostNet-mini 0.25 (head 64)" in table and "2 experts" in table and "One seed per model" in table
 
     (out / "pitfall.png").unlink()
     assert main(["pitfall", "--preset", "smoke", "--output", str(out), "--report-only"]) == 0
     assert (out / "pitfall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rows_of_other_code_are_neither_reused_nor_pooled(tmp_path, caplog):
+    out = tmp_path / "out"
+    rows = _synthetic_rows({"ghostnet-w0.25-h64": [0.1, 0.0], "parameternet-w0.25-h64-e4": [1.0, 1.2]})
+    for r in rows[:2]:
+        r["commit"] = "0" * 40
+    _write(out / "results.csv", rows)
+    text = pitfall.report(out, preset="full")
+    assert "2 rows from other code were left out" in text
+    pooled = pitfall.report(out, preset="full", pool_commits=True)
+    assert "pooled across code versions" in pooled
+
+    with caplog.at_level(logging.WARNING):
+        runner = pitfall._Runner(pitfall.PRESETS["full"], out, tmp_path / "runs", 1, 60.0)
+    assert "come from other code" in caplog.text and len(runner.rows) == 0  # all synthetic rows are foreign here
+
+
+def _synthetic_rows(gains: dict[str, list[float]], base_top1: float = 85.0) -> list[dict]:
+    rows = []
+    for name, values in gains.items():
+        cell = Cell.parse(name)
+        for seed, g in enumerate(values):
+            for regime, top1 in (("target-only", base_top1), ("pretrain-finetune", base_top1 + g)):
+                if regime == "target-only" and cell.base != cell:
+                    continue
+                rows.append(
+                    {
+                        "model": name, "base_model": cell.base.name, "family": cell.family, "width": cell.width,
+                        "head_chs": cell.head_chs, "experts": cell.experts, "method": cell.method, "macs": 100000,
+                        "params": 7000, "img_size": 28, "regime": regime, "seed": seed, "top1": top1, "top5": 99.0,
+                        "preset": "full", "commit": "a" * 40, "dirty": False, "version": "0.1.0",
+                    }
+                )  # fmt: skip
+    return rows
+
+
+def _write(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows({k: r.get(k, "") for k in COLUMNS} for r in rows)
+
+
+A, B, C = "ghostnet-w0.25-h64", "parameternet-w0.25-h64-e4", "parameternet-w0.25-h64-e4-repconv"
+
+
+@pytest.mark.parametrize(
+    ("gains", "expected"),
+    [
+        # A in the pitfall, B gains much more, RepConv does not: reproduced
+        ({A: [0.0, 0.1, -0.1, 0.2], B: [0.9, 1.0, 1.1, 0.8], C: [0.1, 0.0, 0.2, -0.1]}, "reproduced"),
+        # RepConv gains as much as B: the parameters, not the dynamics, did it
+        ({A: [0.0, 0.1, -0.1, 0.2], B: [0.9, 1.0, 1.1, 0.8], C: [0.9, 1.0, 1.1, 0.8]}, "not resolved"),
+        # A in the pitfall and B no better, tightly: refuted
+        ({A: [0.0, 0.1, -0.1, 0.2], B: [0.0, 0.1, -0.1, 0.1], C: [0.0, 0.1, 0.0, 0.1]}, "refuted"),
+        # too noisy to say
+        ({A: [0.0, 1.0, -1.0, 0.2], B: [0.9, -0.5, 1.5, 0.0]}, "not resolved"),
+        # one seed: never resolved
+        ({A: [0.0], B: [2.0]}, "not resolved"),
+    ],
+)
+def test_verdict_follows_the_pre_stated_criteria(gains, expected):
+    v = verdict(summarize(_synthetic_rows(gains)), 0.25)
+    assert v["verdict"] == expected
+    if expected == "not resolved" and "remedy" in v:
+        assert v["seeds_needed"] >= 2
+
+
+def test_sweep_cells_pair_with_their_base_cells_target_only_runs():
+    rows = _synthetic_rows({A: [0.5, 0.7], f"{A}-pre0.25": [0.1, 0.3]})
+    entries = {e["name"]: e for e in summarize(rows)}
+    assert entries[f"{A}-pre0.25"]["gains"] == {0: 0.1, 1: 0.3}
+    assert entries[f"{A}-pre0.25"]["target-only"] == entries[A]["target-only"]
+
+
+def test_cell_grammar_round_trips_and_rejects_bad_names():
+    for name in (A, B, C, "parameternet-w0.1875-h48-e8-softmax-pre0.5-pe9", "ghostnet-w1-h256"):
+        assert Cell.parse(name).name == name
+    assert Cell.parse("ghostnet-w0.25").head_chs == 64 and Cell.parse("parameternet-w0.5").experts == 4
+    cell = Cell.parse("parameternet-w0.25-h64-e2-pre0.5")
+    assert cell.base.name == "parameternet-w0.25-h64-e2"
+    assert cell.overrides() == [
+        "model=parameternet_mini", "model_kwargs.width=0.25", "model_kwargs.head_chs=64", "model_kwargs.num_experts=2",
+    ]  # fmt: skip
+    for bad, match in [
+        ("resnet-w0.25", "must start with"),
+        ("ghostnet-h64", "names no width"),
+        ("ghostnet-w0.25-e4", "static convs"),
+        ("ghostnet-w0.25-x3", "unknown part"),
+        ("ghostnet-w0.25-pre2", "0 < pre <= 1"),
+    ]:
+        with pytest.raises(parameternet.ParameterNetError, match=match):
+            Cell.parse(bad)
+
+
+def test_full_design_has_every_cell_of_the_issue_and_a_static_twin_of_bs_size():
+    grid = pitfall.design(0.25)
+    seeds: dict[str, set] = {}
+    for name, s in grid:
+        seeds.setdefault(name, set()).update(s)
+    assert seeds[A] == seeds[B] == set(range(8))
+    assert seeds[C] == set(range(4))
+    assert {f"{A}-pre0.25", f"{A}-pre0.5", f"{A}-pe9", f"{B}-pre0.25", f"{B}-pre0.5", f"{B}-pe9"} <= set(seeds)
+    assert {"parameternet-w0.25-h64-e4-softmax", "parameternet-w0.25-h64-e1", "parameternet-w0.25-h64-e8"} <= set(seeds)
+    twin = [n for n in seeds if n.startswith("ghostnet") and Cell.parse(n).width > 0.25]
+    assert len(twin) == 1
+    b_params, b_macs = pitfall._profile_cell(Cell.parse(B), 28)
+    d_params, d_macs = pitfall._profile_cell(Cell.parse(twin[0]), 28)
+    assert abs(d_params - b_params) / b_params < 0.15 and 1.5 < d_macs / b_macs < 2.5
+
+
+def test_gate_rule():
+    assert pitfall.gate_decision({0: 0.3, 1: 0.9, 2: 0.7})  # one seed at or below +0.5: in the pitfall
+    assert not pitfall.gate_decision({0: 0.6, 1: 0.9, 2: 0.7})
 
 
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
@@ -58,21 +190,23 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
     assert main(["pitfall", "--preset", "smoke", "--output", str(tmp_path / "empty"), "--report-only"]) == 2
 
 
-@pytest.mark.parametrize("name", timm.list_models("*_mini_*"))
+@pytest.mark.parametrize("name", [m for f in ("ghostnet", "parameternet") for m in timm.list_models(f"{f}_mini*")])
 def test_mini_family_takes_28px_grey_images(name):
     torch.manual_seed(0)
     model = timm.create_model(name).eval()
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
-def test_grid_models_exist_and_repconv_deploys_to_the_static_model():
-    assert {c.timm_model for c in CELLS.values()} <= set(timm.list_models("*_mini_*"))
+def test_generic_mini_takes_width_and_head_and_repconv_deploys_to_the_static_model():
     torch.manual_seed(0)
-    rep = timm.create_model("parameternet_mini_025", method="repconv").eval()
-    static = timm.create_model("ghostnet_mini_025")
+    rep = timm.create_model("parameternet_mini", width=0.25, head_chs=64, method="repconv").eval()
+    static = timm.create_model("ghostnet_mini", width=0.25, head_chs=64)
+    assert static.conv_head.out_channels == 64 and static.stem.conv.out_channels == 4
     merged = parameternet.deploy(rep, fold_bn=False)
     x = torch.randn(3, 1, 28, 28)
     torch.testing.assert_close(merged(x), rep(x), atol=1e-4, rtol=1e-4)
     assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in static.parameters())
     with pytest.raises(parameternet.ParameterNetError, match="takes no method"):
         timm.create_model("ghostnet_mini_025", method="repconv")
+    with pytest.raises(parameternet.ParameterNetError, match="width > 0"):
+        timm.create_model("ghostnet_mini", width=0)

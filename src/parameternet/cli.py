@@ -231,13 +231,22 @@ def _add_pitfall(sub: argparse._SubParsersAction) -> None:
         "run to OUTPUT/results.csv (rows already there are skipped, so the command resumes), and write "
         "OUTPUT/table.md and OUTPUT/pitfall.png.",
     )
-    p.add_argument("--preset", default="full", choices=["full", "quick", "smoke"], help="the grid (default: full)")
-    p.add_argument("--seeds", type=int, help="seeds 0..N-1 for every model (default: the preset's)")
-    p.add_argument("--models", nargs="+", metavar="MODEL", help="only these grid models, e.g. ghostnet_mini_025")
+    p.add_argument(
+        "--preset", default="full", choices=["full", "quick", "head256", "smoke"], help="the grid (default: full)"
+    )
+    p.add_argument("--seeds", type=int, help="seeds 0..N-1 for every model (default: the preset's; 3 with --models)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        metavar="MODEL",
+        help="run these cells instead of the preset's grid (no gate), e.g. ghostnet-w0.25-h64 parameternet-w0.25-e8 "
+        "(options: -h<head channels>, -e<experts>, -repconv, -softmax, -pre<fraction of the union>, -pe<epochs>)",
+    )
     p.add_argument("--output", help="results directory (default: results/pitfall for full, runs/pitfall-PRESET else)")
     p.add_argument("--runs-dir", default="runs/pitfall", help="the individual runs (shared by the presets)")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side, one thread each (default 1)")
     p.add_argument("--report-only", action="store_true", help="only rebuild table.md and pitfall.png from the CSV")
+    p.add_argument("--pool-commits", action="store_true", help="pool rows made by different code in the report")
     p.set_defaults(func=_run_pitfall)
 
 
@@ -245,7 +254,7 @@ def _run_pitfall(args: argparse.Namespace) -> int:
     from parameternet.experiments.pitfall import default_output, report, run_pitfall
 
     if args.report_only:
-        print(report(args.output or default_output(args.preset), preset=args.preset))
+        print(report(args.output or default_output(args.preset), preset=args.preset, pool_commits=args.pool_commits))
         return 0
     print(run_pitfall(args.preset, args.output, args.runs_dir, args.seeds, args.models, args.jobs))
     return 0

@@ -14,7 +14,8 @@ depthwise conv inside a bottleneck, the SE convs, ``conv_head`` and the classifi
 - ``ghostnet_600m`` / ``parameternet_600m``: the release's own stage table at width 1.9.
 - ``ghostnet_mini_{025,050,100,200}`` / ``parameternet_mini_{025,050,100,200}``: a five-block table for 28-32 px
   inputs (Fashion-MNIST, MNIST) with a 256-channel head, for the low-FLOPs pitfall experiment at CPU scale
-  (``parameternet pitfall``). ``method="repconv"`` builds the RepConv alternative of the same layers (Table 6).
+  (``parameternet pitfall``); ``ghostnet_mini`` / ``parameternet_mini`` take any ``width`` and ``head_chs``.
+  ``method="repconv"`` builds the RepConv alternative of the same layers (Table 6).
 
 ``import parameternet`` registers all four in timm; ``parameternet_*`` take ``num_experts`` (default 4) and the
 router options of :class:`~parameternet.layers.DynamicConv2d`.
@@ -503,6 +504,10 @@ default_cfgs = generate_default_cfgs(
             for family in ("ghostnet", "parameternet")
             for w in ("025", "050", "100", "200")
         },
+        **{
+            f"{family}_mini.untrained": _cfg(num_classes=10, input_size=(1, 28, 28), pool_size=(4, 4), **_MINI_CFG)
+            for family in ("ghostnet", "parameternet")
+        },
     }
 )
 
@@ -542,6 +547,22 @@ def _mini(variant: str, width: float, pretrained: bool, kwargs: dict[str, Any]) 
     else:
         kwargs.setdefault("num_experts", 4)
     return _create_ghostnet(variant, GHOSTNET_MINI_STAGES, width, pretrained, **kwargs)
+
+
+@register_model
+def ghostnet_mini(pretrained: bool = False, width: float = 1.0, head_chs: int = 256, **kwargs: Any) -> GhostNet:
+    """GhostNet-mini at any ``width`` and head width ``head_chs`` (the pitfall experiment's cells)."""
+    if width <= 0 or head_chs < 1:
+        raise ParameterNetError(f"ghostnet_mini needs width > 0 and head_chs >= 1, got {width} and {head_chs}.")
+    return _mini("ghostnet_mini", width, pretrained, {**kwargs, "head_chs": head_chs})
+
+
+@register_model
+def parameternet_mini(pretrained: bool = False, width: float = 1.0, head_chs: int = 256, **kwargs: Any) -> GhostNet:
+    """ParameterNet-mini at any ``width`` and ``head_chs``: dynamic convs (``num_experts`` default 4)."""
+    if width <= 0 or head_chs < 1:
+        raise ParameterNetError(f"parameternet_mini needs width > 0 and head_chs >= 1, got {width} and {head_chs}.")
+    return _mini("parameternet_mini", width, pretrained, {**kwargs, "head_chs": head_chs})
 
 
 @register_model
