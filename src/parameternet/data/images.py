@@ -1,4 +1,4 @@
-"""Image classification datasets named by a spec string (DESIGN.md section 4; the pitfall experiment, section 1).
+"""Image classification datasets named by a spec string (README: "Training", "The low-FLOPs pitfall").
 
 A recipe names its data with one string::
 
