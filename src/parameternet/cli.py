@@ -354,14 +354,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    from parameternet.runs import RunInterrupted, fs_error
+
     try:
         return int(args.func(args) or 0)
+    except RunInterrupted as e:
+        print(f"parameternet {args.command}: {e}; continue with:\n  {_resume_line(argv, args.command)}", file=sys.stderr)
+        return e.exit_code
     except USER_ERRORS as e:
         print(f"parameternet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a write the library did not route through its atomic writer
+        err = fs_error(e.filename or ".", e) if e.filename else None
+        if err is None:
+            raise
+        print(f"parameternet {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"parameternet {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _resume_line(argv: list[str] | None, command: str) -> str:
+    """The command line that continues an interrupted run: train / lm-train with ``resume=auto``, the experiment
+    commands (which resume by themselves) as they were."""
+    import shlex
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if command in ("train", "lm-train"):
+        args = [a for a in args if not a.startswith("resume=")] + ["resume=auto"]
+    return "parameternet " + " ".join(shlex.quote(a) for a in args)
 
 
 if __name__ == "__main__":

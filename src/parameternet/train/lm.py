@@ -257,6 +257,12 @@ class LMTrainer:
         self.out = Path(cfg.output_dir)
         self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.keep_last)
         resume_from = self._find_resume()
+        if resume_from is None and self.ckpt.steps() and cfg.resume == "auto":
+            skipped = "; ".join(f"{t}: {r}" for t, r in self.ckpt.skipped)
+            raise ParameterNetError(
+                f"output_dir {str(self.out)!r} holds no complete checkpoint ({skipped}); choose another output_dir "
+                f"or delete {str(self.ckpt.dir)!r} to start over"
+            )
         if resume_from is None and self.ckpt.steps():
             raise ParameterNetError(
                 f"output_dir {str(self.out)!r} already holds checkpoints; pass resume=auto to continue that run "
