@@ -256,7 +256,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "export",
         help="export a model's deploy() graph to ONNX (symbolic batch by default) and check it in onnxruntime",
     )
-    p.add_argument("model", help="a timm model name, e.g. parameternet_600m")
+    p.add_argument("model", nargs="?", help="a timm model name, e.g. parameternet_600m (default: the checkpoint's)")
     p.add_argument("--onnx", required=True, metavar="PATH.onnx", help="the ONNX file to write")
     batch = p.add_mutually_exclusive_group()
     batch.add_argument("--batch-size", type=int, help="a graph for exactly this many images (1: the fastest)")
@@ -279,10 +279,21 @@ def _run_export(args: argparse.Namespace) -> int:
     from parameternet.parameterize import load_source_model
     from parameternet.profile.export import export_onnx
 
+    img_size = args.img_size
     if args.checkpoint:
+        from pathlib import Path
+
         model, _, _ = load_source_model(args.checkpoint, arch=args.model)
-    else:
+        if img_size is None and Path(args.checkpoint).suffix == ".safetensors":
+            from parameternet.train.checkpoint import read_metadata
+
+            img_size = read_metadata(args.checkpoint)["img_size"]  # the size the run trained at
+    elif args.model:
         model, _, _ = load_source_model(args.model)
+    else:
+        raise ParameterNetError(
+            "export needs a model name or --checkpoint FILE; e.g. export parameternet_600m --onnx m.onnx"
+        )
     report = export_onnx(
         model,
         args.onnx,
@@ -290,7 +301,7 @@ def _run_export(args: argparse.Namespace) -> int:
         batch_size=args.batch_size or 1,
         opset=args.opset,
         deploy=not args.no_deploy,
-        img_size=args.img_size,
+        img_size=img_size,
         exporter=args.exporter,
         runtime=args.runtime,
     )
@@ -359,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except RunInterrupted as e:
-        print(f"parameternet {args.command}: {e}; continue with:\n  {_resume_line(argv, args.command)}", file=sys.stderr)
+        print(
+            f"parameternet {args.command}: {e}; continue with:\n  {_resume_line(argv, args.command)}", file=sys.stderr
+        )
         return e.exit_code
     except USER_ERRORS as e:
         print(f"parameternet {args.command}: error: {e}", file=sys.stderr)

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
 _HOST = socket.gethostname()
-_TEMP = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
+_TEMP = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+\.tmp(?:\.[A-Za-z0-9]+)?$")
 _REASONS = {
     errno.ENOSPC: "the disk is full; free some space or write somewhere else",
     errno.EDQUOT: "the disk quota is exhausted; free some space or write somewhere else",
@@ -129,8 +129,10 @@ def _fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[str]:
+def atomic_path(path: str | Path, keep_suffix: bool = False) -> Iterator[str]:
     """Yield a temporary path next to ``path``; on success it is fsynced and renamed to ``path``.
+
+    ``keep_suffix``: the temporary name ends in ``path``'s suffix too (``.tmp.onnx``), for writers that look at it.
 
     On any error the temporary file is removed and ``path`` is unchanged. Filesystem faults raise
     ``ParameterNetError`` (see :func:`fs_error`); other errors propagate as they are.
@@ -139,7 +141,11 @@ def atomic_path(path: str | Path) -> Iterator[str]:
     _mkdir(path.parent)
     clean_stale_temps(path.parent)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_host_token()}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name}.{_host_token()}-{os.getpid()}.",
+            suffix=".tmp" + (path.suffix if keep_suffix else ""),
+            dir=path.parent,
+        )
         os.close(fd)
     except OSError as e:
         raise (fs_error(path, e) or e) from None
@@ -167,8 +173,13 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[str], None]) ->
         if callable(data):
             data(tmp)
         else:
-            with open(tmp, "wb") as f:
-                f.write(data.encode() if isinstance(data, str) else data)
+            view = memoryview(data.encode() if isinstance(data, str) else data)
+            fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+            try:
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
     return path
 
 

@@ -89,8 +89,9 @@ def _decode(raw: dict[str, str]) -> dict[str, Any]:
 
 
 def _not_a_checkpoint(path: Path, e: BaseException) -> ParameterNetError:
+    why = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
     return ParameterNetError(
-        f"{str(path)!r} is not a readable safetensors checkpoint ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__}); "
+        f"{str(path)!r} is not a readable safetensors checkpoint ({why}); "
         f"pass a .safetensors file written by parameternet (or a run directory)"
     )
 

@@ -104,7 +104,9 @@ class TrainConfig:
     sync_bn: bool = False
     output_dir: str = "runs/default"
     init_from: str | None = None  # checkpoint to start from (pretrain -> fine-tune)
-    init_strict: bool = True  # init_from refuses a checkpoint fitting < 90% of the model's tensors; false loads what fits
+    init_strict: bool = (
+        True  # init_from refuses a checkpoint fitting < 90% of the model's tensors; false loads what fits
+    )
     resume: str | None = None  # auto = last checkpoint in output_dir, or a checkpoint path
     log_every: int = 50  # steps between train rows in metrics.jsonl
     eval_every_epochs: int = 1  # 0 = only at the end

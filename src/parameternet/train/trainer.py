@@ -419,8 +419,9 @@ class Trainer:
             raise ParameterNetError(f"resume={r!r} does not exist; use resume=auto or a checkpoint's .state.pt")
         reason = CheckpointManager(p.parent).verify(p.name.removesuffix(".state.pt"))
         if reason is not None:
-            raise ParameterNetError(f"resume={r!r} is incomplete ({reason}); use resume=auto, which takes the newest "
-                                    f"complete checkpoint")
+            raise ParameterNetError(
+                f"resume={r!r} is incomplete ({reason}); use resume=auto, which takes the newest complete checkpoint"
+            )
         return p
 
     def _metadata(self) -> dict[str, Any]:
