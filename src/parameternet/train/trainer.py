@@ -92,6 +92,13 @@ def init_from_checkpoint(model: nn.Module, path: str, num_classes: int, strict: 
     weights = resolve_weights(path)
     sd, meta = load_weights(weights)
     min_match = MIN_MATCH if strict else 0.0
+    if not strict:  # load what fits: tensors of another shape are left as initialised
+        own = model.state_dict()
+        misfit = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+        if misfit:
+            log.warning("init from %s: %d tensors of another shape left as initialised: %s", weights, len(misfit),
+                        misfit[:8])  # fmt: skip
+            sd = {k: v for k, v in sd.items() if k not in misfit}
     src_classes = meta.get("num_classes") or _classifier_classes(model, sd) or num_classes
     if src_classes != num_classes:
         model.reset_classifier(src_classes)  # shape the head like the checkpoint's, load, then replace it
