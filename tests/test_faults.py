@@ -248,6 +248,15 @@ def test_checkpoint_formats_load_everywhere(reference, tmp_path, capsys):
 # ----- subprocess faults (slow) -----------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def cli_reference(packaged_data, tmp_path_factory):
+    """The uninterrupted run, as a separate process like the runs it is compared with (same thread settings)."""
+    out = tmp_path_factory.mktemp("cliref") / "run"
+    proc = _popen(*ARGS, f"output_dir={out}")
+    assert proc.wait(timeout=240) == 0, proc.stderr.read()
+    return out
+
+
 def _popen(*args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "parameternet", *args]
@@ -266,7 +275,7 @@ def _wait_for_step(out: Path, proc: subprocess.Popen, step: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
-def test_signals_to_the_cli_process_at_random_steps(reference, tmp_path, sig):
+def test_signals_to_the_cli_process_at_random_steps(cli_reference, tmp_path, sig):
     out = tmp_path / "run"
     proc = _popen(*ARGS, "max_steps=12", f"output_dir={out}")
     _wait_for_step(out, proc, RNG.randint(1, 9))
@@ -275,10 +284,9 @@ def test_signals_to_the_cli_process_at_random_steps(reference, tmp_path, sig):
     assert proc.returncode in (128 + sig, -sig), err
     if sig != signal.SIGKILL:
         assert "resume=auto" in err and "Traceback" not in err
-    res = subprocess.run([sys.executable, "-m", "parameternet", *ARGS, f"output_dir={out}", "resume=auto"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=240)  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    _same_run(out, reference)
+    res = _popen(*ARGS, f"output_dir={out}", "resume=auto")
+    assert res.wait(timeout=240) == 0, res.stderr.read()
+    _same_run(out, cli_reference)
 
 
 @pytest.mark.slow
@@ -287,6 +295,7 @@ def test_second_signal_exits_at_once(packaged_data, tmp_path):
     proc = _popen(*ARGS, "max_steps=400", "batch_size=64", f"output_dir={out}")
     _wait_for_step(out, proc, 1)
     proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)  # two signals sent back to back are merged by the kernel into one
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "again: exiting now" in err
@@ -294,7 +303,7 @@ def test_second_signal_exits_at_once(packaged_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_write_leaves_a_temp_that_the_next_run_removes(reference, tmp_path):
+def test_sigkill_mid_write_leaves_a_temp_that_the_next_run_removes(cli_reference, tmp_path):
     out = tmp_path / "run"
     proc = _popen(*ARGS, "ckpt_every_steps=1", f"output_dir={out}")
     deadline = time.time() + 240
@@ -304,12 +313,11 @@ def test_sigkill_mid_write_leaves_a_temp_that_the_next_run_removes(reference, tm
     proc.kill()
     proc.wait()
     assert list((out / "checkpoints").glob(".*.tmp")) and (out / LOCK_NAME).exists()
-    res = subprocess.run([sys.executable, "-m", "parameternet", *ARGS, "ckpt_every_steps=1", f"output_dir={out}",
-                          "resume=auto"], cwd=ROOT, capture_output=True, text=True, timeout=240)  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    assert "stale lock" in res.stderr
+    res = _popen(*ARGS, "ckpt_every_steps=1", f"output_dir={out}", "resume=auto")
+    _, err = res.communicate(timeout=240)
+    assert res.returncode == 0 and "stale lock" in err, err
     assert not list(out.rglob(".*.tmp"))
-    assert _rows(out) == _rows(reference)
+    assert _rows(out) == _rows(cli_reference)
 
 
 @pytest.mark.slow
@@ -322,3 +330,57 @@ def test_two_writers_started_together(packaged_data, tmp_path):
     assert "is in use by pid" in (ea if a.returncode else eb)
     steps = [r["step"] for r in _rows(out) if r["split"] == "train"]
     assert steps == list(range(1, 13))  # one run's rows, no duplicates
+
+
+# ----- bad input: one sentence, the value, the fix, exit 2 ---------------------------------------------------------
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_lm_bad_inputs_are_one_sentence(tmp_path, capsys, monkeypatch):
+    lm = str(ROOT / "configs" / "lm-small.yaml")
+    out = f"output_dir={tmp_path / 'run'}"
+    assert main(["lm-train", lm, "model.num_attention_heads=3", out]) == 2
+    assert "model.num_attention_heads=3 does not divide model.hidden_size" in _one_line(capsys)
+    missing = tmp_path / "nonexistent" / "text"
+    assert main(["lm-train", lm, f"data.dir={missing}", out]) == 2
+    assert f"data.dir={str(missing)!r} does not exist" in _one_line(capsys)
+    assert not missing.parent.exists() and not (tmp_path / "run").exists()  # nothing created
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    assert main(["lm-eval", str(model)]) == 2
+    assert "has model_type None, not 'parameternet_llama'" in _one_line(capsys)
+    (model / "config.json").write_text(json.dumps({"model_type": "parameternet_llama"}))
+    assert main(["lm-eval", str(model), "--items", "-1"]) == 2
+    assert "--items -1 is negative" in _one_line(capsys)
+    assert main(["lm-eval", str(model), "--val-tokens", "0"]) == 2
+    assert "--val-tokens 0 is not positive" in _one_line(capsys)
+
+    monkeypatch.setenv("PARAMETERNET_DATA", str(tmp_path / "empty-cache"))
+    from parameternet.data.text import load_corpus
+
+    with pytest.raises(
+        ValueError, match="text corpora gutenberg, sotu, brown are not in .*data fetch gutenberg sotu brown"
+    ):
+        load_corpus()
+
+
+def test_lm_experiment_only_keeps_the_overrides(monkeypatch, tmp_path, capsys):
+    import parameternet.experiments.lm as exp
+
+    seen = {}
+
+    def fake(recipe, overrides, runs, results, only):
+        seen.update(overrides=overrides, only=only)
+        Path(results).mkdir(parents=True, exist_ok=True)
+        (Path(results) / "table7.md").write_text("t\n")
+
+    monkeypatch.setattr(exp, "run_lm_experiment", fake)
+    assert main(["lm-experiment", "--results", str(tmp_path), "--only", "dense", "max_steps=4"]) == 0
+    assert seen == {"overrides": ["max_steps=4"], "only": ["dense"]}

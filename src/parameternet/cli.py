@@ -218,7 +218,10 @@ def _run_lm_experiment(args: argparse.Namespace) -> int:
 
     from parameternet.experiments.lm import run_lm_experiment
 
-    run_lm_experiment(args.recipe, args.overrides, args.runs, args.results, args.only)
+    # `--only dense max_steps=4`: argparse hands the override to --only; give it back to the overrides
+    only = [v for v in args.only or [] if "=" not in v] or None
+    overrides = [*args.overrides, *(v for v in args.only or [] if "=" in v)]
+    run_lm_experiment(args.recipe, overrides, args.runs, args.results, only)
     print((Path(args.results) / "table7.md").read_text())
     return 0
 
