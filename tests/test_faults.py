@@ -292,7 +292,7 @@ def test_signals_to_the_cli_process_at_random_steps(cli_reference, tmp_path, sig
 @pytest.mark.slow
 def test_second_signal_exits_at_once(packaged_data, tmp_path):
     out = tmp_path / "run"
-    proc = _popen(*ARGS, "max_steps=400", "batch_size=64", f"output_dir={out}")
+    proc = _popen(*ARGS, "max_steps=400", "batch_size=2048", f"output_dir={out}")  # steps of seconds
     _wait_for_step(out, proc, 1)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)  # two signals sent back to back are merged by the kernel into one

@@ -322,8 +322,8 @@ class LMTrainer:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write(self.out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.metrics = _Metrics(self.out, dist.is_main, False)
-        if resume_from is not None:
-            self.metrics.truncate(self.step)
+        # rows after the checkpoint resumed from (or all rows, for a run that never completed a checkpoint)
+        self.metrics.truncate(self.step)
 
     def _build_model(self):
         from parameternet.models.llama_moe import ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM

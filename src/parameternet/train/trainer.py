@@ -277,8 +277,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write(self.out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.metrics = _Metrics(self.out, dist.is_main, cfg.tensorboard)
-        if resume_from is not None:
-            self.metrics.truncate(self.step)
+        # rows after the checkpoint resumed from (or all rows, for a run that never completed a checkpoint)
+        self.metrics.truncate(self.step)
 
     # ----- setup -----
     def _build_data(self) -> None:
