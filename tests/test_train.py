@@ -50,8 +50,10 @@ def test_smoke_recipe_trains_checkpoints_and_evaluates(packaged_data, tmp_path, 
     assert val["step"] == 16 and val["images"] == 200 and {"loss", "top1", "top5"} <= set(val)
     assert val["top1"] > 20.0  # it learns: chance is 10%
     ck = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert ck == ["best.json", "best.safetensors", "final.safetensors", "step_0000012.safetensors",
-                  "step_0000012.state.pt", "step_0000016.safetensors", "step_0000016.state.pt"]  # fmt: skip
+    assert ck == ["best.json", "best.manifest.json", "best.safetensors", "final.manifest.json", "final.safetensors",
+                  "step_0000012.manifest.json", "step_0000012.safetensors", "step_0000012.state.pt",
+                  "step_0000016.manifest.json", "step_0000016.safetensors", "step_0000016.state.pt"]  # fmt: skip
+    assert not (out / "run.lock").exists()  # released at the end
     assert load_config(out / "config.yaml").output_dir == str(out)
     _, meta = load_weights(out / "checkpoints" / "final.safetensors")
     assert meta["model"] == "test_resnet" and meta["num_classes"] == 10
@@ -179,12 +181,14 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(packaged_data, tmp_path,
     state = out / "checkpoints" / "step_0000004.state.pt"
     state.write_bytes(state.read_bytes()[:100])
     assert main(["train", SMOKE, f"output_dir={out}", "max_steps=8", "resume=auto"]) == 2
-    assert "is corrupt or unreadable" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds no complete checkpoint (step_0000004: step_0000004.state.pt has 100 bytes" in err
     garbage = tmp_path / "x.safetensors"
     garbage.write_bytes(b"not a checkpoint")
     assert main(["eval", str(garbage), "data=fashion-mnist:test:per_class=1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "is corrupt or not safetensors" in err and len(err.splitlines()) == 1
+    assert "is not a readable safetensors checkpoint" in err and len(err.splitlines()) == 1
+    assert "delete" not in err  # a file passed by mistake is not the user's to delete
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):

@@ -218,7 +218,10 @@ def _run_lm_experiment(args: argparse.Namespace) -> int:
 
     from parameternet.experiments.lm import run_lm_experiment
 
-    run_lm_experiment(args.recipe, args.overrides, args.runs, args.results, args.only)
+    # `--only dense max_steps=4`: argparse hands the override to --only; give it back to the overrides
+    only = [v for v in args.only or [] if "=" not in v] or None
+    overrides = [*args.overrides, *(v for v in args.only or [] if "=" in v)]
+    run_lm_experiment(args.recipe, overrides, args.runs, args.results, only)
     print((Path(args.results) / "table7.md").read_text())
     return 0
 
@@ -265,7 +268,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "export",
         help="export a model's deploy() graph to ONNX (symbolic batch by default) and check it in onnxruntime",
     )
-    p.add_argument("model", help="a timm model name, e.g. parameternet_600m")
+    p.add_argument("model", nargs="?", help="a timm model name, e.g. parameternet_600m (default: the checkpoint's)")
     p.add_argument("--onnx", required=True, metavar="PATH.onnx", help="the ONNX file to write")
     batch = p.add_mutually_exclusive_group()
     batch.add_argument("--batch-size", type=int, help="a graph for exactly this many images (1: the fastest)")
@@ -288,10 +291,21 @@ def _run_export(args: argparse.Namespace) -> int:
     from parameternet.parameterize import load_source_model
     from parameternet.profile.export import export_onnx
 
+    img_size = args.img_size
     if args.checkpoint:
+        from pathlib import Path
+
         model, _, _ = load_source_model(args.checkpoint, arch=args.model)
-    else:
+        if img_size is None and Path(args.checkpoint).suffix == ".safetensors":
+            from parameternet.train.checkpoint import read_metadata
+
+            img_size = read_metadata(args.checkpoint)["img_size"]  # the size the run trained at
+    elif args.model:
         model, _, _ = load_source_model(args.model)
+    else:
+        raise ParameterNetError(
+            "export needs a model name or --checkpoint FILE; e.g. export parameternet_600m --onnx m.onnx"
+        )
     report = export_onnx(
         model,
         args.onnx,
@@ -299,7 +313,7 @@ def _run_export(args: argparse.Namespace) -> int:
         batch_size=args.batch_size or 1,
         opset=args.opset,
         deploy=not args.no_deploy,
-        img_size=args.img_size,
+        img_size=img_size,
         exporter=args.exporter,
         runtime=args.runtime,
     )
@@ -363,14 +377,38 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    from parameternet.runs import RunInterrupted, fs_error
+
     try:
         return int(args.func(args) or 0)
+    except RunInterrupted as e:
+        print(
+            f"parameternet {args.command}: {e}; continue with:\n  {_resume_line(argv, args.command)}", file=sys.stderr
+        )
+        return e.exit_code
     except USER_ERRORS as e:
         print(f"parameternet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a write the library did not route through its atomic writer
+        err = fs_error(e.filename or ".", e) if e.filename else None
+        if err is None:
+            raise
+        print(f"parameternet {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"parameternet {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _resume_line(argv: list[str] | None, command: str) -> str:
+    """The command line that continues an interrupted run: train / lm-train with ``resume=auto``, the experiment
+    commands (which resume by themselves) as they were."""
+    import shlex
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if command in ("train", "lm-train"):
+        args = [a for a in args if not a.startswith("resume=")] + ["resume=auto"]
+    return "parameternet " + " ".join(shlex.quote(a) for a in args)
 
 
 if __name__ == "__main__":

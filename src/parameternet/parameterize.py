@@ -650,8 +650,6 @@ def save(
     ``model_name`` defaults to timm's ``pretrained_cfg["architecture"]``. The model's ``num_classes`` and
     ``in_chans`` are recorded; pass any other argument it was built with in ``model_kwargs``.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ParameterNetError(f"the output must be a .safetensors file, got {str(path)!r}.")
@@ -671,10 +669,13 @@ def save(
         meta = json.dumps(recipe)
     except TypeError as e:
         raise ParameterNetError(f"model_kwargs must be JSON values, got {kwargs!r}.") from e
-    # Cloning breaks any storage sharing, which safetensors refuses; the file stays a plain state dict for timm.
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={RECIPE_KEY: meta})
+    from parameternet.train.checkpoint import save_weights
+
+    # the one checkpoint schema (see parameternet.train.checkpoint.read_metadata) plus the recipe under its old key;
+    # written atomically, and the file stays a plain state dict for timm
+    info = {k: kwargs[k] for k in ("num_classes", "in_chans") if k in kwargs}
+    metadata = {"kind": "convert", "model": name, "model_kwargs": kwargs, "parameterize": steps, **info}
+    save_weights(path, model.state_dict(), {**metadata, RECIPE_KEY: meta})
     return path
 
 
@@ -717,23 +718,25 @@ def build_from_recipe(recipe: dict[str, Any]) -> nn.Module:
 
 
 def load(path: str | Path) -> nn.Module:
-    """Rebuild a model written by :func:`save` (or ``parameternet convert``) and load its weights."""
+    """Rebuild a model written by :func:`save`, ``parameternet convert`` or ``parameternet train`` and load its
+    weights; raises ParameterNetError for a missing file or one that does not name its model."""
     from safetensors.torch import load_file
+
+    from parameternet.train.checkpoint import read_metadata
 
     path = Path(path)
     if not path.is_file():
         raise ParameterNetError(f"no such file: {str(path)!r}.")
-    try:
-        recipe = read_recipe(path)
-    except Exception as e:
-        raise ParameterNetError(f"{str(path)!r} is not a safetensors file ({e}).") from e
-    if recipe is None:
-        raise ParameterNetError(
-            f"{str(path)!r} has no parameternet recipe; it was not written by parameternet.save / convert."
-        )
-    if recipe.get("format") != RECIPE_FORMAT:
+    info = read_metadata(path)
+    recipe = info.get(RECIPE_KEY)
+    if isinstance(recipe, dict) and recipe.get("format") != RECIPE_FORMAT:
         raise ParameterNetError(f"{str(path)!r} has recipe format {recipe.get('format')!r}; expected {RECIPE_FORMAT}.")
-    model = build_from_recipe(recipe)
+    if not info["model"]:
+        raise ParameterNetError(
+            f"{str(path)!r} does not name its model; load a file written by parameternet (save, convert or train), "
+            f"or build the model and load_state_dict() it."
+        )
+    model = build_from_recipe(info)
     _load_state(model, load_file(str(path)), str(path))
     return model
 
@@ -777,6 +780,15 @@ def _json_or_str(value: str) -> Any:
         return value
 
 
+def _check_arch(source: str, asked: str | None, recorded: str | None) -> None:
+    """A checkpoint that records its model is never loaded into another one."""
+    if asked and recorded and asked.split(".", 1)[0] != recorded.split(".", 1)[0]:
+        raise ParameterNetError(
+            f"checkpoint {source!r} holds a {recorded!r} but {asked!r} was asked for; drop the model name (the "
+            f"checkpoint's is used) or pass a checkpoint of {asked!r}."
+        )
+
+
 def load_source_model(
     source: str, *, arch: str | None = None, pretrained: bool = False
 ) -> tuple[nn.Module, str, dict[str, Any]]:
@@ -785,7 +797,8 @@ def load_source_model(
     ``source`` is a timm model name (built with ``pretrained``) or a local checkpoint: a file written by
     :func:`save`, a ``.safetensors`` state dict, or a ``torch.save`` file holding a state dict (plain or under
     ``state_dict`` / ``model`` / ...). A checkpoint names its architecture under ``arch`` / ``model_name``
-    (timm's train script does) or takes it from ``arch``.
+    (timm's train script does) or takes it from ``arch``; a checkpoint that names another model than ``arch``
+    raises ParameterNetError.
     """
     from timm.models import get_pretrained_cfg_value
 
@@ -811,9 +824,11 @@ def load_source_model(
             raise ParameterNetError(f"{source!r} is not a readable safetensors file ({e}).") from e
         if RECIPE_KEY in meta:
             recipe = meta[RECIPE_KEY]
+            _check_arch(source, arch, recipe["model"])
             return load(path), recipe["model"], dict(recipe.get("model_kwargs", {}))
         # parameternet's training checkpoints name the model and its build arguments in the metadata.
         found_arch = next((meta[k] for k in _ARCH_KEYS if isinstance(meta.get(k), str)), None)
+        _check_arch(source, arch, found_arch)
         if isinstance(meta.get("model_kwargs"), dict):
             kwargs.update(meta["model_kwargs"])
         kwargs.update({k: meta[k] for k in ("num_classes", "in_chans") if isinstance(meta.get(k), int)})

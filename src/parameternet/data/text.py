@@ -132,10 +132,19 @@ _READERS = {"gutenberg": _gutenberg, "sotu": _sotu, "brown": _brown}
 
 def load_corpus(names: Sequence[str] = CORPORA) -> list[Document]:
     """The documents of the named corpora (fetched beforehand with ``parameternet data fetch``)."""
+    from parameternet.data.fetch import is_fetched
+
     docs = []
+    unknown = [n for n in names if n not in _READERS]
+    if unknown:
+        raise ParameterNetError(f"unknown text corpus {unknown[0]!r}; choose from {', '.join(CORPORA)}")
+    missing = [n for n in names if not is_fetched(n)]
+    if missing:  # all of them at once, so one command fetches everything
+        raise ParameterNetError(
+            f"text corpora {', '.join(missing)} are not in {cache_dir()}; run `parameternet data fetch "
+            f"{' '.join(missing)}`"
+        )
     for name in names:
-        if name not in _READERS:
-            raise ParameterNetError(f"unknown text corpus {name!r}; choose from {', '.join(CORPORA)}")
         found = _READERS[name](dataset_path(name))
         if not found:
             raise ParameterNetError(f"corpus {name!r} in {dataset_path(name)} has no documents; fetch it again")

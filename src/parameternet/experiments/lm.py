@@ -65,20 +65,24 @@ def run_lm_experiment(
     if only is not None and len(variants) != len(only):
         unknown = sorted(set(only) - {v.name for v in VARIANTS})
         raise ParameterNetError(f"unknown variant(s) {unknown}; choose from {', '.join(v.name for v in VARIANTS)}")
-    runs_dir = Path(runs_dir)
-    for variant in variants:
-        for seed in variant.seeds:
-            out = runs_dir / f"{variant.name}-s{seed}"
-            if (out / "summary.json").is_file():
-                log.info("%s: done, skipped", out)
-                continue
-            cfg = load_lm_config(recipe, [*overrides, *variant.overrides(seed), f"output_dir={out}", "resume=auto"])
-            cfg.progress = False
-            log.info("=== %s seed %d -> %s", variant.name, seed, out)
-            train_lm(cfg)
-    rows = collect(runs_dir)
-    write_results(rows, runs_dir, results_dir)
-    return rows
+    from parameternet.runs import RunLock
+
+    # one experiment per results directory; each run also locks its own directory (train_lm)
+    with RunLock(results_dir, "experiment results"):
+        runs_dir = Path(runs_dir)
+        for variant in variants:
+            for seed in variant.seeds:
+                out = runs_dir / f"{variant.name}-s{seed}"
+                if (out / "summary.json").is_file():
+                    log.info("%s: done, skipped", out)
+                    continue
+                run_overrides = [*overrides, *variant.overrides(seed), f"output_dir={out}", "resume=auto"]
+                cfg = load_lm_config(recipe, run_overrides)
+                log.info("=== %s seed %d -> %s", variant.name, seed, out)
+                train_lm(cfg)
+        rows = collect(runs_dir)
+        write_results(rows, runs_dir, results_dir)
+        return rows
 
 
 def _curve(run: Path, split: str, key: str) -> list[tuple[int, float]]:

@@ -405,6 +405,10 @@ def _finished_summary(run_dir: Path) -> dict[str, Any] | None:
 def _init_worker() -> None:
     import torch
 
+    from parameternet.runs import die_with_parent
+
+    die_with_parent()  # SIGTERM when the parent dies: the run saves a checkpoint and exits, never left running
+
     torch.set_num_threads(1)
     try:
         torch.set_num_interop_threads(1)

@@ -184,7 +184,19 @@ def export_onnx(
     path = Path(path)
     if path.suffix != ".onnx":
         raise ParameterNetError(f"the output path must end in .onnx, got {str(path)!r}.")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from parameternet.runs import atomic_path
+
+    # written and checked under a temporary name, then renamed: a full disk or a failed check leaves no .onnx
+    with atomic_path(path, keep_suffix=True) as tmp:
+        report = _export_to(model, Path(tmp), dynamic_batch, batch_size, opset, deploy, img_size, exporter, check,
+                            rtol, runtime, per_image)  # fmt: skip
+    report.path = str(path)
+    log.debug("%s", report)
+    return report
+
+
+def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, exporter, check, rtol, runtime,
+               per_image) -> ExportReport:  # fmt: skip
     chans, height, width = _input_shape(model, img_size)
     ref = next(iter(model.parameters()), None)
     device = ref.device if ref is not None else torch.device("cpu")
@@ -270,5 +282,4 @@ def export_onnx(
         size_mb=path.stat().st_size / 2**20,
         nchwc_rel_error=nchwc_error,
     )
-    log.debug("%s", report)
     return report

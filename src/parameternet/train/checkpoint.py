@@ -2,37 +2,44 @@
 
 A checkpoint at step S in ``OUTPUT_DIR/checkpoints/`` is
 
-- ``step_000S.safetensors``: the model weights, with the model name, class count and the resolved recipe in
-  the safetensors metadata, so ``parameternet eval`` and ``init_from`` need nothing else;
+- ``step_000S.safetensors``: the model weights, with the one metadata schema (:func:`read_metadata`: model name,
+  build arguments, class count, input channels and size, conversion steps, the resolved recipe) so
+  ``parameternet eval`` / ``export`` / ``convert``, ``parameternet.load`` and ``init_from`` need nothing else;
 - ``step_000S.ema.safetensors``: the EMA weights, when the recipe keeps an EMA;
-- ``step_000S.state.pt``: optimizer, scheduler, EMA, RNG and data-order state, written last, so a checkpoint
-  without it is incomplete and ignored.
+- ``step_000S.state.pt``: optimizer, scheduler, EMA, RNG and data-order state;
+- ``step_000S.manifest.json``: the size and sha256 of each file above, written last: the commit point.
 
-Every file is written to a temporary name in the same directory and moved into place with ``os.replace``;
-the last ``keep_last`` step checkpoints are kept, plus ``best.*`` (best validation top-1) and ``final.*``.
+Every file goes through :func:`parameternet.runs.atomic_write` (temporary name in the same directory, fsync,
+rename). ``latest()`` returns the newest checkpoint whose files all match their manifest and says which newer
+ones it skipped (truncated, bit-flipped, half-written); a checkpoint written before manifests existed counts
+when its state and weights load. The last ``keep_last`` step checkpoints are kept, plus ``best.*`` (best
+validation top-1) and ``final.*``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from parameternet.errors import ParameterNetError
+from parameternet.runs import atomic_write
 
 __all__ = [
     "CheckpointManager",
     "load_state",
     "load_weights",
     "load_into",
+    "match_fraction",
+    "read_metadata",
     "resolve_weights",
     "save_weights",
     "state_path_for",
@@ -41,55 +48,132 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT = "parameternet-checkpoint-1"
-_STEP = re.compile(r"^step_(\d+)\.state\.pt$")
+RECIPE_KEY = "parameternet"  # parameterize.save's recipe, kept so older readers still load converted models
+_STEP = re.compile(r"^step_(\d+)\.(?:state\.pt|manifest\.json)$")
+MIN_MATCH = 0.9  # init_from / --checkpoint: the share of the model's tensors a checkpoint must fit
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _record(data: bytes) -> dict[str, Any]:
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-    """Write a state dict as safetensors, atomically; metadata values are stored as JSON strings."""
+def _safetensors_bytes(state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> bytes:
+    from safetensors.torch import save
+
     # clone: safetensors refuses tensors that share storage (tied weights)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    meta = {"format": FORMAT, **{k: json.dumps(v) for k, v in metadata.items()}}
-    _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    meta = {"format": FORMAT}
+    for k, v in metadata.items():
+        meta[k] = v if k == RECIPE_KEY and isinstance(v, str) else json.dumps(v)
+    return save(tensors, metadata=meta)
 
 
-def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a safetensors checkpoint and its metadata; a damaged file raises ParameterNetError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ParameterNetError(f"checkpoint {str(path)!r} does not exist; pass a .safetensors file or a run directory")
-    try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
+def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> dict[str, Any]:
+    """Write a state dict as safetensors, atomically; metadata values are stored as JSON strings.
 
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ParameterNetError(f"checkpoint {str(path)!r} is corrupt or not safetensors ({e}); delete it") from None
+    Returns the size (bytes) and sha256 written; a full disk or unwritable directory raises ParameterNetError.
+    """
+    data = _safetensors_bytes(state_dict, metadata)
+    atomic_write(path, data)
+    return _record(data)
+
+
+def _decode(raw: dict[str, str]) -> dict[str, Any]:
     meta = {}
     for k, v in raw.items():
         try:
             meta[k] = json.loads(v)
         except ValueError:
             meta[k] = v
-    return tensors, meta
+    return meta
 
 
-def save_state(path: str | Path, state: dict[str, Any]) -> None:
-    _atomic(Path(path), lambda tmp: torch.save(state, tmp))
+def _not_a_checkpoint(path: Path, e: BaseException) -> ParameterNetError:
+    why = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+    return ParameterNetError(
+        f"{str(path)!r} is not a readable safetensors checkpoint ({why}); "
+        f"pass a .safetensors file written by parameternet (or a run directory)"
+    )
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a safetensors checkpoint and its metadata (JSON-decoded; see :func:`read_metadata` for the schema).
+
+    Raises ParameterNetError for a missing, truncated or foreign file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ParameterNetError(f"checkpoint {str(path)!r} does not exist; pass a .safetensors file or a run directory")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _not_a_checkpoint(path, e) from None
+    return tensors, _decode(raw)
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The one checkpoint metadata schema, from any parameternet safetensors file old or new.
+
+    Keys: ``model`` (timm name or None), ``model_kwargs`` (build arguments, with ``num_classes`` / ``in_chans``),
+    ``num_classes``, ``in_chans``, ``img_size`` (or None), ``parameterize`` (conversion steps, [] for none),
+    ``config`` (the training recipe or None), ``kind`` (``train``, ``convert``, ``lm`` or ``plain``), plus every
+    other key stored. Raises ParameterNetError for a file that is not safetensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ParameterNetError(f"checkpoint {str(path)!r} does not exist; pass a .safetensors file or a run directory")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = _decode(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _not_a_checkpoint(path, e) from None
+    recipe = meta.get(RECIPE_KEY)
+    if isinstance(recipe, str):
+        recipe = json.loads(recipe)
+    if isinstance(recipe, dict):  # written by parameterize.save / convert (format 1)
+        for k in ("model", "model_kwargs", "parameterize"):
+            meta.setdefault(k, recipe.get(k))
+        meta.setdefault("kind", "convert")
+    kwargs = dict(meta.get("model_kwargs") or {})
+    for k in ("num_classes", "in_chans"):
+        if isinstance(meta.get(k), int):
+            kwargs.setdefault(k, meta[k])
+        elif isinstance(kwargs.get(k), int):
+            meta[k] = kwargs[k]
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else None
+    meta["model_kwargs"] = kwargs
+    meta.setdefault("model", None)
+    meta.setdefault("num_classes", None)
+    meta.setdefault("in_chans", None)
+    meta.setdefault("img_size", (cfg or {}).get("img_size"))
+    meta["parameterize"] = meta.get("parameterize") or []
+    meta["config"] = cfg
+    meta.setdefault("kind", "lm" if meta.get("kind") == "parameternet-lm" else "train" if cfg else "plain")
+    if meta["kind"] == "parameternet-lm":
+        meta["kind"] = "lm"
+    return meta
+
+
+def match_fraction(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], skip: tuple[str, ...] = ()) -> float:
+    """The share of ``model``'s tensors (names under ``skip`` aside) that ``state_dict`` has with the same shape."""
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
+    if not own:
+        return 1.0
+    return sum(1 for k, v in own.items() if k in state_dict and state_dict[k].shape == v.shape) / len(own)
+
+
+def save_state(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    atomic_write(path, data)
+    return _record(data)
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
@@ -99,7 +183,7 @@ def load_state(path: str | Path) -> dict[str, Any]:
     except Exception as e:  # torch raises many types for a truncated or foreign file
         raise ParameterNetError(
             f"checkpoint state {str(path)!r} is corrupt or unreadable ({type(e).__name__}); "
-            f"delete it to resume from the checkpoint before"
+            f"resume with resume=auto, which takes the newest complete checkpoint"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ParameterNetError(f"{str(path)!r} is not a parameternet training state; point resume at a run directory")
@@ -132,9 +216,22 @@ def resolve_weights(path: str | Path) -> Path:
     raise ParameterNetError(f"checkpoint {str(p)!r} does not exist; pass a .safetensors file or a run directory")
 
 
-def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str, strict: bool) -> None:
-    """Load weights; shape mismatches always fail, missing / unexpected keys fail when ``strict``, else are logged."""
+def load_into(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str, strict: bool, min_match: float = 0.0
+) -> None:
+    """Load weights; shape mismatches always fail, missing / unexpected keys fail when ``strict``, else are logged.
+
+    With ``min_match`` > 0 a checkpoint that fits fewer than that share of the model's tensors (another
+    architecture) raises ParameterNetError instead of leaving the model mostly as initialised.
+    """
     own = model.state_dict()
+    if min_match > 0:
+        share = match_fraction(model, state_dict)
+        if share < min_match:
+            raise ParameterNetError(
+                f"checkpoint {source} fits only {100 * share:.0f}% of the model's tensors (another architecture?); "
+                f"use a checkpoint of the same model, or pass strict=false to load what fits"
+            )
     for k, v in state_dict.items():
         if k in own and own[k].shape != v.shape:
             raise ParameterNetError(
@@ -157,28 +254,86 @@ def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], sourc
 class CheckpointManager:
     """Writes and finds the checkpoints of one run directory (only the main rank writes)."""
 
+    SUFFIXES = (".safetensors", ".ema.safetensors", ".state.pt")
+
     def __init__(self, directory: str | Path, keep_last: int = 2):
         self.dir = Path(directory)
         self.keep_last = keep_last
+        self.skipped: list[tuple[str, str]] = []  # (tag, reason) of the incomplete checkpoints latest() passed over
 
     def steps(self) -> list[int]:
+        """Steps with a checkpoint on disk (complete or not)."""
         if not self.dir.is_dir():
             return []
-        return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := _STEP.match(p.name)))
+        return sorted({int(m.group(1)) for p in self.dir.iterdir() if (m := _STEP.match(p.name))})
+
+    def verify(self, tag: str) -> str | None:
+        """``None`` when checkpoint ``tag`` is complete, else why not (a missing, truncated or altered file)."""
+        manifest = self.dir / f"{tag}.manifest.json"
+        if manifest.is_file():
+            try:
+                files = json.loads(manifest.read_text())["files"]
+            except (OSError, ValueError, KeyError, TypeError):
+                return f"{manifest.name} is unreadable"
+            for name, rec in files.items():
+                p = self.dir / name
+                if not p.is_file():
+                    return f"{name} is missing"
+                size = p.stat().st_size
+                if size != rec["bytes"]:
+                    return f"{name} has {size} bytes, {rec['bytes']} were written"
+                h = hashlib.sha256()
+                with open(p, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+                if h.hexdigest() != rec["sha256"]:
+                    return f"{name} does not match the checksum written with it"
+            return None
+        state = self.dir / f"{tag}.state.pt"  # written before manifests: the state was the commit point
+        if not state.is_file():
+            return f"{tag} was never completed (no manifest)"
+        try:
+            load_state(state)
+            load_weights(self.dir / f"{tag}.safetensors")
+        except ParameterNetError as e:
+            return str(e).split(";")[0]
+        return None
 
     def latest(self) -> Path | None:
-        """The state file of the newest complete step checkpoint."""
-        steps = self.steps()
-        return self.dir / f"step_{steps[-1]:07d}.state.pt" if steps else None
+        """The state file of the newest complete step checkpoint; incomplete newer ones are logged and listed
+        in :attr:`skipped`."""
+        self.skipped = []
+        for step in reversed(self.steps()):
+            tag = f"step_{step:07d}"
+            reason = self.verify(tag)
+            if reason is None:
+                if self.skipped:
+                    log.warning(
+                        "resume: skipped %s; using %s",
+                        "; ".join(f"{t} ({r})" for t, r in self.skipped),
+                        tag,
+                    )
+                return self.dir / f"{tag}.state.pt"
+            self.skipped.append((tag, reason))
+        if self.skipped:
+            log.warning("resume: no complete checkpoint; skipped %s", "; ".join(f"{t} ({r})" for t, r in self.skipped))
+        return None
 
     def save(self, tag: str, weights: dict, ema: dict | None, state: dict | None, metadata: dict) -> Path:
-        """Write ``<tag>.safetensors`` (+ ``.ema``), then the state (the commit point); prune old steps."""
+        """Write ``<tag>.safetensors`` (+ ``.ema``, + the state), then the manifest (the commit point); prune old
+        steps. A full disk or unwritable directory raises ParameterNetError and leaves older checkpoints intact."""
         path = self.dir / f"{tag}.safetensors"
-        save_weights(path, weights, metadata)
+        # the manifest goes first, so a rewritten tag is never taken for complete half-way through
+        (self.dir / f"{tag}.manifest.json").unlink(missing_ok=True)
+        files = {path.name: save_weights(path, weights, metadata)}
         if ema is not None:
-            save_weights(self.dir / f"{tag}.ema.safetensors", ema, {**metadata, "weights": "ema"})
+            ema_path = self.dir / f"{tag}.ema.safetensors"
+            files[ema_path.name] = save_weights(ema_path, ema, {**metadata, "weights": "ema"})
         if state is not None:
-            save_state(self.dir / f"{tag}.state.pt", {"format": FORMAT, **state})
+            state_path = self.dir / f"{tag}.state.pt"
+            files[state_path.name] = save_state(state_path, {"format": FORMAT, **state})
+        atomic_write(self.dir / f"{tag}.manifest.json", json.dumps({"format": FORMAT, "files": files}, indent=1))
+        if state is not None:
             self._prune()
         return path
 
@@ -188,6 +343,6 @@ class CheckpointManager:
     def _prune(self) -> None:
         for step in self.steps()[: -self.keep_last]:
             tag = f"step_{step:07d}"
-            # the state goes first, so a half-pruned checkpoint is already invisible
-            for suffix in (".state.pt", ".safetensors", ".ema.safetensors"):
+            # the manifest and state go first, so a half-pruned checkpoint is already invisible
+            for suffix in (".manifest.json", ".state.pt", ".safetensors", ".ema.safetensors"):
                 (self.dir / f"{tag}{suffix}").unlink(missing_ok=True)

@@ -104,6 +104,9 @@ class TrainConfig:
     sync_bn: bool = False
     output_dir: str = "runs/default"
     init_from: str | None = None  # checkpoint to start from (pretrain -> fine-tune)
+    init_strict: bool = (
+        True  # init_from refuses a checkpoint fitting < 90% of the model's tensors; false loads what fits
+    )
     resume: str | None = None  # auto = last checkpoint in output_dir, or a checkpoint path
     log_every: int = 50  # steps between train rows in metrics.jsonl
     eval_every_epochs: int = 1  # 0 = only at the end
@@ -115,7 +118,10 @@ class TrainConfig:
     tensorboard: bool = False  # write TensorBoard events when tensorboard is installed
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["init_strict"]:  # the default is left out, so recipes (and run hashes) from before it stay the same
+            del d["init_strict"]
+        return d
 
     def validate(self) -> TrainConfig:
         """Cross-field checks that one type annotation cannot express."""

@@ -38,6 +38,7 @@ import torch
 import yaml
 
 from parameternet.errors import ParameterNetError
+from parameternet.runs import RunInterrupted, RunLock, StopSignal, atomic_write, fs_error
 from parameternet.train import distributed as D
 from parameternet.train.checkpoint import CheckpointManager, load_into, load_state, load_weights
 from parameternet.train.config import _coerce, apply_overrides
@@ -144,10 +145,30 @@ class LMTrainConfig:
             (self.log_every >= 1, "log_every", "at least 1"),
             (self.amp in ("none", "bf16"), "amp", "none or bf16"),
             (self.keep_last >= 1, "keep_last", "at least 1"),
+            (self.model.num_attention_heads > 0, "model.num_attention_heads", "a positive integer"),
+            (self.model.hidden_size > 0, "model.hidden_size", "a positive integer"),
         ]
         for ok, key, what in checks:
             if not ok:
                 raise ParameterNetError(f"{key}={_get(self, key)!r} is invalid; it must be {what}")
+        if self.data.dir is not None and not Path(self.data.dir).expanduser().is_dir():
+            raise ParameterNetError(
+                f"data.dir={self.data.dir!r} does not exist; prepare it with `parameternet lm-data --out "
+                f"{self.data.dir}` or leave data.dir unset for the data cache"
+            )
+        heads, hidden = self.model.num_attention_heads, self.model.hidden_size
+        if hidden % heads:
+            near = min((h for h in range(1, hidden + 1) if hidden % h == 0), key=lambda h: (abs(h - heads), h))
+            raise ParameterNetError(
+                f"model.num_attention_heads={heads} does not divide model.hidden_size={hidden}; use a divisor of "
+                f"it such as {near}"
+            )
+        kv = self.model.num_key_value_heads
+        if kv is not None and (kv <= 0 or self.model.num_attention_heads % kv):
+            raise ParameterNetError(
+                f"model.num_key_value_heads={kv} does not divide model.num_attention_heads="
+                f"{self.model.num_attention_heads}; use a divisor of it"
+            )
         for name in self.model.moe_projections:
             if name not in MOE_PROJECTIONS:
                 raise ParameterNetError(
@@ -242,10 +263,11 @@ def _seed_all(seed: int) -> None:
 class LMTrainer:
     """Builds the data, tokenizer and model a recipe names and trains; ``run()`` returns the summary."""
 
-    def __init__(self, cfg: LMTrainConfig, dist: D.DistInfo):
+    def __init__(self, cfg: LMTrainConfig, dist: D.DistInfo, stop: StopSignal | None = None):
         from parameternet.data.text import prepare_text_data
 
         self.cfg, self.dist, self.device = cfg, dist, dist.device
+        self.stop = stop
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.batch_size % (dist.world_size * cfg.grad_accum):
@@ -257,6 +279,12 @@ class LMTrainer:
         self.out = Path(cfg.output_dir)
         self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.keep_last)
         resume_from = self._find_resume()
+        if resume_from is None and self.ckpt.steps() and cfg.resume == "auto":
+            skipped = "; ".join(f"{t}: {r}" for t, r in self.ckpt.skipped)
+            raise ParameterNetError(
+                f"output_dir {str(self.out)!r} holds no complete checkpoint ({skipped}); choose another output_dir "
+                f"or delete {str(self.ckpt.dir)!r} to start over"
+            )
         if resume_from is None and self.ckpt.steps():
             raise ParameterNetError(
                 f"output_dir {str(self.out)!r} already holds checkpoints; pass resume=auto to continue that run "
@@ -292,10 +320,10 @@ class LMTrainer:
             self._resume(resume_from)
         if dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            atomic_write(self.out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.metrics = _Metrics(self.out, dist.is_main, False)
-        if resume_from is not None:
-            self.metrics.truncate(self.step)
+        # rows after the checkpoint resumed from (or all rows, for a run that never completed a checkpoint)
+        self.metrics.truncate(self.step)
 
     def _build_model(self):
         from parameternet.models.llama_moe import ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM
@@ -361,6 +389,11 @@ class LMTrainer:
         p = Path(r)
         if not p.is_file():
             raise ParameterNetError(f"resume={r!r} does not exist; use resume=auto or a checkpoint's .state.pt")
+        reason = CheckpointManager(p.parent).verify(p.name.removesuffix(".state.pt"))
+        if reason is not None:
+            raise ParameterNetError(
+                f"resume={r!r} is incomplete ({reason}); use resume=auto, which takes the newest complete checkpoint"
+            )
         return p
 
     def _save_step(self) -> None:
@@ -404,13 +437,16 @@ class LMTrainer:
         """``model/``: save_pretrained output plus the tokenizer, written to a temporary directory and renamed."""
         final = self.out / "model"
         if self.dist.is_main:
-            with tempfile.TemporaryDirectory(prefix=".model-", dir=self.out) as tmp:
-                staged = Path(tmp) / "model"
-                self.model.save_pretrained(staged)
-                self.tokenizer.save_pretrained(staged)
-                if final.exists():
-                    final.rename(Path(tmp) / "old")
-                staged.rename(final)
+            try:
+                with tempfile.TemporaryDirectory(prefix=".model-", dir=self.out) as tmp:
+                    staged = Path(tmp) / "model"
+                    self.model.save_pretrained(staged)
+                    self.tokenizer.save_pretrained(staged)
+                    if final.exists():
+                        final.rename(Path(tmp) / "old")
+                    staged.rename(final)
+            except OSError as e:
+                raise (fs_error(final, e) or e) from None
         D.barrier()
         return final
 
@@ -540,8 +576,15 @@ class LMTrainer:
                     self._log_train(bar)
                 if finished or (cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0):
                     self._validate()
-                if finished or self.step % cfg.ckpt_every_steps == 0:
+                saved = finished or self.step % cfg.ckpt_every_steps == 0
+                if saved:
                     self._save_step()
+                if not finished and self._stop_requested():
+                    if not saved:
+                        self._save_step()
+                    D.barrier()
+                    path = self.ckpt.dir / f"step_{self.step:07d}.safetensors"
+                    raise RunInterrupted(self.stop.signum or 2, self.step, path)
         finally:
             if bar is not None:
                 bar.close()
@@ -564,10 +607,17 @@ class LMTrainer:
             "model_dir": str(final),
         }
         if self.dist.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            atomic_write(self.out / "summary.json", json.dumps(summary, indent=1) + "\n")
             self.metrics.close()
             log.info("done: val loss %.4f (ppl %.2f); model in %s", self.last_val["loss"], self.last_val["ppl"], final)
         return summary
+
+    def _stop_requested(self) -> bool:
+        """Whether SIGINT / SIGTERM arrived on any rank (the ranks agree, so all stop at the same step)."""
+        flag = self.stop is not None and self.stop.requested
+        if self.dist.distributed:
+            flag = D.all_reduce_sum(torch.tensor([float(flag)], device=self.device)).item() > 0
+        return flag
 
     def _zero_shot(self) -> dict[str, dict]:
         from parameternet.data.zero_shot import build_tasks
@@ -588,9 +638,15 @@ class LMTrainer:
 
 
 def train_lm(cfg: LMTrainConfig) -> dict[str, Any]:
-    """Run a validated LM recipe (one process or one rank of torchrun) and return its summary."""
+    """Run a validated LM recipe (one process or one rank of torchrun) and return its summary.
+
+    Like :func:`parameternet.train.trainer.train`: ``output_dir/run.lock`` held for the run (ParameterNetError
+    when another live process holds it), SIGINT / SIGTERM save a checkpoint and raise ``RunInterrupted``.
+    """
     dist = D.setup(cfg.device)
     try:
-        return LMTrainer(cfg, dist).run()
+        lock = RunLock(cfg.output_dir) if dist.is_main else contextlib.nullcontext()
+        with lock, StopSignal() as stop:
+            return LMTrainer(cfg, dist, stop).run()
     finally:
         D.cleanup()

@@ -9,6 +9,7 @@ largest sum per character of the continuation.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -177,6 +178,19 @@ def evaluate_saved_lm(
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ParameterNetError(f"{model_dir} has no config.json; pass the model/ directory an lm-train run wrote")
+    if items < 0:
+        raise ParameterNetError(f"--items {items} is negative; pass 0 (no zero-shot tasks) or a positive count")
+    if val_tokens is not None and val_tokens < 1:
+        raise ParameterNetError(f"--val-tokens {val_tokens} is not positive; pass a positive count or leave it out")
+    try:
+        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type != "parameternet_llama":
+        raise ParameterNetError(
+            f"{model_dir / 'config.json'} has model_type {model_type!r}, not 'parameternet_llama'; pass the model/ "
+            f"directory an lm-train run wrote"
+        )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     check_vocab(model, tokenizer)

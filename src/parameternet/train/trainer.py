@@ -33,12 +33,15 @@ import yaml
 from parameternet.data.images import build_dataset
 from parameternet.data.pipeline import BatchTransform, LoaderDataset, collate, pil_transform
 from parameternet.errors import ParameterNetError
+from parameternet.runs import RunInterrupted, RunLock, StopSignal, atomic_write, fs_error
 from parameternet.train import distributed as D
 from parameternet.train.checkpoint import (
+    MIN_MATCH,
     CheckpointManager,
     load_into,
     load_state,
     load_weights,
+    read_metadata,
     resolve_weights,
     state_path_for,
 )
@@ -80,18 +83,30 @@ def _classifier_classes(model: nn.Module, state_dict: dict) -> int | None:
     return int(w.shape[0]) if w is not None else None
 
 
-def init_from_checkpoint(model: nn.Module, path: str, num_classes: int) -> None:
-    """Load pretrained weights; a checkpoint with another class count gets a fresh classifier."""
+def init_from_checkpoint(model: nn.Module, path: str, num_classes: int, strict: bool = True) -> None:
+    """Load pretrained weights; a checkpoint with another class count gets a fresh classifier.
+
+    With ``strict`` a checkpoint that fits fewer than 90% of the model's tensors (another architecture) raises
+    ParameterNetError; without it whatever fits is loaded and the rest logged.
+    """
     weights = resolve_weights(path)
     sd, meta = load_weights(weights)
+    min_match = MIN_MATCH if strict else 0.0
+    if not strict:  # load what fits: tensors of another shape are left as initialised
+        own = model.state_dict()
+        misfit = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+        if misfit:
+            log.warning("init from %s: %d tensors of another shape left as initialised: %s", weights, len(misfit),
+                        misfit[:8])  # fmt: skip
+            sd = {k: v for k, v in sd.items() if k not in misfit}
     src_classes = meta.get("num_classes") or _classifier_classes(model, sd) or num_classes
     if src_classes != num_classes:
         model.reset_classifier(src_classes)  # shape the head like the checkpoint's, load, then replace it
-        load_into(model, sd, str(weights), strict=False)
+        load_into(model, sd, str(weights), strict=False, min_match=min_match)
         model.reset_classifier(num_classes)
         log.info("init from %s: classifier re-initialised (%d -> %d classes)", weights, src_classes, num_classes)
     else:
-        load_into(model, sd, str(weights), strict=False)
+        load_into(model, sd, str(weights), strict=False, min_match=min_match)
         log.info("init from %s (model %s, %d classes)", weights, meta.get("model", "?"), num_classes)
 
 
@@ -203,15 +218,16 @@ class _Metrics:
             return
         rows = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
         keep = [ln for ln in rows if json.loads(ln).get("step", 0) <= last_step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        tmp.replace(self.path)
+        atomic_write(self.path, "".join(ln + "\n" for ln in keep))
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise (fs_error(self.path, e) or e) from None
         if self.tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k not in ("step", "epoch"):
@@ -227,12 +243,19 @@ class _Metrics:
 class Trainer:
     """Builds everything a recipe names and runs it; ``run()`` returns the summary dict."""
 
-    def __init__(self, cfg: TrainConfig, dist: D.DistInfo):
+    def __init__(self, cfg: TrainConfig, dist: D.DistInfo, stop: StopSignal | None = None):
         self.cfg, self.dist = cfg, dist
+        self.stop = stop
         self.device = dist.device
         self.out = Path(cfg.output_dir)
         self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.keep_last)
         resume_from = self._find_resume()
+        if resume_from is None and self.ckpt.steps() and cfg.resume == "auto":
+            skipped = "; ".join(f"{t}: {r}" for t, r in self.ckpt.skipped)
+            raise ParameterNetError(
+                f"output_dir {str(self.out)!r} holds no complete checkpoint ({skipped}); choose another output_dir "
+                f"or delete {str(self.ckpt.dir)!r} to start over"
+            )
         if resume_from is None and self.ckpt.steps():
             raise ParameterNetError(
                 f"output_dir {str(self.out)!r} already holds checkpoints; pass resume=auto to continue that run "
@@ -252,10 +275,10 @@ class Trainer:
             self._resume(resume_from)
         if dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            atomic_write(self.out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.metrics = _Metrics(self.out, dist.is_main, cfg.tensorboard)
-        if resume_from is not None:
-            self.metrics.truncate(self.step)
+        # rows after the checkpoint resumed from (or all rows, for a run that never completed a checkpoint)
+        self.metrics.truncate(self.step)
 
     # ----- setup -----
     def _build_data(self) -> None:
@@ -307,7 +330,7 @@ class Trainer:
         cfg = self.cfg
         model = create_model(cfg, self.num_classes)
         if cfg.init_from:
-            init_from_checkpoint(model, cfg.init_from, self.num_classes)
+            init_from_checkpoint(model, cfg.init_from, self.num_classes, strict=cfg.init_strict)
         if cfg.sync_bn and self.dist.distributed:
             if self.device.type != "cuda":
                 raise ParameterNetError("sync_bn=true needs CUDA devices; set sync_bn=false for CPU runs")
@@ -401,6 +424,11 @@ class Trainer:
             p = state_path_for(p)
         if not p.is_file():
             raise ParameterNetError(f"resume={r!r} does not exist; use resume=auto or a checkpoint's .state.pt")
+        reason = CheckpointManager(p.parent).verify(p.name.removesuffix(".state.pt"))
+        if reason is not None:
+            raise ParameterNetError(
+                f"resume={r!r} is incomplete ({reason}); use resume=auto, which takes the newest complete checkpoint"
+            )
         return p
 
     def _metadata(self) -> dict[str, Any]:
@@ -506,8 +534,9 @@ class Trainer:
             self.best, self.best_step = score, self.step
             self._save("best")
             if self.dist.is_main:
-                (self.out / "checkpoints" / "best.json").write_text(
-                    json.dumps({"step": self.step, "val": self.last_val}, indent=1) + "\n"
+                atomic_write(
+                    self.out / "checkpoints" / "best.json",
+                    json.dumps({"step": self.step, "val": self.last_val}, indent=1) + "\n",
                 )
         self.model.train()
 
@@ -546,7 +575,12 @@ class Trainer:
             it = iter(self.train_loader)
             while self.pos < self.steps_per_epoch and self.step < self.total_steps:
                 t0 = time.perf_counter()
-                x, y = next(it)
+                try:
+                    x, y = next(it)
+                except Exception:
+                    if self._stop_requested():  # Ctrl-C also stops the loader's workers: save what the step has
+                        self._interrupt()
+                    raise
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                 t1 = time.perf_counter()
                 loss = self._train_step(x, y)
@@ -579,8 +613,24 @@ class Trainer:
                     self._save()
                 if finished:
                     self._save("final")
+                elif self._stop_requested():
+                    self._interrupt(saved=do_ckpt)
                 if epoch_end:
                     break
+
+    def _stop_requested(self) -> bool:
+        """Whether SIGINT / SIGTERM arrived (on any rank: the ranks agree, so all of them stop at the same step)."""
+        flag = self.stop is not None and self.stop.requested
+        if self.dist.distributed:
+            flag = D.all_reduce_sum(torch.tensor([float(flag)], device=self.device)).item() > 0
+        return flag
+
+    def _interrupt(self, saved: bool = False) -> None:
+        if not saved:
+            self._save()
+        D.barrier()
+        path = self.ckpt.dir / f"step_{self.step:07d}.safetensors"
+        raise RunInterrupted(self.stop.signum if self.stop and self.stop.signum else 2, self.step, path)
 
     def _lr(self) -> float:
         return max(g["lr"] for g in self.optimizer.param_groups)
@@ -670,7 +720,7 @@ class Trainer:
             "best_step": self.best_step,
         }
         if self.dist.is_main and steps:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            atomic_write(self.out / "summary.json", json.dumps(summary, indent=1) + "\n")
             val = self.last_val.get("ema") or self.last_val.get("model")
             log.info(
                 "done: %d steps in %.1f s (%.0f img/s); data wait %.4f s/step vs step %.4f s/step (%.1f%% waiting)",
@@ -687,10 +737,17 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run a validated recipe (single process or one rank of torchrun) and return its summary."""
+    """Run a validated recipe (single process or one rank of torchrun) and return its summary.
+
+    The main rank holds ``output_dir/run.lock`` for the whole run (ParameterNetError when another live process
+    holds it). SIGINT / SIGTERM finish the step, write a checkpoint and raise
+    :class:`~parameternet.runs.RunInterrupted`; a second signal exits at once.
+    """
     dist = D.setup(cfg.device)
     try:
-        return Trainer(cfg, dist).run()
+        lock = RunLock(cfg.output_dir) if dist.is_main else contextlib.nullcontext()
+        with lock, StopSignal() as stop:
+            return Trainer(cfg, dist, stop).run()
     finally:
         D.cleanup()
 
@@ -698,10 +755,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def evaluate_checkpoint(path: str, overrides: list[str]) -> dict[str, Any]:
     """Top-1 / top-5 / loss of a checkpoint on ``data=SPEC`` (the recipe comes from the checkpoint)."""
     weights = resolve_weights(path)
-    sd, meta = load_weights(weights)
-    if "model" not in meta:
-        raise ParameterNetError(f"{str(weights)!r} has no parameternet metadata (model name); evaluate a run's file")
-    cfg = config_from_dict(meta.get("config") or {"model": meta["model"]})
+    meta = read_metadata(weights)
+    if not meta["model"]:
+        raise ParameterNetError(
+            f"{str(weights)!r} does not name its model (no parameternet metadata); evaluate a file written by "
+            f"parameternet train or convert"
+        )
+    sd, _ = load_weights(weights)
+    if meta["config"]:
+        cfg = config_from_dict(meta["config"])
+    else:  # a convert / parameterize.save output: the model's own input size and channels
+        cfg = config_from_dict({"model": meta["model"]})
+        cfg.model_kwargs = {k: v for k, v in meta["model_kwargs"].items() if k not in ("num_classes", "in_chans")}
+        cfg.in_chans = meta["in_chans"] or cfg.in_chans
+        cfg.img_size = meta["img_size"] or cfg.img_size
     cfg.resume = cfg.init_from = None
     overrides = [f"data.val={o.split('=', 1)[1]}" if o.startswith("data=") else o for o in overrides]
     apply_overrides(cfg, overrides)
@@ -711,8 +778,14 @@ def evaluate_checkpoint(path: str, overrides: list[str]) -> dict[str, Any]:
     dist = D.setup(cfg.device)
     try:
         _seed_all(cfg.seed)
-        num_classes = int(meta["num_classes"])
-        model = create_model(cfg, num_classes)
+        if meta["parameterize"]:  # a converted model: rebuilt from its recipe
+            from parameternet.parameterize import build_from_recipe
+
+            model = build_from_recipe(meta)
+            num_classes = int(meta["num_classes"] or model.num_classes)
+        else:
+            num_classes = int(meta["num_classes"] or _classifier_classes(create_model(cfg, 1), sd) or 1000)
+            model = create_model(cfg, num_classes)
         load_into(model, sd, str(weights), strict=True)
         model.to(dist.device)
         ds = build_dataset(cfg.data.val)
