@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import time
 
 import pytest
 import timm
@@ -210,3 +211,44 @@ def test_generic_mini_takes_width_and_head_and_repconv_deploys_to_the_static_mod
         timm.create_model("ghostnet_mini_025", method="repconv")
     with pytest.raises(parameternet.ParameterNetError, match="width > 0"):
         timm.create_model("ghostnet_mini", width=0)
+
+
+def _last_step(metrics) -> int:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return max((r.get("step", 0) for r in rows), default=0)
+
+
+def test_sigterm_stops_the_grid_after_the_running_runs_save_and_the_same_command_resumes(packaged_data, tmp_path):
+    import dataclasses
+    import os
+    import signal
+    import threading
+
+    from parameternet.runs import RunInterrupted
+
+    long = dataclasses.replace(
+        pitfall.PRESETS["smoke"],
+        overrides=(*pitfall.PRESETS["smoke"].overrides, "max_steps=4000", "ckpt_every_steps=0"),
+    )
+    runner = pitfall._Runner(long, tmp_path / "out", tmp_path / "runs", 2, 60.0)
+
+    def signal_once_training():  # once both runs are past step 100, as a user's kill would be
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            steps = [_last_step(p) for p in (tmp_path / "runs").rglob("metrics.jsonl")]
+            if len(steps) == 2 and min(steps) >= 100:
+                break
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    timer = threading.Thread(target=signal_once_training, daemon=True)
+    timer.start()
+    try:
+        with pytest.raises(RunInterrupted) as info:
+            runner.run(((pitfall.static_cell(0.25).name, (0,)),))
+    finally:
+        timer.join()
+    assert info.value.exit_code == 128 + signal.SIGTERM
+    saved = sorted(p.name for p in (tmp_path / "runs").rglob("step_*.safetensors"))
+    assert saved, "the interrupted runs saved no checkpoint"
+    assert not list((tmp_path / "runs").rglob("*.tmp")) and not read_rows(tmp_path / "out" / "results.csv")

@@ -293,7 +293,10 @@ class RunInterrupted(Exception):
         self.exit_code = 128 + signum
         name = signal.Signals(signum).name
         saved = f"saved {checkpoint}" if checkpoint else "nothing to save yet"
-        super().__init__(f"stopped by {name} at step {step}; {saved}")
+        super().__init__(f"stopped by {name}{'' if step is None else f' at step {step}'}; {saved}")
+
+    def __reduce__(self):  # crosses process boundaries (the experiments' worker pools) with its fields
+        return (type(self), (self.signum, self.step, self.checkpoint))
 
 
 class StopSignal:

@@ -29,6 +29,7 @@ each (``jobs`` of them side by side).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -37,6 +38,7 @@ import logging
 import math
 import os
 import re
+import signal
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -402,12 +404,22 @@ def _finished_summary(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
+def _stop_worker(signum: int, frame: Any) -> None:
+    from parameternet.runs import RunInterrupted
+
+    raise RunInterrupted(signum, None, None)
+
+
 def _init_worker() -> None:
     import torch
 
     from parameternet.runs import die_with_parent
 
-    die_with_parent()  # SIGTERM when the parent dies: the run saves a checkpoint and exits, never left running
+    # A signal before the trainer installs its own handler (which saves a checkpoint) stops the worker at once:
+    # nothing has been trained yet. SIGTERM also comes when the parent dies, so no worker is ever left running.
+    signal.signal(signal.SIGTERM, _stop_worker)
+    signal.signal(signal.SIGINT, _stop_worker)
+    die_with_parent()
 
     torch.set_num_threads(1)
     try:
@@ -586,6 +598,7 @@ class _Runner:
         if self.prov["dirty"]:
             log.warning("pitfall: the source tree has uncommitted changes; rows are marked dirty=True")
         self.sizes: dict[str, tuple[int, int]] = {}
+        self._last_heartbeat = time.perf_counter()
 
     def done(self) -> set[tuple[str, str, int]]:
         return {(r["model"], r["regime"], r["seed"]) for r in self.rows}
@@ -633,6 +646,16 @@ class _Runner:
         )  # fmt: skip
 
     def _execute(self, tasks: list[_Task]) -> None:
+        """Run ``tasks`` in the worker pool, writing each row as it lands.
+
+        On SIGINT / SIGTERM no new run starts, the running ones save a checkpoint (a SIGTERM sent to this process
+        alone is passed on to them; a terminal's Ctrl-C reaches them by itself) and :class:`RunInterrupted` is
+        raised once they have; the same command resumes. A second signal exits at once.
+        """
+        from tqdm.auto import tqdm
+
+        from parameternet.runs import RunInterrupted, StopSignal
+
         pending = list(tasks)
         for t in pending:  # runs that finished before the CSV row was written (a crash in between)
             t.summary = _finished_summary(t.run_dir)
@@ -645,9 +668,22 @@ class _Runner:
 
         ctx = get_context("spawn")
         running: dict[Future, _Task] = {}
-        with ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx, initializer=_init_worker) as pool:
+        bar = tqdm(total=len(pending), desc=f"pitfall {self.preset.name}", unit="run", disable=None, leave=False)
+        forwarded = False
+        with (
+            bar,
+            StopSignal() as stop,
+            ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx, initializer=_init_worker) as pool,
+        ):
             while pending or running:
-                while len(running) < self.jobs:
+                if stop.requested:
+                    pending.clear()
+                    if stop.signum == signal.SIGTERM and not forwarded:
+                        for proc in list(getattr(pool, "_processes", {}).values()):
+                            with contextlib.suppress(OSError):
+                                os.kill(proc.pid, signal.SIGTERM)
+                        forwarded = True
+                while len(running) < self.jobs and not stop.requested:
                     ready = next((t for t in pending if t.after is None or t.after.summary is not None), None)
                     if ready is None:
                         break
@@ -661,20 +697,31 @@ class _Runner:
                     running[pool.submit(_train_worker, ready.cfg, diagnose)] = ready
                 if not running:
                     break
-                finished, _ = wait(running, timeout=self.heartbeat_s, return_when=FIRST_COMPLETED)
-                if not finished:
+                finished, _ = wait(running, timeout=min(self.heartbeat_s, 1.0), return_when=FIRST_COMPLETED)
+                now = time.perf_counter()
+                if not finished and now - self._last_heartbeat >= self.heartbeat_s:
+                    self._last_heartbeat = now
                     log.info("  running: %s", "; ".join(_progress(t) for t in running.values()))
                 for fut in finished:
                     task = running.pop(fut)
+                    bar.update(1)
                     try:
                         task.summary, task.routing = fut.result()
+                    except RunInterrupted as e:
+                        log.warning("  %s %s seed %d: %s", task.cell.name, task.stage, task.seed, e)
+                        continue
                     except Exception as e:  # one broken run must not stop the grid; it is reported at the end
+                        if stop.requested:  # a worker stopped before its trainer could take the signal
+                            log.warning("  %s %s seed %d stopped: %s", task.cell.name, task.stage, task.seed, e)
+                            continue
                         failures.append(f"{task.cell.name} {task.stage} seed {task.seed}: {e}")
                         log.error("  FAILED %s %s seed %d: %s", task.cell.name, task.stage, task.seed, e)
                         pending = [t for t in pending if t.after is not task]
                         continue
                     self._finish(task)
         log.info("pitfall %s: %.1f min", self.preset.name, (time.perf_counter() - start) / 60)
+        if stop.requested:
+            raise RunInterrupted(stop.signum, None, "a checkpoint of every run in progress")
         if failures:
             raise ParameterNetError(
                 f"{len(failures)} run(s) failed, first: {failures[0]}; fix the cause and run the command again"
@@ -744,16 +791,19 @@ def run_pitfall(
     cells = [Cell.parse(m) for m in models or ()]
     p = PRESETS[preset]
     output = Path(output) if output is not None else default_output(preset)
-    runner = _Runner(p, output, Path(runs_dir), jobs, heartbeat_s)
-    if cells:
-        grid = tuple((c.name, tuple(range(seeds or 3))) for c in cells)
-    else:
-        width = _run_gate(runner) if p.gate else p.width
-        grid = p.grid(width)
-        if seeds is not None:
-            grid = tuple((n, tuple(range(seeds))) for n in dict.fromkeys(n for n, _ in grid))
-    runner.run(grid)
-    return report(output, preset=p.name)
+    from parameternet.runs import RunLock
+
+    with RunLock(output, "pitfall results"):  # one writer of results.csv; each run also locks its own directory
+        runner = _Runner(p, output, Path(runs_dir), jobs, heartbeat_s)
+        if cells:
+            grid = tuple((c.name, tuple(range(seeds or 3))) for c in cells)
+        else:
+            width = _run_gate(runner) if p.gate else p.width
+            grid = p.grid(width)
+            if seeds is not None:
+                grid = tuple((n, tuple(range(seeds))) for n in dict.fromkeys(n for n, _ in grid))
+        runner.run(grid)
+        return report(output, preset=p.name)
 
 
 def default_output(preset: str) -> Path:
