@@ -108,3 +108,25 @@ def test_folder_dataset_and_pil_pipeline_are_seeded_per_image(tmp_path):
 def test_missing_cifar_without_download_says_what_to_do(tmp_path):
     with pytest.raises(ParameterNetError, match="cifar10 is not in"):
         build_dataset(f"cifar10:train:download=false:root={tmp_path}")
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_corrupt_image_is_one_sentence_naming_the_file(tmp_path, capsys, num_workers):
+    root, tmp_path = tmp_path / "data", tmp_path  # the images, and where the run writes
+    from parameternet.cli import main
+
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    (root / "dog" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(ParameterNetError, match=r"dog/2.png' could not be decoded"):
+        build_dataset(f"folder:{root}").load_pil(6)
+    args = [
+        "train", "configs/smoke.yaml", f"data.train=folder:{root}", f"data.val=folder:{root}", "img_size=16",
+        "batch_size=8", "max_steps=2", f"data.num_workers={num_workers}", f"output_dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2.png' could not be decoded" in err[0] and "Traceback" not in err[0]

@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return e.exit_code
     except USER_ERRORS as e:
-        print(f"parameternet {args.command}: error: {e}", file=sys.stderr)
+        print(f"parameternet {args.command}: error: {_one_sentence(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # a write the library did not route through its atomic writer
         err = fs_error(e.filename or ".", e) if e.filename else None
@@ -398,6 +398,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"parameternet {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_sentence(e: BaseException) -> str:
+    """The error's own sentence: a DataLoader worker re-raises it with the worker's traceback around it."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def _resume_line(argv: list[str] | None, command: str) -> str:

@@ -248,10 +248,17 @@ class FolderImages(torch.utils.data.Dataset):
         return None
 
     def load_pil(self, i: int) -> tuple[Image.Image, int]:
+        """Image ``i`` decoded by PIL, and its class; raises :class:`ParameterNetError` naming a file that is not
+        a readable image."""
         path, target = self.samples[i]
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            img.load()
+        try:
+            with open(path, "rb") as f:
+                img = Image.open(f)
+                img.load()
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise ParameterNetError(
+                f"image {path!r} could not be decoded ({type(e).__name__}: {e}); remove or replace the file"
+            ) from None
         return img, target
 
     def subset(self, indices: np.ndarray) -> FolderImages:
