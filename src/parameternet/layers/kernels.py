@@ -173,7 +173,31 @@ def per_sample_matmul(
 
     ``x`` is ``(B, I, L)`` with ``channels_first``, else ``(B, L, I)``; ``bias`` is ``(B, O)`` or None. When all
     the per-sample kernels fit in one chunk they are built at once and autograd keeps them, which is cheaper.
+    Under ``torch.autocast`` every operand is cast to the autocast dtype (on both sides of the size threshold) and
+    the output has that dtype; gradients come back in each operand's own dtype. Mixed dtypes without autocast are
+    refused by ``torch.bmm``, as ``nn.Linear`` refuses them.
     """
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        # Autocast does not reach into an autograd Function (nor does it cast bmm's ``out=``): cast once as it
+        # would for bmm, and run the kernels with it off. The casts' backward returns every gradient in its
+        # input's dtype (fp32 experts get fp32 gradients).
+        x, alpha, bank = x.to(dtype), alpha.to(dtype), bank.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return _per_sample_matmul(x, alpha, bank, bias, channels_first)
+    return _per_sample_matmul(x, alpha, bank, bias, channels_first)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a matmul of ``x`` in, or None when autocast is off for its device."""
+    device = x.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+def _per_sample_matmul(x, alpha, bank, bias, channels_first):
     B, (M, n_out, n_in) = x.shape[0], bank.shape
     if B * n_out * n_in * bank.element_size() <= (KEEP_BYTES if x.device.type == "cpu" else KEEP_BYTES_GPU):
         w = _mix(alpha, bank.reshape(M, n_out * n_in), (n_out, n_in))  # (B, O, I)
