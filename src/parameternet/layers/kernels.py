@@ -24,6 +24,8 @@ from parameternet.layers.router import LinearSigmoidRouter
 
 __all__ = [
     "CHUNK_BYTES",
+    "counting_trace",
+    "is_counting_trace",
     "KEEP_BYTES",
     "KEEP_BYTES_GPU",
     "MEAN_MIN_NUMEL",
@@ -44,6 +46,26 @@ KEEP_BYTES = 4 << 20
 KEEP_BYTES_GPU = 2 << 30
 # Below this many elements the stock mean backward is cheaper than a Python autograd function.
 MEAN_MIN_NUMEL = 1 << 16
+
+
+_COUNTING = [False]
+
+
+class counting_trace:
+    """While active, ``torch.jit.trace`` of a dynamic layer records the paper's plain formulas (what the MAC
+    counter counts: a grouped conv over the batch, whose group count fixes the batch size) instead of the
+    batch-agnostic graph formulations every other trace gets."""
+
+    def __enter__(self):
+        self.prev = _COUNTING[0]
+        _COUNTING[0] = True
+
+    def __exit__(self, *exc):
+        _COUNTING[0] = self.prev
+
+
+def is_counting_trace() -> bool:
+    return _COUNTING[0]
 
 
 def _plain_linear(router: nn.Module) -> nn.Linear | None:
