@@ -12,8 +12,9 @@ per-sample reference in ``tests/test_layers.py``):
   channels, ``conv(x.view(1, B*C, H, W), groups=B*g)``, for a depthwise layer an ordinary depthwise conv.
 - the MAC counter's ``torch.jit.trace`` (inside :class:`~parameternet.layers.kernels.counting_trace`): the same
   formulas with plain ops, so the count is the paper's.
-- ``torch.compile``, ONNX export, any other ``torch.jit.trace`` and ``torch.fx`` symbolic tracing (``graph_path``): a group count of ``B*g`` fixes the batch size in the graph,
-  so these formulations never put the batch in an attribute. ``pointwise``: the batched matmul of mixed kernels.
+- ``torch.compile``, ONNX export, any other ``torch.jit.trace`` and ``torch.fx`` symbolic tracing
+  (``graph_path``): a group count of ``B*g`` fixes the batch size in the graph, so these formulations
+  never put the batch in an attribute. ``pointwise``: the batched matmul of mixed kernels.
   ``stacked`` (one input channel per group, e.g. depthwise): one static conv with the M experts stacked as output
   channels, then the M outputs mixed (M times the conv's multiply-adds, which are few for depthwise; the conv keeps
   constant weights, which is what runtimes optimise). ``unfold`` (the rest, e.g. a dense stem): image patches by
