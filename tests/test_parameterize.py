@@ -434,3 +434,123 @@ def test_convert_cli_bad_input_is_one_sentence_and_exit_2(tmp_path, capsys, args
 def test_convert_refuses_an_output_that_is_not_safetensors(tmp_path, capsys):
     assert main(["convert", "resnet10t", "--experts", "2", "-o", str(tmp_path / "x.pt")]) == 2
     assert "must be a .safetensors file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Execution modes after conversion: fused fast paths, sequence-first inputs, weight tying, structured inputs
+
+
+def randomize_routers(model: nn.Module) -> None:
+    """Routers that differ per sample (an upcycled model's give every sample the same coefficients)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (DynamicConv2d, DynamicLinear)):
+                for p in m.router.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "sequence-first"])
+def test_transformer_encoder_converts_and_keeps_samples_apart_in_every_grad_mode(batch_first):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first)
+    dense = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    d = 0 if batch_first else 1
+    x = torch.randn(5, 6, 16) if batch_first else torch.randn(6, 5, 16)
+    with torch.no_grad():
+        want = dense(x)
+    model = parameterize(copy.deepcopy(dense), 4, example_input=x.narrow(d, 0, 1), count_macs=False)
+    report = model.parameterize_report
+    assert report.converted == ["layers.0.linear1", "layers.0.linear2", "layers.1.linear1", "layers.1.linear2"]
+    assert report.batch_dims == ({} if batch_first else dict.fromkeys(report.converted, 1))
+    model.eval()
+    with torch.no_grad():  # the fused fast path read linear1.weight: "2d weights expected"
+        close(model(x), want, 1e-4)
+    with torch.inference_mode():
+        close(model(x), want, 1e-4)
+    randomize_routers(model)
+    with torch.no_grad():
+        batch = model(x)
+        for i in (0, 2):  # a sample alone gives what it gives in the batch of 5
+            close(model(x.narrow(d, i, 1)), batch.narrow(d, i, 1), 1e-4)
+    y = model(x.requires_grad_())  # grad enabled, and the gradient flows
+    y.sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in model.layers[0].linear1.parameters())
+
+
+class Bypassing(nn.Module):
+    """A parent that, like PyTorch's fused fast paths, reads its linear's weight under no_grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.nn.functional.linear(x, self.fc.weight, self.fc.bias) if not torch.is_grad_enabled() else self.fc(x)
+        return self.out(h.relu())
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.mid = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(self.mid(self.embed(tokens)))
+
+
+def test_layers_a_parent_bypasses_or_whose_weight_is_tied_stay_static_with_the_reason():
+    model = parameterize(Bypassing(), 4, example_input=torch.randn(3, 5, 8), count_macs=False)
+    report = model.parameterize_report
+    assert report.converted == ["out"]
+    assert report.static["fc"].startswith("bypassed: its parent Bypassing '' reads its weight instead of calling it")
+    with torch.no_grad():
+        assert model(torch.randn(2, 5, 8)).shape == (2, 5, 4)
+    model = parameterize(Tied(), 4, example_input=torch.randint(0, 10, (2, 7)), count_macs=False)
+    assert model.parameterize_report.converted == ["mid"]
+    assert model.parameterize_report.static["head"].startswith("weight tied")
+    assert model.head.weight is model.embed.weight
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Linear(4, 8)
+
+    def forward(self, images, extra, scale=1.0):
+        return self.a(images).mean((2, 3)) * scale + self.b(extra).mean(1)
+
+
+@pytest.mark.parametrize(
+    "example",
+    [
+        (torch.randn(2, 3, 8, 8), torch.randn(2, 5, 4)),
+        {"images": torch.randn(1, 3, 8, 8), "extra": torch.randn(1, 5, 4), "scale": 2.0},
+    ],
+    ids=["tuple", "dict"],
+)
+def test_example_input_takes_what_forward_takes(example):
+    model = parameterize(TwoInputs(), 4, example_input=example)
+    report = model.parameterize_report
+    assert report.converted == ["a", "b"] and report.input_shape[1:] == [3, 8, 8]
+    assert "MACs not counted: the counter takes one input tensor" in report.notes
+
+
+def test_example_input_as_a_list_of_images():
+    class Detector(nn.Module):  # torchvision's detection models take a list of (C, H, W) images
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, images):
+            return [self.conv(img.unsqueeze(0))[0] for img in images]
+
+    model = parameterize(Detector(), 4, example_input=[torch.randn(3, 8, 8), torch.randn(3, 6, 6)])
+    assert model.parameterize_report.converted == ["conv"]
+    with pytest.raises(ParameterNetError, match="example_input holds no tensor"):
+        parameterize(Detector(), 4, example_input={"images": []})
