@@ -258,7 +258,10 @@ class DynamicConv2d(nn.Module):
         bias = self._mixed_bias(alpha, per_sample=False)  # (B, O), (O,) or None
         M, c_in, c_out, g = self.num_experts, self.in_channels, self.out_channels, self.groups
         if self.export_batch_size is not None and torch.onnx.is_in_onnx_export():
-            weight = (alpha @ self.weight.view(M, -1)).view(-1, *self.weight.shape[2:])  # (B*O, I/g, kh, kw)
+            # The kernel's shape from the layer, never from shape inference (which a reflect pad or timm's
+            # Conv2dSame upstream loses): (B*O, I/g, kh, kw) with the batch size this graph is for.
+            shape = (self.export_batch_size * c_out, c_in // g, *self.kernel_size)
+            weight = (alpha @ self.weight.view(M, -1)).view(shape)
             if self.export_batch_size == 1:  # a plain conv whose kernel is an input: the bias rides along
                 return self._conv(x, weight, None if bias is None else bias.view(-1), g)
             y = self._conv(x.reshape(1, -1, x.shape[2], x.shape[3]), weight, None, self.export_batch_size * g)
