@@ -554,3 +554,61 @@ def test_example_input_as_a_list_of_images():
     assert model.parameterize_report.converted == ["conv"]
     with pytest.raises(ParameterNetError, match="example_input holds no tensor"):
         parameterize(Detector(), 4, example_input={"images": []})
+
+
+def converted(name: str) -> tuple[nn.Module, torch.Tensor]:
+    """A converted model with routers that differ per sample, and a batch of 3 inputs."""
+    if name == "user-sequential":
+        dense, size = user_model(), 16
+    else:
+        dense, size = build(name)
+    model = parameterize(dense, 3, example_input=(1, 3, size, size), count_macs=False)
+    randomize_routers(model)
+    return model.eval(), torch.randn(3, 3, size, size)
+
+
+MODE_MODELS = ["resnet10t", "mobilenetv3_small_050", "vit_tiny_patch16_224", "user-sequential"]
+
+
+@pytest.mark.parametrize("name", MODE_MODELS)
+def test_converted_models_in_every_mode(name):
+    """Per-sample reference: each sample alone, fp32, grad enabled. Then no_grad, inference_mode, bf16 autocast
+    forward and backward, channels_last, torch.jit.trace at batch 2 run at 3, torch.fx, deploy()."""
+    model, x = converted(name)
+    ref = torch.cat([model(xb) for xb in x.split(1)]).detach()
+    with torch.no_grad():
+        close(model(x), ref, 1e-4)
+    with torch.inference_mode():
+        close(model(x), ref, 1e-4)
+    close(model(x.contiguous(memory_format=torch.channels_last)).detach(), ref, 1e-4)
+    xg = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(xg)
+    y.float().sum().backward()
+    close(y.float().detach(), ref, 6e-2)
+    assert xg.grad.dtype == torch.float32
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x[:2], check_trace=False)
+        close(traced(x), ref, 1e-4)
+        if name != "vit_tiny_patch16_224":  # timm's ViT is not torch.fx-traceable by plain symbolic_trace
+            close(torch.fx.symbolic_trace(model)(x), ref, 1e-4)
+        close(parameternet.deploy(model, example_input=x[:1])(x), ref, 1e-4)
+
+
+def test_timm_feature_extractor_on_a_parameternet():
+    """timm's create_feature_extractor (torch.fx) with the dynamic layers as leaf modules, at two batch sizes."""
+    from timm.models import create_feature_extractor
+
+    torch.manual_seed(0)
+    model = timm.create_model("parameternet_mini_025", num_classes=10).eval()
+    extractor = create_feature_extractor(model, return_nodes={"blocks.1": "mid", "global_pool": "pool"})
+    leaves = {n.target for n in extractor.graph.nodes if n.op == "call_module"}
+    assert "stem.conv" in leaves and isinstance(model.get_submodule("stem.conv"), DynamicConv2d)
+    for batch in (1, 3):
+        x = torch.randn(batch, 1, 28, 28)
+        out = extractor(x)
+        with torch.no_grad():
+            features = model.forward_features(x)
+        assert out["mid"].shape[0] == batch and out["pool"].shape[:2] == (batch, features.shape[1])
