@@ -267,3 +267,22 @@ def test_compile_inductor_forward_backward(path, autocast, monkeypatch):
         y.float().sum().backward()
         assert rel_err(y, reference_of(layer, ref, xb, True)) < (5e-2 if autocast else 1e-4)
         assert xb.grad.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("batch_id", ["b1", "b3", "chunked"])
+@pytest.mark.parametrize("path", PATHS)
+def test_cuda_autocast_forward_backward(path, batch_id, dtype, monkeypatch):
+    layer, x, ref, _ = setup(path, batch_id, monkeypatch)
+    if batch_id == "chunked":
+        monkeypatch.setattr(kernels, "KEEP_BYTES_GPU", 0)
+    layer.train(path != "repconv")
+    want = reference_of(layer, ref, x, layer.training)
+    layer, x = layer.cuda(), x.cuda().requires_grad_()
+    with torch.autocast("cuda", dtype=dtype):
+        y = layer(x)
+    y.float().sum().backward()
+    assert y.dtype == dtype and x.grad.dtype == torch.float32
+    assert rel_err(y.cpu(), want) < 5e-2
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in layer.parameters())
