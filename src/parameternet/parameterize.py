@@ -381,7 +381,8 @@ class _Probe:
     batch_dims: dict[str, int | None] | None = None  # each layer's batch dimension (None: not found)
     model_batch_dim: int | None = None
     pair: tuple[_Example, _Example, _Example] | None = None  # one sample, another, both (along model_batch_dim)
-    outputs: Any = None  # the dense model's output on the first sample (eval, no_grad)
+    outputs: Any = None  # the dense model's output on the first sample (eval, no_grad), else on the example
+    example: _Example | None = None
 
 
 def _record_shapes(layers: dict[str, nn.Module]):
@@ -423,7 +424,7 @@ def _probe(model: nn.Module, layers: dict[str, nn.Module], example: _Example, fi
     _, seen_grad = _run(model, layers, example, grad=True)
     bypassed = {n for n in seen_grad if n not in seen}
     shapes = {n: seen.get(n) or seen_grad[n] for n in seen_grad}
-    probe = _Probe({}, bypassed, outputs=out)
+    probe = _Probe({}, bypassed, outputs=out, example=example)
     if find_batch:
         _find_batch_dims(model, layers, example, probe, shapes)
     dims = probe.batch_dims or {}
@@ -929,9 +930,7 @@ def parameterize(
 
 def _verify(model: nn.Module, converted: dict[str, nn.Module], probe: _Probe, upcycled: bool) -> None:
     """The checks after converting (see ``parameterize(verify=...)``); the model is left as it was."""
-    first = probe.pair[0] if probe.pair else None
-    if first is None:
-        return
+    first = probe.pair[0] if probe.pair else probe.example
     out, seen = _run(model, converted, first)
     missing = [n for n in converted if n in probe.positions and n not in seen]
     if missing:
@@ -945,7 +944,7 @@ def _verify(model: nn.Module, converted: dict[str, nn.Module], probe: _Probe, up
             "mode under no_grad; please report this model."
         )
     routers = [m.router for m in converted.values() if isinstance(m, (DynamicConv2d, DynamicLinear))]
-    if not routers:
+    if not routers or probe.pair is None:  # no batch dimension found: nothing to split
         return
     saved = {id(p): p.detach().clone() for r in routers for p in r.parameters()}
     generator = torch.Generator().manual_seed(2)
