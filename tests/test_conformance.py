@@ -17,6 +17,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from parameternet import DynamicConv2d, DynamicLinear
 from parameternet.layers import RepConv2d, TopKMoELinear, kernels
@@ -286,3 +287,24 @@ def test_cuda_autocast_forward_backward(path, batch_id, dtype, monkeypatch):
     assert y.dtype == dtype and x.grad.dtype == torch.float32
     assert rel_err(y.cpu(), want) < 5e-2
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in layer.parameters())
+
+
+def test_the_issue_case_at_the_real_threshold():
+    """DynamicLinear(512, 512) on (5, 6, 512) under bf16 autocast and no_grad: 5 MB of per-sample kernels, past
+    KEEP_BYTES without any monkeypatching, so the chunked function runs (it raised a dtype error)."""
+    torch.manual_seed(0)
+    layer = DynamicLinear(512, 512)
+    x = torch.randn(5, 6, 512)
+    assert 5 * 512 * 512 * 4 > kernels.KEEP_BYTES
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and rel_err(y, reference_linear(layer, x).detach()) < 5e-2
+
+
+@pytest.mark.parametrize("path", ["conv-pointwise", "conv-dense", "linear"])
+def test_bf16_input_with_fp32_weights_without_autocast_is_refused_like_nn_linear(path, monkeypatch):
+    layer, x, _, _ = setup(path, "b3", monkeypatch)
+    with pytest.raises(RuntimeError, match="must have the same dtype"):
+        nn.Linear(4, 4)(torch.randn(2, 4).bfloat16())
+    with pytest.raises(RuntimeError, match="must have the same dtype"):
+        layer(x.bfloat16())
