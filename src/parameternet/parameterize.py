@@ -897,6 +897,11 @@ def parameterize(
     macs_after = _try_macs(model, x, notes) if macs_before is not None else None
     if verify and probe is not None:
         _verify(model, {n: lookup[n] if n else model for n in selected}, probe, init == "upcycle")
+        if probe.pair is None:
+            notes.append(
+                "no input dimension keeps samples apart in the example: layers taken as batch-first, per-sample "
+                "independence not checked"
+            )
     elif verify:
         notes.append("not self-checked: no example input ran")
 
