@@ -233,3 +233,76 @@ def test_benchmark_cli_writes_csv_json_and_plot(tmp_path, capsys):
 def test_benchmark_rejects_an_unknown_model(capsys):
     assert main(["benchmark", "--models", "parameternet_601m"]) == 2
     assert "unknown model 'parameternet_601m'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fixed-batch graphs after shape-losing ops, the ONNX Runtime CPU graph, bad input
+
+
+def reflect_then_dynamic() -> nn.Module:
+    """A reflect pad upstream loses the conv input's shape in the exporter's shape inference."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(), DynamicConv2d(8, 8, 3, padding=1)
+    ).eval()
+
+
+def converted_conv2d_same() -> nn.Module:
+    """timm's Conv2dSame (TF-ported EfficientNets) upstream of converted layers."""
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(Conv2dSame(3, 8, 3, stride=2), nn.ReLU(), Conv2dSame(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1))
+    model = parameternet.parameterize(dense, 3, init="random", example_input=(1, 3, 9, 9), count_macs=False)
+    assert model.parameterize_report.converted == ["2", "4"]
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        dict(),
+        dict(dynamic_batch=False, batch_size=1),
+        dict(dynamic_batch=False, batch_size=2),
+        dict(dynamic_batch=False, batch_size=3),
+        dict(runtime="onnxruntime-cpu"),
+        dict(dynamic_batch=False, batch_size=1, runtime="onnxruntime-cpu"),
+    ],
+    ids=["dynamic", "batch1", "batch2", "batch3", "ort-cpu-dynamic", "ort-cpu-batch1"],
+)
+@pytest.mark.parametrize("model", [reflect_then_dynamic, converted_conv2d_same], ids=["reflect", "conv2d-same"])
+def test_fixed_batch_graphs_after_shape_losing_ops(model, mode, tmp_path):
+    """export_onnx checks each graph in ONNX Runtime against PyTorch (and raises when it differs)."""
+    report = parameternet.export_onnx(model(), tmp_path / "m.onnx", img_size=9, deploy=False, **mode)
+    assert max(report.max_rel_error.values()) < 1e-4
+    if "batch_size" in mode:
+        assert list(report.max_rel_error) == [mode["batch_size"]]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_depthwise_multiplier_graph_runs_in_onnx_runtime_with_nchwc(batch_size, tmp_path):
+    """Batch 2 equals the channel multiplier; onnx_session() applies the NCHWc rewrite by default."""
+    torch.manual_seed(0)
+    layer = DynamicConv2d(8, 16, 3, padding=1, groups=8).eval()
+    path = tmp_path / "dw.onnx"
+    parameternet.export_onnx(layer, path, img_size=8, in_chans=8, dynamic_batch=False, batch_size=batch_size)
+    x = torch.randn(batch_size, 8, 8, 8)
+    got = torch.from_numpy(onnx_session(path).run(None, {"images": x.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(got, layer(x), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_input_is_one_sentence(tmp_path, capsys):
+    class Unexportable(nn.Module):
+        def forward(self, x):
+            return torch.linalg.svdvals(x)  # no ONNX operator
+
+    with pytest.raises(ParameterNetError, match=r"ONNX export of Unexportable \(symbolic batch, input 3x8x8\) failed"):
+        parameternet.export_onnx(Unexportable(), tmp_path / "u.onnx", img_size=8, deploy=False)
+    with pytest.raises(ParameterNetError, match="in_chans must be a positive integer, got 0"):
+        parameternet.export_onnx(reflect_then_dynamic(), tmp_path / "u.onnx", img_size=8, in_chans=0)
+    for bad in ("0", "-2"):
+        assert main(["export", "parameternet_mini_025", "--onnx", str(tmp_path / "z.onnx"), "--batch-size", bad]) != 0
+        err = capsys.readouterr().err
+        assert f"batch_size must be a positive integer, got {bad}." in err and "Traceback" not in err
+    assert not (tmp_path / "z.onnx").exists()

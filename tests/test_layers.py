@@ -239,5 +239,7 @@ def test_bad_inputs_say_what_is_wrong():
         conv(torch.randn(2, 1, 8, 8))
     with pytest.raises(ParameterNetError, match=r"expects a 4-d input \(B, C, H, W\), got shape \(3, 8, 8\)"):
         conv(torch.randn(3, 8, 8))
-    with pytest.raises(ParameterNetError, match=r"expects an input \(B, ..., 4\), got shape \(2, 5\)"):
+    with pytest.raises(ParameterNetError, match=r"expects an input \(B, ..., 4\) with the batch in dimension 0, got"):
         DynamicLinear(4, 2)(torch.randn(2, 5))
+    with pytest.raises(ParameterNetError, match="batch_dim must be an integer >= 0, got -1"):
+        DynamicLinear(4, 2, batch_dim=-1)

@@ -12,10 +12,60 @@ from parameternet import ParameterNetError
 from parameternet.cli import main
 from parameternet.profile import ort_nchwc
 from parameternet.profile.export import onnx_session
-from parameternet.profile.ort_nchwc import NCHWC, nchwc_block_size, optimize_for_onnxruntime
+from parameternet.profile.ort_nchwc import NCHWC, nchwc_block_size, onnxruntime_block_size, optimize_for_onnxruntime
 from test_export import IMG, assert_close_relative, build, images, tiny_parameternet
 
-needs_nchwc = pytest.mark.skipif(nchwc_block_size() is None, reason="this ONNX Runtime has no NCHWc kernels")
+# Skipped only where ONNX Runtime itself has no NCHWc kernels; where it has them, a rewrite that fails its
+# self-check fails test_the_self_check_passes_where_the_kernels_exist (and every test below), never a skip.
+needs_nchwc = pytest.mark.skipif(
+    onnxruntime_block_size() is None, reason="this ONNX Runtime build or CPU has no NCHWc kernels"
+)
+
+
+@needs_nchwc
+def test_the_self_check_passes_where_the_kernels_exist():
+    assert nchwc_block_size() == onnxruntime_block_size() in (8, 16)
+
+
+def depthwise_graph(batch: int, c: int = 8, multiplier: int = 2, M: int = 3) -> onnx.ModelProto:
+    """A fixed-batch dynamic depthwise conv as a graph holds it: the batch folded into the channels, and the kernel
+    ``Reshape(MatMul(alpha, experts), (-1, 1, 3, 3))`` of ``batch * c * multiplier`` rows."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    o = c * multiplier
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((M, o * 9)).astype(np.float32), "bank"),
+        numpy_helper.from_array(np.array([-1, 1, 3, 3], np.int64), "shape"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["alpha", "bank"], ["m"]),
+        helper.make_node("Reshape", ["m", "shape"], ["w"]),
+        helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=batch * c),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, batch * c, 6, 6]),
+        helper.make_tensor_value_info("alpha", TensorProto.FLOAT, [batch, M]),
+    ]
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    return helper.make_model(
+        helper.make_graph(nodes, "dw", inputs, [out], inits), opset_imports=[helper.make_opsetid("", 18)]
+    )
+
+
+@needs_nchwc
+@pytest.mark.parametrize("batch,multiplier,moved", [(1, 1, 1), (2, 2, 0), (3, 2, 0), (2, 1, 0)])
+def test_a_kernel_for_several_images_is_left_alone(batch, multiplier, moved):
+    """Batch 2 with channel multiplier 2: the kernel reads like one image's depthwise kernel, and is not. A
+    kernel is moved only when its coefficients provably have one row."""
+    model = depthwise_graph(batch, multiplier=multiplier)
+    rewritten, report = optimize_for_onnxruntime(model)
+    assert report.convs == moved
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, batch * 8, 6, 6)).astype(np.float32)
+    feed = {"x": x, "alpha": rng.random((batch, 3), np.float32)}
+    got, want = (onnx_session(m, nchwc=False).run(None, feed)[0] for m in (rewritten, model))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def run(source, x: torch.Tensor) -> torch.Tensor:

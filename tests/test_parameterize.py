@@ -434,3 +434,192 @@ def test_convert_cli_bad_input_is_one_sentence_and_exit_2(tmp_path, capsys, args
 def test_convert_refuses_an_output_that_is_not_safetensors(tmp_path, capsys):
     assert main(["convert", "resnet10t", "--experts", "2", "-o", str(tmp_path / "x.pt")]) == 2
     assert "must be a .safetensors file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Execution modes after conversion: fused fast paths, sequence-first inputs, weight tying, structured inputs
+
+
+def randomize_routers(model: nn.Module) -> None:
+    """Routers that differ per sample (an upcycled model's give every sample the same coefficients)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (DynamicConv2d, DynamicLinear)):
+                for p in m.router.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "sequence-first"])
+def test_transformer_encoder_converts_and_keeps_samples_apart_in_every_grad_mode(batch_first):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first)
+    dense = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    d = 0 if batch_first else 1
+    x = torch.randn(5, 6, 16) if batch_first else torch.randn(6, 5, 16)
+    with torch.no_grad():
+        want = dense(x)
+    model = parameterize(copy.deepcopy(dense), 4, example_input=x.narrow(d, 0, 1), count_macs=False)
+    report = model.parameterize_report
+    assert report.converted == ["layers.0.linear1", "layers.0.linear2", "layers.1.linear1", "layers.1.linear2"]
+    assert report.batch_dims == ({} if batch_first else dict.fromkeys(report.converted, 1))
+    model.eval()
+    with torch.no_grad():  # the fused fast path read linear1.weight: "2d weights expected"
+        close(model(x), want, 1e-4)
+    with torch.inference_mode():
+        close(model(x), want, 1e-4)
+    randomize_routers(model)
+    with torch.no_grad():
+        batch = model(x)
+        for i in (0, 2):  # a sample alone gives what it gives in the batch of 5
+            close(model(x.narrow(d, i, 1)), batch.narrow(d, i, 1), 1e-4)
+    y = model(x.requires_grad_())  # grad enabled, and the gradient flows
+    y.sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in model.layers[0].linear1.parameters())
+
+
+class Bypassing(nn.Module):
+    """A parent that, like PyTorch's fused fast paths, reads its linear's weight under no_grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.nn.functional.linear(x, self.fc.weight, self.fc.bias) if not torch.is_grad_enabled() else self.fc(x)
+        return self.out(h.relu())
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.mid = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(self.mid(self.embed(tokens)))
+
+
+def test_layers_a_parent_bypasses_or_whose_weight_is_tied_stay_static_with_the_reason():
+    model = parameterize(Bypassing(), 4, example_input=torch.randn(3, 5, 8), count_macs=False)
+    report = model.parameterize_report
+    assert report.converted == ["out"]
+    assert report.static["fc"].startswith("bypassed: its parent Bypassing '' reads its weight instead of calling it")
+    with torch.no_grad():
+        assert model(torch.randn(2, 5, 8)).shape == (2, 5, 4)
+    model = parameterize(Tied(), 4, example_input=torch.randint(0, 10, (2, 7)), count_macs=False)
+    assert model.parameterize_report.converted == ["mid"]
+    assert model.parameterize_report.static["head"].startswith("weight tied")
+    assert model.head.weight is model.embed.weight
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Linear(4, 8)
+
+    def forward(self, images, extra, scale=1.0):
+        return self.a(images).mean((2, 3)) * scale + self.b(extra).mean(1)
+
+
+@pytest.mark.parametrize(
+    "example",
+    [
+        (torch.randn(2, 3, 8, 8), torch.randn(2, 5, 4)),
+        {"images": torch.randn(1, 3, 8, 8), "extra": torch.randn(1, 5, 4), "scale": 2.0},
+    ],
+    ids=["tuple", "dict"],
+)
+def test_example_input_takes_what_forward_takes(example):
+    model = parameterize(TwoInputs(), 4, example_input=example)
+    report = model.parameterize_report
+    assert report.converted == ["a", "b"] and report.input_shape[1:] == [3, 8, 8]
+    assert "MACs not counted: the counter takes one input tensor" in report.notes
+
+
+def test_example_input_as_a_list_of_images():
+    class Detector(nn.Module):  # torchvision's detection models take a list of (C, H, W) images
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, images):
+            return [self.conv(img.unsqueeze(0))[0] for img in images]
+
+    model = parameterize(Detector(), 4, example_input=[torch.randn(3, 8, 8), torch.randn(3, 6, 6)])
+    assert model.parameterize_report.converted == ["conv"]
+    with pytest.raises(ParameterNetError, match="example_input holds no tensor"):
+        parameterize(Detector(), 4, example_input={"images": []})
+
+
+def converted(name: str) -> tuple[nn.Module, torch.Tensor]:
+    """A converted model with routers that differ per sample, and a batch of 3 inputs."""
+    if name == "user-sequential":
+        dense, size = user_model(), 16
+    else:
+        dense, size = build(name)
+    model = parameterize(dense, 3, example_input=(1, 3, size, size), count_macs=False)
+    randomize_routers(model)
+    return model.eval(), torch.randn(3, 3, size, size)
+
+
+MODE_MODELS = ["resnet10t", "mobilenetv3_small_050", "vit_tiny_patch16_224", "user-sequential"]
+
+
+@pytest.mark.parametrize("name", MODE_MODELS)
+def test_converted_models_in_every_mode(name):
+    """Per-sample reference: each sample alone, fp32, grad enabled. Then no_grad, inference_mode, bf16 autocast
+    forward and backward, channels_last, torch.jit.trace at batch 2 run at 3, torch.fx, deploy()."""
+    model, x = converted(name)
+    ref = torch.cat([model(xb) for xb in x.split(1)]).detach()
+    with torch.no_grad():
+        close(model(x), ref, 1e-4)
+    with torch.inference_mode():
+        close(model(x), ref, 1e-4)
+    close(model(x.contiguous(memory_format=torch.channels_last)).detach(), ref, 1e-4)
+    xg = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(xg)
+    y.float().sum().backward()
+    close(y.float().detach(), ref, 6e-2)
+    assert xg.grad.dtype == torch.float32
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x[:2], check_trace=False)
+        close(traced(x), ref, 1e-4)
+        if name != "vit_tiny_patch16_224":  # timm's ViT is not torch.fx-traceable by plain symbolic_trace
+            close(torch.fx.symbolic_trace(model)(x), ref, 1e-4)
+        close(parameternet.deploy(model, example_input=x[:1])(x), ref, 1e-4)
+
+
+def test_timm_feature_extractor_on_a_parameternet():
+    """timm's create_feature_extractor (torch.fx) with the dynamic layers as leaf modules, at two batch sizes."""
+    from timm.models import create_feature_extractor
+
+    torch.manual_seed(0)
+    model = timm.create_model("parameternet_mini_025", num_classes=10).eval()
+    extractor = create_feature_extractor(model, return_nodes={"blocks.1": "mid", "global_pool": "pool"})
+    leaves = {n.target for n in extractor.graph.nodes if n.op == "call_module"}
+    assert "stem.conv" in leaves and isinstance(model.get_submodule("stem.conv"), DynamicConv2d)
+    for batch in (1, 3):
+        x = torch.randn(batch, 1, 28, 28)
+        out = extractor(x)
+        with torch.no_grad():
+            features = model.forward_features(x)
+        assert out["mid"].shape[0] == batch and out["pool"].shape[:2] == (batch, features.shape[1])
+
+
+def test_the_self_check_catches_samples_leaking_into_each_other(monkeypatch):
+    """Were the sequence-first batch dimension missed (every layer taken as batch-first), the check must say so."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("parameternet.parameterize"), "_grown_dim", lambda one, two: 0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=False)
+    dense = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    with pytest.raises(ParameterNetError, match="a sample's output depends on the other samples of its batch"):
+        parameterize(dense, 4, example_input=torch.randn(6, 2, 16), count_macs=False)

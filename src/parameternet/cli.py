@@ -310,7 +310,7 @@ def _run_export(args: argparse.Namespace) -> int:
         model,
         args.onnx,
         dynamic_batch=args.batch_size is None,
-        batch_size=args.batch_size or 1,
+        batch_size=1 if args.batch_size is None else args.batch_size,  # 0 is refused, not a batch-1 graph
         opset=args.opset,
         deploy=not args.no_deploy,
         img_size=img_size,

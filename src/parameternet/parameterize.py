@@ -38,6 +38,7 @@ recipe to safetensors and :func:`load` rebuilds it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -114,6 +115,7 @@ class ParameterizeReport:
     input_shape: list[int] | None = None
     notes: list[str] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)  # recipes of earlier conversions of this model
+    batch_dims: dict[str, int] = field(default_factory=dict)  # converted linears whose batch is not dimension 0
 
     def recipe(self) -> dict[str, Any]:
         """What :func:`load` needs to rebuild the architecture on the same base model."""
@@ -126,6 +128,7 @@ class ParameterizeReport:
             include=self.include,
             exclude=self.exclude,
             modules=self.converted,
+            batch_dims=self.batch_dims,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -282,27 +285,251 @@ class _EvalMode:
             m.training = training
 
 
-def _positions(model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor) -> dict[str, int]:
-    """Input positions per sample (H*W for a conv, tokens for a linear) each layer sees on ``x``; the smallest
-    when a layer runs several times. Layers that do not run are absent."""
-    seen: dict[str, int] = {}
+# Example inputs of any form: ``model(*args, **kwargs)``
+
+
+@dataclass
+class _Example:
+    """What the model is called with: ``model(*args, **kwargs)``; tensors may sit in lists, tuples and dicts."""
+
+    args: tuple
+    kwargs: dict
+
+    def __call__(self, model: nn.Module):
+        return model(*self.args, **self.kwargs)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return _leaves((self.args, self.kwargs))
+
+    def map(self, fn) -> _Example:
+        return _Example(_map(self.args, fn), _map(self.kwargs, fn))
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        leaves = self.tensors()
+        return tuple(leaves[0].shape) if leaves else None
+
+
+def _leaves(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _leaves(item)]
+    return []
+
+
+def _map(obj: Any, fn) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map(v, fn) for v in obj) if type(obj) in (list, tuple) else obj
+    return obj
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+
+
+def _as_example(model: nn.Module, example_input: Any) -> _Example | None:
+    """``example_input`` as a call: a tensor or a shape is the one positional argument (see
+    :func:`example_input_for`), a tuple the positional arguments, a list one argument (torchvision's detection
+    models take a list of images), a dict keyword arguments."""
+    if example_input is None or isinstance(example_input, torch.Tensor) or _is_shape(example_input):
+        x = example_input_for(model, example_input)
+        return None if x is None else _Example((x,), {})
+    device, _ = _param_ref(model)
+    if isinstance(example_input, dict):
+        if not all(isinstance(k, str) for k in example_input):
+            raise ParameterNetError(f"an example_input dict holds keyword arguments; got keys {list(example_input)}.")
+        example = _Example((), dict(example_input))
+    elif isinstance(example_input, tuple):
+        example = _Example(example_input, {})
+    elif isinstance(example_input, list):
+        example = _Example((example_input,), {})
+    else:
+        raise ParameterNetError(
+            f"example_input must be a tensor, a shape, or a tuple / list / dict of tensors, got "
+            f"{type(example_input).__name__}."
+        )
+    if not example.tensors():
+        raise ParameterNetError("example_input holds no tensor; pass the tensors the model's forward takes.")
+    return example.map(lambda t: t.to(device))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Probing the dense model: positions, parents that bypass forward, the batch dimension of every layer
+
+# Parents whose fused inference fast path reads their linears' weights instead of calling them, with the switch
+# that turns the fast path off for that module alone (the function is unchanged: it is the slow path's).
+FAST_PATH_SWITCHES: dict[type, Any] = {
+    nn.TransformerEncoderLayer: lambda m: setattr(m, "activation_relu_or_gelu", 0),
+}
+
+REASON_BYPASSED = "bypassed"
+REASON_TIED = "weight tied"
+REASON_BATCH = "batch dimension"
+
+
+@dataclass
+class _Probe:
+    positions: dict[str, int]  # input positions per sample, smallest over calls; layers that ran
+    bypassed: set[str]  # ran with grad enabled but not under no_grad: a parent reads their weights itself
+    batch_dims: dict[str, int | None] | None = None  # each layer's batch dimension (None: not found)
+    model_batch_dim: int | None = None
+    pair: tuple[_Example, _Example, _Example] | None = None  # one sample, another, both (along model_batch_dim)
+    outputs: Any = None  # the dense model's output on the first sample (eval, no_grad), else on the example
+    example: _Example | None = None
+
+
+def _record_shapes(layers: dict[str, nn.Module]):
+    seen: dict[str, list[tuple[int, ...]]] = defaultdict(list)
 
     def hook(name):
         def record(module, args):
-            shape = args[0].shape
-            n = math.prod(shape[2:]) if isinstance(module, nn.Conv2d) else math.prod(shape[1:-1])
-            seen[name] = min(n, seen.get(name, n))
+            if args and isinstance(args[0], torch.Tensor):
+                seen[name].append(tuple(args[0].shape))
 
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    return seen, [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+
+
+def _run(model: nn.Module, layers: dict[str, nn.Module], example: _Example, grad: bool = False):
+    """``(output, input shapes of each layer per call)`` in eval mode, under no_grad unless ``grad``: then the
+    inputs require grad, which turns off every fused fast path that checks for autograd."""
+    seen, handles = _record_shapes(layers)
     try:
-        with _EvalMode(model), torch.no_grad():
-            model(x)
+        with _EvalMode(model), torch.set_grad_enabled(grad):
+            if grad:
+                example = example.map(lambda t: t.detach().requires_grad_() if t.is_floating_point() else t)
+            out = example(model)
     finally:
         for h in handles:
             h.remove()
-    return seen
+    return out, seen
+
+
+def _positions_of(module: nn.Module, shape: tuple[int, ...], batch_dim: int = 0) -> int:
+    if isinstance(module, nn.Conv2d):
+        return math.prod(shape[2:])
+    return math.prod(shape[:-1]) // max(1, shape[batch_dim] if batch_dim < len(shape) - 1 else 1)
+
+
+def _probe(model: nn.Module, layers: dict[str, nn.Module], example: _Example, find_batch: bool) -> _Probe:
+    out, seen = _run(model, layers, example)
+    _, seen_grad = _run(model, layers, example, grad=True)
+    bypassed = {n for n in seen_grad if n not in seen}
+    shapes = {n: seen.get(n) or seen_grad[n] for n in seen_grad}
+    probe = _Probe({}, bypassed, outputs=out, example=example)
+    if find_batch:
+        _find_batch_dims(model, layers, example, probe, shapes)
+    dims = probe.batch_dims or {}
+    for n, calls in shapes.items():
+        probe.positions[n] = min(_positions_of(layers[n], c, dims.get(n) or 0) for c in calls)
+    return probe
+
+
+def _other_sample(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_floating_point():
+        return t.clone()
+    generator = torch.Generator().manual_seed(1)
+    noise = torch.randn(t.shape, generator=generator).to(device=t.device, dtype=t.dtype)
+    return noise * t.std().clamp_min(1e-3) + t.mean() if t.numel() > 1 else noise
+
+
+def _batched(both: Any, first: Any, second: Any, scale: float | None = None) -> bool:
+    """Whether every tensor of ``both`` is the concatenation of ``first``'s and ``second``'s along some dim."""
+    lb, l1, l2 = _leaves(both), _leaves(first), _leaves(second)
+    if not lb or len(lb) != len(l1) or len(lb) != len(l2):
+        return False
+    for b, f, s in zip(lb, l1, l2):
+        if b.dim() != f.dim() or f.shape != s.shape or not b.is_floating_point():
+            if not (b.shape == f.shape and torch.equal(b, f)):
+                return False
+            continue
+        tol = 1e-4 * max(float(b.abs().max()) if b.numel() else 0.0, 1e-3 if scale is None else scale)
+        ok = False
+        for e in range(b.dim()):
+            if b.shape[e] == f.shape[e] + s.shape[e] and all(
+                b.shape[i] == f.shape[i] for i in range(b.dim()) if i != e
+            ):
+                if (torch.cat([f, s], e).float() - b.float()).abs().max() <= tol:
+                    ok = True
+                    break
+        if not ok:
+            return False
+    return True
+
+
+def _find_batch_dims(
+    model: nn.Module, layers: dict[str, nn.Module], example: _Example, probe: _Probe, shapes: dict
+) -> None:
+    """The input dimension along which the dense model treats samples independently (the first of 0, 1, ...), and
+    each layer's batch dimension: the one its input grows along when the model's batch does."""
+    leaves = [t for t in example.tensors() if t.dim() > 0]
+    if not leaves:
+        return
+    for d in range(min(t.dim() for t in leaves)):
+        n = leaves[0].shape[d]
+        if any(t.shape[d] != n for t in leaves):
+            continue
+        first = example.map(functools.partial(_sample, d=d, i=0))
+        second = example.map(functools.partial(_sample, d=d, i=1))
+        both = _cat_examples(first, second, d)
+        try:
+            o1, s1 = _run(model, layers, first)
+            o2, _ = _run(model, layers, second)
+            ob, sb = _run(model, layers, both)
+        except Exception:  # a dimension the model cannot take another size of is no batch dimension
+            continue
+        if not _batched(ob, o1, o2):
+            continue
+        probe.model_batch_dim, probe.pair, probe.outputs = d, (first, second, both), o1
+        probe.batch_dims = {n: _grown_dim(s1.get(n), sb.get(n)) for n in shapes}
+        return
+
+
+def _sample(t: torch.Tensor, d: int, i: int) -> torch.Tensor:
+    """Sample ``i`` (0 or 1) along ``d``; a second sample that the example lacks is made up like the first."""
+    if t.dim() <= d:
+        return t
+    if i < t.shape[d]:
+        return t.narrow(d, i, 1)
+    return _other_sample(t.narrow(d, 0, 1))
+
+
+def _cat_examples(first: _Example, second: _Example, d: int) -> _Example:
+    it = iter(second.tensors())
+    return first.map(lambda t: torch.cat([t, next(it)], d) if t.dim() > d else (next(it), t)[1])
+
+
+def _grown_dim(one: list | None, two: list | None) -> int | None:
+    """The one dimension in which every call's input doubled from one sample to two, else None."""
+    if not one or not two or len(one) != len(two):
+        return None
+    found = set()
+    for a, b in zip(one, two):
+        if len(a) != len(b):
+            return None
+        grown = [e for e in range(len(a)) if a[e] != b[e]]
+        if len(grown) != 1 or b[grown[0]] != 2 * a[grown[0]]:
+            return None
+        found.add(grown[0])
+    return found.pop() if len(found) == 1 else None
+
+
+def _tied(model: nn.Module) -> set[int]:
+    """ids of the modules one of whose parameters another module also holds (weight tying)."""
+    holders: dict[int, set[int]] = defaultdict(set)
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                holders[id(p)].add(id(m))
+    return {m for ms in holders.values() if len(ms) > 1 for m in ms}
 
 
 def _classifier_names(model: nn.Module, names: dict[int, str]) -> set[str]:
@@ -408,9 +635,10 @@ def _convert(
     router_kwargs: dict[str, Any],
     init: str,
     noise: float,
+    batch_dims: dict[str, int] | None = None,
 ) -> nn.Module:
     """Replace the modules called ``names`` (all convertible) and return the model (a new one when the model
-    itself is the layer to convert)."""
+    itself is the layer to convert). A parent with a fused fast path (:data:`FAST_PATH_SWITCHES`) gets it off."""
     refs = _references(model)
     lookup = dict(_walk(model))
     for name in names:
@@ -419,10 +647,16 @@ def _convert(
         if kind is None:
             raise ParameterNetError(f"cannot convert module {name!r}: {reason}.")
         layer = _new_layer(dense, kind, method, num_experts, router_kwargs)
+        if (batch_dims or {}).get(name):
+            layer.batch_dim = batch_dims[name]
         if init == "upcycle":
             _upcycle_(layer, dense, noise)
         if name == "":
             return layer
+        for parent, _ in refs[id(dense)]:
+            switch = FAST_PATH_SWITCHES.get(type(parent))
+            if switch is not None:
+                switch(parent)
         _replace(refs, dense, layer)
     return model
 
@@ -431,14 +665,56 @@ def _convert(
 # parameterize()
 
 
+def _parent(model: nn.Module, name: str, names: dict[int, str]) -> tuple[str, nn.Module]:
+    parent = name.rpartition(".")[0]
+    return parent, model.get_submodule(parent)
+
+
+def _unsafe(
+    model: nn.Module,
+    selected: list[str],
+    candidates: dict[str, nn.Module],
+    static: dict[str, str],
+    probe: _Probe,
+    names: dict[int, str],
+) -> None:
+    """Leave static, with the reason, the selected layers a dynamic layer cannot replace exactly: those whose parent
+    reads their weight instead of calling them (unless the parent's fast path can be turned off), whose weight
+    another module holds too, and those whose input has no batch dimension the probe could find (a conv needs it
+    first; a linear takes it anywhere, as ``DynamicLinear(batch_dim=...)``)."""
+    tied = _tied(model)
+    for n in list(selected):
+        layer = candidates[n]
+        reason = None
+        if n in probe.bypassed and n:
+            pname, parent = _parent(model, n, names)
+            if type(parent) not in FAST_PATH_SWITCHES:
+                reason = (
+                    f"{REASON_BYPASSED}: its parent {type(parent).__name__} '{pname}' reads its weight instead of "
+                    "calling it under no_grad (a fused fast path)"
+                )
+        elif id(layer) in tied:
+            reason = f"{REASON_TIED}: another module holds the same weight tensor"
+        elif probe.batch_dims is not None and n in probe.batch_dims:
+            dim = probe.batch_dims[n]
+            if dim is None:
+                reason = f"{REASON_BATCH}: its input did not grow along one dimension with the model's batch"
+            elif dim != 0 and isinstance(layer, nn.Conv2d):
+                reason = f"{REASON_BATCH}: the batch is dimension {dim} of its input, a conv needs it first"
+        if reason is not None:
+            selected.remove(n)
+            static[n] = reason
+
+
 @dataclass
 class _Selection:
     selected: list[str]
     candidates: dict[str, nn.Module]
     static: dict[str, str]
     rule: str
-    x: torch.Tensor | None
+    example: _Example | None
     notes: list[str]
+    probe: _Probe | None = None
 
 
 def _select(
@@ -446,7 +722,8 @@ def _select(
     method: str,
     include_p: list[str],
     exclude_p: list[str],
-    example_input: torch.Tensor | Sequence[int] | None,
+    example_input: Any,
+    verify: bool = True,
 ) -> _Selection:
     """Which layers :func:`parameterize` converts, and why each other conv / linear stays static."""
     modules = [("", model), *_walk(model)] if not _is_parameternet_layer(model) else [("", model)]
@@ -472,19 +749,21 @@ def _select(
             )
 
     notes: list[str] = []
-    x = example_input_for(model, example_input)
-    positions: dict[str, int] | None = None
-    if x is not None and not include_p:
+    example = _as_example(model, example_input)
+    probe: _Probe | None = None
+    if example is not None:
         try:
-            positions = _positions(model, candidates, x)
+            probe = _probe(model, candidates, example, find_batch=verify)
         except Exception as e:  # any failure of the user's forward only means the names rule applies
+            shape = example.shape
             if example_input is not None:
                 raise ParameterNetError(
-                    f"the model does not run on example_input of shape {tuple(x.shape)}: {_first_line(e)}"
+                    f"the model does not run on example_input of shape {shape}: {_first_line(e)}"
                 ) from e
-            notes.append(f"the model did not run on a {tuple(x.shape)} input ({type(e).__name__}); MACs not counted")
-            log.debug("parameterize: probe at %s failed (%s); using module names", tuple(x.shape), e)
-            x = None
+            notes.append(f"the model did not run on a {shape} input ({type(e).__name__}); MACs not counted")
+            log.debug("parameterize: probe at %s failed (%s); using module names", shape, e)
+            example = None
+    positions = None if probe is None or include_p else probe.positions
 
     if include_p:
         rule = "the include patterns"
@@ -494,7 +773,7 @@ def _select(
         classifier = _classifier_names(model, names)
         rule = "classifier + one-position probe" if positions is not None else "classifier + gate names"
         if positions is not None:
-            rule += f" at input {'x'.join(map(str, x.shape))}"
+            rule += f" at input {'x'.join(map(str, example.shape or ()))}"
         selected = []
         for n in candidates:
             if any(_matches(n, c) for c in classifier):
@@ -510,9 +789,11 @@ def _select(
         if hit is not None:
             selected.remove(n)
             static[n] = f"excluded by pattern '{hit}'"
+    if probe is not None:
+        _unsafe(model, selected, candidates, static, probe, names)
 
     if selected:
-        return _Selection(selected, candidates, static, rule, x, notes)
+        return _Selection(selected, candidates, static, rule, example, notes, probe)
     what = "nn.Conv2d" if method == "repconv" else "nn.Conv2d or nn.Linear"
     if not candidates:
         raise ParameterNetError(f"nothing to convert: {type(model).__name__} has no plain {what} layer.")
@@ -538,9 +819,10 @@ def parameterize(
     router_hidden: int | None = None,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
-    example_input: torch.Tensor | Sequence[int] | None = None,
+    example_input: Any = None,
     noise: float = 0.1,
     count_macs: bool = True,
+    verify: bool = True,
 ) -> nn.Module:
     """Make ``model`` a ParameterNet: its convs / linears become dynamic layers (or RepConv layers).
 
@@ -553,11 +835,26 @@ def parameterize(
         router, router_temperature, router_hidden: the dynamic layers' router (see ``DynamicConv2d``).
         include, exclude: ``fnmatch`` patterns over module names (a parent's name covers its children);
             ``include`` replaces the default choice of layers. A pattern that matches nothing is an error.
-        example_input: a tensor or a shape (batch included) to run the model on, for the one-position rule and
-            the MAC count; default: timm's ``pretrained_cfg["input_size"]``, if the model has one.
+        example_input: what to run the model on, for the one-position rule, the probes and the MAC count: a
+            tensor or a shape (batch included) is the one argument, a tuple the positional arguments, a list one
+            argument (torchvision's detection models take a list of images), a dict keyword arguments; default:
+            timm's ``pretrained_cfg["input_size"]``, if the model has one.
         noise: standard deviation of the zero-sum expert perturbations of ``"upcycle"``, relative to the dense
             weight's.
         count_macs: count MACs before and after on the example input (two traced forward passes).
+        verify: probe and check the conversion on the example input (eval mode, ``no_grad``, a few forward
+            passes at one and two samples): find the dimension along which the model keeps samples apart and
+            each layer's batch dimension there (a linear with the batch elsewhere becomes
+            ``DynamicLinear(batch_dim=...)``, a conv is left static); leave static, with the reason, layers whose
+            parent reads their weight instead of calling them (a fused fast path; PyTorch's
+            ``nn.TransformerEncoderLayer`` fast path is turned off instead) and layers whose weight another module
+            holds (weight tying); after converting, check that every converted layer runs under ``no_grad``, that
+            an upcycled model gives the dense model's output, and that with random routers a sample's output does
+            not depend on the other samples of its batch. A failed check raises ``ParameterNetError``.
+
+    Raises:
+        ParameterNetError: bad arguments, a model that does not run on ``example_input``, nothing to convert, or a
+            failed self-check (one sentence naming it).
 
     Returns the converted model; ``model.parameterize_report`` is its :class:`ParameterizeReport`.
     """
@@ -577,8 +874,15 @@ def parameterize(
         raise ParameterNetError(f"router_temperature must be positive, got {router_temperature}.")
     include_p, exclude_p = _as_patterns("include", include), _as_patterns("exclude", exclude)
 
-    sel = _select(model, method, include_p, exclude_p, example_input)
-    selected, candidates, static, x, notes = sel.selected, sel.candidates, sel.static, sel.x, sel.notes
+    sel = _select(model, method, include_p, exclude_p, example_input, verify)
+    selected, candidates, static, example, notes = sel.selected, sel.candidates, sel.static, sel.example, sel.notes
+    probe = sel.probe
+    batch_dims = {n: d for n in selected if (d := ((probe.batch_dims or {}) if probe else {}).get(n))}
+    x = None
+    if example is not None and len(example.args) == 1 and not example.kwargs:
+        x = example.args[0] if isinstance(example.args[0], torch.Tensor) else None
+    if count_macs and example is not None and x is None:
+        notes.append("MACs not counted: the counter takes one input tensor")
 
     params_before = _num_params(model)
     converted_before = sum(_num_params(candidates[n]) for n in selected)
@@ -587,10 +891,19 @@ def parameterize(
         macs_before = _try_macs(model, x, notes)
     previous = getattr(model, "parameterize_report", None)
     router_kwargs = dict(router=router, router_temperature=router_temperature, router_hidden=router_hidden)
-    model = _convert(model, selected, method, num_experts, router_kwargs, init, noise)
+    model = _convert(model, selected, method, num_experts, router_kwargs, init, noise, batch_dims)
     lookup = dict(_walk(model))
     converted_after = sum(_num_params(lookup[n] if n else model) for n in selected)
     macs_after = _try_macs(model, x, notes) if macs_before is not None else None
+    if verify and probe is not None:
+        _verify(model, {n: lookup[n] if n else model for n in selected}, probe, init == "upcycle")
+        if probe.pair is None:
+            notes.append(
+                "no input dimension keeps samples apart in the example: layers taken as batch-first, per-sample "
+                "independence not checked"
+            )
+    elif verify:
+        notes.append("not self-checked: no example input ran")
 
     report = ParameterizeReport(
         method=method,
@@ -610,13 +923,68 @@ def parameterize(
         converted_params_after=converted_after,
         macs_before=macs_before,
         macs_after=macs_after,
-        input_shape=list(x.shape) if x is not None else None,
+        input_shape=list(example.shape) if example is not None and example.shape is not None else None,
         notes=notes,
+        batch_dims=batch_dims,
         history=[*previous.history, previous.recipe()] if isinstance(previous, ParameterizeReport) else [],
     )
     model.parameterize_report = report
     log.debug("%s", report)
     return model
+
+
+def _verify(model: nn.Module, converted: dict[str, nn.Module], probe: _Probe, upcycled: bool) -> None:
+    """The checks after converting (see ``parameterize(verify=...)``); the model is left as it was."""
+    first = probe.pair[0] if probe.pair else probe.example
+    out, seen = _run(model, converted, first)
+    missing = [n for n in converted if n in probe.positions and n not in seen]
+    if missing:
+        raise ParameterNetError(
+            f"parameterize() self-check failed: converted layer {missing[0]!r} is not called in eval mode under "
+            f"no_grad (its parent bypasses it); exclude it with exclude=[{missing[0]!r}]."
+        )
+    if upcycled and not _close(out, probe.outputs):
+        raise ParameterNetError(
+            "parameterize() self-check failed: the upcycled model's output differs from the dense model's in eval "
+            "mode under no_grad; please report this model."
+        )
+    routers = [m.router for m in converted.values() if isinstance(m, (DynamicConv2d, DynamicLinear))]
+    if not routers or probe.pair is None:  # no batch dimension found: nothing to split
+        return
+    saved = {id(p): p.detach().clone() for r in routers for p in r.parameters()}
+    generator = torch.Generator().manual_seed(2)
+    try:
+        with torch.no_grad():
+            for r in routers:
+                for p in r.parameters():
+                    p.add_(torch.randn(p.shape, generator=generator).to(p) * 2.0 / math.sqrt(max(1, p.shape[-1])))
+        outs = [_run(model, converted, ex)[0] for ex in probe.pair]
+    finally:
+        with torch.no_grad():
+            for r in routers:
+                for p in r.parameters():
+                    p.copy_(saved[id(p)])
+    if not _batched(outs[2], outs[0], outs[1]):
+        raise ParameterNetError(
+            "parameterize() self-check failed: with random routers a sample's output depends on the other samples "
+            f"of its batch (batch dimension {probe.model_batch_dim} of the input); please report this model."
+        )
+
+
+def _close(a: Any, b: Any) -> bool:
+    la, lb = _leaves(a), _leaves(b)
+    if len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if x.shape != y.shape:
+            return False
+        if x.is_floating_point():
+            tol = (1e-3 if x.dtype in (torch.float32, torch.float64) else 5e-2) * max(float(y.abs().max()), 1e-3)
+            if (x.double() - y.double()).abs().max() > tol:
+                return False
+        elif not torch.equal(x, y):
+            return False
+    return True
 
 
 def _try_macs(model: nn.Module, x: torch.Tensor, notes: list[str]) -> int | None:
@@ -696,7 +1064,16 @@ def build_from_recipe(recipe: dict[str, Any]) -> nn.Module:
     steps = recipe.get("parameterize") or []
     for i, step in enumerate(steps):
         router_kwargs = {k: step[k] for k in ("router", "router_temperature", "router_hidden")}
-        model = _convert(model, step["modules"], step["method"], step["num_experts"], router_kwargs, "random", 0.0)
+        model = _convert(
+            model,
+            step["modules"],
+            step["method"],
+            step["num_experts"],
+            router_kwargs,
+            "random",
+            0.0,
+            step.get("batch_dims"),
+        )
         n = _num_params(model)
         model.parameterize_report = ParameterizeReport(
             method=step["method"],
@@ -712,6 +1089,7 @@ def build_from_recipe(recipe: dict[str, Any]) -> nn.Module:
             converted_params_before=0,
             converted_params_after=0,
             history=list(steps[:i]),
+            batch_dims=dict(step.get("batch_dims") or {}),
             **router_kwargs,
         )
     return model

@@ -10,9 +10,11 @@ per-sample reference in ``tests/test_layers.py``):
   unpadded) is a per-sample matmul (:func:`~parameternet.layers.kernels.per_sample_matmul`, NCHW or
   channels_last; large kernels are built in chunks and rebuilt in backward); ``grouped`` folds the batch into the
   channels, ``conv(x.view(1, B*C, H, W), groups=B*g)``, for a depthwise layer an ordinary depthwise conv.
-- ``torch.jit.trace`` (the MAC counter traces): the same formulas with plain ops, so the count is the paper's.
-- ``torch.compile`` and ONNX export (``graph_path``): a group count of ``B*g`` fixes the batch size in the graph,
-  so these formulations never put the batch in an attribute. ``pointwise``: the batched matmul of mixed kernels.
+- the MAC counter's ``torch.jit.trace`` (inside :class:`~parameternet.layers.kernels.counting_trace`): the same
+  formulas with plain ops, so the count is the paper's.
+- ``torch.compile``, ONNX export, any other ``torch.jit.trace`` and ``torch.fx`` symbolic tracing
+  (``graph_path``): a group count of ``B*g`` fixes the batch size in the graph, so these formulations
+  never put the batch in an attribute. ``pointwise``: the batched matmul of mixed kernels.
   ``stacked`` (one input channel per group, e.g. depthwise): one static conv with the M experts stacked as output
   channels, then the M outputs mixed (M times the conv's multiply-adds, which are few for depthwise; the conv keeps
   constant weights, which is what runtimes optimise). ``unfold`` (the rest, e.g. a dense stem): image patches by
@@ -30,7 +32,7 @@ from torch.nn.modules.utils import _pair
 
 from parameternet.errors import ParameterNetError
 from parameternet.layers.experts import check_num_experts, init_experts_, mix_experts
-from parameternet.layers.kernels import per_sample_matmul, route_mean
+from parameternet.layers.kernels import is_counting_trace, per_sample_matmul, route_mean
 from parameternet.layers.router import create_router
 
 __all__ = ["DynamicConv2d"]
@@ -157,11 +159,14 @@ class DynamicConv2d(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(x) is not torch.Tensor:  # torch.fx symbolic tracing (a Proxy), or a tensor subclass
+            if isinstance(x, torch.fx.Proxy):
+                return self._forward_graph(x)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             self._check_input(x)
         compiling = torch.compiler.is_compiling()
         if compiling or torch.jit.is_tracing():  # two flag reads on the eager path; either exporter sets one
-            if compiling or torch.onnx.is_in_onnx_export():
+            if compiling or not is_counting_trace():
                 return self._forward_graph(x)
             return self._forward_plain(x)
         return self._forward_eager(x)
@@ -253,23 +258,26 @@ class DynamicConv2d(nn.Module):
         bias = self._mixed_bias(alpha, per_sample=False)  # (B, O), (O,) or None
         M, c_in, c_out, g = self.num_experts, self.in_channels, self.out_channels, self.groups
         if self.export_batch_size is not None and torch.onnx.is_in_onnx_export():
-            weight = (alpha @ self.weight.view(M, -1)).view(-1, *self.weight.shape[2:])  # (B*O, I/g, kh, kw)
+            # The kernel's shape from the layer, never from shape inference (which a reflect pad or timm's
+            # Conv2dSame upstream loses): (B*O, I/g, kh, kw) with the batch size this graph is for.
+            shape = (self.export_batch_size * c_out, c_in // g, *self.kernel_size)
+            weight = (alpha @ self.weight.view(M, -1)).view(shape)
             if self.export_batch_size == 1:  # a plain conv whose kernel is an input: the bias rides along
                 return self._conv(x, weight, None if bias is None else bias.view(-1), g)
-            y = self._conv(x.reshape(1, -1, *x.shape[2:]), weight, None, self.export_batch_size * g)
-            y = y.view(-1, c_out, *y.shape[2:])
+            y = self._conv(x.reshape(1, -1, x.shape[2], x.shape[3]), weight, None, self.export_batch_size * g)
+            y = y.view(-1, c_out, y.shape[2], y.shape[3])
         elif self.graph_path == "pointwise":
             if self.stride != (1, 1):
                 x = x[:, :, :: self.stride[0], :: self.stride[1]]
             weight = (alpha @ self.weight.view(M, -1)).view(-1, c_out, c_in)  # (B, O, I)
             y = weight @ x.reshape(-1, c_in, x.shape[2] * x.shape[3])  # (B, O, HW)
-            y = y.view(-1, c_out, *x.shape[2:])
+            y = y.view(-1, c_out, x.shape[2], x.shape[3])
         elif self.graph_path == "stacked":
             # One input channel per group: the experts stacked behind each output channel, (O * M, 1, kh, kw), so
             # that group j's outputs are its O/g channels times M experts.
             stacked = self.weight.transpose(0, 1).reshape(c_out * M, 1, *self.kernel_size)
             y = self._conv(x, stacked, None, g)  # (B, O * M, H', W')
-            H, W = y.shape[2:]
+            H, W = y.shape[2], y.shape[3]
             y = alpha.view(-1, 1, 1, M) @ y.view(-1, c_out, M, H * W)  # (B, O, 1, H'W')
             y = y.view(-1, c_out, H, W)
         else:
@@ -277,7 +285,7 @@ class DynamicConv2d(nn.Module):
             kh, kw = self.kernel_size
             taps = torch.eye(kh * kw, dtype=x.dtype, device=x.device).view(kh * kw, 1, kh, kw).repeat(c_in, 1, 1, 1)
             patches = self._conv(x, taps, None, c_in)
-            H, W = patches.shape[2:]
+            H, W = patches.shape[2], patches.shape[3]
             k = (c_in // g) * kh * kw
             weight = (alpha @ self.weight.view(M, -1)).view(-1, g, c_out // g, k)
             y = weight @ patches.view(-1, g, k, H * W)  # (B, g, O/g, H'W')

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parameternet.errors import ParameterNetError
-from parameternet.layers.experts import check_num_experts, init_experts_, mix_experts
+from parameternet.layers.experts import check_num_experts, init_experts_
 from parameternet.layers.kernels import per_sample_matmul, route_mean
 from parameternet.layers.router import create_router
 
@@ -27,6 +27,9 @@ class DynamicLinear(nn.Module):
     """A drop-in ``nn.Linear`` with ``num_experts`` matrices mixed per sample.
 
     ``weight`` is ``(M, out, in)`` and ``bias`` ``(M, out)``; router options as in :class:`DynamicConv2d`.
+    ``batch_dim`` (default 0) is the input dimension that holds the samples: 1 for a sequence-first
+    ``(T, B, C)`` input, as in ``nn.TransformerEncoder(batch_first=False)``. Input ``(..., in)`` of any float dtype
+    (or under ``torch.autocast``), output ``(..., out)``; a wrong last dimension raises ``ParameterNetError``.
     """
 
     def __init__(
@@ -41,11 +44,15 @@ class DynamicLinear(nn.Module):
         router: str = "linear-sigmoid",
         router_temperature: float = 1.0,
         router_hidden: int | None = None,
+        batch_dim: int = 0,
     ):
         super().__init__()
+        if not isinstance(batch_dim, int) or isinstance(batch_dim, bool) or batch_dim < 0:
+            raise ParameterNetError(f"batch_dim must be an integer >= 0, got {batch_dim!r}.")
         self.in_features = in_features
         self.out_features = out_features
         self.num_experts = check_num_experts(num_experts)
+        self.batch_dim = batch_dim
         kw = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, **kw))
         self.bias = nn.Parameter(torch.empty(num_experts, out_features, **kw)) if bias else None
@@ -60,16 +67,27 @@ class DynamicLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"num_experts={self.num_experts}"
+            f"num_experts={self.num_experts}" + (f", batch_dim={self.batch_dim}" if self.batch_dim else "")
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 2 or x.shape[-1] != self.in_features:
+        if type(x) is not torch.Tensor and isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing
+            return self._batch_first(self._forward_plain, x)
+        if x.dim() < 2 + self.batch_dim or x.shape[-1] != self.in_features:
             raise ParameterNetError(
-                f"{type(self).__name__} expects an input (B, ..., {self.in_features}), got shape {tuple(x.shape)}."
+                f"{type(self).__name__} expects an input (B, ..., {self.in_features}) with the batch in dimension "
+                f"{self.batch_dim}, got shape {tuple(x.shape)}."
             )
         if torch.compiler.is_compiling() or torch.jit.is_tracing():  # ONNX export sets one of them
-            return self._forward_plain(x)
+            return self._batch_first(self._forward_plain, x)
+        return self._batch_first(self._forward_eager, x)
+
+    def _batch_first(self, forward, x: torch.Tensor) -> torch.Tensor:
+        if not self.batch_dim:
+            return forward(x)
+        return forward(x.movedim(self.batch_dim, 0)).movedim(0, self.batch_dim)
+
+    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
         dims = tuple(range(1, x.dim() - 1))
         alpha = route_mean(self.router, x, dims)  # (B, M)
@@ -81,14 +99,13 @@ class DynamicLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def _forward_plain(self, x: torch.Tensor) -> torch.Tensor:
-        B = x.shape[0]
-        pooled = x if x.dim() == 2 else x.mean(dim=tuple(range(1, x.dim() - 1)))  # (B, C)
-        alpha = self.router(pooled)  # (B, M)
-        wt = mix_experts(alpha, self.weight).transpose(1, 2)  # (B, I, O)
-        xs = x.reshape(B, -1, self.in_features)  # (B, T, I)
+        # Sizes are read from the input (never Python ints of it), so traces and fx graphs hold no batch size.
+        xs = x.reshape(x.shape[0], -1, self.in_features)  # (B, T, I); T = 1 for a 2-d input
+        alpha = self.router(xs.mean(1))  # (B, M)
+        M, n_out, n_in = self.num_experts, self.out_features, self.in_features
+        wt = (alpha @ self.weight.view(M, n_out * n_in)).view(-1, n_out, n_in).transpose(1, 2)  # (B, I, O)
         if self.bias is None:
             y = torch.bmm(xs, wt)
         else:
-            bias = (alpha @ self.bias).unsqueeze(1).expand(B, xs.shape[1], -1)  # (B, T, O), a view
-            y = torch.baddbmm(bias, xs, wt)
-        return y.view(*x.shape[:-1], self.out_features)
+            y = torch.baddbmm((alpha @ self.bias).unsqueeze(1), xs, wt)  # the bias broadcasts over T
+        return y.reshape(x.shape[:-1] + (self.out_features,))

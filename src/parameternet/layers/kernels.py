@@ -24,6 +24,8 @@ from parameternet.layers.router import LinearSigmoidRouter
 
 __all__ = [
     "CHUNK_BYTES",
+    "counting_trace",
+    "is_counting_trace",
     "KEEP_BYTES",
     "KEEP_BYTES_GPU",
     "MEAN_MIN_NUMEL",
@@ -44,6 +46,26 @@ KEEP_BYTES = 4 << 20
 KEEP_BYTES_GPU = 2 << 30
 # Below this many elements the stock mean backward is cheaper than a Python autograd function.
 MEAN_MIN_NUMEL = 1 << 16
+
+
+_COUNTING = [False]
+
+
+class counting_trace:
+    """While active, ``torch.jit.trace`` of a dynamic layer records the paper's plain formulas (what the MAC
+    counter counts: a grouped conv over the batch, whose group count fixes the batch size) instead of the
+    batch-agnostic graph formulations every other trace gets."""
+
+    def __enter__(self):
+        self.prev = _COUNTING[0]
+        _COUNTING[0] = True
+
+    def __exit__(self, *exc):
+        _COUNTING[0] = self.prev
+
+
+def is_counting_trace() -> bool:
+    return _COUNTING[0]
 
 
 def _plain_linear(router: nn.Module) -> nn.Linear | None:
@@ -173,7 +195,31 @@ def per_sample_matmul(
 
     ``x`` is ``(B, I, L)`` with ``channels_first``, else ``(B, L, I)``; ``bias`` is ``(B, O)`` or None. When all
     the per-sample kernels fit in one chunk they are built at once and autograd keeps them, which is cheaper.
+    Under ``torch.autocast`` every operand is cast to the autocast dtype (on both sides of the size threshold) and
+    the output has that dtype; gradients come back in each operand's own dtype. Mixed dtypes without autocast are
+    refused by ``torch.bmm``, as ``nn.Linear`` refuses them.
     """
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        # Autocast does not reach into an autograd Function (nor does it cast bmm's ``out=``): cast once as it
+        # would for bmm, and run the kernels with it off. The casts' backward returns every gradient in its
+        # input's dtype (fp32 experts get fp32 gradients).
+        x, alpha, bank = x.to(dtype), alpha.to(dtype), bank.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return _per_sample_matmul(x, alpha, bank, bias, channels_first)
+    return _per_sample_matmul(x, alpha, bank, bias, channels_first)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a matmul of ``x`` in, or None when autocast is off for its device."""
+    device = x.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+def _per_sample_matmul(x, alpha, bank, bias, channels_first):
     B, (M, n_out, n_in) = x.shape[0], bank.shape
     if B * n_out * n_in * bank.element_size() <= (KEEP_BYTES if x.device.type == "cpu" else KEEP_BYTES_GPU):
         w = _mix(alpha, bank.reshape(M, n_out * n_in), (n_out, n_in))  # (B, O, I)

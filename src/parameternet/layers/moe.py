@@ -288,7 +288,7 @@ class TopKMoELinear(nn.Module):
             xs = flat.index_select(0, token)
         y = expert_matmul(xs, self.weight, counts)  # (A, out), grouped by expert
         if self.bias is not None:
-            y = y + self.bias.repeat_interleave(counts, dim=0, output_size=y.shape[0])
+            y = y + self.bias.to(y.dtype).repeat_interleave(counts, dim=0, output_size=y.shape[0])  # autocast's dtype
         y = y * top_p.t().reshape(-1).index_select(0, order).to(y.dtype)[:, None]
         if permutation:
             out = _PermuteRows.apply(y, inverse, order)

@@ -14,11 +14,17 @@ import timm
 from torch import nn
 
 from parameternet.errors import ParameterNetError
+from parameternet.layers import DynamicConv2d, DynamicLinear, TopKMoELinear
 from parameternet.models import ghostnet, swin
 from parameternet.models.ghostnet import GhostNet
 from parameternet.models.swin import DynamicSwinTransformer
 
 __all__ = ["MODELS", "DynamicSwinTransformer", "GhostNet", "check_model_name", "create_model", "ghostnet", "swin"]
+
+# timm's torch.fx feature extraction (create_feature_extractor) keeps these as single call_module nodes, as it does
+# its own CondConv2d: the graph then runs their eager dispatch, whatever the batch size.
+for _leaf in (DynamicConv2d, DynamicLinear, TopKMoELinear):
+    timm.layers.register_notrace_module(_leaf)
 
 MODELS = (
     "ghostnet_300m",

@@ -132,6 +132,8 @@ class Stem(ConvBnAct):
         self.in_chans = in_chans
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):  # torch.fx tracing: no shape to check
+            return super().forward(x)
         if x.dim() != 4:
             raise ParameterNetError(
                 f"expected images of shape (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}; "
@@ -169,7 +171,8 @@ class GhostModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1 = self.primary(x)
         out = torch.cat([x1, self.cheap(x1)], dim=1)
-        return out if out.shape[1] == self.out_chs else out[:, : self.out_chs]
+        # The concatenation's width is known here, not read from the tensor: torch.fx traces it.
+        return out if 2 * self.primary.conv.out_channels == self.out_chs else out[:, : self.out_chs]
 
 
 class SqueezeExcite(nn.Module):

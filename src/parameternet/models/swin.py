@@ -42,6 +42,8 @@ class CheckedPatchEmbed(PatchEmbed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_chans = self.proj.in_channels
+        if isinstance(x, torch.fx.Proxy):  # torch.fx tracing: no shape to check
+            return super().forward(x)
         if x.dim() != 4:
             raise ParameterNetError(
                 f"expected images of shape (B, {in_chans}, H, W), got shape {tuple(x.shape)}; "

@@ -28,6 +28,7 @@ from torchprofile.trace import trace
 
 from parameternet.errors import ParameterNetError
 from parameternet.layers import DynamicConv2d, DynamicLinear
+from parameternet.layers.kernels import counting_trace
 
 __all__ = ["ParamCounts", "ProfileResult", "count_macs", "count_params", "measure_latency", "profile"]
 
@@ -109,7 +110,7 @@ def count_macs(model: nn.Module, inputs: torch.Tensor) -> int:
     """Multiply-accumulates of ``model(inputs)`` counted as the ``torchprofile`` package counts them."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings: shape checks turned into constants, as intended
-        with torch.no_grad():
+        with torch.no_grad(), counting_trace():  # dynamic layers trace the paper's formulas
             graph = trace(model, (inputs,))
     total, skipped = 0, set()
     for node in graph.nodes:

@@ -83,10 +83,16 @@ def _model_name(model: nn.Module) -> str:
     return cfg.get("architecture") or type(model).__name__
 
 
-def _input_shape(model: nn.Module, img_size: int | tuple[int, int] | None) -> tuple[int, int, int]:
+def _input_shape(
+    model: nn.Module, img_size: int | tuple[int, int] | None, in_chans: int | None = None
+) -> tuple[int, int, int]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     chans, *size = cfg.get("input_size") or (getattr(model, "in_chans", 3), 224, 224)
     chans = getattr(model, "in_chans", chans)
+    if in_chans is not None:
+        if not isinstance(in_chans, int) or isinstance(in_chans, bool) or in_chans < 1:
+            raise ParameterNetError(f"in_chans must be a positive integer, got {in_chans!r}.")
+        chans = in_chans
     if img_size is not None:
         size = [img_size, img_size] if isinstance(img_size, int) else list(img_size)
         if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
@@ -139,6 +145,27 @@ def _run_export(model, x, path, *, dynamic_batch, opset, exporter) -> None:
             program.save(str(path), external_data=False)
 
 
+def _mode(dynamic_batch: bool, batch_size: int, runtime: str) -> str:
+    batch = "symbolic batch" if dynamic_batch else f"batch {batch_size}"
+    return batch if runtime == "any" else f"{batch}, runtime {runtime}"
+
+
+def _declare_batch(path: Path, batch: int) -> None:
+    """Give a fixed-batch graph's outputs their batch size where shape inference lost it (after a reflect pad,
+    say): :func:`~parameternet.profile.ort_nchwc.scan_over_batch` needs to see a one-image graph."""
+    import onnx
+
+    model = onnx.load(str(path))
+    changed = False
+    for out in model.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        if len(dims) and not dims[0].dim_value:
+            dims[0].dim_value = batch
+            changed = True
+    if changed:
+        onnx.save(model, str(path))
+
+
 @torch.no_grad()
 def export_onnx(
     model: nn.Module,
@@ -153,6 +180,7 @@ def export_onnx(
     check: bool = True,
     rtol: float = 1e-4,
     runtime: str = "any",
+    in_chans: int | None = None,
 ) -> ExportReport:
     """Write ``model``'s inference graph to ``path`` as ONNX and check it in ONNX Runtime.
 
@@ -166,6 +194,12 @@ def export_onnx(
     one: the graph for one image with its dynamic convs in ONNX Runtime's NCHWc kernels
     (:func:`~parameternet.profile.ort_nchwc.optimize_for_onnxruntime`), for a symbolic batch run on each image in
     turn (:func:`~parameternet.profile.ort_nchwc.scan_over_batch`).
+
+    ``in_chans``: the input's channel count, for a model that does not say (timm models have ``in_chans``; default
+    3). The input is ``(batch, in_chans, H, W)`` float32; the graph's output is the model's first output.
+
+    Raises ``ParameterNetError`` (one sentence) for bad arguments and for a model the exporter cannot trace;
+    ``RuntimeError`` when ONNX Runtime's output differs from PyTorch's by more than ``rtol``.
     """
     if not isinstance(model, nn.Module):
         raise ParameterNetError(f"export_onnx() takes an nn.Module, got {type(model).__name__}.")
@@ -189,15 +223,15 @@ def export_onnx(
     # written and checked under a temporary name, then renamed: a full disk or a failed check leaves no .onnx
     with atomic_path(path, keep_suffix=True) as tmp:
         report = _export_to(model, Path(tmp), dynamic_batch, batch_size, opset, deploy, img_size, exporter, check,
-                            rtol, runtime, per_image)  # fmt: skip
+                            rtol, runtime, per_image, in_chans)  # fmt: skip
     report.path = str(path)
     log.debug("%s", report)
     return report
 
 
 def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, exporter, check, rtol, runtime,
-               per_image) -> ExportReport:  # fmt: skip
-    chans, height, width = _input_shape(model, img_size)
+               per_image, in_chans) -> ExportReport:  # fmt: skip
+    chans, height, width = _input_shape(model, img_size, in_chans)
     ref = next(iter(model.parameters()), None)
     device = ref.device if ref is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(0)
@@ -220,8 +254,14 @@ def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, 
     start = time.perf_counter()
     try:
         _run_export(graph, example, path, dynamic_batch=dynamic_batch and not per_image, opset=opset, exporter=exporter)
-    except Exception as e:
-        raise RuntimeError(f"ONNX export of {_model_name(model)} failed: {type(e).__name__}: {e}") from e
+    except Exception as e:  # the exporters' messages can hold a whole IR dump: one line is what a user can act on
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ParameterNetError(
+            f"ONNX export of {_model_name(model)} ({_mode(dynamic_batch, batch_size, runtime)}, input "
+            f"{chans}x{height}x{width}) failed: {type(e).__name__}: {first}"
+        ) from e
+    if per_image or not dynamic_batch:
+        _declare_batch(path, 1 if per_image else batch_size)
     if per_image:
         import onnx
 
@@ -241,6 +281,11 @@ def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, 
 
             rewritten, nchwc = optimize_for_onnxruntime(path)
             nchwc_session = onnx_session(rewritten, nchwc=False) if nchwc.convs else None
+        if not session.get_inputs():
+            raise ParameterNetError(
+                f"the ONNX graph of {_model_name(model)} takes no input: its output does not depend on the images "
+                "as traced (a tensor left the graph through numpy or Python); keep the forward in torch ops."
+            )
         input_name = session.get_inputs()[0].name
         from parameternet.parameterize import _EvalMode  # lazily: parameterize reads the profiler
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from parameternet.errors import ParameterNetError
 
-__all__ = ["NchwcReport", "nchwc_block_size", "optimize_for_onnxruntime", "scan_over_batch"]
+__all__ = ["NchwcReport", "nchwc_block_size", "onnxruntime_block_size", "optimize_for_onnxruntime", "scan_over_batch"]
 
 NCHWC = "com.microsoft.nchwc"
 # Activations the blocked conv applies itself (ONNX op -> its ``activation`` attribute).
@@ -61,8 +61,20 @@ class NchwcReport:
 @functools.cache
 def nchwc_block_size() -> int | None:
     """The channel block of ONNX Runtime's NCHWc kernels on this CPU (8 or 16 on x86), or None where there are
-    none or where the rewrite fails its check: a small graph with a dense and a depthwise dynamic conv, a fused
-    activation and a pooled router input must give what ONNX Runtime gives for the graph as exported."""
+    none (:func:`onnxruntime_block_size`) or where the rewrite fails its check: a small graph with a dense and a
+    depthwise dynamic conv, a fused activation and a pooled router input must give what ONNX Runtime gives for
+    the graph as exported."""
+    block = onnxruntime_block_size()
+    try:
+        return block if block is not None and _self_check(block) else None
+    except Exception:  # a failing rewrite is no rewrite: the graphs stay portable
+        return None
+
+
+@functools.cache
+def onnxruntime_block_size() -> int | None:
+    """The channel block of ONNX Runtime's NCHWc kernels on this CPU, without checking the rewrite; None where this
+    ONNX Runtime build or CPU has none."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -72,8 +84,7 @@ def nchwc_block_size() -> int | None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(NCHWC, 1)])
     try:
         session = ort.InferenceSession(model.SerializeToString(), _quiet_options(), providers=["CPUExecutionProvider"])
-        block = int(session.run(None, {"x": np.ones((1, 4, 1, 1), np.float32)})[0].shape[1])
-        return block if _self_check(block) else None
+        return int(session.run(None, {"x": np.ones((1, 4, 1, 1), np.float32)})[0].shape[1])
     except Exception:  # no NCHWc kernels in this build or on this CPU
         return None
 
@@ -144,9 +155,10 @@ def _round_up(n: int, block: int) -> int:
 class _Graph:
     """Index of an ONNX graph: producers, consumers and constant values (initializers, Constant nodes, Identity)."""
 
-    def __init__(self, graph):
+    def __init__(self, graph, opsets=()):
         from onnx import numpy_helper
 
+        self._opsets = list(opsets)
         self.init = {t.name: t for t in graph.initializer}
         self.producer = {out: n for n in graph.node for out in n.output}
         self.consumers: dict[str, list] = {}
@@ -155,6 +167,28 @@ class _Graph:
                 self.consumers.setdefault(name, []).append(n)
         self.outputs = {o.name for o in graph.output}
         self._numpy = numpy_helper
+        self._graph = graph
+        self._dims: dict[str, list[int]] | None = None
+
+    def leading_dim(self, name: str) -> int | None:
+        """The first dimension of ``name`` as ONNX shape inference sees it (computed once, on first use), or None
+        when unknown."""
+        if self._dims is None:
+            import onnx
+
+            model = onnx.helper.make_model(
+                self._graph, opset_imports=self._opsets or [onnx.helper.make_opsetid("", 18)]
+            )
+            try:
+                inferred = onnx.shape_inference.infer_shapes(model).graph
+            except Exception:  # a graph shape inference cannot read proves nothing
+                inferred = self._graph
+            self._dims = {}
+            for v in [*inferred.input, *inferred.value_info, *inferred.output]:
+                dims = v.type.tensor_type.shape.dim
+                self._dims[v.name] = [d.dim_value for d in dims]
+        dims = self._dims.get(name)
+        return dims[0] if dims and dims[0] > 0 else None
 
     def const(self, name: str) -> np.ndarray | None:
         """The value of ``name`` if it is a constant, else None."""
@@ -233,7 +267,7 @@ def _rewrite(model, block: int, static_convs: bool):
     from onnx import helper, numpy_helper
 
     report = NchwcReport(block)
-    g = _Graph(model.graph)
+    g = _Graph(model.graph, model.opset_import)
 
     blocked: dict[str, tuple[str, int]] = {}  # NCHW tensor -> (its NCHWc twin, channels)
     new_nodes, removed = [], set()
@@ -343,6 +377,11 @@ def _match_conv(g: _Graph, conv, static_convs: bool):
     if bank is None or shape is None or bank.ndim != 2 or bank.dtype != np.float32 or shape.size != 4:
         return None
     shape = [int(s) for s in shape.reshape(-1)]
+    if -1 in shape and g.leading_dim(matmul.input[0]) != 1:
+        # An inferred dimension hides the batch: the kernel of a fixed-batch graph for B images has B * O rows,
+        # which a depthwise conv with B * C groups reads the same way as a one-image kernel when B equals the
+        # channel multiplier. Only a kernel proven to be for one image (its coefficients have one row) is moved.
+        return None
     if shape.count(-1) == 1:  # Reshape's inferred dimension
         rest = -int(np.prod(shape))
         shape[shape.index(-1)] = bank.shape[1] // rest if rest > 0 and bank.shape[1] % rest == 0 else 0
