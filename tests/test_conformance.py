@@ -184,6 +184,26 @@ def test_bf16_weights(path, batch_id, monkeypatch, grouped_mm_calls):
     check_grouped_mm(path, grouped_mm_calls)
 
 
+@pytest.mark.parametrize("mode", ["train-grad", "eval-no_grad", "bf16-autocast"])
+@pytest.mark.parametrize("path", PATHS)
+def test_an_empty_batch_gives_an_empty_output_as_the_dense_layer_does(path, mode, monkeypatch):
+    layer, make, _, bdim = build(path)
+    x = make(1).narrow(bdim, 0, 0).requires_grad_(mode == "train-grad")  # the same shape with no sample
+    layer.train(mode == "train-grad")
+    context = (
+        torch.no_grad()
+        if mode == "eval-no_grad"
+        else torch.autocast("cpu", torch.bfloat16, enabled=mode == "bf16-autocast")
+    )
+    with context:
+        y = layer(x)
+    full = layer(make(2))
+    assert y.numel() == 0 and y.shape[:bdim] + y.shape[bdim + 1 :] == full.shape[:bdim] + full.shape[bdim + 1 :]
+    if mode == "train-grad":
+        y.sum().backward()
+        assert x.grad is not None and x.grad.shape == x.shape
+
+
 @pytest.mark.parametrize("batch_id", ["b2", "chunked"])
 @pytest.mark.parametrize("path", [p for p in CONV] + ["repconv"])
 def test_channels_last(path, batch_id, monkeypatch):

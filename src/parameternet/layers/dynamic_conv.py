@@ -244,6 +244,8 @@ class DynamicConv2d(nn.Module):
     def _grouped(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # weight: (B, O, I/g, kh, kw) -> (B*O, I/g, kh, kw); the batch becomes B groups of g groups.
         B = x.shape[0]
+        if B == 0:  # an empty batch gives an empty output, as nn.Conv2d's does (no group count of 0)
+            return self._conv(x, self.weight[0], None, self.groups)
         x = x.reshape(1, B * self.in_channels, *x.shape[2:])
         y = self._conv(x, weight.flatten(0, 1), None, B * self.groups)
         y = y.view(B, self.out_channels, *y.shape[2:])

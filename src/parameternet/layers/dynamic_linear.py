@@ -88,6 +88,8 @@ class DynamicLinear(nn.Module):
         return forward(x.movedim(self.batch_dim, 0)).movedim(0, self.batch_dim)
 
     def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:  # no sample or no token: an empty output, as nn.Linear's (no mean over nothing)
+            return F.linear(x, self.weight[0], None if self.bias is None else self.bias[0])
         B = x.shape[0]
         dims = tuple(range(1, x.dim() - 1))
         alpha = route_mean(self.router, x, dims)  # (B, M)
