@@ -19,6 +19,7 @@ from parameternet.train.config import load_config
 from parameternet.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "src" / "parameternet" / "experiments" / "recipes"
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 TIMING = ("images_per_s", "data_wait_s", "step_s")
 
@@ -116,10 +117,10 @@ def test_torchrun_two_processes_on_cpu(packaged_data, tmp_path):
 def test_pretrain_on_union_then_finetune_on_ten_classes(packaged_data, tmp_path, caplog):
     pre, fine = tmp_path / "pre", tmp_path / "fine"
     common = ["model=test_resnet", "batch_size=32", "progress=false", "epochs=1"]
-    assert main(["train", str(ROOT / "configs" / "pitfall-pretrain.yaml"), *common, f"output_dir={pre}",
+    assert main(["train", str(RECIPES / "pitfall-pretrain.yaml"), *common, f"output_dir={pre}",
                  "data.train=union:train:per_class=8", "data.val=union:test:per_class=2"]) == 0  # fmt: skip
     with caplog.at_level(logging.INFO):
-        assert main(["train", str(ROOT / "configs" / "pitfall-finetune.yaml"), *common, f"output_dir={fine}",
+        assert main(["train", str(RECIPES / "pitfall-finetune.yaml"), *common, f"output_dir={fine}",
                      f"init_from={pre}", "data.train=fashion-mnist:train:per_class=8",
                      "data.val=fashion-mnist:test:per_class=5"]) == 0  # fmt: skip
     assert "classifier re-initialised (20 -> 10 classes)" in caplog.text
@@ -130,7 +131,7 @@ def test_pretrain_on_union_then_finetune_on_ten_classes(packaged_data, tmp_path,
 
     from parameternet.train.trainer import create_model, init_from_checkpoint
 
-    cfg = load_config(ROOT / "configs" / "pitfall-finetune.yaml", ["model=test_resnet"])
+    cfg = load_config(RECIPES / "pitfall-finetune.yaml", ["model=test_resnet"])
     model = create_model(cfg, 10)
     init_from_checkpoint(model, str(pre), 10)
     own = model.state_dict()
