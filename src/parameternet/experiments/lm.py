@@ -367,7 +367,7 @@ def verdict(
     change = _fit_change(second, total_steps - half)
     out.update(gap=gap, se=se, ci95=ci95, change=change, second_half_points=len(second))
     not_shrinking = math.isfinite(change) and change >= -k["flat"]
-    if gap >= k["min_gap"] and se > 0 and gap > k["min_se"] * se and not_shrinking:
+    if gap >= k["min_gap"] and gap > k["min_se"] * se and not_shrinking:
         return {**out, "verdict": "reproduced", "reason": "MoE lower by the margin, and the gap is not shrinking"}
     if gap <= 0 and math.isfinite(change) and change <= k["flat"]:
         return {**out, "verdict": "refuted", "reason": "MoE >= dense at the end, gap flat or growing for dense"}
