@@ -107,7 +107,7 @@ def build_cls_task(
     *,
     min_chars: int = 200,
     max_chars: int = 500,
-    per_doc: int = 8,
+    per_doc: int = 20,
     train_per_class: int = 2000,
     test_per_class: int = 500,
     seed: int = 0,
