@@ -1051,38 +1051,51 @@ def _plot_curves(curves: list[dict[str, Any]], rows: list[dict[str, Any]], path:
 
 
 def _plot_router(router: list[dict[str, Any]], path: Path) -> None:
+    """Per MoE variant (first seed): mean top-1 router probability and the largest / smallest expert share per
+    layer against training tokens, and every expert's share per layer at the last evaluation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    main = [r for r in router if r["kind"] == "main"]
-    variants = sorted({r["variant"] for r in main}, key=_variant_order)
-    fig, axes = plt.subplots(2, max(1, len(variants)), figsize=(4 * max(1, len(variants)), 7), squeeze=False)
-    for j, name in enumerate(variants):
-        rs = [
-            r
-            for r in main
-            if r["variant"] == name and r["seed"] == min(x["seed"] for x in main if x["variant"] == name)
-        ]
+    groups = sorted({(r["kind"], r["variant"]) for r in router if r["kind"] in ("main", "upcycle")},
+                    key=lambda g: (g[0] == "upcycle", _variant_order(g[1])))  # fmt: skip
+    n = max(1, len(groups))
+    fig, axes = plt.subplots(3, n, figsize=(4 * n, 10), squeeze=False)
+    for j, (kind, name) in enumerate(groups):
+        group = [r for r in router if r["kind"] == kind and r["variant"] == name]
+        seed = min(r["seed"] for r in group)
+        rs = [r for r in group if r["seed"] == seed]
         m = Variant.parse(name).num_experts
-        for layer in sorted({r["layer"] for r in rs}):
+        layers = sorted({r["layer"] for r in rs})
+        for layer in layers:
             pts = sorted(
                 (r["tokens"], r["top1_prob"], r["max_share"], r["min_share"]) for r in rs if r["layer"] == layer
             )
-            axes[0][j].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=f"layer {layer}")
-            line = axes[1][j].plot(
-                [p[0] for p in pts], [p[2] for p in pts], marker="o", markersize=3, label=f"layer {layer} max"
-            )
-            axes[1][j].plot([p[0] for p in pts], [p[3] for p in pts], linestyle="--", color=line[0].get_color())
-        axes[0][j].axhline(1 / m, color="gray", linewidth=0.8, linestyle=":")
-        axes[1][j].axhline(1 / m, color="gray", linewidth=0.8, linestyle=":")
-        axes[0][j].set(title=f"{name} (seed {rs[0]['seed'] if rs else '-'})", xlabel="training tokens",
-                       ylabel="mean top-1 router probability")  # fmt: skip
-        axes[1][j].set(xlabel="training tokens", ylabel="expert token share: max (solid), min (dashed)")
+            xs = [p[0] for p in pts]
+            axes[0][j].plot(xs, [p[1] for p in pts], marker="o", markersize=3, label=f"layer {layer}")
+            line = axes[1][j].plot(xs, [p[2] for p in pts], marker="o", markersize=3, label=f"layer {layer}")
+            axes[1][j].plot(xs, [p[3] for p in pts], linestyle="--", color=line[0].get_color())
+        last = max(r["tokens"] for r in rs)
+        bottom = [0.0] * len(layers)
+        for e in range(m):
+            shares = [
+                float(next(r for r in rs if r["layer"] == layer and r["tokens"] == last)["shares"].split()[e])
+                for layer in layers
+            ]
+            axes[2][j].bar([str(x) for x in layers], shares, bottom=bottom, label=f"expert {e}")
+            bottom = [b + x for b, x in zip(bottom, shares)]
+        for row in (0, 1):
+            axes[row][j].axhline(1 / m, color="gray", linewidth=0.8, linestyle=":")
+            axes[row][j].grid(alpha=0.3)
+            axes[row][j].set_xlabel("training tokens")
+        title = f"{name}{' upcycled' if kind == 'upcycle' else ''} (seed {seed})"
+        axes[0][j].set(title=title, ylabel="mean top-1 router probability")
+        axes[1][j].set(ylabel="expert token share: max (solid), min (dashed)")
+        axes[2][j].set(xlabel="layer", ylabel=f"expert shares at {last:,} tokens")
         axes[0][j].legend(fontsize=7)
-        axes[0][j].grid(alpha=0.3)
-        axes[1][j].grid(alpha=0.3)
+        if j == n - 1:
+            axes[2][j].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

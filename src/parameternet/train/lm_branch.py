@@ -107,9 +107,11 @@ class ExperimentLMTrainer(LMTrainer):
         if not 0 <= start_step < cfg.total_steps:
             raise ParameterNetError(f"start_step={start_step} must be in [0, {cfg.total_steps}); lower it")
         super().__init__(cfg, dist)
-        if self.upcycle_from is not None and self.step == 0:  # a fresh branch (a resumed one has its own step)
-            self.step = start_step
-            self.scheduler.step_update(self.step)
+        if self.step == 0:  # a fresh start (a resumed run has its checkpoint's step)
+            if self.upcycle_from is not None:
+                self.step = start_step
+                self.scheduler.step_update(self.step)
+            self.metrics.truncate(self.step)  # rows of an attempt killed before its first checkpoint
 
     def _build_model(self):
         if self.upcycle_from is None:
