@@ -171,6 +171,17 @@ def test_brown_genre_labels():
     assert label_of("source", "gutenberg/austen-emma.txt#003") == 0
 
 
+def test_first_version_csv_is_kept_aside_and_a_foreign_one_refused(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "runs.csv").write_text(",".join(lm.FIRST_VERSION_COLUMNS) + ",run\ndense,-,0,0,1,2,3.0,4.0,x\n")
+    lm._check_header(out / "runs.csv", lm.COLUMNS)
+    assert not (out / "runs.csv").exists() and (out / "runs-v1.csv").read_text().startswith("variant,")
+    (out / "curves.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="other columns.*--output"):
+        lm._check_header(out / "curves.csv", lm.CURVE_COLUMNS)
+
+
 def test_lm_experiment_bad_input_in_one_line(capsys):
     assert main(["lm-experiment", "--preset", "smoke", "--jobs", "0"]) == 2
     assert "jobs=0" in capsys.readouterr().err

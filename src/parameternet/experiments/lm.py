@@ -404,6 +404,28 @@ def read_rows(csv_path: str | Path) -> list[dict[str, Any]]:
         return [_parse(dict(r)) for r in csv.DictReader(f)]
 
 
+FIRST_VERSION_COLUMNS = ("variant", "projection", "experts", "seed", "params", "tokens", "train_loss", "val_loss")
+
+
+def _check_header(csv_path: Path, columns: Sequence[str]) -> None:
+    """A CSV that exists must have ``columns``. The first version's ``runs.csv`` (one row per run of 262k tokens,
+    no provenance) is kept as ``runs-v1.csv``; any other header is a user error."""
+    if not csv_path.is_file() or csv_path.stat().st_size == 0:
+        return
+    with open(csv_path, newline="") as f:
+        header = tuple(next(csv.reader(f), ()))
+    if header == tuple(columns):
+        return
+    if header[: len(FIRST_VERSION_COLUMNS)] == FIRST_VERSION_COLUMNS:
+        kept = csv_path.with_name(f"{csv_path.stem}-v1.csv")
+        csv_path.rename(kept)
+        log.warning("%s holds the first version's rows; kept as %s, new rows start a new file", csv_path, kept)
+        return
+    raise ParameterNetError(
+        f"{str(csv_path)!r} has other columns than this version writes; move it away or pass another --output"
+    )
+
+
 def _append(csv_path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
     if not rows:
         return
@@ -428,6 +450,8 @@ class _Runner:
         self.code = code_id(self.prov)
         self.runs_dir = runs_dir / self.code
         self.csv = output / "runs.csv"
+        for name, columns in (("runs.csv", COLUMNS), ("curves.csv", CURVE_COLUMNS), ("router.csv", ROUTER_COLUMNS)):
+            _check_header(output / name, columns)
         rows = [r for r in read_rows(self.csv) if r.get("preset") == preset.name]
         self.rows = [r for r in rows if code_id(r) == self.code]
         other = sorted({code_id(r) for r in rows} - {self.code})
@@ -868,7 +892,7 @@ def report(output: str | Path, preset: str | None = "full", pool_commits: bool =
     preset and says how many it left out, unless ``pool_commits``. Raises when there is no row of ``preset``.
     """
     output = Path(output)
-    rows = [r for r in read_rows(output / "runs.csv") if preset is None or r["preset"] == preset]
+    rows = [r for r in read_rows(output / "runs.csv") if "kind" in r and (preset is None or r["preset"] == preset)]
     if not rows:
         raise ParameterNetError(f"{str(output / 'runs.csv')!r} holds no rows of preset {preset!r}; run the grid first")
     codes: dict[str, int] = {}
@@ -897,7 +921,12 @@ def report(output: str | Path, preset: str | None = "full", pool_commits: bool =
     if main:
         tokens = main[0]["tokens"]
         p = PRESETS.get(rows[0]["preset"])
-        share = f" ({p.corpus_fraction:g} of the training split, each token once)" if p and not p.main_tokens else ""
+        share = ""
+        if p and not p.main_tokens:
+            share = f" ({p.corpus_fraction:g} of the training split, each token once"
+            if p.corpus_fraction < 1:
+                share += "; the whole split does not fit about 3 hours of two CPU cores"
+            share += ")"
         parts += [
             f"Dense LLaMA vs top-1 MoE on one FFN projection, {tokens:,} training tokens per run{share}, the same "
             "windows in the same order for every run. Mean ± standard error over seeds (number of seeds).",
