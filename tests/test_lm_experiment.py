@@ -51,6 +51,7 @@ def test_verdict_not_resolved_below_the_margin_or_within_the_noise():
     # 0.05 nats better on average but the seeds scatter: under 2.5 standard errors
     noisy = verdict([5.0, 5.2, 4.9], [4.95, 5.15, 4.85], _gap(0.05, 0.05), 2000)
     assert noisy["verdict"] == "not resolved" and noisy["gap"] < 2.5 * noisy["se"]
+    assert noisy["seeds_needed"] > 3  # the power calculation says how many seeds would resolve it
     # one seed a side decides nothing
     one = verdict([5.0], [4.5], _gap(0.5, 0.5), 2000)
     assert one["verdict"] == "not resolved" and "fewer than two seeds" in one["reason"]

@@ -371,7 +371,24 @@ def verdict(
         return {**out, "verdict": "reproduced", "reason": "MoE lower by the margin, and the gap is not shrinking"}
     if gap <= 0 and math.isfinite(change) and change <= k["flat"]:
         return {**out, "verdict": "refuted", "reason": "MoE >= dense at the end, gap flat or growing for dense"}
+    out["seeds_needed"] = _seeds_needed(dense_final, moe_final, paired)
     return {**out, "verdict": "not resolved", "reason": "neither criterion holds"}
+
+
+def _seeds_needed(dense: Sequence[float], moe: Sequence[float], paired: bool) -> int | None:
+    """Seeds per model for 80% power to see a ``min_gap`` gap beyond ``min_se`` standard errors (one-sided alpha
+    = 1 - Phi(min_se)), with the spreads seen; None when a spread is unknown."""
+    from scipy.stats import norm
+
+    from parameternet.experiments.stats import seeds_for_power, summary
+
+    alpha = float(norm.sf(CRITERIA["min_se"]))
+    if paired:
+        sd = summary([d - m for d, m in zip(dense, moe)]).sd
+        n = seeds_for_power([sd / 2**0.5, sd / 2**0.5], CRITERIA["min_gap"], alpha)
+    else:
+        n = seeds_for_power([summary(dense).sd, summary(moe).sd], CRITERIA["min_gap"], alpha)
+    return n
 
 
 # ----- CSV files -----
@@ -881,6 +898,11 @@ def _verdict_lines(title: str, v: dict[str, Any]) -> list[str]:
             f"Gap dense - MoE at the end: {v['gap']:+.4f} ± {v['se']:.4f} nats (s.e., seeds {v['n'][0]} and "
             f"{v['n'][1]}), 95% CI [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]; fitted change of the gap over the "
             f"second half: {v['change']:+.4f} nats ({v['second_half_points']} evaluations)."
+        )
+    if v.get("seeds_needed"):
+        lines.append(
+            f"About {v['seeds_needed']} seeds per model would give 80% power to see a {CRITERIA['min_gap']}-nat gap "
+            f"beyond {CRITERIA['min_se']} standard errors with the spreads seen."
         )
     return lines
 
