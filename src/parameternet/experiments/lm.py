@@ -30,6 +30,7 @@ checkpoint and skips only rows made by the same code; the report never pools row
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -37,6 +38,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -47,6 +49,7 @@ from typing import Any
 
 from parameternet.errors import ParameterNetError
 from parameternet.experiments.provenance import code_id, provenance
+from parameternet.runs import atomic_write
 
 __all__ = [
     "COLUMNS",
@@ -236,9 +239,22 @@ def _hash(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+def _stop_worker(signum: int, frame: Any) -> None:
+    from parameternet.runs import RunInterrupted
+
+    raise RunInterrupted(signum, None, None)
+
+
 def _init_worker() -> None:
     import torch
 
+    from parameternet.runs import die_with_parent
+
+    # A signal before the trainer installs its own handler (which saves a checkpoint) stops the worker at once;
+    # SIGTERM also comes when the parent dies, so no worker is left running (as in the pitfall experiment).
+    signal.signal(signal.SIGTERM, _stop_worker)
+    signal.signal(signal.SIGINT, _stop_worker)
+    die_with_parent()
     torch.set_num_threads(1)
     try:
         torch.set_num_interop_threads(1)
@@ -589,13 +605,26 @@ class _Runner:
         )  # fmt: skip
         if not pending:
             return
+        from parameternet.runs import RunInterrupted, StopSignal
+
         failures: list[str] = []
         running: dict[Future, _Task] = {}
-        with ProcessPoolExecutor(
-            max_workers=self.jobs, mp_context=get_context("spawn"), initializer=_init_worker
-        ) as pool:
+        ctx = get_context("spawn")
+        forwarded = False
+        heartbeat = time.perf_counter()
+        with (
+            StopSignal() as stop,
+            ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx, initializer=_init_worker) as pool,
+        ):
             while pending or running:
-                while len(running) < self.jobs:
+                if stop.requested:  # no new run; the running ones save a checkpoint and stop
+                    pending.clear()
+                    if stop.signum == signal.SIGTERM and not forwarded:
+                        for proc in list(getattr(pool, "_processes", {}).values()):
+                            with contextlib.suppress(OSError):
+                                os.kill(proc.pid, signal.SIGTERM)
+                        forwarded = True
+                while len(running) < self.jobs and not stop.requested:
                     ready = next((t for t in pending if all(a.result is not None for a in t.after)), None)
                     if ready is None:
                         break
@@ -611,14 +640,21 @@ class _Runner:
                     running[fut] = ready
                 if not running:
                     break
-                finished, _ = wait(running, timeout=300, return_when=FIRST_COMPLETED)
-                if not finished:
+                finished, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+                if not finished and time.perf_counter() - heartbeat >= 300:
+                    heartbeat = time.perf_counter()
                     log.info("  running: %s", "; ".join(f"{t.kind} {t.variant} s{t.seed}" for t in running.values()))
                 for fut in finished:
                     t = running.pop(fut)
                     try:
                         t.result = fut.result()
+                    except RunInterrupted as e:
+                        log.warning("  %s %s seed %d: %s", t.kind, t.variant, t.seed, e)
+                        continue
                     except Exception as e:  # one broken run must not stop the grid; it is reported at the end
+                        if stop.requested:  # a worker stopped before its trainer could take the signal
+                            log.warning("  %s %s seed %d stopped: %s", t.kind, t.variant, t.seed, e)
+                            continue
                         failures.append(f"{t.kind} {t.variant} seed {t.seed}: {e}")
                         log.error("  FAILED %s %s seed %d: %s", t.kind, t.variant, t.seed, e)
                         dropped = {id(t)}
@@ -628,6 +664,8 @@ class _Runner:
                                 dropped.add(id(other))
                         continue
                     self.finish(t)
+        if stop.requested:
+            raise RunInterrupted(stop.signum, None, "a checkpoint of every run in progress")
         if failures:
             raise ParameterNetError(
                 f"{len(failures)} run(s) failed, first: {failures[0]}; fix the cause and run the command again"
@@ -813,19 +851,22 @@ def run_lm_experiment(
         raise ParameterNetError(f"preset {preset!r} is unknown; use one of {', '.join(PRESETS)}")
     if jobs < 1:
         raise ParameterNetError(f"jobs={jobs} is invalid; use 1 or more parallel runs")
+    from parameternet.runs import RunLock
+
     p = PRESETS[preset]
     output = Path(output) if output is not None else default_output(preset)
-    runner = _Runner(p, str(recipe), overrides, output, Path(runs_dir), jobs)
-    lr_tasks = runner.lr_tasks()
-    runner.execute(lr_tasks)
-    lrs = choose_lrs([t.result["row"] for t in lr_tasks], p.lr_variants)
-    output.mkdir(parents=True, exist_ok=True)
-    record = {**lrs, "preset": p.name, "rule": "lowest final validation loss of each; shared when both agree"}
-    (output / "lr.json").write_text(json.dumps({**record, **runner.prov}, indent=1) + "\n")
-    log.info("learning rates: dense %g, MoE %g%s", lrs["dense"], lrs["moe"], " (shared)" if lrs["shared"] else "")
-    tasks, _ = runner.main_tasks(lrs)
-    runner.execute(tasks)
-    return report(output, preset=p.name)
+    with RunLock(output, "experiment results"):  # one writer of the CSVs; each run also locks its own directory
+        runner = _Runner(p, str(recipe), overrides, output, Path(runs_dir), jobs)
+        lr_tasks = runner.lr_tasks()
+        runner.execute(lr_tasks)
+        lrs = choose_lrs([t.result["row"] for t in lr_tasks], p.lr_variants)
+        record = {**lrs, "preset": p.name, "rule": "lowest final validation loss of each; shared when both agree"}
+        atomic_write(output / "lr.json", json.dumps({**record, **runner.prov}, indent=1) + "\n")
+        shared = " (shared)" if lrs["shared"] else ""
+        log.info("learning rates: dense %g, MoE %g%s", lrs["dense"], lrs["moe"], shared)
+        tasks, _ = runner.main_tasks(lrs)
+        runner.execute(tasks)
+        return report(output, preset=p.name)
 
 
 # ----- the report -----
@@ -1039,7 +1080,7 @@ def report(output: str | Path, preset: str | None = "full", pool_commits: bool =
     _plot_curves(curves, rows, output / "loss_curves.png", compare)
     if router:
         _plot_router(router, output / "router.png")
-    (output / "table7.md").write_text(text)
+    atomic_write(output / "table7.md", text)
     return text
 
 

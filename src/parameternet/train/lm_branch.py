@@ -18,6 +18,7 @@ evaluation, a snapshot of the weights at a chosen step, and branches upcycled fr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tempfile
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from parameternet.errors import ParameterNetError
+from parameternet.runs import RunLock, StopSignal, fs_error
 from parameternet.train import distributed as D
 from parameternet.train.lm import LMTrainConfig, LMTrainer
 
@@ -85,6 +87,7 @@ class ExperimentLMTrainer(LMTrainer):
         self,
         cfg: LMTrainConfig,
         dist: D.DistInfo,
+        stop: StopSignal | None = None,
         *,
         router_windows: int = 64,
         snapshot_step: int | None = None,
@@ -106,12 +109,10 @@ class ExperimentLMTrainer(LMTrainer):
                 )
         if not 0 <= start_step < cfg.total_steps:
             raise ParameterNetError(f"start_step={start_step} must be in [0, {cfg.total_steps}); lower it")
-        super().__init__(cfg, dist)
-        if self.step == 0:  # a fresh start (a resumed run has its checkpoint's step)
-            if self.upcycle_from is not None:
-                self.step = start_step
-                self.scheduler.step_update(self.step)
-            self.metrics.truncate(self.step)  # rows of an attempt killed before its first checkpoint
+        super().__init__(cfg, dist, stop)
+        if self.upcycle_from is not None and self.step == 0:  # a fresh branch (a resumed one has its own step)
+            self.step = start_step
+            self.scheduler.step_update(self.step)
 
     def _build_model(self):
         if self.upcycle_from is None:
@@ -149,14 +150,17 @@ class ExperimentLMTrainer(LMTrainer):
     def _save_snapshot(self) -> None:
         final = self.out / "snapshot"
         if self.dist.is_main:
-            with tempfile.TemporaryDirectory(prefix=".snapshot-", dir=self.out) as tmp:
-                staged = Path(tmp) / "snapshot"
-                self.model.save_pretrained(staged)
-                self.tokenizer.save_pretrained(staged)
-                (staged / "step.txt").write_text(f"{self.step}\n")
-                if final.exists():
-                    final.rename(Path(tmp) / "old")
-                staged.rename(final)
+            try:
+                with tempfile.TemporaryDirectory(prefix=".snapshot-", dir=self.out) as tmp:
+                    staged = Path(tmp) / "snapshot"
+                    self.model.save_pretrained(staged)
+                    self.tokenizer.save_pretrained(staged)
+                    (staged / "step.txt").write_text(f"{self.step}\n")
+                    if final.exists():
+                        final.rename(Path(tmp) / "old")
+                    staged.rename(final)
+            except OSError as e:
+                raise (fs_error(final, e) or e) from None
         D.barrier()
 
     def _validate(self) -> None:
@@ -171,10 +175,13 @@ class ExperimentLMTrainer(LMTrainer):
 
 
 def train_experiment_lm(cfg: LMTrainConfig, **options: Any) -> dict[str, Any]:
-    """Run :class:`ExperimentLMTrainer` (one process) and return its summary, plus ``threads`` (torch's)."""
+    """Run :class:`ExperimentLMTrainer` like :func:`~parameternet.train.lm.train_lm` (the run lock held, SIGINT /
+    SIGTERM save a checkpoint and raise ``RunInterrupted``) and return its summary plus ``threads`` (torch's)."""
     dist = D.setup(cfg.device)
     try:
-        summary = ExperimentLMTrainer(cfg, dist, **options).run()
+        lock = RunLock(cfg.output_dir) if dist.is_main else contextlib.nullcontext()
+        with lock, StopSignal() as stop:
+            summary = ExperimentLMTrainer(cfg, dist, stop, **options).run()
     finally:
         D.cleanup()
     return {**summary, "threads": torch.get_num_threads(), "config": dataclasses.asdict(cfg)}

@@ -267,8 +267,8 @@ def finetune_classifier(
     if output is not None:
         out_dir = Path(output)
         out_dir.mkdir(parents=True, exist_ok=True)
+        from parameternet.runs import atomic_write
+
         model.save_pretrained(out_dir / "classifier")
-        tmp = out_dir / "cls.json.tmp"
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(out_dir / "cls.json")
+        atomic_write(out_dir / "cls.json", json.dumps(result, indent=1) + "\n")
     return result
