@@ -371,16 +371,15 @@ def test_lm_bad_inputs_are_one_sentence(tmp_path, capsys, monkeypatch):
         load_corpus()
 
 
-def test_lm_experiment_only_keeps_the_overrides(monkeypatch, tmp_path, capsys):
+def test_lm_experiment_keeps_the_overrides(monkeypatch, tmp_path, capsys):
     import parameternet.experiments.lm as exp
 
     seen = {}
 
-    def fake(recipe, overrides, runs, results, only):
-        seen.update(overrides=overrides, only=only)
-        Path(results).mkdir(parents=True, exist_ok=True)
-        (Path(results) / "table7.md").write_text("t\n")
+    def fake(preset, recipe, overrides, runs, output, jobs):
+        seen.update(preset=preset, overrides=overrides, jobs=jobs)
+        return "t"
 
     monkeypatch.setattr(exp, "run_lm_experiment", fake)
-    assert main(["lm-experiment", "--results", str(tmp_path), "--only", "dense", "max_steps=4"]) == 0
-    assert seen == {"overrides": ["max_steps=4"], "only": ["dense"]}
+    assert main(["lm-experiment", "--output", str(tmp_path), "--preset", "quick", "--jobs", "2", "max_steps=4"]) == 0
+    assert seen == {"preset": "quick", "overrides": ["max_steps=4"], "jobs": 2}

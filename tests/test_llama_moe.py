@@ -265,3 +265,51 @@ def test_config_bad_input():
         tiny_config(capacity_factor=-1.0)
     assert tiny_config(moe_projections="up_proj").moe_projections == ["up_proj"]
     assert tiny_config(moe_projections=["down_proj", "gate_proj"]).moe_projections == ["gate_proj", "down_proj"]
+
+
+# --- the sequence classifier (Table 7's fine-tuned SST-2 column) ---------------------------------------------
+
+
+def test_sequence_classifier_auto_class_round_trip_and_router_loss(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from parameternet.models.llama_moe import ParameterNetLlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = tiny_config(num_labels=3, pad_token_id=0, router_aux_loss_coef=0.5)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    assert type(model) is ParameterNetLlamaForSequenceClassification
+    assert type(model.model) is ParameterNetLlamaModel and model.score.out_features == 3
+    ids = torch.randint(1, TINY["vocab_size"], (3, 7), generator=torch.Generator().manual_seed(2))
+    ids[0, 5:] = 0  # right padding: the first sequence ends at position 4
+    labels = torch.tensor([0, 2, 1])
+    out = model(ids, labels=labels)
+    assert out.logits.shape == (3, 3) and out.aux_loss is not None
+    # the logits are the head on the last non-padding token; the loss adds the weighted aux loss
+    hidden = model.model(ids).last_hidden_state
+    torch.testing.assert_close(out.logits[0], model.score(hidden[0, 4]))
+    torch.testing.assert_close(out.logits[1], model.score(hidden[1, -1]))
+    ce = torch.nn.functional.cross_entropy(out.logits, labels)
+    torch.testing.assert_close(out.loss, ce + 0.5 * out.aux_loss)
+    out.loss.backward()
+    assert model.model.layers[0].mlp.down_proj.router.weight.grad.abs().sum() > 0
+
+    model.save_pretrained(tmp_path / "cls")
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls").eval()
+    assert type(loaded) is ParameterNetLlamaForSequenceClassification and loaded.config.num_labels == 3
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_sequence_classifier_from_a_causal_lm_keeps_the_body(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    lm = tiny_model(pad_token_id=0).eval()
+    lm.save_pretrained(tmp_path / "lm")
+    cls = AutoModelForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=2).eval()
+    ids = torch.randint(1, TINY["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(cls.model(ids).last_hidden_state, lm.model(ids).last_hidden_state)
+    assert cls(ids).logits.shape == (2, 2)
+    dense = tiny_model(moe_projections=[], pad_token_id=0)
+    dense.save_pretrained(tmp_path / "dense")
+    quiet = AutoModelForSequenceClassification.from_pretrained(tmp_path / "dense", num_labels=2)
+    assert quiet(ids, labels=torch.tensor([0, 1])).aux_loss is None  # no experts, no router loss

@@ -2,7 +2,6 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -111,22 +110,3 @@ def test_cli_lm_train_reports_bad_input_in_one_line(capsys):
     assert main(["lm-train", "configs/lm-small.yaml", "model.num_experts_per_tok=9", "max_steps=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "num_experts_per_tok=9" in err
-
-
-def test_lm_experiment_writes_results(corpora, monkeypatch):
-    from parameternet.experiments import lm as experiment
-
-    monkeypatch.setattr(experiment, "VARIANTS", (experiment.Variant("dense", None, 1, (0, 1)),
-                                                 experiment.Variant("down_proj-4", "down_proj", 4, (0,))))  # fmt: skip
-    runs, results = corpora / "runs", corpora / "results"
-    rows = experiment.run_lm_experiment("configs/lm-small.yaml", TINY, runs, results)
-    assert [(r["variant"], r["seed"]) for r in rows] == [("dense", 0), ("dense", 1), ("down_proj-4", 0)]
-    assert rows[2]["params"] > rows[0]["params"] and rows[0]["tokens"] == rows[2]["tokens"]
-    table = (results / "table7.md").read_text()
-    assert "| LLaMA (dense) | - |" in table and "| MoE on down | 4 |" in table and " ± " in table
-    assert (results / "loss_curves.png").stat().st_size > 1000
-    assert len(Path(results / "runs.csv").read_text().splitlines()) == 4
-    # A second call trains nothing: every run is finished.
-    mtime = (runs / "dense-s0" / "summary.json").stat().st_mtime
-    experiment.run_lm_experiment("configs/lm-small.yaml", TINY, runs, results)
-    assert (runs / "dense-s0" / "summary.json").stat().st_mtime == mtime

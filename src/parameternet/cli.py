@@ -174,12 +174,24 @@ def _add_lm(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--export-tasks", metavar="DIR", help="also write the tasks as lm-evaluation-harness task files")
     p.set_defaults(func=_run_lm_eval)
 
-    p = sub.add_parser("lm-experiment", help="paper Table 7 at CPU scale: dense vs MoE on gate / up / down (resumable)")
-    p.add_argument("overrides", nargs="*", help="recipe overrides applied to every run, e.g. max_tokens=65536")
+    p = sub.add_parser(
+        "lm-experiment",
+        help="paper Table 7 at CPU scale: lr check, dense vs MoE to the corpus, upcycling, classifier (resumable)",
+        description="Run the learning-rate check, the main dense-vs-MoE runs, the upcycled branches and the "
+        "fine-tuned classifiers of a preset; append each finished run to OUTPUT/runs.csv (rows this code already "
+        "made are skipped, so the command resumes) and write OUTPUT/table7.md, loss_curves.png and router.png.",
+    )
+    p.add_argument("overrides", nargs="*", help="recipe overrides applied to every run, e.g. data.dir=/data/lm")
+    p.add_argument("--preset", default="full", choices=["full", "quick", "smoke"], help="the grid (default: full)")
     p.add_argument("--recipe", default="configs/lm-small.yaml")
     p.add_argument("--runs", default="runs/lm-experiment", help="directory of the individual runs")
-    p.add_argument("--results", default="results/lm", help="where runs.csv, table7.md and loss_curves.png go")
-    p.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants, e.g. dense down_proj-8")
+    p.add_argument("--output", "--results", dest="output", help="default: results/lm (full), runs/lm-PRESET else")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side, one torch thread each (default 1)")
+    p.add_argument("--report-only", action="store_true", help="only rebuild table7.md and the plots from the CSVs")
+    p.add_argument("--pool-commits", action="store_true", help="pool rows made by different code in the report")
+    p.add_argument(
+        "--estimate", action="store_true", help="measure 1-thread tokens/s here and print the preset's wall time"
+    )
     p.set_defaults(func=_run_lm_experiment)
 
 
@@ -214,15 +226,50 @@ def _run_lm_eval(args: argparse.Namespace) -> int:
 
 
 def _run_lm_experiment(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from parameternet.experiments import lm
 
-    from parameternet.experiments.lm import run_lm_experiment
+    output = args.output or lm.default_output(args.preset)
+    if args.estimate:
+        print(lm.estimate_text(args.recipe, lm.PRESETS[args.preset], args.overrides, jobs=max(args.jobs, 2)))
+        return 0
+    if args.report_only:
+        print(lm.report(output, preset=args.preset, pool_commits=args.pool_commits))
+        return 0
+    print(lm.run_lm_experiment(args.preset, args.recipe, args.overrides, args.runs, output, args.jobs))
+    return 0
 
-    # `--only dense max_steps=4`: argparse hands the override to --only; give it back to the overrides
-    only = [v for v in args.only or [] if "=" not in v] or None
-    overrides = [*args.overrides, *(v for v in args.only or [] if "=" in v)]
-    run_lm_experiment(args.recipe, overrides, args.runs, args.results, only)
-    print((Path(args.results) / "table7.md").read_text())
+
+def _add_lm_cls(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lm-finetune-cls",
+        help="fine-tune a trained language model as a text classifier (paper Table 7's SST-2 protocol)",
+        description="Load MODEL (an lm-train model/ directory) with a new classification head, fine-tune every "
+        "weight on passages of the language model's training documents and print the accuracy on passages of "
+        "held-out documents.",
+    )
+    p.add_argument("model", help="a model/ directory written by lm-train")
+    p.add_argument("--task", default="brown-genre", help="brown-genre (informative vs imaginative) or source")
+    p.add_argument("--data", help="prepared text directory (default: the one the run's recipe names)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--max-len", type=int, default=128, help="tokens per passage at most")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--output", help="directory for cls.json and the fine-tuned classifier/")
+    p.set_defaults(func=_run_lm_cls)
+
+
+def _run_lm_cls(args: argparse.Namespace) -> int:
+    import json
+
+    from parameternet.train.lm_cls import finetune_classifier
+
+    r = finetune_classifier(
+        args.model, args.task, data_dir=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        max_len=args.max_len, seed=args.seed, threads=args.threads, output=args.output,
+    )  # fmt: skip
+    print(json.dumps(r, indent=1))
     return 0
 
 
@@ -367,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_lm(sub)
+    _add_lm_cls(sub)
     _add_pitfall(sub)
     _add_export(sub)
     _add_benchmark(sub)

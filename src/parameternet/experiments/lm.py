@@ -1,205 +1,1193 @@
-"""Table 7 of ParameterNet (arXiv 2306.14525, sec. 5.4) at CPU scale: dense LLaMA against a top-1 mixture of 4 or 8
-experts on each FFN projection (gate, up, down), same tokens for every model.
+"""Table 7 of ParameterNet (arXiv 2306.14525, sec. 5.4) at CPU scale: dense LLaMA against a top-1 mixture of experts
+on one FFN projection at the same FLOPs, trained to the corpus, with a learning-rate check, upcycling and the
+paper's fine-tuned classifier. ``parameternet lm-experiment --preset full|quick|smoke``.
 
-Every run is one ``lm-train`` run of the base recipe (``configs/lm-small.yaml``: 4 layers, hidden 256) with the
-variant's ``model.moe_projections`` / ``model.num_experts`` / ``seed``; all runs read the same token windows in
-the same order (``data.order_seed``), so they differ only in the FFN projection and the initialisation. The
-dense baseline and the 8-expert down-projection variant run with two seeds. Runs live in
-``<runs>/<variant>-s<seed>/`` and resume from their last checkpoint, so the command can be stopped and run
-again; finished runs are skipped. The outputs, in ``results/lm/``, are ``runs.csv`` (one row per run),
-``loss_curves.png`` (training and validation loss against tokens) and ``table7.md`` (the paper's table with
-seeds averaged).
+Every language-model run is one ``lm-train`` run of the base recipe (``configs/lm-small.yaml``: 4 layers, hidden
+256, batch 16 x 128 tokens) with the variant's ``model.moe_projections`` / ``model.num_experts`` / ``seed`` /
+``optim.lr``. All runs read the same token windows in the same order (``data.order_seed``), each token at most
+once. The grid, in run order:
+
+1. *Learning-rate check* (``kind=lr``): dense and 8 experts on ``down_proj`` at each of ``Preset.lrs`` for
+   ``Preset.lr_tokens`` tokens, seed 0. The best learning rate of each on the final validation loss is its
+   learning rate for the rest (one shared value when both pick the same); written to ``lr.json``.
+2. *Main comparison* (``kind=main``): the preset's share of the training split, each token seen once, for dense and
+   8 experts on ``down_proj`` at 3 seeds and the other projections and 4 experts at 1 seed; validation on the full
+   validation split every ``Preset.eval_every`` steps; router diagnostics at every evaluation.
+3. *Upcycling* (``kind=upcycle``): each dense main run saves its weights at its midpoint; a branch converts them
+   with ``from_dense`` (8 experts on ``down_proj``) and trains the second half on the same windows in the same
+   order with the dense run's schedule, to be compared with the dense run's own second half (paired by seed).
+4. *Fine-tuned classifier* (``kind=cls``): the final dense and ``down_proj``-8 main models of each seed are
+   fine-tuned on a text classification task with held-out documents (:mod:`parameternet.train.lm_cls`) with the
+   same budget; the accuracy is the Table 7 SST-2 column's stand-in.
+
+Runs go to worker processes with one torch thread each (``jobs`` side by side); the thread count is recorded in
+every row. Each finished run appends a row to ``<output>/runs.csv`` at once (with the git commit, a dirty flag
+and the package version), its validation curve to ``curves.csv`` and its router diagnostics to ``router.csv``.
+Run directories live under ``<runs_dir>/<code id>/``, so a rerun resumes an interrupted run from its last
+checkpoint and skips only rows made by the same code; the report never pools rows of different code unless asked.
+:func:`report` rebuilds ``table7.md``, ``loss_curves.png`` and ``router.png`` from the CSVs alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
+import hashlib
 import json
 import logging
-import statistics
-from dataclasses import dataclass
+import math
+import os
+import signal
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from parameternet.errors import ParameterNetError
+from parameternet.experiments.provenance import code_id, provenance
+from parameternet.runs import atomic_write
 
-__all__ = ["VARIANTS", "Variant", "collect", "run_lm_experiment", "write_results"]
+__all__ = [
+    "COLUMNS",
+    "CRITERIA",
+    "PRESETS",
+    "Preset",
+    "Variant",
+    "choose_lrs",
+    "estimate_wall_s",
+    "measure_tokens_per_s",
+    "read_rows",
+    "report",
+    "run_lm_experiment",
+    "verdict",
+]
 
 log = logging.getLogger(__name__)
+
+COLUMNS = (
+    "kind", "preset", "variant", "projection", "experts", "seed", "lr", "params", "steps", "start_step", "tokens",
+    "train_loss", "val_loss", "val_ppl", "mid_val_loss", "next_sentence_acc", "last_word_acc", "cls_task", "cls_acc",
+    "cls_items", "threads", "wall_s", "tokens_per_s", "recipe", "run_dir", "commit", "dirty", "version",
+)  # fmt: skip
+CURVE_COLUMNS = ("kind", "preset", "variant", "seed", "step", "tokens", "val_loss", "commit", "dirty")
+ROUTER_COLUMNS = (
+    "kind", "preset", "variant", "seed", "step", "tokens", "layer", "projection", "top1_prob", "max_share",
+    "min_share", "shares", "commit", "dirty",
+)  # fmt: skip
+
+# The pre-stated reading (README, "Table 7 at CPU scale"), in nats of final validation loss.
+CRITERIA = {
+    "min_gap": 0.02,  # reproduced: dense - MoE >= this at the end ...
+    "min_se": 2.5,  # ... and > this many standard errors of the difference over seeds ...
+    "flat": 0.01,  # ... and the gap not shrinking: its fitted change over the second half >= -flat
+}
 
 
 @dataclass(frozen=True)
 class Variant:
+    """A model of the grid: dense (``projection`` None) or ``num_experts`` experts on one FFN projection."""
+
+    projection: str | None
+    num_experts: int = 0
+
+    @property
+    def name(self) -> str:
+        return "dense" if self.projection is None else f"{self.projection}-{self.num_experts}"
+
+    @classmethod
+    def parse(cls, name: str) -> Variant:
+        if name == "dense":
+            return cls(None)
+        proj, _, m = name.rpartition("-")
+        if proj not in ("gate_proj", "up_proj", "down_proj") or not m.isdigit() or int(m) < 2:
+            raise ParameterNetError(f"variant {name!r} is unknown; write dense or <gate|up|down>_proj-<experts>")
+        return cls(proj, int(m))
+
+    def overrides(self) -> list[str]:
+        if self.projection is None:
+            return ["model.moe_projections=[]"]
+        return [f"model.moe_projections=[{self.projection}]", f"model.num_experts={self.num_experts}"]
+
+    @property
+    def label(self) -> str:
+        return "LLaMA (dense)" if self.projection is None else f"MoE on {self.projection.replace('_proj', '')}"
+
+
+DENSE, MOE8 = "dense", "down_proj-8"
+
+
+def _main_grid(three: tuple[int, ...] = (0, 1, 2), one: tuple[int, ...] = (0,)) -> tuple[tuple[str, tuple], ...]:
+    others = [f"{p}-{m}" for p in ("gate_proj", "up_proj", "down_proj") for m in (4, 8) if f"{p}-{m}" != MOE8]
+    return ((DENSE, three), (MOE8, three), *((v, one) for v in others))
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The grid of one ``lm-experiment`` preset (see the module docstring for the four kinds of run).
+
+    ``corpus_fraction`` of the training windows are read once by every main run (``main_tokens`` overrides it);
+    ``overrides`` apply to every language-model run; ``cls`` holds the arguments of
+    :func:`~parameternet.train.lm_cls.finetune_classifier` shared by every fine-tune.
+    """
+
     name: str
-    projection: str | None  # None = dense
-    num_experts: int
-    seeds: tuple[int, ...]
+    description: str
+    lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3)
+    lr_tokens: int = 1_048_576
+    lr_variants: tuple[str, ...] = (DENSE, MOE8)
+    corpus_fraction: float = 1.0
+    main_tokens: int | None = None
+    main: tuple[tuple[str, tuple[int, ...]], ...] = field(default_factory=_main_grid)
+    eval_every: int = 250
+    upcycle_seeds: tuple[int, ...] = (0, 1, 2)
+    upcycle_variant: str = MOE8
+    cls_variants: tuple[str, ...] = (DENSE, MOE8)
+    cls_seeds: tuple[int, ...] = (0, 1, 2)
+    cls: dict[str, Any] = field(default_factory=lambda: dict(task="brown-genre", steps=300, batch_size=16, lr=1e-4))
+    overrides: tuple[str, ...] = ()
+    zero_shot_items: int = 300
+    warmup_fraction: float = 0.05  # linear warmup over this share of a run's steps, then cosine to 10%
 
-    def overrides(self, seed: int) -> list[str]:
-        moe = f"[{self.projection}]" if self.projection else "[]"
-        return [f"model.moe_projections={moe}", f"model.num_experts={self.num_experts}", f"seed={seed}"]
+    @property
+    def compare(self) -> str:
+        """The MoE variant the verdict compares with dense (and the one upcycled)."""
+        return self.upcycle_variant
 
 
-# Two seeds for the dense baseline and for the variant the release ships (8 experts on down_proj).
-VARIANTS = (
-    Variant("dense", None, 1, (0, 1)),
-    *(
-        Variant(f"{p}-{m}", p, m, (0, 1) if (p, m) == ("down_proj", 8) else (0,))
-        for p in ("gate_proj", "up_proj", "down_proj")
-        for m in (4, 8)
+PRESETS = {
+    # Sized from a measured 1-thread throughput (README): the whole training split (7.14M tokens) for every main run
+    # would take far more than ~3 hours of two cores, so the full preset trains on half of it, each token once.
+    "full": Preset(
+        "full",
+        "lr check (1e-3/2e-3/4e-3, 1M tokens); half the training split once: dense and MoE-8 down at 3 seeds, "
+        "gate/up/down at 4 and 8 experts at 1 seed; upcycling at the midpoint, 3 seeds; brown-genre classifier",
+        corpus_fraction=0.5,
     ),
-)
+    "quick": Preset(
+        "quick",
+        "lr check on 262k tokens; dense vs MoE-8 down on 1M tokens, one seed; upcycling and classifier, one seed",
+        lrs=(1e-3, 2e-3),
+        lr_tokens=262_144,
+        main_tokens=1_048_576,
+        main=((DENSE, (0,)), (MOE8, (0,))),
+        eval_every=128,
+        upcycle_seeds=(0,),
+        cls_seeds=(0,),
+        cls=dict(task="brown-genre", steps=100, batch_size=16, lr=1e-4),
+        zero_shot_items=100,
+    ),
+    # A wiring check for tests and CI: tiny model, a few steps of everything; checks the command, not the science.
+    "smoke": Preset(
+        "smoke",
+        "tiny model, a few steps of each kind of run: checks the command, not the science",
+        lrs=(1e-3, 3e-3),
+        lr_tokens=4 * 4 * 32,
+        lr_variants=(DENSE, "down_proj-4"),
+        main_tokens=8 * 4 * 32,
+        main=((DENSE, (0, 1)), ("down_proj-4", (0, 1)), ("up_proj-2", (0,))),
+        eval_every=3,
+        upcycle_seeds=(0, 1),
+        upcycle_variant="down_proj-4",
+        cls_variants=(DENSE, "down_proj-4"),
+        cls_seeds=(0,),
+        cls=dict(task="source", steps=3, batch_size=4, lr=1e-4, max_len=32, train_per_class=20, test_per_class=10),
+        overrides=(
+            "model.hidden_size=32",
+            "model.intermediate_size=64",
+            "model.num_hidden_layers=2",
+            "data.vocab_size=300",
+            "data.val_fraction=0.2",
+            "data.eval_fraction=0.2",
+            "data.seq_len=32",
+            "batch_size=4",
+            "log_every=1",
+            "eval_batch_size=8",
+            "ckpt_every_steps=2",
+        ),  # fmt: skip
+        zero_shot_items=8,
+    ),
+}
+
+
+# ----- runs -----
+
+
+@dataclass
+class _Task:
+    kind: str  # lr | main | upcycle | cls
+    variant: str
+    seed: int
+    lr: float | None
+    overrides: list[str]
+    run_dir: Path
+    recipe: str
+    options: dict[str, Any] = field(default_factory=dict)
+    after: list[_Task] = field(default_factory=list)
+    result: dict[str, Any] | None = None
+    started: float = 0.0
+
+    @property
+    def key(self) -> tuple[str, str, int, str]:
+        return (self.kind, self.variant, self.seed, self.recipe)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _stop_worker(signum: int, frame: Any) -> None:
+    from parameternet.runs import RunInterrupted
+
+    raise RunInterrupted(signum, None, None)
+
+
+def _init_worker() -> None:
+    import torch
+
+    from parameternet.runs import die_with_parent
+
+    # A signal before the trainer installs its own handler (which saves a checkpoint) stops the worker at once;
+    # SIGTERM also comes when the parent dies, so no worker is left running (as in the pitfall experiment).
+    signal.signal(signal.SIGTERM, _stop_worker)
+    signal.signal(signal.SIGINT, _stop_worker)
+    die_with_parent()
+    torch.set_num_threads(1)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set in this process
+        pass
+
+
+def _lm_worker(recipe: str, overrides: list[str], options: dict[str, Any]) -> dict[str, Any]:
+    """One language-model run in a worker process (one torch thread); its summary plus curves and router rows."""
+    from parameternet.train.lm import load_lm_config
+    from parameternet.train.lm_branch import train_experiment_lm
+
+    cfg = load_lm_config(recipe, overrides)
+    cfg.progress = False
+    summary = train_experiment_lm(cfg, **options)
+    return {**summary, **_read_metrics(Path(cfg.output_dir))}
+
+
+def _cls_worker(model_dir: str, output: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    from parameternet.train.lm_cls import finetune_classifier
+
+    done = Path(output) / "cls.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    return finetune_classifier(model_dir, output=output, threads=1, **kwargs)
+
+
+def _read_metrics(run: Path) -> dict[str, Any]:
+    """``{"val_curve": [(step, val loss)], "router": [router rows], "train_tail": mean of the last tenth}``."""
+    curve, router, train = [], [], []
+    path = run / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        row = json.loads(line)
+        if row.get("split") == "val":
+            curve.append((row["step"], row["loss"]))
+        elif row.get("split") == "router":
+            router.append(row)
+        elif row.get("split") == "train":
+            train.append(row["lm_loss"])
+    tail = train[-max(1, len(train) // 10) :] if train else []
+    return {"val_curve": curve, "router": router, "train_tail": sum(tail) / len(tail) if tail else None}
+
+
+# ----- choosing the learning rate -----
+
+
+def choose_lrs(rows: Sequence[dict[str, Any]], variants: Sequence[str] = (DENSE, MOE8)) -> dict[str, Any]:
+    """The learning rate of each variant with the lowest final validation loss among ``kind=lr`` rows.
+
+    Returns ``{"dense": lr, "moe": lr, "shared": bool, "val": {variant: {lr: loss}}}``; "moe" is the second
+    variant's choice and applies to every model with experts. Raises when a variant has no row.
+    """
+    val: dict[str, dict[str, float]] = {}
+    best = {}
+    for v in variants:
+        got = {float(r["lr"]): float(r["val_loss"]) for r in rows if r["kind"] == "lr" and r["variant"] == v}
+        if not got:
+            raise ParameterNetError(f"the learning-rate check has no row for {v!r}; run it before the main runs")
+        val[v] = {f"{lr:g}": loss for lr, loss in sorted(got.items())}
+        best[v] = min(got, key=lambda lr: (got[lr], lr))
+    dense, moe = best[variants[0]], best[variants[1]]
+    return {"dense": dense, "moe": moe, "shared": dense == moe, "val": val, "variants": list(variants)}
+
+
+# ----- the pre-stated verdict -----
+
+
+def _fit_change(curve: Sequence[tuple[float, float]], span: float) -> float:
+    """Least-squares slope of ``(x, y)`` points times ``span``: the fitted change of ``y`` over ``span``."""
+    if len(curve) < 2:
+        return math.nan
+    xs, ys = [c[0] for c in curve], [c[1] for c in curve]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return math.nan
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx * span
+
+
+def mean_curve(curves: Sequence[Sequence[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """The mean over runs at the steps every run evaluated."""
+    if not curves:
+        return []
+    common = set.intersection(*({s for s, _ in c} for c in curves))
+    maps = [dict(c) for c in curves]
+    return [(s, sum(m[s] for m in maps) / len(maps)) for s in sorted(common)]
+
+
+def verdict(
+    dense_final: Sequence[float],
+    moe_final: Sequence[float],
+    gap_curve: Sequence[tuple[int, float]],
+    total_steps: int,
+    start_step: int = 0,
+    paired: bool = False,
+) -> dict[str, Any]:
+    """The pre-stated reading (:data:`CRITERIA`) of MoE against dense.
+
+    ``dense_final`` / ``moe_final``: final validation losses, one per seed (paired by position when ``paired``).
+    ``gap_curve``: ``(step, mean dense loss - mean MoE loss)`` at the evaluations (positive = MoE better).
+    The *second half* is the evaluations at or after ``start_step + (total_steps - start_step) / 2``.
+
+    - **reproduced**: the mean gap at the end is >= ``min_gap`` nats and > ``min_se`` standard errors of the
+      difference over seeds (Welch's, or of the per-seed differences when ``paired``), and the gap is not
+      shrinking: its least-squares change over the second half is >= ``-flat``;
+    - **refuted**: MoE >= dense at the end (gap <= 0) and the gap flat or growing in dense's favour: its fitted
+      change over the second half is <= ``+flat``;
+    - **not resolved** otherwise, or with fewer than two seeds on either side.
+
+    Returns ``{"verdict", "gap", "se", "ci95", "change", "n", "reason"}``.
+    """
+    from parameternet.experiments.stats import summary, welch
+
+    k = CRITERIA
+    out: dict[str, Any] = {"n": (len(dense_final), len(moe_final))}
+    if len(dense_final) < 2 or len(moe_final) < 2 or (paired and len(dense_final) != len(moe_final)):
+        return {**out, "verdict": "not resolved", "reason": "fewer than two seeds on a side"}
+    if paired:
+        s = summary([d - m for d, m in zip(dense_final, moe_final)])
+        gap, se, ci95 = s.mean, s.se, (s.low, s.high)
+    else:
+        w = welch(dense_final, moe_final)
+        gap, se, ci95 = w.diff, w.se, w.ci95
+    half = start_step + (total_steps - start_step) / 2
+    second = [(s, g) for s, g in gap_curve if s >= half]
+    change = _fit_change(second, total_steps - half)
+    out.update(gap=gap, se=se, ci95=ci95, change=change, second_half_points=len(second))
+    not_shrinking = math.isfinite(change) and change >= -k["flat"]
+    if gap >= k["min_gap"] and gap > k["min_se"] * se and not_shrinking:
+        return {**out, "verdict": "reproduced", "reason": "MoE lower by the margin, and the gap is not shrinking"}
+    if gap <= 0 and math.isfinite(change) and change <= k["flat"]:
+        return {**out, "verdict": "refuted", "reason": "MoE >= dense at the end, gap flat or growing for dense"}
+    out["seeds_needed"] = _seeds_needed(dense_final, moe_final, paired)
+    return {**out, "verdict": "not resolved", "reason": "neither criterion holds"}
+
+
+def _seeds_needed(dense: Sequence[float], moe: Sequence[float], paired: bool) -> int | None:
+    """Seeds per model for 80% power to see a ``min_gap`` gap beyond ``min_se`` standard errors (one-sided alpha
+    = 1 - Phi(min_se)), with the spreads seen; None when a spread is unknown."""
+    from scipy.stats import norm
+
+    from parameternet.experiments.stats import seeds_for_power, summary
+
+    alpha = float(norm.sf(CRITERIA["min_se"]))
+    if paired:
+        sd = summary([d - m for d, m in zip(dense, moe)]).sd
+        n = seeds_for_power([sd / 2**0.5, sd / 2**0.5], CRITERIA["min_gap"], alpha)
+    else:
+        n = seeds_for_power([summary(dense).sd, summary(moe).sd], CRITERIA["min_gap"], alpha)
+    return n
+
+
+# ----- CSV files -----
+
+_INTS = ("experts", "seed", "params", "steps", "start_step", "tokens", "cls_items", "threads", "step", "layer")
+_FLOATS = (
+    "lr", "train_loss", "val_loss", "val_ppl", "mid_val_loss", "next_sentence_acc", "last_word_acc", "cls_acc",
+    "wall_s", "tokens_per_s", "top1_prob", "max_share", "min_share",
+)  # fmt: skip
+
+
+def _parse(row: dict[str, Any]) -> dict[str, Any]:
+    for k in _INTS:
+        if k in row:
+            row[k] = int(float(row[k])) if row[k] not in (None, "") else None
+    for k in _FLOATS:
+        if k in row:
+            row[k] = float(row[k]) if row[k] not in (None, "") else None
+    if "dirty" in row:
+        row["dirty"] = str(row["dirty"])
+    return row
+
+
+def read_rows(csv_path: str | Path) -> list[dict[str, Any]]:
+    """The rows of one of the experiment's CSVs with numbers parsed (missing file: no rows)."""
+    path = Path(csv_path)
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [_parse(dict(r)) for r in csv.DictReader(f)]
+
+
+FIRST_VERSION_COLUMNS = ("variant", "projection", "experts", "seed", "params", "tokens", "train_loss", "val_loss")
+
+
+def _check_header(csv_path: Path, columns: Sequence[str]) -> None:
+    """A CSV that exists must have ``columns``. The first version's ``runs.csv`` (one row per run of 262k tokens,
+    no provenance) is kept as ``runs-v1.csv``; any other header is a user error."""
+    if not csv_path.is_file() or csv_path.stat().st_size == 0:
+        return
+    with open(csv_path, newline="") as f:
+        header = tuple(next(csv.reader(f), ()))
+    if header == tuple(columns):
+        return
+    if header[: len(FIRST_VERSION_COLUMNS)] == FIRST_VERSION_COLUMNS:
+        kept = csv_path.with_name(f"{csv_path.stem}-v1.csv")
+        csv_path.rename(kept)
+        log.warning("%s holds the first version's rows; kept as %s, new rows start a new file", csv_path, kept)
+        return
+    raise ParameterNetError(
+        f"{str(csv_path)!r} has other columns than this version writes; move it away or pass another --output"
+    )
+
+
+def _append(csv_path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    if not rows:
+        return
+    new = not csv_path.is_file() or csv_path.stat().st_size == 0
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        if new:
+            writer.writeheader()
+        writer.writerows({k: row.get(k, "") for k in columns} for row in rows)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ----- the runner -----
+
+
+class _Runner:
+    def __init__(self, preset: Preset, recipe: str, extra: Sequence[str], output: Path, runs_dir: Path, jobs: int):
+        self.preset, self.recipe, self.extra, self.output, self.jobs = preset, recipe, list(extra), output, jobs
+        self.prov = provenance()
+        self.code = code_id(self.prov)
+        self.runs_dir = runs_dir / self.code
+        self.csv = output / "runs.csv"
+        for name, columns in (("runs.csv", COLUMNS), ("curves.csv", CURVE_COLUMNS), ("router.csv", ROUTER_COLUMNS)):
+            _check_header(output / name, columns)
+        rows = [r for r in read_rows(self.csv) if r.get("preset") == preset.name]
+        self.rows = [r for r in rows if code_id(r) == self.code]
+        other = sorted({code_id(r) for r in rows} - {self.code})
+        if other:
+            log.warning(
+                "lm-experiment %s: %d rows in %s come from other code (%s); kept, not reused or pooled",
+                preset.name, len(rows) - len(self.rows), self.csv, ", ".join(other),
+            )  # fmt: skip
+        if self.prov["dirty"]:
+            log.warning("lm-experiment: the source tree has uncommitted changes; rows are marked dirty=True")
+
+    # --- configs
+    def base_overrides(self) -> list[str]:
+        p = self.preset
+        return [*p.overrides, f"zero_shot_items={p.zero_shot_items}", "threads=1", "progress=false", *self.extra]
+
+    def cfg(self, overrides: list[str]):
+        from parameternet.train.lm import load_lm_config
+
+        return load_lm_config(self.recipe, [*self.base_overrides(), *overrides])
+
+    def task(self, kind: str, variant: str, seed: int, lr: float | None, overrides: list[str], **options) -> _Task:
+        v = Variant.parse(variant)
+        ov = [*v.overrides(), f"seed={seed}", *overrides]
+        if lr is not None:
+            ov.append(f"optim.lr={lr}")
+        cfg = self.cfg(ov).to_dict()
+        cfg.pop("output_dir"), cfg.pop("resume"), cfg.pop("progress")
+        recipe = _hash([cfg, {k: str(o) for k, o in options.items()}])
+        run_dir = self.runs_dir / kind / f"{variant}-s{seed}" / recipe
+        ov = [*self.base_overrides(), *ov, f"output_dir={run_dir}", "resume=auto"]
+        return _Task(kind, variant, seed, lr, ov, run_dir, recipe, options)
+
+    def done(self, t: _Task) -> dict[str, Any] | None:
+        return next((r for r in self.rows if (r["kind"], r["variant"], r["seed"], r["recipe"]) == t.key), None)
+
+    def train_windows(self) -> tuple[int, int]:
+        """(training tokens in the split, tokens per step) of the recipe."""
+        from parameternet.data.text import prepare_text_data
+
+        c = self.cfg([])
+        d = c.data
+        data = prepare_text_data(
+            d.dir, corpora=d.corpora, vocab_size=d.vocab_size, val_fraction=d.val_fraction,
+            eval_fraction=d.eval_fraction,
+        )  # fmt: skip
+        return int(data.manifest["tokens"]["train"]), c.batch_size * d.seq_len
+
+    # --- the grid
+    def lr_tasks(self) -> list[_Task]:
+        p = self.preset
+        _, per_step = self.train_windows()
+        common = [
+            f"max_tokens={p.lr_tokens}", f"schedule.warmup_steps={self.warmup(p.lr_tokens // per_step)}",
+            "eval_tokens=null", "eval_every_steps=0", "zero_shot_items=0",
+        ]  # fmt: skip
+        return [self.task("lr", v, 0, lr, common) for v in p.lr_variants for lr in p.lrs]
+
+    def warmup(self, steps: int) -> int:
+        return max(1, round(self.preset.warmup_fraction * steps))
+
+    def main_tasks(self, lrs: dict[str, Any]) -> tuple[list[_Task], int]:
+        p = self.preset
+        split, per_step = self.train_windows()
+        tokens = p.main_tokens or int(split * p.corpus_fraction) // per_step * per_step
+        steps = tokens // per_step
+        mid = steps // 2
+        common = [
+            f"max_tokens={tokens}", f"eval_every_steps={p.eval_every}", "eval_tokens=null",
+            f"schedule.warmup_steps={self.warmup(steps)}",
+        ]  # fmt: skip
+        tasks, dense_by_seed = [], {}
+        for variant, seeds in p.main:
+            lr = lrs["dense"] if variant == DENSE else lrs["moe"]
+            for seed in seeds:
+                opts = {"snapshot_step": mid} if variant == DENSE and seed in p.upcycle_seeds else {}
+                t = self.task("main", variant, seed, lr, common, **opts)
+                tasks.append(t)
+                if variant == DENSE:
+                    dense_by_seed[seed] = t
+        for seed in p.upcycle_seeds:
+            dense = dense_by_seed.get(seed)
+            if dense is None:
+                raise ParameterNetError(f"preset {p.name!r} upcycles seed {seed} but has no dense main run of it")
+            up = self.task(
+                "upcycle", p.upcycle_variant, seed, lrs["dense"], common,
+                upcycle_from=str(dense.run_dir / "snapshot"), start_step=mid,
+            )  # fmt: skip
+            up.after = [dense]
+            tasks.append(up)
+        by = {(t.variant, t.seed): t for t in tasks if t.kind == "main"}
+        for variant in p.cls_variants:
+            for seed in p.cls_seeds:
+                src = by.get((variant, seed))
+                if src is None:
+                    raise ParameterNetError(
+                        f"preset {p.name!r} fine-tunes {variant} seed {seed}, which has no main run"
+                    )
+                kwargs = {**p.cls, "seed": seed}
+                recipe = _hash([src.recipe, kwargs])
+                t = _Task("cls", variant, seed, kwargs.get("lr"), [], self.runs_dir / "cls" / f"{variant}-s{seed}" /
+                          recipe, recipe, {"kwargs": kwargs}, after=[src])  # fmt: skip
+                tasks.append(t)
+        return tasks, steps
+
+    # --- executing
+    def execute(self, tasks: list[_Task]) -> None:
+        pending = []
+        for t in tasks:
+            row = self.done(t)
+            if row is not None:
+                t.result = {"row": row}
+            else:
+                pending.append(t)
+        log.info(
+            "lm-experiment %s: %d of %d runs done by this code (%s); %d to run, %d at a time, 1 thread each",
+            self.preset.name, len(tasks) - len(pending), len(tasks), self.code, len(pending), self.jobs,
+        )  # fmt: skip
+        if not pending:
+            return
+        from parameternet.runs import RunInterrupted, StopSignal
+
+        failures: list[str] = []
+        running: dict[Future, _Task] = {}
+        ctx = get_context("spawn")
+        forwarded = False
+        heartbeat = time.perf_counter()
+        with (
+            StopSignal() as stop,
+            ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx, initializer=_init_worker) as pool,
+        ):
+            while pending or running:
+                if stop.requested:  # no new run; the running ones save a checkpoint and stop
+                    pending.clear()
+                    if stop.signum == signal.SIGTERM and not forwarded:
+                        for proc in list(getattr(pool, "_processes", {}).values()):
+                            with contextlib.suppress(OSError):
+                                os.kill(proc.pid, signal.SIGTERM)
+                        forwarded = True
+                while len(running) < self.jobs and not stop.requested:
+                    ready = next((t for t in pending if all(a.result is not None for a in t.after)), None)
+                    if ready is None:
+                        break
+                    pending.remove(ready)
+                    ready.started = time.perf_counter()
+                    log.info("  start %s %s seed %d -> %s", ready.kind, ready.variant, ready.seed, ready.run_dir)
+                    if ready.kind == "cls":
+                        src = ready.after[0]
+                        model_dir = str(src.run_dir / "model")
+                        fut = pool.submit(_cls_worker, model_dir, str(ready.run_dir), ready.options["kwargs"])
+                    else:
+                        fut = pool.submit(_lm_worker, self.recipe, ready.overrides, ready.options)
+                    running[fut] = ready
+                if not running:
+                    break
+                finished, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+                if not finished and time.perf_counter() - heartbeat >= 300:
+                    heartbeat = time.perf_counter()
+                    log.info("  running: %s", "; ".join(f"{t.kind} {t.variant} s{t.seed}" for t in running.values()))
+                for fut in finished:
+                    t = running.pop(fut)
+                    try:
+                        t.result = fut.result()
+                    except RunInterrupted as e:
+                        log.warning("  %s %s seed %d: %s", t.kind, t.variant, t.seed, e)
+                        continue
+                    except Exception as e:  # one broken run must not stop the grid; it is reported at the end
+                        if stop.requested:  # a worker stopped before its trainer could take the signal
+                            log.warning("  %s %s seed %d stopped: %s", t.kind, t.variant, t.seed, e)
+                            continue
+                        failures.append(f"{t.kind} {t.variant} seed {t.seed}: {e}")
+                        log.error("  FAILED %s %s seed %d: %s", t.kind, t.variant, t.seed, e)
+                        dropped = {id(t)}
+                        for other in list(pending):
+                            if any(id(a) in dropped for a in other.after):
+                                pending.remove(other)
+                                dropped.add(id(other))
+                        continue
+                    self.finish(t)
+        if stop.requested:
+            raise RunInterrupted(stop.signum, None, "a checkpoint of every run in progress")
+        if failures:
+            raise ParameterNetError(
+                f"{len(failures)} run(s) failed, first: {failures[0]}; fix the cause and run the command again"
+            )
+
+    def finish(self, t: _Task) -> None:
+        res = t.result or {}
+        v = Variant.parse(t.variant)
+        row: dict[str, Any] = {
+            "kind": t.kind, "preset": self.preset.name, "variant": t.variant, "projection": v.projection or "-",
+            "experts": v.num_experts, "seed": t.seed, "lr": t.lr, "recipe": t.recipe, "run_dir": str(t.run_dir),
+            "threads": res.get("threads"), "wall_s": res.get("wall_s"), **self.prov,
+        }  # fmt: skip
+        if t.kind == "cls":
+            src = t.after[0].result.get("row") or {}
+            row.update(
+                params=src.get("params"), cls_task=res["task"], cls_acc=res["acc"], cls_items=res["test_items"],
+                steps=res["steps"], train_loss=res["train_loss"],
+            )  # fmt: skip
+        else:
+            val = res.get("val") or {}
+            zs = res.get("zero_shot") or {}
+            start = int(t.options.get("start_step", 0))
+            per_step = res["tokens"] // max(1, res["steps"])
+            curve = res.get("val_curve", [])
+            mid = t.options.get("snapshot_step") or start
+            row.update(
+                params=res["params"], steps=res["steps"], start_step=start,
+                tokens=(res["steps"] - start) * per_step, train_loss=_round(res.get("train_tail")),
+                val_loss=_round(val.get("loss")), val_ppl=_round(val.get("ppl"), 2),
+                mid_val_loss=_round(dict(curve).get(mid)) if mid else "",
+                next_sentence_acc=_round(zs.get("next_sentence", {}).get("acc_norm")),
+                last_word_acc=_round(zs.get("last_word", {}).get("acc")), tokens_per_s=res.get("tokens_per_s"),
+            )  # fmt: skip
+            common = {k: row[k] for k in ("kind", "preset", "variant", "seed", "commit", "dirty")}
+            _append(
+                self.output / "curves.csv",
+                [{**common, "step": s, "tokens": s * per_step, "val_loss": round(x, 6)} for s, x in curve],
+                CURVE_COLUMNS,
+            )
+            router = []
+            for r in res.get("router", []):
+                for s in r["routers"]:
+                    router.append({
+                        **common, "step": r["step"], "tokens": r["tokens"], "layer": s["layer"],
+                        "projection": s["projection"], "top1_prob": s["top1_prob"], "max_share": max(s["share"]),
+                        "min_share": min(s["share"]), "shares": " ".join(f"{x:.4f}" for x in s["share"]),
+                    })  # fmt: skip
+            _append(self.output / "router.csv", router, ROUTER_COLUMNS)
+        _append(self.csv, [row], COLUMNS)
+        self.rows.append(_parse({k: row.get(k, "") for k in COLUMNS}))
+        t.result = {**res, "row": self.rows[-1]}
+        log.info(
+            "[%d rows] %s %s seed %d: %s (%.0f s)", len(self.rows), t.kind, t.variant, t.seed,
+            f"accuracy {row['cls_acc']}" if t.kind == "cls" else f"val loss {row['val_loss']}", row["wall_s"] or 0,
+        )  # fmt: skip
+
+
+def _round(x: float | None, digits: int = 4) -> float | str:
+    return round(x, digits) if x is not None and math.isfinite(x) else ""
+
+
+# ----- wall-time estimate -----
+
+
+def measure_tokens_per_s(recipe: str = "configs/lm-small.yaml", overrides: Sequence[str] = (), steps: int = 6):
+    """Training tokens per second of one torch thread for dense and 8 experts on ``down_proj`` (the recipe's size,
+    batch, sequence length and ``amp``), timed over ``steps`` steps after two warm-up steps; random tokens."""
+    import torch
+
+    from parameternet.models.llama_moe import ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM
+    from parameternet.train.lm import load_lm_config
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = {}
+    try:
+        for name, variant in (("dense", Variant(None)), ("moe", Variant("down_proj", 8))):
+            cfg = load_lm_config(recipe, [*overrides, *variant.overrides()])
+            m, d = cfg.model, cfg.data
+            config = ParameterNetLlamaConfig(
+                vocab_size=d.vocab_size, max_position_embeddings=d.seq_len, **dataclasses.asdict(m)
+            )
+            torch.manual_seed(0)
+            model = ParameterNetLlamaForCausalLM(config).train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            ids = torch.randint(3, d.vocab_size, (cfg.batch_size, d.seq_len))
+            times = []
+            for i in range(steps + 2):
+                t0 = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+                    loss = model(input_ids=ids, labels=ids).loss
+                loss.float().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if i >= 2:
+                    times.append(time.perf_counter() - t0)
+            times.sort()
+            out[name] = cfg.batch_size * d.seq_len / times[len(times) // 2]
+    finally:
+        torch.set_num_threads(prev)
+    return out
+
+
+def estimate_wall_s(
+    preset: Preset, tokens_per_s: dict[str, float], train_tokens: int, val_tokens: int, per_step: int, jobs: int = 2
+) -> dict[str, float]:
+    """Wall seconds of ``preset`` with ``jobs`` one-thread runs side by side at ``tokens_per_s`` (``dense``,
+    ``moe``): training tokens at that speed, evaluations (forward only) at three times it, classifier steps at it.
+    Returns the total and the part of each kind; a lower bound when runs cannot pair up at the end."""
+    p = preset
+    tokens = p.main_tokens or int(train_tokens * p.corpus_fraction) // per_step * per_step
+    steps = tokens // per_step
+    evals = steps // p.eval_every + 1
+    parts = {"lr": 0.0, "main": 0.0, "upcycle": 0.0, "cls": 0.0}
+    for v in p.lr_variants:
+        speed = tokens_per_s["dense" if v == DENSE else "moe"]
+        parts["lr"] += len(p.lrs) * (p.lr_tokens + val_tokens / 3) / speed
+    for v, seeds in p.main:
+        speed = tokens_per_s["dense" if v == DENSE else "moe"]
+        parts["main"] += len(seeds) * (tokens + evals * val_tokens / 3) / speed
+    parts["upcycle"] = len(p.upcycle_seeds) * (tokens / 2 + (evals / 2 + 1) * val_tokens / 3) / tokens_per_s["moe"]
+    cls_tokens = p.cls.get("steps", 300) * p.cls.get("batch_size", 16) * p.cls.get("max_len", 128)
+    for v in p.cls_variants:
+        speed = tokens_per_s["dense" if v == DENSE else "moe"]
+        parts["cls"] += len(p.cls_seeds) * cls_tokens / speed
+    total = sum(parts.values()) / jobs
+    return {"total": total, **{k: x / jobs for k, x in parts.items()}, "main_tokens": tokens}
+
+
+def estimate_text(recipe: str, preset: Preset, overrides: Sequence[str] = (), jobs: int = 2) -> str:
+    """Measure 1-thread tokens/s here and estimate the preset's wall time at its corpus share and at the whole."""
+    from parameternet.data.text import prepare_text_data
+    from parameternet.train.lm import load_lm_config
+
+    cfg = load_lm_config(recipe, [*preset.overrides, *overrides])
+    d = cfg.data
+    data = prepare_text_data(
+        d.dir, corpora=d.corpora, vocab_size=d.vocab_size, val_fraction=d.val_fraction, eval_fraction=d.eval_fraction
+    )
+    train, val = int(data.manifest["tokens"]["train"]), int(data.manifest["tokens"]["val"])
+    speed = measure_tokens_per_s(recipe, [*preset.overrides, *overrides])
+    per_step = cfg.batch_size * d.seq_len
+    lines = [
+        f"measured training throughput, one torch thread: dense {speed['dense']:.0f} tokens/s, "
+        f"MoE-8 down {speed['moe']:.0f} tokens/s (recipe {recipe}, batch {cfg.batch_size} x {d.seq_len})"
+    ]
+    variants = [(preset, preset.main_tokens is None and preset.corpus_fraction)]
+    if preset.main_tokens is None and preset.corpus_fraction != 1.0:
+        variants.append((dataclasses.replace(preset, corpus_fraction=1.0), 1.0))
+    for p, fraction in variants:
+        est = estimate_wall_s(p, speed, train, val, per_step, jobs)
+        share = f"{fraction:g} of the training split" if fraction else "fixed token budget"
+        lines.append(
+            f"preset {preset.name} with {share} ({est['main_tokens']:,} tokens per main run): about "
+            f"{est['total'] / 3600:.1f} h on {jobs} cores ({jobs} one-thread runs side by side): lr check "
+            f"{est['lr'] / 3600:.1f} h, main {est['main'] / 3600:.1f} h, upcycling {est['upcycle'] / 3600:.1f} h, "
+            f"classifier {est['cls'] / 3600:.1f} h"
+        )
+    return "\n".join(lines)
+
+
+# ----- the command -----
+
+
+def default_output(preset: str) -> Path:
+    """``results/lm`` for the full preset (committed), ``runs/lm-<preset>`` for the others."""
+    return Path("results/lm") if preset == "full" else Path(f"runs/lm-{preset}")
 
 
 def run_lm_experiment(
-    recipe: str | Path = "configs/lm-small.yaml",
-    overrides: list[str] = (),
+    preset: str = "full",
+    recipe: str = "configs/lm-small.yaml",
+    overrides: Sequence[str] = (),
     runs_dir: str | Path = "runs/lm-experiment",
-    results_dir: str | Path = "results/lm",
-    only: list[str] | None = None,
-) -> list[dict[str, Any]]:
-    """Train every variant and seed that is not finished yet, then write the results; returns the rows."""
-    from parameternet.train.lm import load_lm_config, train_lm
-
-    variants = [v for v in VARIANTS if only is None or v.name in only]
-    if only is not None and len(variants) != len(only):
-        unknown = sorted(set(only) - {v.name for v in VARIANTS})
-        raise ParameterNetError(f"unknown variant(s) {unknown}; choose from {', '.join(v.name for v in VARIANTS)}")
+    output: str | Path | None = None,
+    jobs: int = 1,
+) -> str:
+    """Run the learning-rate check, then the main runs, upcycling and classifiers of ``preset`` (skipping rows this
+    code already made), and write and return the report. Raises :class:`ParameterNetError` on bad input or failed
+    runs."""
+    if preset not in PRESETS:
+        raise ParameterNetError(f"preset {preset!r} is unknown; use one of {', '.join(PRESETS)}")
+    if jobs < 1:
+        raise ParameterNetError(f"jobs={jobs} is invalid; use 1 or more parallel runs")
     from parameternet.runs import RunLock
 
-    # one experiment per results directory; each run also locks its own directory (train_lm)
-    with RunLock(results_dir, "experiment results"):
-        runs_dir = Path(runs_dir)
-        for variant in variants:
-            for seed in variant.seeds:
-                out = runs_dir / f"{variant.name}-s{seed}"
-                if (out / "summary.json").is_file():
-                    log.info("%s: done, skipped", out)
-                    continue
-                run_overrides = [*overrides, *variant.overrides(seed), f"output_dir={out}", "resume=auto"]
-                cfg = load_lm_config(recipe, run_overrides)
-                log.info("=== %s seed %d -> %s", variant.name, seed, out)
-                train_lm(cfg)
-        rows = collect(runs_dir)
-        write_results(rows, runs_dir, results_dir)
-        return rows
+    p = PRESETS[preset]
+    output = Path(output) if output is not None else default_output(preset)
+    with RunLock(output, "experiment results"):  # one writer of the CSVs; each run also locks its own directory
+        runner = _Runner(p, str(recipe), overrides, output, Path(runs_dir), jobs)
+        lr_tasks = runner.lr_tasks()
+        runner.execute(lr_tasks)
+        lrs = choose_lrs([t.result["row"] for t in lr_tasks], p.lr_variants)
+        record = {**lrs, "preset": p.name, "rule": "lowest final validation loss of each; shared when both agree"}
+        atomic_write(output / "lr.json", json.dumps({**record, **runner.prov}, indent=1) + "\n")
+        shared = " (shared)" if lrs["shared"] else ""
+        log.info("learning rates: dense %g, MoE %g%s", lrs["dense"], lrs["moe"], shared)
+        tasks, _ = runner.main_tasks(lrs)
+        runner.execute(tasks)
+        return report(output, preset=p.name)
 
 
-def _curve(run: Path, split: str, key: str) -> list[tuple[int, float]]:
-    points = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row.get("split") == split and key in row:
-            points.append((row["tokens"] if "tokens" in row and split == "train" else row["step"], row[key]))
-    return points
+# ----- the report -----
 
 
-def collect(runs_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per finished run under ``runs_dir``."""
-    rows = []
-    for variant in VARIANTS:
-        for seed in variant.seeds:
-            run = Path(runs_dir) / f"{variant.name}-s{seed}"
-            if not (run / "summary.json").is_file():
-                continue
-            s = json.loads((run / "summary.json").read_text())
-            train = [v for _, v in _curve(run, "train", "lm_loss")]
-            tail = train[-max(1, len(train) // 10) :]  # the last tenth of the logged training loss
-            zs = s.get("zero_shot", {})
-            rows.append(
-                dict(
-                    variant=variant.name,
-                    projection=variant.projection or "-",
-                    experts=variant.num_experts if variant.projection else 0,
-                    seed=seed,
-                    params=s["params"],
-                    tokens=s["tokens"],
-                    train_loss=round(statistics.fmean(tail), 4),
-                    val_loss=round(s["val"]["loss"], 4),
-                    val_ppl=round(s["val"]["ppl"], 2),
-                    next_sentence_acc=round(zs.get("next_sentence", {}).get("acc_norm", float("nan")), 4),
-                    last_word_acc=round(zs.get("last_word", {}).get("acc", float("nan")), 4),
-                    wall_s=s["wall_s"],
-                    run=str(run),
-                )
-            )
-    return rows
+def _fmt(values: Sequence[float], digits: int = 4) -> str:
+    from parameternet.experiments.stats import summary
+
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return "-"
+    s = summary(vals)
+    return f"{s.mean:.{digits}f} ± {s.se:.{digits}f} ({s.n})" if s.n > 1 else f"{s.mean:.{digits}f} (1)"
 
 
-def _mean(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values) / len(values) ** 0.5:.4f}"
+def _variant_order(name: str) -> tuple:
+    v = Variant.parse(name)
+    return (v.projection is not None, ("gate_proj", "up_proj", "down_proj", None).index(v.projection), v.num_experts)
+
+
+def _curves(curve_rows: list[dict[str, Any]], kind: str, variant: str) -> list[list[tuple[int, float]]]:
+    by: dict[int, list[tuple[int, float]]] = {}
+    for r in curve_rows:
+        if r["kind"] == kind and r["variant"] == variant:
+            by.setdefault(r["seed"], []).append((r["step"], r["val_loss"]))
+    return [sorted(c) for _, c in sorted(by.items())]
+
+
+def crossing(gap: Sequence[tuple[int, float]]) -> float | None:
+    """The step where ``gap`` (dense - MoE) last turns from negative to >= 0, linearly interpolated; None if it
+    never ends positive after being negative."""
+    out = None
+    for (s0, g0), (s1, g1) in zip(gap, gap[1:]):
+        if g0 < 0 <= g1:
+            out = s0 + (s1 - s0) * (-g0) / (g1 - g0) if g1 != g0 else s1
+        elif g0 >= 0 > g1:
+            out = None
+    return out
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
+    main = [r for r in rows if r["kind"] == "main"]
+    cls = [r for r in rows if r["kind"] == "cls"]
+    task = next((r["cls_task"] for r in cls), None)
     lines = [
         "| Model | #Expert | Parameters | Seeds | Train loss | Val loss | Val ppl | Next sentence (acc_norm) "
-        "| Last word (acc) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| Last word (acc) | Fine-tuned {task or 'classifier'} (acc) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for variant in VARIANTS:
-        rs = [r for r in rows if r["variant"] == variant.name]
-        if not rs:
-            continue
-        name = "LLaMA (dense)" if not variant.projection else f"MoE on {variant.projection.replace('_proj', '')}"
-        cells = [
-            name,
-            str(variant.num_experts) if variant.projection else "-",
-            f"{rs[0]['params'] / 1e6:.2f}M",
-            str(len(rs)),
-            _mean([r["train_loss"] for r in rs]),
-            _mean([r["val_loss"] for r in rs]),
-            f"{statistics.fmean(r['val_ppl'] for r in rs):.1f}",
-            _mean([r["next_sentence_acc"] for r in rs]),
-            _mean([r["last_word_acc"] for r in rs]),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    for name in sorted({r["variant"] for r in main}, key=_variant_order):
+        rs = [r for r in main if r["variant"] == name]
+        v = Variant.parse(name)
+        ppl = [r["val_ppl"] for r in rs if r["val_ppl"] is not None]
+        acc = [r["cls_acc"] for r in cls if r["variant"] == name]
+        lines.append(
+            "| " + " | ".join([
+                v.label, str(v.num_experts) if v.projection else "-", f"{rs[0]['params'] / 1e6:.2f}M", str(len(rs)),
+                _fmt([r["train_loss"] for r in rs]), _fmt([r["val_loss"] for r in rs]),
+                f"{sum(ppl) / len(ppl):.1f}" if ppl else "-", _fmt([r["next_sentence_acc"] for r in rs]),
+                _fmt([r["last_word_acc"] for r in rs]), _fmt(acc) if acc else "-",
+            ]) + " |"
+        )  # fmt: skip
+    return "\n".join(lines)
 
 
-def write_results(rows: list[dict[str, Any]], runs_dir: str | Path, results_dir: str | Path) -> None:
-    """``runs.csv``, ``table7.md`` and ``loss_curves.png`` in ``results_dir``."""
+def _verdict_lines(title: str, v: dict[str, Any]) -> list[str]:
+    lines = [f"**{title}: {v['verdict']}** ({v['reason']})."]
+    if "gap" in v:
+        lines.append(
+            f"Gap dense - MoE at the end: {v['gap']:+.4f} ± {v['se']:.4f} nats (s.e., seeds {v['n'][0]} and "
+            f"{v['n'][1]}), 95% CI [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]; fitted change of the gap over the "
+            f"second half: {v['change']:+.4f} nats ({v['second_half_points']} evaluations)."
+        )
+    if v.get("seeds_needed"):
+        lines.append(
+            f"About {v['seeds_needed']} seeds per model would give 80% power to see a {CRITERIA['min_gap']}-nat gap "
+            f"beyond {CRITERIA['min_se']} standard errors with the spreads seen."
+        )
+    return lines
+
+
+def report(output: str | Path, preset: str | None = "full", pool_commits: bool = False) -> str:
+    """Write ``table7.md``, ``loss_curves.png`` and ``router.png`` from the CSVs in ``output``; return the text.
+
+    Rows made by different code are not pooled: the report uses the code version with the most rows of the
+    preset and says how many it left out, unless ``pool_commits``. Raises when there is no row of ``preset``.
+    """
+    output = Path(output)
+    rows = [r for r in read_rows(output / "runs.csv") if "kind" in r and (preset is None or r["preset"] == preset)]
     if not rows:
-        raise ParameterNetError(f"{runs_dir} holds no finished run; run `parameternet lm-experiment` first")
-    out = Path(results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "runs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tokens = rows[0]["tokens"]
-    header = (
-        f"Dense LLaMA vs top-1 MoE on one FFN projection, 4 layers, hidden 256, {tokens:,} training tokens "
-        f"(the same for every run). Mean ± standard error over seeds where there are two.\n\n"
+        raise ParameterNetError(f"{str(output / 'runs.csv')!r} holds no rows of preset {preset!r}; run the grid first")
+    codes: dict[str, int] = {}
+    for r in rows:
+        codes[code_id(r)] = codes.get(code_id(r), 0) + 1
+    code = None if pool_commits else max(codes, key=codes.get)
+
+    def keep(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        rs = [r for r in rs if preset is None or r["preset"] == preset]
+        return rs if code is None else [r for r in rs if code_id(r) == code]
+
+    left_out = len(rows) - len(keep(rows))
+    rows = keep(rows)
+    curves = keep(read_rows(output / "curves.csv"))
+    router = keep(read_rows(output / "router.csv"))
+    note = (
+        f"All {len(rows)} rows from code {code} (version {rows[0]['version']})."
+        if code
+        else (f"Rows pooled across code versions {', '.join(codes)} (--pool-commits).")
     )
-    (out / "table7.md").write_text(header + _table(rows))
-    _plot(rows, out / "loss_curves.png")
+    if left_out:
+        note += f" {left_out} rows from other code were left out (`--pool-commits` pools them)."
+    threads = sorted({r["threads"] for r in rows if r["threads"] is not None})
+    main = [r for r in rows if r["kind"] == "main"]
+    parts = []
+    if main:
+        tokens = main[0]["tokens"]
+        p = PRESETS.get(rows[0]["preset"])
+        share = ""
+        if p and not p.main_tokens:
+            share = f" ({p.corpus_fraction:g} of the training split, each token once"
+            if p.corpus_fraction < 1:
+                share += "; the whole split does not fit about 3 hours of two CPU cores"
+            share += ")"
+        parts += [
+            f"Dense LLaMA vs top-1 MoE on one FFN projection, {tokens:,} training tokens per run{share}, the same "
+            "windows in the same order for every run. Mean ± standard error over seeds (number of seeds).",
+            "",
+            _table(rows),
+            "",
+        ]
+    lr_path = output / "lr.json"
+    if lr_path.is_file():
+        lr = json.loads(lr_path.read_text())
+        head = "| learning rate | " + " | ".join(lr["variants"]) + " |"
+        lrs = sorted({k for v in lr["val"].values() for k in v}, key=float)
+        body = [
+            f"| {k} | " + " | ".join(f"{lr['val'][v].get(k, math.nan):.4f}" for v in lr["variants"]) + " |" for k in lrs
+        ]
+        parts += [
+            "Learning-rate check (final validation loss, seed 0): chosen dense "
+            f"{lr['dense']:g}, MoE {lr['moe']:g}{' (shared: both agree)' if lr['shared'] else ''}.",
+            "",
+            head,
+            "|---|" + "---|" * len(lr["variants"]),
+            *body,
+            "",
+        ]
+    preset_obj = PRESETS.get(rows[0]["preset"])
+    compare = preset_obj.compare if preset_obj else MOE8
+    if main:
+        dense = [r for r in main if r["variant"] == DENSE]
+        moe = [r for r in main if r["variant"] == compare]
+        moe_name = compare
+        if dense and moe:
+            gap = _gap(curves, "main", DENSE, "main", moe_name)
+            v = verdict([r["val_loss"] for r in dense], [r["val_loss"] for r in moe], gap, dense[0]["steps"])
+            cross = crossing(gap)
+            parts += _verdict_lines(f"Verdict, dense vs {moe_name} (criteria stated before the runs)", v)
+            per_step = dense[0]["tokens"] // dense[0]["steps"]
+            parts += [
+                f"Crossing point (MoE's mean validation loss goes below dense's for good): "
+                f"{f'{cross * per_step:,.0f} tokens' if cross is not None else 'none'}.",
+                "",
+            ]
+    up = [r for r in rows if r["kind"] == "upcycle"]
+    if up:
+        dense = {r["seed"]: r for r in main if r["variant"] == DENSE}
+        pairs = [(dense[r["seed"]], r) for r in sorted(up, key=lambda r: r["seed"]) if r["seed"] in dense]
+        lines = [
+            f"Upcycling: each dense run branched at its midpoint (step {up[0]['start_step']}) into {up[0]['variant']}"
+            " with `from_dense`, trained on the second half (same windows, same order, the dense run's schedule, "
+            "fresh optimizer state) against the dense run's own second half.",
+            "",
+            "| seed | dense at midpoint | dense at end | upcycled at end | dense - upcycled |",
+            "|---|---|---|---|---|",
+        ]
+        for d, u in pairs:
+            lines.append(
+                f"| {u['seed']} | {d['mid_val_loss']} | {d['val_loss']:.4f} | {u['val_loss']:.4f} | "
+                f"{d['val_loss'] - u['val_loss']:+.4f} |"
+            )
+        gap = _gap(curves, "main", DENSE, "upcycle", up[0]["variant"])
+        v = verdict(
+            [d["val_loss"] for d, _ in pairs], [u["val_loss"] for _, u in pairs], gap, up[0]["steps"],
+            start_step=up[0]["start_step"], paired=True,
+        )  # fmt: skip
+        parts += [*lines, "", *_verdict_lines("Verdict, upcycled vs dense (paired by seed)", v), ""]
+    cls = [r for r in rows if r["kind"] == "cls"]
+    if cls:
+        from parameternet.train.lm_cls import CLS_TASKS
+
+        task = cls[0]["cls_task"]
+        parts.append(
+            f"Fine-tuned classifier ({task}: {' / '.join(CLS_TASKS.get(task, ()))}; {cls[0]['cls_items']} balanced "
+            f"held-out passages, chance {1 / max(1, len(CLS_TASKS.get(task, (1,)))):.2f}): "
+            + "; ".join(
+                f"{name} {_fmt([r['cls_acc'] for r in cls if r['variant'] == name])}"
+                for name in sorted({r["variant"] for r in cls}, key=_variant_order)
+            )
+            + f", after {cls[0]['steps']} steps each (the same budget)."
+        )
+        parts.append("")
+    wall = sum(r["wall_s"] or 0 for r in rows)
+    parts.append(
+        f"Compute: {wall / 3600:.1f} h of run time over {len(rows)} runs, torch threads per run: "
+        f"{', '.join(str(t) for t in threads) or '-'}. Zero-shot tasks near chance (0.25) are reported, not used as a "
+        f"criterion. {note}"
+    )
+    text = "\n".join(parts) + "\n"
+    output.mkdir(parents=True, exist_ok=True)
+    _plot_curves(curves, rows, output / "loss_curves.png", compare)
+    if router:
+        _plot_router(router, output / "router.png")
+    atomic_write(output / "table7.md", text)
+    return text
 
 
-def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+def _gap(curves, kind_a: str, a: str, kind_b: str, b: str) -> list[tuple[int, float]]:
+    ma, mb = mean_curve(_curves(curves, kind_a, a)), mean_curve(_curves(curves, kind_b, b))
+    db = dict(mb)
+    return [(s, x - db[s]) for s, x in ma if s in db]
+
+
+def _plot_curves(curves: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path, compare: str = MOE8) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax, gx) = plt.subplots(1, 2, figsize=(13, 4.8))
     colors = {"dense": "black", "gate_proj": "tab:blue", "up_proj": "tab:orange", "down_proj": "tab:green"}
+    per_step = {}
     for r in rows:
-        run = Path(r["run"])
-        style = dict(
-            color=colors[r["projection"] if r["projection"] != "-" else "dense"],
-            linestyle="-" if r["experts"] in (0, 8) else "--",
-            alpha=1.0 if r["seed"] == 0 else 0.5,
-            label=f"{r['variant']} s{r['seed']}",
+        if r["kind"] in ("main", "upcycle") and r["steps"]:
+            per_step[r["kind"]] = r["tokens"] // max(1, r["steps"] - (r["start_step"] or 0))
+    tok = per_step.get("main") or per_step.get("upcycle") or 1
+    for kind in ("main", "upcycle"):
+        for name in sorted({r["variant"] for r in curves if r["kind"] == kind}, key=_variant_order):
+            v = Variant.parse(name)
+            mean = mean_curve(_curves(curves, kind, name))
+            n = len(_curves(curves, kind, name))
+            style = dict(
+                color=colors[v.projection or "dense"],
+                linestyle=":" if kind == "upcycle" else ("-" if v.num_experts in (0, 8) else "--"),
+                marker="o" if kind == "main" else "s", markersize=3,
+                label=f"{name}{' upcycled' if kind == 'upcycle' else ''} ({n} seed{'s' if n > 1 else ''})",
+            )  # fmt: skip
+            ax.plot([s * tok for s, _ in mean], [x for _, x in mean], **style)
+    gap = _gap(curves, "main", DENSE, "main", compare)
+    if gap:
+        gx.plot(
+            [s * tok for s, _ in gap], [g for _, g in gap], color="tab:green", marker="o", label=f"dense - {compare}"
         )
-        train = _curve(run, "train", "lm_loss")
-        ax_train.plot([t for t, _ in train], [v for _, v in train], **style)
-        val = _curve(run, "val", "loss")
-        ax_val.plot([s for s, _ in val], [v for _, v in val], marker="o", **style)
-    ax_train.set(xlabel="training tokens", ylabel="training loss (cross-entropy)", title="training")
-    ax_val.set(xlabel="step", ylabel="validation loss", title="validation")
-    ax_val.legend(fontsize=7, ncol=2)
+        cross = crossing(gap)
+        if cross is not None:
+            for axis in (ax, gx):
+                axis.axvline(cross * tok, color="red", linewidth=0.8, linestyle="--")
+            gx.annotate(f"crossing\n{cross * tok:,.0f} tokens", (cross * tok, 0), fontsize=8, color="red")
+    up = _gap(curves, "main", DENSE, "upcycle", compare)
+    if up:
+        gx.plot([s * tok for s, _ in up], [g for _, g in up], color="tab:purple", marker="s",
+                label=f"dense - {compare} upcycled")  # fmt: skip
+    gx.axhline(0, color="black", linewidth=0.8)
+    gx.axhline(CRITERIA["min_gap"], color="gray", linewidth=0.8, linestyle="--", label="+0.02 nats (criterion)")
+    ax.set(xlabel="training tokens", ylabel="validation loss (full split, nats)", title="validation loss (seed mean)")
+    gx.set(xlabel="training tokens", ylabel="dense - MoE (nats; > 0: MoE better)", title="gap")
+    ax.legend(fontsize=7)
+    gx.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    gx.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_router(router: list[dict[str, Any]], path: Path) -> None:
+    """Per MoE variant (first seed): mean top-1 router probability and the largest / smallest expert share per
+    layer against training tokens, and every expert's share per layer at the last evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["kind"], r["variant"]) for r in router if r["kind"] in ("main", "upcycle")},
+                    key=lambda g: (g[0] == "upcycle", _variant_order(g[1])))  # fmt: skip
+    n = max(1, len(groups))
+    fig, axes = plt.subplots(3, n, figsize=(4 * n, 10), squeeze=False)
+    for j, (kind, name) in enumerate(groups):
+        group = [r for r in router if r["kind"] == kind and r["variant"] == name]
+        seed = min(r["seed"] for r in group)
+        rs = [r for r in group if r["seed"] == seed]
+        m = Variant.parse(name).num_experts
+        layers = sorted({r["layer"] for r in rs})
+        for layer in layers:
+            pts = sorted(
+                (r["tokens"], r["top1_prob"], r["max_share"], r["min_share"]) for r in rs if r["layer"] == layer
+            )
+            xs = [p[0] for p in pts]
+            axes[0][j].plot(xs, [p[1] for p in pts], marker="o", markersize=3, label=f"layer {layer}")
+            line = axes[1][j].plot(xs, [p[2] for p in pts], marker="o", markersize=3, label=f"layer {layer}")
+            axes[1][j].plot(xs, [p[3] for p in pts], linestyle="--", color=line[0].get_color())
+        last = max(r["tokens"] for r in rs)
+        bottom = [0.0] * len(layers)
+        for e in range(m):
+            shares = [
+                float(next(r for r in rs if r["layer"] == layer and r["tokens"] == last)["shares"].split()[e])
+                for layer in layers
+            ]
+            axes[2][j].bar([str(x) for x in layers], shares, bottom=bottom, label=f"expert {e}")
+            bottom = [b + x for b, x in zip(bottom, shares)]
+        for row in (0, 1):
+            axes[row][j].axhline(1 / m, color="gray", linewidth=0.8, linestyle=":")
+            axes[row][j].grid(alpha=0.3)
+            axes[row][j].set_xlabel("training tokens")
+        title = f"{name}{' upcycled' if kind == 'upcycle' else ''} (seed {seed})"
+        axes[0][j].set(title=title, ylabel="mean top-1 router probability")
+        axes[1][j].set(ylabel="expert token share: max (solid), min (dashed)")
+        axes[2][j].set(xlabel="layer", ylabel=f"expert shares at {last:,} tokens")
+        axes[0][j].legend(fontsize=7)
+        if j == n - 1:
+            axes[2][j].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -17,12 +17,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_outputs import (
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaDecoderLayer,
     LlamaForCausalLM,
+    LlamaForSequenceClassification,
     LlamaModel,
     LlamaPreTrainedModel,
 )
@@ -36,8 +41,10 @@ from parameternet.models.llama_moe.configuration import ParameterNetLlamaConfig
 __all__ = [
     "ParameterNetCausalLMOutput",
     "ParameterNetLlamaForCausalLM",
+    "ParameterNetLlamaForSequenceClassification",
     "ParameterNetLlamaModel",
     "ParameterNetLlamaPreTrainedModel",
+    "ParameterNetSequenceClassifierOutput",
     "router_losses",
 ]
 
@@ -242,3 +249,91 @@ class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, LlamaForCau
                 getattr(layer.mlp, name).load_state_dict(upcycled.state_dict())
         new.train(model.training)
         return new
+
+
+@dataclass
+class ParameterNetSequenceClassifierOutput(SequenceClassifierOutputWithPast):
+    """LLaMA's sequence-classification output plus the router losses (unweighted; ``loss`` includes them weighted,
+    as in :class:`ParameterNetCausalLMOutput`) and, when asked, the router logits."""
+
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+class ParameterNetLlamaForSequenceClassification(ParameterNetLlamaPreTrainedModel, LlamaForSequenceClassification):
+    """``LlamaForSequenceClassification`` over :class:`ParameterNetLlamaModel`: the paper's fine-tuned classifier
+    (Table 7's SST-2 column, sec. 5.4) on the mixture-of-experts LLaMA.
+
+    transformers' head: ``score = Linear(hidden, num_labels, bias=False)`` on the hidden state of each sequence's
+    last non-padding token (``config.pad_token_id``). The loss is transformers' (cross-entropy for single-label
+    integer labels) plus the weighted router losses, computed over the non-padding tokens, exactly as the causal
+    LM adds them. ``from_pretrained`` on a causal LM's ``model/`` directory keeps every transformer weight and
+    initialises the new ``score`` head.
+    """
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> ParameterNetSequenceClassifierOutput:
+        """``input_ids`` ``(B, T)`` -> ``logits`` ``(B, num_labels)``; ``labels`` ``(B,)``. Router losses as in
+        :meth:`ParameterNetLlamaForCausalLM.forward`."""
+        config = self.config
+        if output_router_logits is None:
+            output_router_logits = config.output_router_logits
+        collect = bool(config.moe_projections) and (output_router_logits or labels is not None or self.training)
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=collect,
+            **kwargs,
+        )
+        logits = self.score(outputs.last_hidden_state)  # (B, T, num_labels)
+        batch_size = logits.shape[0]
+        pad = config.pad_token_id
+        if pad is None and batch_size != 1:
+            raise ParameterNetError(
+                "the model's config has no pad_token_id, so a batch of several sequences cannot be pooled; "
+                "set config.pad_token_id to the tokenizer's padding id"
+            )
+        if pad is None or input_ids is None:
+            last = torch.full((batch_size,), -1, device=logits.device, dtype=torch.long)
+        else:  # the rightmost token that is not padding (right or left padding)
+            non_pad = (input_ids != pad).to(logits.device, torch.int32)
+            last = (torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32) * non_pad).argmax(-1)
+        pooled = logits[torch.arange(batch_size, device=logits.device), last]  # (B, num_labels)
+
+        aux_loss = z_loss = None
+        if collect:
+            mask = attention_mask if attention_mask is not None else None
+            if mask is None and input_ids is not None and pad is not None:
+                mask = (input_ids != pad).long()
+            aux_loss, z_loss = router_losses(outputs.router_logits, config.num_experts_per_tok, mask)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=config)
+            if aux_loss is not None:
+                loss = loss + config.router_aux_loss_coef * aux_loss + config.router_z_loss_coef * z_loss
+        return ParameterNetSequenceClassifierOutput(
+            loss=loss,
+            logits=pooled,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            router_logits=outputs.router_logits if output_router_logits else None,
+        )

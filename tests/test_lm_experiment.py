@@ -1,0 +1,236 @@
+"""`parameternet lm-experiment` (Table 7 at CPU scale): the pre-stated verdict on synthetic rows, the learning-rate
+choice, upcycled branches, thread-count determinism, the classifier command, and the smoke grid end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from parameternet.cli import main
+from parameternet.experiments import lm
+from parameternet.experiments.lm import choose_lrs, crossing, verdict
+from parameternet.train.lm import load_lm_config
+from parameternet.train.lm_branch import train_experiment_lm
+from test_lm_text import make_fake_corpora
+from test_lm_train import TINY
+
+
+@pytest.fixture
+def corpora(tmp_path, monkeypatch):
+    make_fake_corpora(tmp_path / "cache", monkeypatch)
+    return tmp_path
+
+
+def _gap(start: float, end: float, steps=(1000, 1250, 1500, 1750, 2000)) -> list[tuple[int, float]]:
+    """A straight gap curve from ``start`` at step 1000 to ``end`` at step 2000 (the second half of 2000 steps)."""
+    return [(s, start + (end - start) * (s - steps[0]) / (steps[-1] - steps[0])) for s in steps]
+
+
+# ----- the verdict, literally as stated -----
+
+
+def test_verdict_reproduced_needs_the_margin_the_standard_errors_and_a_gap_that_does_not_shrink():
+    dense, moe = [5.00, 5.01, 5.02], [4.95, 4.96, 4.97]  # gap 0.05, s.e. ~0.008
+    v = verdict(dense, moe, _gap(0.04, 0.05), 2000)
+    assert v["verdict"] == "reproduced" and v["gap"] == pytest.approx(0.05) and v["gap"] > 2.5 * v["se"]
+    assert v["change"] == pytest.approx(0.01)
+    # the same end, but the gap shrank by 0.03 over the second half: not resolved
+    assert verdict(dense, moe, _gap(0.08, 0.05), 2000)["verdict"] == "not resolved"
+    # a shrink within the flat tolerance (0.01 nats) still counts as not shrinking
+    assert verdict(dense, moe, _gap(0.055, 0.05), 2000)["verdict"] == "reproduced"
+
+
+def test_verdict_not_resolved_below_the_margin_or_within_the_noise():
+    # 0.015 nats better, tight: below the 0.02 margin
+    assert verdict([5.0, 5.001, 5.002], [4.985, 4.986, 4.987], _gap(0.01, 0.015), 2000)["verdict"] == "not resolved"
+    # 0.05 nats better on average but the seeds scatter: under 2.5 standard errors
+    noisy = verdict([5.0, 5.2, 4.9], [4.95, 5.15, 4.85], _gap(0.05, 0.05), 2000)
+    assert noisy["verdict"] == "not resolved" and noisy["gap"] < 2.5 * noisy["se"]
+    assert noisy["seeds_needed"] > 3  # the power calculation says how many seeds would resolve it
+    # one seed a side decides nothing
+    one = verdict([5.0], [4.5], _gap(0.5, 0.5), 2000)
+    assert one["verdict"] == "not resolved" and "fewer than two seeds" in one["reason"]
+
+
+def test_verdict_refuted_when_moe_ends_worse_with_the_gap_flat_or_growing_for_dense():
+    dense, moe = [5.00, 5.01, 5.02], [5.05, 5.06, 5.07]
+    assert verdict(dense, moe, _gap(-0.05, -0.05), 2000)["verdict"] == "refuted"  # flat
+    assert verdict(dense, moe, _gap(-0.02, -0.05), 2000)["verdict"] == "refuted"  # growing for dense
+    # MoE worse at the end but catching up fast: not resolved (the curves may still cross)
+    assert verdict(dense, moe, _gap(-0.20, -0.05), 2000)["verdict"] == "not resolved"
+    # equal at the end and flat: MoE >= dense, refuted
+    assert verdict([5.0, 5.1], [5.0, 5.1], _gap(0.0, 0.0), 2000)["verdict"] == "refuted"
+
+
+def test_verdict_second_half_and_paired_seeds():
+    # only evaluations in the second half count: an early collapse of the gap does not matter
+    curve = [(250, 0.5), (500, 0.3), *_gap(0.05, 0.05)]
+    v = verdict([5.00, 5.01, 5.02], [4.95, 4.96, 4.97], curve, 2000)
+    assert v["verdict"] == "reproduced" and v["second_half_points"] == 5
+    # a branch from step 1000 of 2000: its second half starts at 1500
+    v = verdict([5.0, 5.1, 5.2], [4.95, 5.05, 5.15], _gap(0.2, 0.05), 2000, start_step=1000, paired=True)
+    assert v["second_half_points"] == 3 and v["se"] == pytest.approx(0.0, abs=1e-9)  # identical differences
+    assert v["change"] == pytest.approx(-0.075) and v["verdict"] == "not resolved"  # shrinking over 1500-2000
+    assert verdict([5.0, 5.1, 5.2], [4.95, 5.05, 5.15], _gap(0.05, 0.05), 2000, 1000, True)["verdict"] == "reproduced"
+
+
+def test_learning_rate_choice_per_model_or_shared():
+    rows = [
+        {"kind": "lr", "variant": v, "lr": lr, "val_loss": loss}
+        for v, losses in (("dense", (5.9, 5.8, 5.85)), ("down_proj-8", (6.0, 5.9, 5.7)))
+        for lr, loss in zip((1e-3, 2e-3, 4e-3), losses)
+    ]
+    got = choose_lrs(rows)
+    assert (got["dense"], got["moe"], got["shared"]) == (2e-3, 4e-3, False)
+    assert got["val"]["dense"] == {"0.001": 5.9, "0.002": 5.8, "0.004": 5.85}
+    rows[-1]["val_loss"] = 6.1
+    assert choose_lrs(rows)["shared"] and choose_lrs(rows)["moe"] == 2e-3
+    with pytest.raises(ValueError, match="no row for 'up_proj-8'"):
+        choose_lrs(rows, ("dense", "up_proj-8"))
+
+
+def test_crossing_point_is_where_moe_goes_below_dense_for_good():
+    assert crossing([(0, -0.1), (100, -0.02), (200, 0.02), (300, 0.05)]) == pytest.approx(150)
+    assert crossing([(0, -0.1), (100, 0.02), (200, -0.01)]) is None  # crossed back
+    assert crossing([(0, 0.1), (100, 0.2)]) is None  # never behind
+
+
+# ----- runs -----
+
+
+def test_upcycled_branch_continues_the_dense_run_from_its_snapshot(corpora):
+    common = [*TINY, "max_steps=6", "ckpt_every_steps=100", "zero_shot_items=0", "eval_every_steps=2"]
+    dense_dir, branch_dir = corpora / "dense", corpora / "branch"
+    dense = train_experiment_lm(
+        load_lm_config("configs/lm-small.yaml", [*common, f"output_dir={dense_dir}"]), snapshot_step=3
+    )
+    assert (dense_dir / "snapshot" / "step.txt").read_text().strip() == "3" and dense["threads"] == 1
+    rows = [json.loads(x) for x in (dense_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "val"] == [2, 3, 4, 6]  # 3: the branch point
+
+    moe = [*common, "model.moe_projections=[down_proj]", "model.num_experts=4", f"output_dir={branch_dir}"]
+    train_experiment_lm(load_lm_config("configs/lm-small.yaml", moe), upcycle_from=dense_dir / "snapshot", start_step=3)
+    rows = [json.loads(x) for x in (branch_dir / "metrics.jsonl").read_text().splitlines()]
+    dense_rows = [json.loads(x) for x in (dense_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train] == [4, 5, 6]  # the second half only
+    dense_lr = {r["step"]: r["lr"] for r in dense_rows if r["split"] == "train"}
+    assert all(r["lr"] == pytest.approx(dense_lr[r["step"]]) for r in train)  # the dense run's schedule
+    router = [r for r in rows if r["split"] == "router"]
+    assert [r["step"] for r in router] == [4, 6] and len(router[0]["routers"]) == 2  # two layers
+    for s in router[-1]["routers"]:
+        assert s["projection"] == "down_proj" and sum(s["share"]) == pytest.approx(1.0, abs=1e-3)
+        assert 0.25 <= s["top1_prob"] <= 1.0
+    weights = load_file(branch_dir / "model" / "model.safetensors")
+    assert weights["model.layers.0.mlp.down_proj.weight"].shape[0] == 4  # experts
+
+
+def test_moe_training_gives_the_same_weights_with_one_or_two_threads(corpora):
+    """Determinism across torch thread counts (issue 13): same seed, same weights, bit for bit."""
+    size = ["model.hidden_size=128", "model.intermediate_size=512", "model.num_experts=8"]
+    common = [*TINY, *size, "model.moe_projections=[down_proj]", "max_steps=3", "zero_shot_items=0"]
+    out = {}
+    try:
+        for threads in (1, 2):
+            cfg = load_lm_config(
+                "configs/lm-small.yaml", [*common, f"threads={threads}", f"output_dir={corpora}/t{threads}"]
+            )
+            train_experiment_lm(cfg)
+            out[threads] = load_file(corpora / f"t{threads}" / "model" / "model.safetensors")
+    finally:
+        torch.set_num_threads(1)
+    assert out[1].keys() == out[2].keys() and all(torch.equal(out[1][k], out[2][k]) for k in out[1])
+
+
+def test_lm_finetune_cls_command(corpora, capsys):
+    run = corpora / "run"
+    train_experiment_lm(load_lm_config("configs/lm-small.yaml", [*TINY, "max_steps=2", "zero_shot_items=0",
+                                                                 f"output_dir={run}"]))  # fmt: skip
+    args = ["lm-finetune-cls", str(run / "model"), "--task", "source", "--steps", "2", "--batch-size", "4",
+            "--max-len", "32", "--output", str(corpora / "cls")]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["labels"] == ["gutenberg", "sotu", "brown"] and 0 <= result["acc"] <= 1 and result["steps"] == 2
+    assert result["test_items"] % 3 == 0  # balanced
+    assert json.loads((corpora / "cls" / "cls.json").read_text())["acc"] == result["acc"]
+    assert main(["lm-finetune-cls", str(run / "model"), "--task", "sentiment"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "'sentiment'" in err and "brown-genre" in err
+
+
+def test_brown_genre_labels():
+    from parameternet.train.lm_cls import label_of
+
+    assert label_of("brown-genre", "brown/ca01") == 0 and label_of("brown-genre", "brown/cj80") == 0
+    assert label_of("brown-genre", "brown/ck01") == 1 and label_of("brown-genre", "brown/cr09") == 1
+    assert label_of("brown-genre", "sotu/1790_washington") is None
+    assert label_of("source", "gutenberg/austen-emma.txt#003") == 0
+
+
+def test_first_version_csv_is_kept_aside_and_a_foreign_one_refused(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "runs.csv").write_text(",".join(lm.FIRST_VERSION_COLUMNS) + ",run\ndense,-,0,0,1,2,3.0,4.0,x\n")
+    lm._check_header(out / "runs.csv", lm.COLUMNS)
+    assert not (out / "runs.csv").exists() and (out / "runs-v1.csv").read_text().startswith("variant,")
+    (out / "curves.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="other columns.*--output"):
+        lm._check_header(out / "curves.csv", lm.CURVE_COLUMNS)
+
+
+def test_lm_experiment_bad_input_in_one_line(capsys):
+    assert main(["lm-experiment", "--preset", "smoke", "--jobs", "0"]) == 2
+    assert "jobs=0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="variant 'down-8' is unknown"):
+        lm.Variant.parse("down-8")
+
+
+# ----- the grid end to end -----
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_smoke_grid_runs_resumes_and_reports(corpora, caplog):
+    out, runs = corpora / "out", corpora / "runs"
+    args = ["lm-experiment", "--preset", "smoke", "--output", str(out), "--runs", str(runs), "--jobs", "2"]
+    assert main(args) == 0
+    rows = lm.read_rows(out / "runs.csv")
+    assert list(_csv(out / "runs.csv")[0]) == list(lm.COLUMNS)
+    kinds = sorted((r["kind"], r["variant"], r["seed"]) for r in rows)
+    p = lm.PRESETS["smoke"]
+    assert len(kinds) == len(p.lrs) * 2 + 5 + len(p.upcycle_seeds) + 2
+    prov = lm.provenance()
+    assert all(r["commit"] == prov["commit"] and r["threads"] == 1 for r in rows)
+    chosen = json.loads((out / "lr.json").read_text())
+    main_lrs = {r["variant"]: r["lr"] for r in rows if r["kind"] == "main"}
+    assert main_lrs["dense"] == chosen["dense"] and main_lrs["down_proj-4"] == chosen["moe"]
+    up = [r for r in rows if r["kind"] == "upcycle"]
+    assert all(r["start_step"] == 4 and r["tokens"] == 4 * 4 * 32 for r in up)
+    assert {r["kind"] for r in lm.read_rows(out / "router.csv")} >= {"main", "upcycle"}
+    table = (out / "table7.md").read_text()
+    for text in ("| LLaMA (dense) | - |", "| MoE on down | 4 |", "Verdict, dense vs down_proj-4", "Upcycling",
+                 "Fine-tuned classifier (source", "Learning-rate check"):  # fmt: skip
+        assert text in table
+
+    # a rerun trains nothing; the report-only path redraws the plots from the CSVs alone
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0
+    assert "  start " not in caplog.text
+    (out / "loss_curves.png").unlink()
+    assert main(["lm-experiment", "--preset", "smoke", "--output", str(out), "--report-only"]) == 0
+    assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG" and (out / "router.png").is_file()
+
+    # rows of other code are neither reused nor pooled
+    text = (out / "runs.csv").read_text().splitlines(True)
+    other = text[1].replace(prov["commit"], "0" * 40)
+    (out / "runs.csv").write_text("".join([*text, other]))
+    assert "1 rows from other code were left out" in lm.report(out, preset="smoke")
