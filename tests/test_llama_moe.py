@@ -166,6 +166,34 @@ def test_auto_classes_and_save_load_round_trip(tmp_path, ids):
     assert type(AutoModelForCausalLM.from_config(tiny_config())) is ParameterNetLlamaForCausalLM
 
 
+def test_a_saved_model_loads_in_a_program_that_never_imported_parameternet(tmp_path, ids):
+    import subprocess
+    import sys
+
+    model = tiny_model(moe_projections=["down_proj"]).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "parameternet_llama.py").is_file()
+    torch.save(model(ids).logits, tmp_path / "expected.pt")
+    script = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+try:
+    AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
+except ValueError as e:
+    assert "trust_remote_code" in str(e), e
+else:
+    raise SystemExit("loaded custom code without trust_remote_code")
+assert "parameternet" not in sys.modules
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+assert type(model).__name__ == "ParameterNetLlamaForCausalLM", type(model)
+ids = torch.tensor({ids.tolist()})
+torch.testing.assert_close(model(ids).logits, torch.load({str(tmp_path / "expected.pt")!r}), rtol=1e-5, atol=1e-6)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
 def test_generate_with_and_without_cache_agree(ids):
     model = tiny_model().eval()
     prompt = ids[:, :4]

@@ -279,12 +279,20 @@ def prepare_text_data(
             return data
         raise ParameterNetError(f"{root} holds text prepared with other settings; pick another directory or delete it")
 
+    from tqdm.auto import tqdm
+
+    # Stages, so a terminal shows where the minute goes: reading, the tokenizer, tokenizing the two splits.
+    bar = tqdm(total=4, desc="lm-data", unit="stage", disable=None)
+    bar.set_postfix_str("reading the corpus")
     splits = split_documents(load_corpus(corpora), val_fraction, eval_fraction)
+    bar.update()
     if not splits["train"] or not splits["val"] or not splits["eval"]:
         counts = {k: len(v) for k, v in splits.items()}
         raise ParameterNetError(f"the split {counts} leaves a split empty; raise val_fraction or eval_fraction")
     log.info("training a %d-token byte-level BPE on %d documents", vocab_size, len(splits["train"]))
+    bar.set_postfix_str("training the tokenizer")
     tokenizer = train_tokenizer((d.text for d in splits["train"]), vocab_size)
+    bar.update()
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
 
     if root.exists() and any(root.iterdir()):
@@ -295,11 +303,14 @@ def prepare_text_data(
         tokenizer.save_pretrained(staged / "tokenizer")
         counts = {}
         for split in ("train", "val"):
+            bar.set_postfix_str(f"tokenizing {split}")
             ids = tokenizer([d.text for d in splits[split]], add_special_tokens=False)["input_ids"]
             total = sum(len(doc) + 1 for doc in ids)
             flat = np.fromiter((t for doc in ids for t in (*doc, tokenizer.eos_token_id)), dtype=dtype, count=total)
             flat.tofile(staged / f"{split}.bin")
             counts[split] = total
+            bar.update()
+        bar.close()
         for split in SPLITS:
             with open(staged / f"{split}.jsonl", "w", encoding="utf-8") as f:
                 for doc in splits[split]:

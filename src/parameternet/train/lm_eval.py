@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from parameternet.errors import ParameterNetError
 from parameternet.train import distributed as D
@@ -43,8 +44,10 @@ def validation_loss(
     device: torch.device | str = "cpu",
     rank: int = 0,
     world_size: int = 1,
+    progress: bool = False,
 ) -> dict[str, float]:
-    """Mean next-token loss over windows of ``seq_len`` tokens (the first ``max_tokens``), summed over ranks."""
+    """Mean next-token loss over windows of ``seq_len`` tokens (the first ``max_tokens``), summed over ranks;
+    ``progress`` shows a bar (on a terminal)."""
     was_training = model.training
     model.eval()
     n_windows = len(tokens) // seq_len
@@ -54,7 +57,8 @@ def validation_loss(
         raise ParameterNetError(f"the validation split has {len(tokens)} tokens, fewer than seq_len={seq_len}")
     mine = list(range(rank, n_windows, world_size))
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, predicted tokens
-    for i in range(0, len(mine), batch_size):
+    starts = range(0, len(mine), batch_size)
+    for i in tqdm(starts, desc="validation loss", unit="batch", disable=None if progress and rank == 0 else True):
         rows = [tokens[w * seq_len : (w + 1) * seq_len] for w in mine[i : i + batch_size]]
         ids = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)  # (B, L)
         logits = model(input_ids=ids).logits[:, :-1].float()  # (B, L-1, V)
@@ -68,9 +72,16 @@ def validation_loss(
 
 @torch.no_grad()
 def score_choices(
-    model, tokenizer, items: Sequence, max_len: int, batch_size: int = 32, device: torch.device | str = "cpu"
+    model,
+    tokenizer,
+    items: Sequence,
+    max_len: int,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    progress: str | None = None,
 ) -> dict[str, float]:
-    """``acc`` and ``acc_norm`` of multiple-choice items (``context``, ``choices``, ``label``)."""
+    """``acc`` and ``acc_norm`` of multiple-choice items (``context``, ``choices``, ``label``); ``progress`` names a
+    bar to show (on a terminal)."""
     was_training = model.training
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -84,7 +95,8 @@ def score_choices(
     # Longest first, so a batch pads little.
     order = sorted(range(len(requests)), key=lambda r: -len(requests[r][2]))
     loglik = torch.zeros(len(items), len(items[0].choices), dtype=torch.float64)
-    for start in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc=progress, unit="batch", disable=None if progress else True):
         batch = [requests[r] for r in order[start : start + batch_size]]
         width = max(len(ids) for _, _, ids, _ in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -202,11 +214,11 @@ def evaluate_saved_lm(
         )
     seq_len = seq_len or model.config.max_position_embeddings
     result = {"model": str(model_dir), "params": model.num_parameters()}
-    result["val"] = validation_loss(model, data.tokens("val"), seq_len, batch_size, val_tokens)
+    result["val"] = validation_loss(model, data.tokens("val"), seq_len, batch_size, val_tokens, progress=True)
     tasks = build_tasks(data.documents("eval"), items) if items else {}
     if export is not None:
         export_tasks(tasks, export)
     result["zero_shot"] = {
-        name: score_choices(model, tokenizer, its, seq_len, batch_size) for name, its in tasks.items()
+        name: score_choices(model, tokenizer, its, seq_len, batch_size, progress=name) for name, its in tasks.items()
     }
     return result

@@ -13,6 +13,7 @@ logits (see :meth:`~parameternet.layers.moe.TopKMoELinear.from_linear`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -90,6 +91,24 @@ def _convert_mlp(mlp: nn.Module, config: ParameterNetLlamaConfig) -> None:
         setattr(mlp, name, moe)
 
 
+REMOTE_MODULE = "parameternet_llama"
+AUTO_MAP = {
+    "AutoConfig": f"{REMOTE_MODULE}.ParameterNetLlamaConfig",
+    "AutoModel": f"{REMOTE_MODULE}.ParameterNetLlamaModel",
+    "AutoModelForCausalLM": f"{REMOTE_MODULE}.ParameterNetLlamaForCausalLM",
+    "AutoModelForSequenceClassification": f"{REMOTE_MODULE}.ParameterNetLlamaForSequenceClassification",
+}
+_REMOTE_CODE = f'''"""Lets transformers' Auto classes load this directory without `import parameternet`.
+
+Written by parameternet's save_pretrained; the classes come from the installed package (pip install parameternet).
+"""
+
+from parameternet.models.llama_moe import (  # noqa: F401
+    {", ".join(name.split(".")[1] for name in AUTO_MAP.values())},
+)
+'''
+
+
 class ParameterNetLlamaPreTrainedModel(LlamaPreTrainedModel):
     config: ParameterNetLlamaConfig
     config_class = ParameterNetLlamaConfig
@@ -100,6 +119,19 @@ class ParameterNetLlamaPreTrainedModel(LlamaPreTrainedModel):
         "hidden_states": LlamaDecoderLayer,
         "attentions": LlamaAttention,
     }
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """transformers' ``save_pretrained``, plus an ``auto_map`` in ``config.json`` and the small module it names
+        (:data:`REMOTE_MODULE`), so that ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``
+        loads the model in a program that never imported ``parameternet`` (the package must be installed), and
+        without ``trust_remote_code`` transformers says that the directory needs it instead of "update
+        Transformers"."""
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            from parameternet.runs import atomic_write
+
+            atomic_write(Path(save_directory) / f"{REMOTE_MODULE}.py", _REMOTE_CODE)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
