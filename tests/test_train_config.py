@@ -70,3 +70,36 @@ def test_paper_recipes_follow_table_1():
                c.optim.weight_decay, c.aug.label_smoothing, c.aug.random_erasing, c.ema)  # fmt: skip
         assert got == want, name
         assert c.optim.name == "adamw" and c.schedule.name == "cosine" and c.aug.randaugment, name
+
+
+def test_router_param_groups_scale_the_routers_lr_and_weight_decay():
+    import timm
+    import torch
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    import parameternet  # noqa: F401
+    from parameternet.errors import ParameterNetError
+    from parameternet.train.trainer import router_param_groups
+
+    model = timm.create_model("parameternet_mini", width=0.25, head_chs=64)
+    groups = router_param_groups(model, 5e-4, router_lr_scale=10.0, router_weight_decay=0.0)
+    routers = {id(p) for n, p in model.named_parameters() if ".router." in n}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    for g in groups:
+        is_router = {id(p) in routers for p in g["params"]}
+        assert len(is_router) == 1
+        if is_router.pop():
+            assert g["lr_scale"] == 10.0 and g["weight_decay"] == 0.0
+        else:
+            assert g["lr_scale"] == 1.0 and g["weight_decay"] in (0.0, 5e-4)
+            assert g["weight_decay"] == 0.0 or all(p.ndim > 1 for p in g["params"])
+    opt = create_optimizer_v2(model, opt="sgd", lr=0.1, param_group_fn=lambda m: groups)
+    sched, _ = create_scheduler_v2(
+        opt, sched="cosine", num_epochs=10, warmup_epochs=0, step_on_epochs=False, updates_per_epoch=1
+    )
+    sched.step_update(0)
+    assert sorted({round(g["lr"], 6) for g in opt.param_groups}) == [0.1, 1.0]
+    with pytest.raises(ParameterNetError, match="router_lr_scale=0"):
+        router_param_groups(model, 5e-4, router_lr_scale=0)
+    assert torch.is_tensor(groups[0]["params"][0])

@@ -69,6 +69,8 @@ class OptimConfig:
     eps: float | None = None
     layer_decay: float | None = None
     clip_grad: float | None = None  # max global gradient norm
+    router_lr_scale: float = 1.0  # the dynamic layers' routers learn at lr x this (timm's per-group lr_scale)
+    router_weight_decay: float | None = None  # the routers' weight decay; None: weight_decay, like other weights
 
 
 @dataclass

@@ -47,7 +47,15 @@ from parameternet.train.checkpoint import (
 )
 from parameternet.train.config import TrainConfig, apply_overrides, config_from_dict
 
-__all__ = ["Trainer", "build_transforms", "create_model", "evaluate", "evaluate_checkpoint", "train"]
+__all__ = [
+    "Trainer",
+    "build_transforms",
+    "create_model",
+    "evaluate",
+    "evaluate_checkpoint",
+    "router_param_groups",
+    "train",
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +83,37 @@ def create_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         return timm.create_model(cfg.model, pretrained=False, num_classes=num_classes, in_chans=cfg.in_chans, **kwargs)
     except TypeError as e:
         raise ParameterNetError(f"model {cfg.model!r} rejects model_kwargs {kwargs} ({e}); fix model_kwargs") from None
+
+
+def router_param_groups(
+    model: nn.Module, weight_decay: float, router_lr_scale: float = 1.0, router_weight_decay: float | None = None
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: timm's weight-decay split (no decay on 1-d tensors), with the routers of the
+    dynamic layers in groups of their own, learning at ``lr x router_lr_scale`` (timm's schedulers honour
+    ``lr_scale``) with ``router_weight_decay`` (default: the others')."""
+    from parameternet.layers import DynamicConv2d, DynamicLinear
+
+    if router_lr_scale <= 0 or (router_weight_decay is not None and router_weight_decay < 0):
+        raise ParameterNetError(
+            f"optim.router_lr_scale={router_lr_scale} must be positive and optim.router_weight_decay="
+            f"{router_weight_decay} not negative"
+        )
+    routers = {
+        id(p) for m in model.modules() if isinstance(m, (DynamicConv2d, DynamicLinear)) for p in m.router.parameters()
+    }
+    skip = set(getattr(model, "no_weight_decay", lambda: ())())
+    groups: dict[tuple[bool, bool], list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            decays = p.ndim > 1 and name not in skip
+            groups.setdefault((id(p) in routers, decays), []).append(p)
+    out = []
+    for (router, decays), params in groups.items():
+        wd = weight_decay if decays else 0.0
+        if router and router_weight_decay is not None:
+            wd = router_weight_decay if decays else 0.0
+        out.append({"params": params, "weight_decay": wd, "lr_scale": router_lr_scale if router else 1.0})
+    return out
 
 
 def _classifier_classes(model: nn.Module, state_dict: dict) -> int | None:
@@ -359,6 +398,14 @@ class Trainer:
 
         cfg, o, s = self.cfg, self.cfg.optim, self.cfg.schedule
         extra = {k: v for k, v in (("betas", tuple(o.betas) if o.betas else None), ("eps", o.eps)) if v is not None}
+        if o.router_lr_scale != 1.0 or o.router_weight_decay is not None:
+            if o.layer_decay is not None:
+                raise ParameterNetError(
+                    "optim.layer_decay cannot be combined with optim.router_lr_scale / optim.router_weight_decay; "
+                    "drop one of them"
+                )
+            groups = router_param_groups(self.model, o.weight_decay, o.router_lr_scale, o.router_weight_decay)
+            extra["param_group_fn"] = lambda model: groups
         try:
             self.optimizer = create_optimizer_v2(
                 self.model,
