@@ -145,7 +145,7 @@ def test_sweep_cells_pair_with_their_base_cells_target_only_runs():
 
 
 def test_cell_grammar_round_trips_and_rejects_bad_names():
-    for name in (A, B, C, "parameternet-w0.1875-h48-e8-softmax-pre0.5-pe9", "ghostnet-w1-h256"):
+    for name in (A, B, C, "parameternet-w0.1875-h48-e8-softmax-pre0.5-pe9", "ghostnet-w1-h256", f"{B}-rlr10-rwd0"):
         assert Cell.parse(name).name == name
     assert Cell.parse("ghostnet-w0.25").head_chs == 64 and Cell.parse("parameternet-w0.5").experts == 4
     cell = Cell.parse("parameternet-w0.25-h64-e2-pre0.5")
@@ -153,12 +153,17 @@ def test_cell_grammar_round_trips_and_rejects_bad_names():
     assert cell.overrides() == [
         "model=parameternet_mini", "model_kwargs.width=0.25", "model_kwargs.head_chs=64", "model_kwargs.num_experts=2",
     ]  # fmt: skip
+    assert Cell.parse(f"{B}-rlr10-rwd0").overrides()[-2:] == [
+        "optim.router_lr_scale=10.0",
+        "optim.router_weight_decay=0.0",
+    ]
     for bad, match in [
         ("resnet-w0.25", "must start with"),
         ("ghostnet-h64", "names no width"),
         ("ghostnet-w0.25-e4", "static convs"),
         ("ghostnet-w0.25-x3", "unknown part"),
         ("ghostnet-w0.25-pre2", "0 < pre <= 1"),
+        ("ghostnet-w0.25-rlr10", "static convs"),
     ]:
         with pytest.raises(parameternet.ParameterNetError, match=match):
             Cell.parse(bad)

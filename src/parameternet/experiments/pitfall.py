@@ -96,7 +96,11 @@ CRITERIA = {
 
 # ----- cells: a small grammar for the models of the grid -----
 
-_TOKEN = re.compile(r"^(w|h|e|pre|pe)(\d+(?:\.\d+)?)$")
+_TOKEN = re.compile(r"^(w|h|e|pre|pe|rlr|rwd)(\d+(?:\.\d+)?)$")
+_KEYS = {
+    "w": "width", "h": "head_chs", "e": "experts", "pre": "pretrain_fraction", "pe": "pretrain_epochs",
+    "rlr": "router_lr_scale", "rwd": "router_weight_decay",
+}  # fmt: skip
 
 
 def scaled_head(width: float) -> int:
@@ -121,6 +125,8 @@ class Cell:
     router: str = "linear-sigmoid"
     pretrain_fraction: float = 1.0
     pretrain_epochs: int | None = None
+    router_lr_scale: float = 1.0
+    router_weight_decay: float | None = None
 
     @classmethod
     def parse(cls, name: str) -> Cell:
@@ -140,14 +146,9 @@ class Cell:
             if m is None:
                 raise ParameterNetError(
                     f"model {name!r} has an unknown part {token!r}; write e.g. ghostnet-w0.25-h64 or "
-                    "parameternet-w0.25-h64-e4 (options: -repconv, -softmax, -pre0.5, -pe9)"
+                    "parameternet-w0.25-h64-e4 (options: -repconv, -softmax, -pre0.5, -pe9, -rlr10, -rwd0)"
                 )
-            key, value = (
-                {"w": "width", "h": "head_chs", "e": "experts", "pre": "pretrain_fraction", "pe": "pretrain_epochs"}[
-                    m.group(1)
-                ],
-                float(m.group(2)),
-            )
+            key, value = _KEYS[m.group(1)], float(m.group(2))
             fields[key] = int(value) if key in ("head_chs", "experts", "pretrain_epochs") else value
         if family not in ("ghostnet", "parameternet"):
             raise ParameterNetError(f"model {name!r} must start with ghostnet- or parameternet-")
@@ -157,7 +158,7 @@ class Cell:
         if family == "parameternet":
             fields.setdefault("experts", 4)
             fields.setdefault("method", "dynamic")
-        elif any(k in fields for k in ("experts", "method", "router")):
+        elif any(k in fields for k in ("experts", "method", "router", "router_lr_scale", "router_weight_decay")):
             raise ParameterNetError(f"model {name!r}: a ghostnet cell has static convs; use parameternet- for experts")
         cell = cls(**fields)
         if not 0 < cell.pretrain_fraction <= 1 or cell.width <= 0 or (cell.pretrain_epochs or 1) < 1:
@@ -173,6 +174,10 @@ class Cell:
                 parts.append("repconv")
             if self.router == "mlp-softmax":
                 parts.append("softmax")
+            if self.router_lr_scale != 1.0:
+                parts.append(f"rlr{self.router_lr_scale:g}")
+            if self.router_weight_decay is not None:
+                parts.append(f"rwd{self.router_weight_decay:g}")
         if self.pretrain_fraction != 1.0:
             parts.append(f"pre{self.pretrain_fraction:g}")
         if self.pretrain_epochs is not None:
@@ -199,7 +204,12 @@ class Cell:
         return kwargs
 
     def overrides(self) -> list[str]:
-        return [f"model={self.timm_model}", *(f"model_kwargs.{k}={v}" for k, v in self.model_kwargs().items())]
+        out = [f"model={self.timm_model}", *(f"model_kwargs.{k}={v}" for k, v in self.model_kwargs().items())]
+        if self.router_lr_scale != 1.0:
+            out.append(f"optim.router_lr_scale={self.router_lr_scale}")
+        if self.router_weight_decay is not None:
+            out.append(f"optim.router_weight_decay={self.router_weight_decay}")
+        return out
 
 
 def static_cell(width: float, head_chs: int | None = None) -> Cell:
@@ -895,6 +905,10 @@ def _label(cell: Cell) -> str:
         kind = f"RepConv x{cell.experts}" if cell.method == "repconv" else f"{cell.experts} experts"
         if cell.router == "mlp-softmax":
             kind += ", softmax router"
+        if cell.router_lr_scale != 1.0:
+            kind += f", router lr x{cell.router_lr_scale:g}"
+        if cell.router_weight_decay is not None:
+            kind += f", router wd {cell.router_weight_decay:g}"
         text = f"ParameterNet-mini {cell.width:g} (head {cell.head_chs}), {kind}"
     if cell.pretrain_fraction != 1.0:
         text += f"; pretrain on {cell.pretrain_fraction:g} of the union"
