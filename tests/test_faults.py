@@ -215,6 +215,48 @@ def test_read_only_directory_is_one_sentence_for_train_convert_export(packaged_d
     assert list(read_only_dir.iterdir()) == []
 
 
+def test_a_file_in_the_way_of_an_output_directory_is_one_sentence_for_every_writer(packaged_data, tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory")
+    cases = [
+        [*ARGS, f"output_dir={blocker}"],
+        [*ARGS, f"output_dir={blocker / 'sub'}"],
+        ["convert", "test_resnet", "--experts", "2", "-o", str(blocker / "m.safetensors")],
+        ["export", "test_resnet", "--onnx", str(blocker / "m.onnx")],
+        ["pitfall", "--preset", "smoke", "--output", str(blocker / "x"), "--runs-dir", str(tmp_path / "runs")],
+    ]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{str(blocker)!r} is a file" in err, err
+    assert blocker.read_text() == "not a directory"
+
+
+def test_files_written_atomically_are_readable_by_others_as_the_umask_says(tmp_path):
+    from parameternet.runs import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "summary.json", "{}")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["ckpt_every_steps=-1"], "ckpt_every_steps=-1 is invalid"), (["ckpt_every_epochs=-2"], "ckpt_every_epochs=-2")],
+)
+def test_negative_checkpoint_intervals_are_refused(tmp_path, capsys, extra, message):
+    assert main([*ARGS, f"output_dir={tmp_path / 'run'}", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_directory_given_as_a_recipe_says_so(tmp_path, capsys):
+    assert main(["train", str(tmp_path)]) == 2
+    assert "is a directory; pass a YAML file" in capsys.readouterr().err
+
+
 # ----- init_from another architecture --------------------------------------------------------------------------------
 
 

@@ -194,6 +194,10 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
     assert main(["pitfall", "--preset", "smoke", "--models", "ghostnet_9000", "--output", str(tmp_path)]) == 2
     assert "ghostnet_9000" in capsys.readouterr().err
     assert main(["pitfall", "--preset", "smoke", "--output", str(tmp_path / "empty"), "--report-only"]) == 2
+    assert "holds no results; run the grid first" in capsys.readouterr().err
+    assert not (tmp_path / "empty").exists()  # a report reads; it creates nothing
+    assert main(["pitfall", "--models", "not-a-cell", "--output", str(tmp_path)]) == 2
+    assert "must start with ghostnet- or parameternet-" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", [m for f in ("ghostnet", "parameternet") for m in timm.list_models(f"{f}_mini*")])

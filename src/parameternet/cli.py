@@ -290,7 +290,8 @@ def _add_pitfall(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         metavar="MODEL",
         help="run these cells instead of the preset's grid (no gate), e.g. ghostnet-w0.25-h64 parameternet-w0.25-e8 "
-        "(options: -h<head channels>, -e<experts>, -repconv, -softmax, -pre<fraction of the union>, -pe<epochs>)",
+        "(options: -h<head channels>, -e<experts>, -repconv, -softmax, -pre<fraction of the union>, -pe<epochs>, "
+        "-rlr<router lr scale>, -rwd<router weight decay>)",
     )
     p.add_argument("--output", help="results directory (default: results/pitfall for full, runs/pitfall-PRESET else)")
     p.add_argument("--runs-dir", default="runs/pitfall", help="the individual runs (shared by the presets)")

@@ -97,9 +97,20 @@ def fs_error(path: str | Path, exc: BaseException) -> ParameterNetError | None:
     return ParameterNetError(f"cannot write {str(path)!r}: {reason}")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _mkdir(directory: Path) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), directory)
+        raise ParameterNetError(
+            f"cannot create directory {str(directory)!r}: {str(blocker)!r} is a file; choose another path"
+        ) from None
     except OSError as e:
         raise (fs_error(directory / ".", e) or e) from None
 
@@ -146,6 +157,7 @@ def atomic_path(path: str | Path, keep_suffix: bool = False) -> Iterator[str]:
             suffix=".tmp" + (path.suffix if keep_suffix else ""),
             dir=path.parent,
         )
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make results unreadable to other users
         os.close(fd)
     except OSError as e:
         raise (fs_error(path, e) or e) from None

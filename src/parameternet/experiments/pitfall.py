@@ -135,6 +135,8 @@ class Cell:
         The head width defaults to :func:`scaled_head` and the experts to 4; :attr:`name` is the canonical spelling.
         """
         family, *tokens = name.split("-")
+        if family not in ("ghostnet", "parameternet"):
+            raise ParameterNetError(f"model {name!r} must start with ghostnet- or parameternet-")
         fields: dict[str, Any] = {"family": family}
         for token in tokens:
             if token in ("repconv", "softmax"):
@@ -150,8 +152,6 @@ class Cell:
                 )
             key, value = _KEYS[m.group(1)], float(m.group(2))
             fields[key] = int(value) if key in ("head_chs", "experts", "pretrain_epochs") else value
-        if family not in ("ghostnet", "parameternet"):
-            raise ParameterNetError(f"model {name!r} must start with ghostnet- or parameternet-")
         if "width" not in fields:
             raise ParameterNetError(f"model {name!r} names no width; add e.g. -w0.25")
         fields.setdefault("head_chs", scaled_head(fields["width"]))
@@ -1103,10 +1103,16 @@ def report(output: str | Path, preset: str | None = None, pool_commits: bool = F
     output = Path(output)
     csv_path = output / "results.csv"
     rows = read_rows(csv_path)
+    presets = sorted({r.get("preset") for r in rows} - {None})
     if preset is not None:
         rows = [r for r in rows if r.get("preset") == preset]
     if not rows:
-        raise ParameterNetError(f"{str(csv_path)!r} holds no results for preset {preset!r}; run the grid first")
+        if presets:
+            raise ParameterNetError(
+                f"{str(csv_path)!r} holds no results for preset {preset!r}, only for {', '.join(presets)}; "
+                "pass --preset accordingly"
+            )
+        raise ParameterNetError(f"{str(csv_path)!r} holds no results; run the grid first (or check --output)")
     codes: dict[str, int] = {}
     for r in rows:
         codes[code_id(r)] = codes.get(code_id(r), 0) + 1

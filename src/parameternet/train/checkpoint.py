@@ -230,7 +230,7 @@ def load_into(
         if share < min_match:
             raise ParameterNetError(
                 f"checkpoint {source} fits only {100 * share:.0f}% of the model's tensors (another architecture?); "
-                f"use a checkpoint of the same model, or pass strict=false to load what fits"
+                f"use a checkpoint of the same model, or pass init_strict=false (train) to load what fits"
             )
     for k, v in state_dict.items():
         if k in own and own[k].shape != v.shape:

@@ -140,6 +140,8 @@ class TrainConfig:
             (self.data.pipeline in ("auto", "tensor", "pil"), "data.pipeline", "one of auto, tensor, pil"),
             (self.ema is None or 0 < self.ema < 1, "ema", "a decay in (0, 1) or null"),
             (self.keep_last >= 1, "keep_last", "at least 1"),
+            (self.ckpt_every_epochs >= 0, "ckpt_every_epochs", "0 (no periodic checkpoints) or more"),
+            (self.ckpt_every_steps is None or self.ckpt_every_steps >= 0, "ckpt_every_steps", "0 (none) or more"),
             (self.log_every >= 1, "log_every", "at least 1"),
             (self.optim.lr > 0, "optim.lr", "positive"),
             (self.num_classes is None or self.num_classes > 0, "num_classes", "a positive integer or null"),
@@ -303,7 +305,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ParameterNetError(f"recipe {str(path)!r} does not exist; pass a YAML file such as configs/smoke.yaml")
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise ParameterNetError(f"recipe {str(path)!r} {what}; pass a YAML file such as configs/smoke.yaml")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

@@ -231,9 +231,8 @@ def load_lm_config(path: str | Path | None, overrides: list[str] = ()) -> LMTrai
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ParameterNetError(
-                f"recipe {str(path)!r} does not exist; pass a YAML file such as configs/lm-dense.yaml"
-            )
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise ParameterNetError(f"recipe {str(path)!r} {what}; pass a YAML file such as configs/lm-small.yaml")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError:
