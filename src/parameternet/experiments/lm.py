@@ -49,6 +49,8 @@ from typing import Any
 
 from parameternet.errors import ParameterNetError
 from parameternet.experiments.provenance import code_id, provenance
+from parameternet.experiments.rows import append_rows
+from parameternet.experiments.workers import init_worker
 from parameternet.runs import atomic_write
 
 __all__ = [
@@ -237,29 +239,6 @@ class _Task:
 
 def _hash(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
-def _stop_worker(signum: int, frame: Any) -> None:
-    from parameternet.runs import RunInterrupted
-
-    raise RunInterrupted(signum, None, None)
-
-
-def _init_worker() -> None:
-    import torch
-
-    from parameternet.runs import die_with_parent
-
-    # A signal before the trainer installs its own handler (which saves a checkpoint) stops the worker at once;
-    # SIGTERM also comes when the parent dies, so no worker is left running (as in the pitfall experiment).
-    signal.signal(signal.SIGTERM, _stop_worker)
-    signal.signal(signal.SIGINT, _stop_worker)
-    die_with_parent()
-    torch.set_num_threads(1)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set in this process
-        pass
 
 
 def _lm_worker(recipe: str, overrides: list[str], options: dict[str, Any]) -> dict[str, Any]:
@@ -459,20 +438,6 @@ def _check_header(csv_path: Path, columns: Sequence[str]) -> None:
     )
 
 
-def _append(csv_path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
-    if not rows:
-        return
-    new = not csv_path.is_file() or csv_path.stat().st_size == 0
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        if new:
-            writer.writeheader()
-        writer.writerows({k: row.get(k, "") for k in columns} for row in rows)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 # ----- the runner -----
 
 
@@ -614,7 +579,7 @@ class _Runner:
         heartbeat = time.perf_counter()
         with (
             StopSignal() as stop,
-            ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx, initializer=_init_worker) as pool,
+            ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx, initializer=init_worker) as pool,
         ):
             while pending or running:
                 if stop.requested:  # no new run; the running ones save a checkpoint and stop
@@ -701,7 +666,7 @@ class _Runner:
                 last_word_acc=_round(zs.get("last_word", {}).get("acc")), tokens_per_s=res.get("tokens_per_s"),
             )  # fmt: skip
             common = {k: row[k] for k in ("kind", "preset", "variant", "seed", "commit", "dirty")}
-            _append(
+            append_rows(
                 self.output / "curves.csv",
                 [{**common, "step": s, "tokens": s * per_step, "val_loss": round(x, 6)} for s, x in curve],
                 CURVE_COLUMNS,
@@ -714,8 +679,8 @@ class _Runner:
                         "projection": s["projection"], "top1_prob": s["top1_prob"], "max_share": max(s["share"]),
                         "min_share": min(s["share"]), "shares": " ".join(f"{x:.4f}" for x in s["share"]),
                     })  # fmt: skip
-            _append(self.output / "router.csv", router, ROUTER_COLUMNS)
-        _append(self.csv, [row], COLUMNS)
+            append_rows(self.output / "router.csv", router, ROUTER_COLUMNS)
+        append_rows(self.csv, [row], COLUMNS)
         self.rows.append(_parse({k: row.get(k, "") for k in COLUMNS}))
         t.result = {**res, "row": self.rows[-1]}
         log.info(

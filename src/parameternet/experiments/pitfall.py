@@ -50,6 +50,8 @@ from typing import Any
 
 from parameternet.errors import ParameterNetError
 from parameternet.experiments.provenance import code_id, provenance
+from parameternet.experiments.rows import append_rows
+from parameternet.experiments.workers import init_worker
 
 __all__ = [
     "COLUMNS",
@@ -414,30 +416,6 @@ def _finished_summary(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-def _stop_worker(signum: int, frame: Any) -> None:
-    from parameternet.runs import RunInterrupted
-
-    raise RunInterrupted(signum, None, None)
-
-
-def _init_worker() -> None:
-    import torch
-
-    from parameternet.runs import die_with_parent
-
-    # A signal before the trainer installs its own handler (which saves a checkpoint) stops the worker at once:
-    # nothing has been trained yet. SIGTERM also comes when the parent dies, so no worker is ever left running.
-    signal.signal(signal.SIGTERM, _stop_worker)
-    signal.signal(signal.SIGINT, _stop_worker)
-    die_with_parent()
-
-    torch.set_num_threads(1)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set in this process
-        pass
-
-
 def _routing(cfg_dict: dict[str, Any]) -> list[dict[str, Any]]:
     """Routing diagnostics of a finished run's final weights on its evaluation set; cached in ``routing.json``."""
     import torch
@@ -516,20 +494,6 @@ def read_rows(csv_path: str | Path) -> list[dict[str, Any]]:
                     row[k] = float(row[k]) if row[k] not in (None, "") else None
             out.append(row)
     return out
-
-
-def _append_rows(csv_path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
-    if not rows:
-        return
-    new = not csv_path.is_file() or csv_path.stat().st_size == 0
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        if new:
-            writer.writeheader()
-        writer.writerows({k: row.get(k, "") for k in columns} for row in rows)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _row(task: _Task, preset: Preset, params: int, macs: int, prov: dict[str, Any]) -> dict[str, Any]:
@@ -643,12 +607,12 @@ class _Runner:
         if task.cell.method == "dynamic" and task.routing is None:
             task.routing = _routing(task.cfg)
         row = _row(task, self.preset, *self.sizes[task.cell.name], self.prov)
-        _append_rows(self.csv_path, [row], COLUMNS)
+        append_rows(self.csv_path, [row], COLUMNS)
         routing = [
             {"model": row["model"], "regime": row["regime"], "seed": task.seed, **s, **self.prov}
             for s in task.routing or []
         ]
-        _append_rows(self.output / "routing.csv", routing, ROUTING_COLUMNS)
+        append_rows(self.output / "routing.csv", routing, ROUTING_COLUMNS)
         self.rows.append(read_rows_from_dict(row))
         log.info(
             "[%d rows] %-40s %-17s seed %d: top-1 %.2f  (%.0f s)",
@@ -683,7 +647,7 @@ class _Runner:
         with (
             bar,
             StopSignal() as stop,
-            ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx, initializer=_init_worker) as pool,
+            ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx, initializer=init_worker) as pool,
         ):
             while pending or running:
                 if stop.requested:
