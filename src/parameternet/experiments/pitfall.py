@@ -992,6 +992,7 @@ def _plot(entries: list[dict[str, Any]], path: Path, title: str, width: float | 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw=dict(width_ratios=[1.2, 1]))
     main = [e for e in entries if e["gain"].n and e["cell"].base == e["cell"]]
@@ -1022,6 +1023,9 @@ def _plot(entries: list[dict[str, Any]], path: Path, title: str, width: float | 
     ax.axhline(0, color="black", linewidth=0.8)
     ax.axhline(CRITERIA["pitfall_max_gain"], color="gray", linewidth=0.8, linestyle="--", label="pitfall threshold")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(sorted({e["macs"] / 1e6 for e in main})))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3f}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("MACs per image (millions, log scale)")
     ax.set_ylabel("gain from pretraining (top-1 points)")
     ax.set_title("pretrain → fine-tune minus target-only\n(paired by seed: mean ± s.e.)", fontsize=10)
