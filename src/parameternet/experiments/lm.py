@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from parameternet.errors import ParameterNetError
-from parameternet.experiments.provenance import code_id, provenance
+from parameternet.experiments.provenance import code_id, provenance, rows_of_this_code
 from parameternet.experiments.rows import append_rows
 from parameternet.experiments.workers import init_worker
 from parameternet.runs import atomic_write
@@ -451,15 +451,7 @@ class _Runner:
         for name, columns in (("runs.csv", COLUMNS), ("curves.csv", CURVE_COLUMNS), ("router.csv", ROUTER_COLUMNS)):
             _check_header(output / name, columns)
         rows = [r for r in read_rows(self.csv) if r.get("preset") == preset.name]
-        self.rows = [r for r in rows if code_id(r) == self.code]
-        other = sorted({code_id(r) for r in rows} - {self.code})
-        if other:
-            log.warning(
-                "lm-experiment %s: %d rows in %s come from other code (%s); kept, not reused or pooled",
-                preset.name, len(rows) - len(self.rows), self.csv, ", ".join(other),
-            )  # fmt: skip
-        if self.prov["dirty"]:
-            log.warning("lm-experiment: the source tree has uncommitted changes; rows are marked dirty=True")
+        self.rows, _ = rows_of_this_code(rows, f"lm-experiment {preset.name}", self.csv)
 
     # --- configs
     def base_overrides(self) -> list[str]:

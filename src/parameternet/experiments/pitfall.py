@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from parameternet.errors import ParameterNetError
-from parameternet.experiments.provenance import code_id, provenance
+from parameternet.experiments.provenance import code_id, provenance, rows_of_this_code
 from parameternet.experiments.rows import append_rows
 from parameternet.experiments.workers import init_worker
 
@@ -562,15 +562,7 @@ class _Runner:
         self.code = code_id(self.prov)
         self.runs_dir = runs_dir / self.code
         rows = [r for r in read_rows(self.csv_path) if r.get("preset") == preset.name]
-        self.rows = [r for r in rows if code_id(r) == self.code]
-        other = sorted({code_id(r) for r in rows} - {self.code})
-        if other:
-            log.warning(
-                "pitfall %s: %d rows in %s come from other code (%s); they are kept but not reused or pooled",
-                preset.name, len(rows) - len(self.rows), self.csv_path, ", ".join(other),
-            )  # fmt: skip
-        if self.prov["dirty"]:
-            log.warning("pitfall: the source tree has uncommitted changes; rows are marked dirty=True")
+        self.rows, _ = rows_of_this_code(rows, f"pitfall {preset.name}", self.csv_path)
         self.sizes: dict[str, tuple[int, int]] = {}
         self._last_heartbeat = time.perf_counter()
 

@@ -6,10 +6,13 @@ Every experiment row carries these, so that rows made by different code are neve
 from __future__ import annotations
 
 import functools
+import logging
 import subprocess
 from pathlib import Path
 
-__all__ = ["code_id", "provenance"]
+__all__ = ["code_id", "provenance", "rows_of_this_code"]
+
+log = logging.getLogger(__name__)
 
 
 def _git(args: list[str], cwd: Path) -> str | None:
@@ -45,3 +48,19 @@ def code_id(row: dict) -> str:
     commit = str(row.get("commit") or "unknown")[:12]
     dirty = str(row.get("dirty", "")).lower() in ("true", "1")
     return commit + ("+dirty" if dirty else "")
+
+
+def rows_of_this_code(rows: list[dict], what: str, source: object) -> tuple[list[dict], str]:
+    """The rows made by the imported code, and its :func:`code_id`; logs how many rows of other code (kept in
+    ``source``, never reused or pooled) there are, and whether the source tree has uncommitted changes."""
+    code = code_id(provenance())
+    own = [r for r in rows if code_id(r) == code]
+    other = sorted({code_id(r) for r in rows} - {code})
+    if other:
+        log.warning(
+            "%s: %d rows in %s come from other code (%s); they are kept but not reused or pooled",
+            what, len(rows) - len(own), source, ", ".join(other),
+        )  # fmt: skip
+    if provenance()["dirty"]:
+        log.warning("%s: the source tree has uncommitted changes; rows are marked dirty=True", what)
+    return own, code
