@@ -432,15 +432,18 @@ class LMTrainer:
         self.scheduler.step_update(self.step)
         log.info("resumed from %s at step %d", state_path, self.step)
 
-    def _save_final(self) -> Path:
-        """``model/``: save_pretrained output plus the tokenizer, written to a temporary directory and renamed."""
-        final = self.out / "model"
+    def _save_final(self, name: str = "model", extra: dict[str, str] | None = None) -> Path:
+        """``<out>/<name>/``: save_pretrained output plus the tokenizer (and ``extra`` text files), written to a
+        temporary directory and renamed over the old one."""
+        final = self.out / name
         if self.dist.is_main:
             try:
-                with tempfile.TemporaryDirectory(prefix=".model-", dir=self.out) as tmp:
-                    staged = Path(tmp) / "model"
+                with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=self.out) as tmp:
+                    staged = Path(tmp) / name
                     self.model.save_pretrained(staged)
                     self.tokenizer.save_pretrained(staged)
+                    for file, text in (extra or {}).items():
+                        (staged / file).write_text(text)
                     if final.exists():
                         final.rename(Path(tmp) / "old")
                     staged.rename(final)

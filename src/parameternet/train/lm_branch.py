@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from parameternet.errors import ParameterNetError
-from parameternet.runs import RunLock, StopSignal, fs_error
+from parameternet.runs import RunLock, StopSignal
 from parameternet.train import distributed as D
 from parameternet.train.lm import LMTrainConfig, LMTrainer
 
@@ -148,20 +147,7 @@ class ExperimentLMTrainer(LMTrainer):
         return out
 
     def _save_snapshot(self) -> None:
-        final = self.out / "snapshot"
-        if self.dist.is_main:
-            try:
-                with tempfile.TemporaryDirectory(prefix=".snapshot-", dir=self.out) as tmp:
-                    staged = Path(tmp) / "snapshot"
-                    self.model.save_pretrained(staged)
-                    self.tokenizer.save_pretrained(staged)
-                    (staged / "step.txt").write_text(f"{self.step}\n")
-                    if final.exists():
-                        final.rename(Path(tmp) / "old")
-                    staged.rename(final)
-            except OSError as e:
-                raise (fs_error(final, e) or e) from None
-        D.barrier()
+        self._save_final("snapshot", {"step.txt": f"{self.step}\n"})
 
     def _validate(self) -> None:
         super()._validate()
