@@ -2,37 +2,31 @@
 
 ``y_b = conv(x_b, sum_i alpha_bi W_i) + sum_i alpha_bi b_i`` with ``alpha_b = router(mean_hw(x_b))``.
 
-One layer, several implementations of that formula, chosen by the input and the context (all are tested against a
-per-sample reference in ``tests/test_layers.py``):
+The module holds the experts, the router and the conv's geometry; the formula itself is computed by the functional
+core, :mod:`parameternet.layers.functional`, whose table picks an implementation by where the layer runs:
 
-- eager PyTorch: kernels are mixed first (cheaper than mixing M outputs). A batch of one is one ``F.conv2d`` with
-  the mixed kernel and bias. Otherwise ``path`` (fixed at construction) decides: ``pointwise`` (1x1, ungrouped,
-  unpadded) is a per-sample matmul (:func:`~parameternet.layers.kernels.per_sample_matmul`, NCHW or
-  channels_last; large kernels are built in chunks and rebuilt in backward); ``grouped`` folds the batch into the
-  channels, ``conv(x.view(1, B*C, H, W), groups=B*g)``, for a depthwise layer an ordinary depthwise conv.
-- the MAC counter's ``torch.jit.trace`` (inside :class:`~parameternet.layers.kernels.counting_trace`): the same
-  formulas with plain ops, so the count is the paper's.
-- ``torch.compile``, ONNX export, any other ``torch.jit.trace`` and ``torch.fx`` symbolic tracing
-  (``graph_path``): a group count of ``B*g`` fixes the batch size in the graph, so these formulations
-  never put the batch in an attribute. ``pointwise``: the batched matmul of mixed kernels.
-  ``stacked`` (one input channel per group, e.g. depthwise): one static conv with the M experts stacked as output
-  channels, then the M outputs mixed (M times the conv's multiply-adds, which are few for depthwise; the conv keeps
-  constant weights, which is what runtimes optimise). ``unfold`` (the rest, e.g. a dense stem): image patches by
-  a conv with constant one-hot kernels, then a batched matmul with the mixed kernels (the conv's own
-  multiply-adds). An ONNX export for one batch size (``export_batch_size``) uses the grouped conv, for a single
-  image a plain conv whose kernel is computed in the graph.
+- eager PyTorch: the router's pooling folded into its linear layer (:func:`~parameternet.layers.kernels.route_mean`),
+  then kernels mixed first (cheaper than mixing M outputs): a batch of one is one ``F.conv2d``, a 1x1 layer a
+  per-sample matmul, any other a conv over the batch folded into the channels.
+- ``torch.compile`` and ``torch.export``: a batch size the compiler holds as a number (``dynamic=False``, or a batch
+  of one, which PyTorch specialises anyway) gets the same formulas as eager; a symbolic batch gets formulations
+  without the batch size in any attribute (a group count of ``B*g`` would fix it): for a depthwise layer the sum
+  over kernel taps of the shifted input times the per-sample kernel, which inductor fuses into one loop.
+- ``torch.jit.trace`` (ONNX's TorchScript exporter) and ``torch.fx``: symbolic-batch formulations, unless the trace
+  is for one batch size (:class:`~parameternet.layers.kernels.fixed_batch_trace`, which ``export_onnx`` enters for a
+  fixed-batch graph, and the MAC counter's :class:`~parameternet.layers.kernels.counting_trace`).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
 from parameternet.errors import ParameterNetError
-from parameternet.layers.experts import check_num_experts, init_experts_, mix_experts
-from parameternet.layers.kernels import is_counting_trace, per_sample_matmul, route_mean
+from parameternet.layers.experts import check_num_experts, init_experts_
+from parameternet.layers.functional import Context, ConvGeometry, dynamic_conv2d, select
+from parameternet.layers.kernels import route_mean, static_batch_size, traced_batch_size
 from parameternet.layers.router import create_router
 
 __all__ = ["DynamicConv2d"]
@@ -106,12 +100,8 @@ class DynamicConv2d(nn.Module):
         self.router = create_router(
             router, in_channels, num_experts, temperature=router_temperature, hidden_features=router_hidden, **kw
         )
-        pointwise = self.kernel_size == (1, 1) and groups == 1 and self._pad == (0, 0, 0, 0) and self.dilation == (1, 1)
-        self.path = "pointwise" if pointwise else "grouped"
-        self.graph_path = "pointwise" if pointwise else "stacked" if in_channels == groups else "unfold"
-        # Set by parameternet.export_onnx(dynamic_batch=False): an ONNX graph for this batch size only, which may
-        # hold it in a group count (a batch of one is then a plain conv with its kernel as an input).
-        self.export_batch_size: int | None = None
+        # The formula's geometry, for the functional core (layers/functional.py), which picks the implementation.
+        self.geometry = self._geometry()
         self.reset_parameters()
 
     def _explicit_padding(self) -> tuple[int, int, int, int]:
@@ -133,7 +123,7 @@ class DynamicConv2d(nn.Module):
     def extra_repr(self) -> str:
         s = (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"num_experts={self.num_experts}, path={self.path}"
+            f"num_experts={self.num_experts}"
         )
         if self.padding != (0, 0):
             s += f", padding={self.padding}"
@@ -161,15 +151,24 @@ class DynamicConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if type(x) is not torch.Tensor:  # torch.fx symbolic tracing (a Proxy), or a tensor subclass
             if isinstance(x, torch.fx.Proxy):
-                return self._forward_graph(x)
+                return self._run(x, Context.ONNX, None)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             self._check_input(x)
-        compiling = torch.compiler.is_compiling()
-        if compiling or torch.jit.is_tracing():  # two flag reads on the eager path; either exporter sets one
-            if compiling or not is_counting_trace():
-                return self._forward_graph(x)
-            return self._forward_plain(x)
+        if torch.compiler.is_compiling():  # torch.compile or torch.export: the batch size may be symbolic
+            batch = static_batch_size(x)
+            if batch is not None:
+                return self._run(x, Context.PLAIN, batch)
+            return self._run(x, Context.ONNX if torch.compiler.is_exporting() else Context.INDUCTOR, None)
+        if torch.jit.is_tracing():  # the MAC counter, ONNX's TorchScript exporter, any other trace
+            batch = traced_batch_size(x)
+            return self._run(x, Context.ONNX if batch is None else Context.PLAIN, batch)
         return self._forward_eager(x)
+
+    def _geometry(self) -> ConvGeometry:
+        return ConvGeometry(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self._pad,
+            self.dilation, self.groups, self.padding_mode, self.num_experts,
+        )  # fmt: skip
 
     def _mixed_bias(self, alpha: torch.Tensor, per_sample: bool = True) -> torch.Tensor | None:
         """``sum_i alpha_bi b_i`` plus the folded ``static_bias``: ``(B, O)``, or None without either. Without
@@ -181,115 +180,18 @@ class DynamicConv2d(nn.Module):
         bias = alpha @ self.bias
         return bias if self.static_bias is None else bias + self.static_bias
 
-    def _forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, context: Context, batch_size: int | None) -> torch.Tensor:
+        """The plain router, then the implementation :func:`~parameternet.layers.functional.select` names."""
         alpha = self.router(x.mean((2, 3)))  # (B, M)
-        weight = mix_experts(alpha, self.weight)  # (B, O, I/g, kh, kw)
-        bias = self._mixed_bias(alpha)
-        if self.path == "pointwise":
-            return self._pointwise(x, weight.flatten(2), bias)
-        return self._grouped(x, weight, bias)
+        bias = self._mixed_bias(alpha, per_sample=False)  # (B, O), (O,) or None
+        name = select(context, self.geometry, batch_size)
+        return dynamic_conv2d(x, alpha, self.weight, bias, self.geometry, name, batch_size)
 
     def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         alpha = route_mean(self.router, x, (2, 3))  # (B, M)
         B = x.shape[0]
         if B == 1:
-            bank = self.weight
-            weight = (alpha @ bank.view(self.num_experts, -1)).view(bank.shape[1:])
-            bias = self.static_bias
-            if self.bias is not None:
-                mixed = alpha[0] @ self.bias
-                bias = mixed if bias is None else mixed + bias
-            if self.padding_mode == "zeros":
-                return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-            return self._conv(x, weight, bias, self.groups)
-        bias = self._mixed_bias(alpha)
-        if self.path == "pointwise":
-            if self.stride != (1, 1):
-                x = x[:, :, :: self.stride[0], :: self.stride[1]]
-            _, _, H, W = x.shape
-            bank = self.weight.view(self.num_experts, self.out_channels, self.in_channels)
-            if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-                xs = x.permute(0, 2, 3, 1).reshape(B, H * W, self.in_channels)  # (B, HW, I), a view
-                y = per_sample_matmul(xs, alpha, bank, bias, channels_first=False)  # (B, HW, O)
-                return y.view(B, H, W, self.out_channels).permute(0, 3, 1, 2)  # channels_last (B, O, H, W)
-            y = per_sample_matmul(x.reshape(B, self.in_channels, H * W), alpha, bank, bias, channels_first=True)
-            return y.view(B, self.out_channels, H, W)
-        return self._grouped(x, mix_experts(alpha, self.weight), bias)
-
-    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
-        padding = self.padding
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._pad, mode=self.padding_mode)
-            padding = 0
-        return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, groups)
-
-    def _pointwise(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # weight: (B, O, I)
-        if self.stride != (1, 1):
-            x = x[:, :, :: self.stride[0], :: self.stride[1]]
-        B, _, H, W = x.shape
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            xs = x.permute(0, 2, 3, 1).reshape(B, H * W, self.in_channels)  # (B, HW, I), a view
-            wt = weight.transpose(1, 2)  # (B, I, O)
-            y = torch.bmm(xs, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1).expand(B, H * W, -1), xs, wt)
-            return y.view(B, H, W, self.out_channels).permute(0, 3, 1, 2)  # channels_last (B, O, H, W)
-        xs = x.reshape(B, self.in_channels, H * W)  # (B, I, HW)
-        y = (
-            torch.bmm(weight, xs)
-            if bias is None
-            else torch.baddbmm(bias.unsqueeze(2).expand(-1, -1, H * W), weight, xs)
-        )
-        return y.view(B, self.out_channels, H, W)
-
-    def _grouped(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # weight: (B, O, I/g, kh, kw) -> (B*O, I/g, kh, kw); the batch becomes B groups of g groups.
-        B = x.shape[0]
-        if B == 0:  # an empty batch gives an empty output, as nn.Conv2d's does (no group count of 0)
-            return self._conv(x, self.weight[0], None, self.groups)
-        x = x.reshape(1, B * self.in_channels, *x.shape[2:])
-        y = self._conv(x, weight.flatten(0, 1), None, B * self.groups)
-        y = y.view(B, self.out_channels, *y.shape[2:])
-        return y if bias is None else y + bias[:, :, None, None]
-
-    # -------------------------------------------------------------------------------------------------------------
-    # torch.compile and ONNX export: no batch size in any attribute of the graph
-
-    def _forward_graph(self, x: torch.Tensor) -> torch.Tensor:
-        # Shapes say -1 for the batch: an exported graph then needs no Shape / Gather / Concat to rebuild it.
-        alpha = self.router(x.mean((2, 3)))  # (B, M)
-        bias = self._mixed_bias(alpha, per_sample=False)  # (B, O), (O,) or None
-        M, c_in, c_out, g = self.num_experts, self.in_channels, self.out_channels, self.groups
-        if self.export_batch_size is not None and torch.onnx.is_in_onnx_export():
-            # The kernel's shape from the layer, never from shape inference (which a reflect pad or timm's
-            # Conv2dSame upstream loses): (B*O, I/g, kh, kw) with the batch size this graph is for.
-            shape = (self.export_batch_size * c_out, c_in // g, *self.kernel_size)
-            weight = (alpha @ self.weight.view(M, -1)).view(shape)
-            if self.export_batch_size == 1:  # a plain conv whose kernel is an input: the bias rides along
-                return self._conv(x, weight, None if bias is None else bias.view(-1), g)
-            y = self._conv(x.reshape(1, -1, x.shape[2], x.shape[3]), weight, None, self.export_batch_size * g)
-            y = y.view(-1, c_out, y.shape[2], y.shape[3])
-        elif self.graph_path == "pointwise":
-            if self.stride != (1, 1):
-                x = x[:, :, :: self.stride[0], :: self.stride[1]]
-            weight = (alpha @ self.weight.view(M, -1)).view(-1, c_out, c_in)  # (B, O, I)
-            y = weight @ x.reshape(-1, c_in, x.shape[2] * x.shape[3])  # (B, O, HW)
-            y = y.view(-1, c_out, x.shape[2], x.shape[3])
-        elif self.graph_path == "stacked":
-            # One input channel per group: the experts stacked behind each output channel, (O * M, 1, kh, kw), so
-            # that group j's outputs are its O/g channels times M experts.
-            stacked = self.weight.transpose(0, 1).reshape(c_out * M, 1, *self.kernel_size)
-            y = self._conv(x, stacked, None, g)  # (B, O * M, H', W')
-            H, W = y.shape[2], y.shape[3]
-            y = alpha.view(-1, 1, 1, M) @ y.view(-1, c_out, M, H * W)  # (B, O, 1, H'W')
-            y = y.view(-1, c_out, H, W)
-        else:
-            # Patches (B, C * kh * kw, H', W') by a depthwise conv with one-hot kernels, then per-sample kernels.
-            kh, kw = self.kernel_size
-            taps = torch.eye(kh * kw, dtype=x.dtype, device=x.device).view(kh * kw, 1, kh, kw).repeat(c_in, 1, 1, 1)
-            patches = self._conv(x, taps, None, c_in)
-            H, W = patches.shape[2], patches.shape[3]
-            k = (c_in // g) * kh * kw
-            weight = (alpha @ self.weight.view(M, -1)).view(-1, g, c_out // g, k)
-            y = weight @ patches.view(-1, g, k, H * W)  # (B, g, O/g, H'W')
-            y = y.view(-1, c_out, H, W)
-        return y if bias is None else y + bias.unsqueeze(-1).unsqueeze(-1)
+            return dynamic_conv2d(x, alpha, self.weight, self._mixed_bias(alpha, per_sample=False), self.geometry,
+                                  "single")  # fmt: skip
+        name = select(Context.EAGER, self.geometry)
+        return dynamic_conv2d(x, alpha, self.weight, self._mixed_bias(alpha), self.geometry, name)

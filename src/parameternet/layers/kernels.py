@@ -25,6 +25,7 @@ from parameternet.layers.router import LinearSigmoidRouter
 __all__ = [
     "CHUNK_BYTES",
     "counting_trace",
+    "fixed_batch_trace",
     "is_counting_trace",
     "KEEP_BYTES",
     "KEEP_BYTES_GPU",
@@ -33,6 +34,8 @@ __all__ = [
     "route",
     "route_mean",
     "spatial_mean",
+    "static_batch_size",
+    "traced_batch_size",
 ]
 
 # Per-sample kernels built at once: small enough for the cache and for the heap (glibc maps anything over 32 MB
@@ -48,24 +51,69 @@ KEEP_BYTES_GPU = 2 << 30
 MEAN_MIN_NUMEL = 1 << 16
 
 
-_COUNTING = [False]
+# What a torch.jit.trace of a dynamic layer records: None (a symbolic batch: batch-agnostic formulations), COUNTED
+# (the MAC counter: the paper's formulas for the input's batch size) or a batch size (a graph for that size only).
+_TRACE = [None]
+_COUNTED = "counted"
 
 
-class counting_trace:
+class _TraceMode:
+    def __init__(self, mode):
+        self.mode = mode
+
+    def __enter__(self):
+        self.prev = _TRACE[0]
+        _TRACE[0] = self.mode
+        return self
+
+    def __exit__(self, *exc):
+        _TRACE[0] = self.prev
+
+
+class counting_trace(_TraceMode):
     """While active, ``torch.jit.trace`` of a dynamic layer records the paper's plain formulas (what the MAC
     counter counts: a grouped conv over the batch, whose group count fixes the batch size) instead of the
     batch-agnostic graph formulations every other trace gets."""
 
-    def __enter__(self):
-        self.prev = _COUNTING[0]
-        _COUNTING[0] = True
+    def __init__(self):
+        super().__init__(_COUNTED)
 
-    def __exit__(self, *exc):
-        _COUNTING[0] = self.prev
+
+class fixed_batch_trace(_TraceMode):
+    """While active, ``torch.jit.trace`` (ONNX's TorchScript exporter) of a dynamic conv records a graph for inputs
+    of ``batch_size`` images only: the eager formulas, whose group count may hold the batch size, and for one image
+    a plain conv whose kernel is computed in the graph. The kernel's shape then comes from the layer, never from
+    shape inference (which a reflect pad or timm's ``Conv2dSame`` upstream loses). ``export_onnx`` enters it for a
+    fixed-batch graph. Raises ``ValueError`` for a batch size below 1."""
+
+    def __init__(self, batch_size: int):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"fixed_batch_trace needs a batch size >= 1, got {batch_size!r}.")
+        super().__init__(batch_size)
 
 
 def is_counting_trace() -> bool:
-    return _COUNTING[0]
+    return _TRACE[0] == _COUNTED
+
+
+def traced_batch_size(x: torch.Tensor) -> int | None:
+    """Inside ``torch.jit.trace``: the batch size the graph is for, or None for a symbolic batch (the default)."""
+    mode = _TRACE[0]
+    if mode == _COUNTED:
+        return int(x.shape[0])
+    return mode
+
+
+def static_batch_size(x: torch.Tensor) -> int | None:
+    """Inside ``torch.compile`` / ``torch.export``: ``x``'s batch size when the compiler holds it as a number (static
+    shapes, or a batch of 0 or 1, which PyTorch specialises), None when it is symbolic. A symbolic size's parity is
+    not known statically, a number's is; asking adds no guard."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    B = x.shape[0]
+    if statically_known_true(B % 2 == 0) or statically_known_true(B % 2 == 1):
+        return int(B)
+    return None
 
 
 def _plain_linear(router: nn.Module) -> nn.Linear | None:

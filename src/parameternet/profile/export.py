@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from parameternet.errors import ParameterNetError
-from parameternet.layers import DynamicConv2d
+from parameternet.layers.kernels import fixed_batch_trace
 
 __all__ = ["EXPORTERS", "RUNTIMES", "ExportReport", "export_onnx", "onnx_session"]
 
@@ -247,13 +247,11 @@ def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, 
         graph = deploy_model(model, example_input=example[:1])
     else:
         graph = copy.deepcopy(model).eval()
-    for layer in graph.modules():
-        if isinstance(layer, DynamicConv2d):
-            layer.export_batch_size = 1 if per_image else None if dynamic_batch else batch_size
-
+    fixed_batch = 1 if per_image else None if dynamic_batch else batch_size
     start = time.perf_counter()
     try:
-        _run_export(graph, example, path, dynamic_batch=dynamic_batch and not per_image, opset=opset, exporter=exporter)
+        with contextlib.nullcontext() if fixed_batch is None else fixed_batch_trace(fixed_batch):
+            _run_export(graph, example, path, dynamic_batch=fixed_batch is None, opset=opset, exporter=exporter)
     except Exception as e:  # the exporters' messages can hold a whole IR dump: one line is what a user can act on
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise ParameterNetError(

@@ -1,0 +1,270 @@
+"""The functional core of :class:`~parameternet.layers.DynamicConv2d`: one formula, several implementations.
+
+``y_b = conv(x_b, sum_i alpha_bi W_i) + bias_b`` for every sample ``b`` (ParameterNet, arXiv 2306.14525, sec. 3.2).
+Every function here computes exactly that from ``x (B, C, H, W)``, the coefficients ``alpha (B, M)``, the expert
+bank ``experts (M, O, C/g, kh, kw)`` and a bias (``(B, O)``, ``(O,)`` or None). They differ in cost and in what a
+graph holds, and :func:`select` picks one from a single table, :data:`IMPLEMENTATIONS`, by where the layer runs
+(:class:`Context`) and its geometry (:class:`ConvGeometry`):
+
+=============  ==========================  ==========================  ==========================
+context        pointwise (1x1, ungrouped)  depthwise (C/g == 1)        other (dense, grouped)
+=============  ==========================  ==========================  ==========================
+eager          ``per_sample_matmul``       ``grouped``                 ``grouped``
+plain          ``bmm``                     ``grouped``                 ``grouped``
+inductor       ``bmm``                     ``shifted``                 ``unfold``
+onnx           ``bmm``                     ``shifted`` / ``stacked``   ``unfold``
+=============  ==========================  ==========================  ==========================
+
+- ``single``: a batch of one is one ``F.conv2d`` with the mixed kernel; every context with a batch size known to
+  be 1 uses it.
+- ``per_sample_matmul``: :func:`~parameternet.layers.kernels.per_sample_matmul` (chunked on a CPU; NCHW or
+  channels_last), eager only.
+- ``bmm``: the batched matmul of mixed kernels ``(B, O, C) @ (B, C, HW)``: no batch size in the graph.
+- ``grouped``: the batch folded into the channels, ``conv(x.view(1, B*C, H, W), groups=B*g)``; for a depthwise
+  layer an ordinary depthwise conv. Its group count fixes the batch size, so a graph uses it only for a batch size
+  known when tracing (``plain``: the MAC counter's trace, ``torch.compile`` or ``torch.export`` with a static
+  batch, an ONNX graph exported for one batch size).
+- ``shifted``: for few input channels per group (depthwise): the sum over the ``kh * kw`` kernel taps of the
+  shifted input times that tap of the per-sample kernel, broadcast as ``(B, O, 1, 1)``. The work of one depthwise
+  conv, plain elementwise ops that inductor fuses into one loop, and no batch size anywhere.
+- ``stacked``: one input channel per group: one constant conv with the M experts stacked as output channels, then
+  the M outputs mixed; M times the conv's work, but a constant kernel, which runtimes optimise.
+- ``unfold``: image patches by a depthwise conv with constant one-hot kernels, then a batched matmul with the mixed
+  kernels (the conv's own multiply-adds; ``kh * kw`` times the input's memory).
+
+``benchmarks/compile_speed.py`` measured the choices for the graph contexts; ``tests/test_layers.py`` checks every
+implementation against a per-sample reference, forward and backward.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from parameternet.layers.kernels import per_sample_matmul
+
+__all__ = ["IMPLEMENTATIONS", "Context", "ConvGeometry", "dynamic_conv2d", "select"]
+
+# ``shifted`` unrolls C/g * kh * kw taps into the graph; above this many, ``unfold`` (one conv and one matmul).
+SHIFTED_MAX_TAPS = 32
+
+
+class Context(enum.Enum):
+    """Where a dynamic conv runs: eager PyTorch, the plain formulas of the MAC counter's trace (or any graph whose
+    batch size is fixed), ``torch.compile`` with a symbolic batch (inductor), and a symbolic-batch graph for other
+    runtimes (ONNX export, ``torch.jit.trace``, ``torch.fx``)."""
+
+    EAGER = "eager"
+    PLAIN = "plain"
+    INDUCTOR = "inductor"
+    ONNX = "onnx"
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """What ``nn.Conv2d`` stores besides its weight: channels, kernel ``(kh, kw)``, stride, ``padding`` (a pair or
+    ``"same"`` / ``"valid"``), its explicit form ``pad`` ``(left, right, top, bottom)``, dilation, groups and
+    padding mode."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] | str
+    pad: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+    groups: int
+    padding_mode: str
+    num_experts: int
+
+    @property
+    def expert_shape(self) -> tuple[int, ...]:
+        """One expert's kernel, ``(O, C/g, kh, kw)``; Python ints, so graphs (``torch.fx`` too) hold no shape
+        arithmetic."""
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    @property
+    def kind(self) -> str:
+        """``pointwise`` (1x1, ungrouped, unpadded, undilated), ``depthwise`` (few input channels per group, see
+        :data:`SHIFTED_MAX_TAPS`) or ``other``."""
+        kh, kw = self.kernel_size
+        if (kh, kw) == (1, 1) and self.groups == 1 and self.pad == (0, 0, 0, 0) and self.dilation == (1, 1):
+            return "pointwise"
+        if self.in_channels == self.groups:
+            return "depthwise"
+        return "other"
+
+    def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
+        """``F.conv2d`` with this geometry's stride, padding (any padding mode) and dilation, and ``groups``."""
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self.pad, mode=self.padding_mode)
+            padding = 0
+        return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, groups)
+
+
+def _mix(alpha: torch.Tensor, experts: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+    """``(B, M) x (M, O, C/g, kh, kw) -> (B, O, C/g, kh, kw)``; the batch stays symbolic (``-1``)."""
+    return (alpha @ experts.view(geo.num_experts, -1)).view(-1, *geo.expert_shape)
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias.unsqueeze(-1).unsqueeze(-1)
+
+
+def single(x, alpha, experts, bias, geo: ConvGeometry, batch_size=None):
+    """A batch of one: one conv with the mixed kernel; the bias ``(1, O)`` or ``(O,)`` rides in the conv."""
+    weight = (alpha @ experts.view(geo.num_experts, -1)).view(geo.expert_shape)
+    return geo.conv(x, weight, None if bias is None else bias.reshape(-1), geo.groups)
+
+
+def per_sample_matmul_conv(x, alpha, experts, bias, geo: ConvGeometry, batch_size=None):
+    """A pointwise layer in eager PyTorch: :func:`~parameternet.layers.kernels.per_sample_matmul`, keeping
+    channels_last inputs channels_last. ``bias`` must be per sample ``(B, O)`` or None."""
+    if geo.stride != (1, 1):
+        x = x[:, :, :: geo.stride[0], :: geo.stride[1]]
+    B, _, H, W = x.shape
+    bank = experts.view(geo.num_experts, geo.out_channels, geo.in_channels)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        xs = x.permute(0, 2, 3, 1).reshape(B, H * W, geo.in_channels)  # (B, HW, C), a view
+        y = per_sample_matmul(xs, alpha, bank, bias, channels_first=False)  # (B, HW, O)
+        return y.view(B, H, W, geo.out_channels).permute(0, 3, 1, 2)  # channels_last (B, O, H, W)
+    y = per_sample_matmul(x.reshape(B, geo.in_channels, H * W), alpha, bank, bias, channels_first=True)
+    return y.view(B, geo.out_channels, H, W)
+
+
+def bmm(x, alpha, experts, bias, geo: ConvGeometry, batch_size=None):
+    """A pointwise layer as the batched matmul of mixed kernels (``baddbmm`` with a per-sample bias); keeps
+    channels_last inputs channels_last."""
+    if geo.stride != (1, 1):
+        x = x[:, :, :: geo.stride[0], :: geo.stride[1]]
+    H, W = x.shape[2], x.shape[3]
+    c_in, c_out = geo.in_channels, geo.out_channels
+    weight = _mix(alpha, experts, geo).view(-1, c_out, c_in)  # (B, O, C)
+    if type(x) is torch.Tensor and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        xs = x.permute(0, 2, 3, 1).reshape(-1, H * W, c_in)  # (B, HW, C), a view
+        y = xs @ weight.transpose(1, 2)  # (B, HW, O)
+        if bias is not None:
+            y = y + bias.unsqueeze(-2)
+        return y.view(-1, H, W, c_out).permute(0, 3, 1, 2)  # channels_last (B, O, H, W)
+    y = weight @ x.reshape(-1, c_in, H * W)  # (B, O, HW)
+    if bias is not None:
+        y = y + bias.unsqueeze(-1)
+    return y.view(-1, c_out, H, W)
+
+
+def grouped(x, alpha, experts, bias, geo: ConvGeometry, batch_size=None):
+    """The batch folded into the channels: ``(1, B*C, H, W)`` through a conv with ``B * g`` groups. ``batch_size``,
+    when given, shapes the kernel from the layer rather than from the input (an ONNX graph for that batch size,
+    whose shape inference a reflect pad or timm's ``Conv2dSame`` upstream loses)."""
+    B = x.shape[0] if batch_size is None else batch_size
+    if B == 0:  # an empty batch gives an empty output, as nn.Conv2d's does (no group count of 0)
+        return geo.conv(x, experts[0], None, geo.groups)
+    weight = (alpha @ experts.view(geo.num_experts, -1)).view(B * geo.out_channels, *geo.expert_shape[1:])
+    y = geo.conv(x.reshape(1, -1, x.shape[2], x.shape[3]), weight, None, B * geo.groups)
+    return _add_bias(y.view(-1, geo.out_channels, y.shape[2], y.shape[3]), bias)
+
+
+def _padded(x: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+    if geo.pad == (0, 0, 0, 0):
+        return x
+    return F.pad(x, geo.pad, mode="constant" if geo.padding_mode == "zeros" else geo.padding_mode)
+
+
+def shifted(x, alpha, experts, bias, geo: ConvGeometry, batch_size=None):
+    """Per-sample conv as the sum over kernel taps of the shifted input times the tap's per-sample weights: for
+    every input channel ``c`` of a group and tap ``(i, j)``, ``x_pad[:, group(o) * C/g + c, i*d + s*h, j*d + s*w]
+    * W_b[o, c, i, j]``. ``C/g * kh * kw`` broadcast multiply-adds over the output, the conv's own work."""
+    xp = _padded(x, geo)
+    (kh, kw), (sh, sw), (dh, dw) = geo.kernel_size, geo.stride, geo.dilation
+    c_out, g = geo.out_channels, geo.groups
+    per_group_in, per_group_out = geo.in_channels // g, c_out // g
+    H = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    W = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    weight = _mix(alpha, experts, geo).view(-1, c_out, per_group_in * kh * kw, 1, 1)  # (B, O, C/g * kh * kw, 1, 1)
+    y = None
+    for c in range(per_group_in):
+        xc = xp if per_group_in == 1 else xp.view(-1, g, per_group_in, xp.shape[2], xp.shape[3])[:, :, c]
+        if per_group_out > 1:  # output channel o reads group o // (O/g)
+            xc = xc.unsqueeze(2).expand(-1, g, per_group_out, xp.shape[2], xp.shape[3])
+            xc = xc.reshape(-1, c_out, xp.shape[2], xp.shape[3])
+        for i in range(kh):
+            for j in range(kw):
+                tap = xc[:, :, i * dh : i * dh + sh * (H - 1) + 1 : sh, j * dw : j * dw + sw * (W - 1) + 1 : sw]
+                term = tap * weight[:, :, (c * kh + i) * kw + j]
+                y = term if y is None else y + term
+    return _add_bias(y, bias)
+
+
+def stacked(x, alpha, experts, bias, geo: ConvGeometry, batch_size=None):
+    """One input channel per group: the experts stacked behind each output channel, ``(O * M, 1, kh, kw)``, so that
+    group j's outputs are its O/g channels times M experts; then the M outputs mixed per sample."""
+    M, c_out = geo.num_experts, geo.out_channels
+    bank = experts.transpose(0, 1).reshape(c_out * M, 1, *geo.kernel_size)
+    y = geo.conv(x, bank, None, geo.groups)  # (B, O * M, H', W')
+    H, W = y.shape[2], y.shape[3]
+    y = alpha.view(-1, 1, 1, M) @ y.view(-1, c_out, M, H * W)  # (B, O, 1, H'W')
+    return _add_bias(y.view(-1, c_out, H, W), bias)
+
+
+def unfold(x, alpha, experts, bias, geo: ConvGeometry, batch_size=None):
+    """Patches ``(B, C * kh * kw, H', W')`` by a depthwise conv with one-hot kernels, then per-sample kernels."""
+    (kh, kw), c_in, c_out, g = geo.kernel_size, geo.in_channels, geo.out_channels, geo.groups
+    taps = torch.eye(kh * kw, dtype=x.dtype, device=x.device).view(kh * kw, 1, kh, kw).repeat(c_in, 1, 1, 1)
+    patches = geo.conv(x, taps, None, c_in)
+    H, W = patches.shape[2], patches.shape[3]
+    k = (c_in // g) * kh * kw
+    weight = _mix(alpha, experts, geo).view(-1, g, c_out // g, k)
+    y = weight @ patches.view(-1, g, k, H * W)  # (B, g, O/g, H'W')
+    return _add_bias(y.view(-1, c_out, H, W), bias)
+
+
+_FUNCTIONS = {
+    "single": single,
+    "per_sample_matmul": per_sample_matmul_conv,
+    "bmm": bmm,
+    "grouped": grouped,
+    "shifted": shifted,
+    "stacked": stacked,
+    "unfold": unfold,
+}
+
+# context -> kind -> implementation. The graph contexts' depthwise choices come from benchmarks/compile_speed.py.
+IMPLEMENTATIONS: dict[Context, dict[str, str]] = {
+    Context.EAGER: {"pointwise": "per_sample_matmul", "depthwise": "grouped", "other": "grouped"},
+    Context.PLAIN: {"pointwise": "bmm", "depthwise": "grouped", "other": "grouped"},
+    Context.INDUCTOR: {"pointwise": "bmm", "depthwise": "shifted", "other": "unfold"},
+    Context.ONNX: {"pointwise": "bmm", "depthwise": "stacked", "other": "unfold"},
+}
+
+
+def select(context: Context, geo: ConvGeometry, batch_size: int | None = None) -> str:
+    """The implementation's name for a layer of this geometry in ``context``; ``batch_size`` is the batch size
+    when it is known (an int) and None when it is symbolic. A known batch of one is ``single`` everywhere."""
+    if batch_size == 1:
+        return "single"
+    name = IMPLEMENTATIONS[context][geo.kind]
+    if name == "shifted" and geo.in_channels // geo.groups * geo.kernel_size[0] * geo.kernel_size[1] > SHIFTED_MAX_TAPS:
+        return "unfold"
+    return name
+
+
+def dynamic_conv2d(
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    experts: torch.Tensor,
+    bias: torch.Tensor | None,
+    geo: ConvGeometry,
+    implementation: str,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """``y_b = conv(x_b, sum_i alpha_bi experts_i) + bias_b`` by the named implementation (see the module's table).
+
+    ``x`` ``(B, C, H, W)``, ``alpha`` ``(B, M)``, ``experts`` ``(M, O, C/g, kh, kw)``, ``bias`` ``(B, O)``, ``(O,)``
+    or None (``per_sample_matmul`` takes ``(B, O)`` or None); returns ``(B, O, H', W')``. ``batch_size`` fixes the
+    batch size of ``grouped``'s kernel (an ONNX graph for one batch size). Raises ``KeyError`` for an unknown name.
+    """
+    return _FUNCTIONS[implementation](x, alpha, experts, bias, geo, batch_size)
