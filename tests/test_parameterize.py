@@ -618,7 +618,7 @@ def test_the_self_check_catches_samples_leaking_into_each_other(monkeypatch):
     """Were the sequence-first batch dimension missed (every layer taken as batch-first), the check must say so."""
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("parameternet.parameterize"), "_grown_dim", lambda one, two: 0)
+    monkeypatch.setattr(importlib.import_module("parameternet.parameterize.probe"), "_grown_dim", lambda one, two: 0)
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=False)
     dense = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
     with pytest.raises(ParameterNetError, match="a sample's output depends on the other samples of its batch"):

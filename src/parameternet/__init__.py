@@ -25,9 +25,9 @@ _EXPORTS = {
     "DynamicLinear": "parameternet.layers",
     "create_model": "parameternet.models",
     "ParameterizeReport": "parameternet.parameterize",
-    "load": "parameternet.parameterize",
+    "load": "parameternet.io",
     "parameterize": "parameternet.parameterize",
-    "save": "parameternet.parameterize",
+    "save": "parameternet.io",
     "ProfileResult": "parameternet.profile",
     "ExportReport": "parameternet.profile.export",
     "export_onnx": "parameternet.profile.export",
@@ -57,9 +57,10 @@ if TYPE_CHECKING:
     from parameternet import profile
     from parameternet.deploy import DeployReport, deploy
     from parameternet.errors import ParameterNetError
+    from parameternet.io import load, save
     from parameternet.layers import DynamicConv2d, DynamicLinear
     from parameternet.models import create_model
-    from parameternet.parameterize import ParameterizeReport, load, parameterize, save
+    from parameternet.parameterize import ParameterizeReport, parameterize
     from parameternet.profile import ProfileResult
     from parameternet.profile.export import ExportReport, export_onnx
     from parameternet.profile.ort_nchwc import optimize_for_onnxruntime

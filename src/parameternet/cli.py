@@ -127,7 +127,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from parameternet.parameterize import convert
+    from parameternet.convert import convert
 
     model, timm_call = convert(
         args.source,
@@ -336,7 +336,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from parameternet.parameterize import load_source_model
+    from parameternet.io import load_source_model
     from parameternet.profile.export import export_onnx
 
     img_size = args.img_size
@@ -345,7 +345,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
         model, _, _ = load_source_model(args.checkpoint, arch=args.model)
         if img_size is None and Path(args.checkpoint).suffix == ".safetensors":
-            from parameternet.train.checkpoint import read_metadata
+            from parameternet.io import read_metadata
 
             img_size = read_metadata(args.checkpoint)["img_size"]  # the size the run trained at
     elif args.model:

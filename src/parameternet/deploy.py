@@ -35,17 +35,8 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 from parameternet.errors import ParameterNetError
-from parameternet.layers import DynamicConv2d, RepConv2d
-from parameternet.parameterize import (
-    _EvalMode,
-    _first_line,
-    _is_parameternet_layer,
-    _num_params,
-    _references,
-    _replace,
-    _walk,
-    example_input_for,
-)
+from parameternet.layers import DynamicConv2d, RepConv2d, is_parameternet_layer
+from parameternet.toolkit import eval_mode, example_input_for, first_line, num_params, references, replace, walk
 
 __all__ = ["DeployReport", "deploy"]
 
@@ -98,7 +89,7 @@ def _is_norm(m: nn.Module) -> bool:
 def _pairs_by_run(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, str]], Any]:
     """Run ``model(x)`` with autograd on and pair a conv with a norm when the norm's input is the conv's output
     tensor and no other operation of the graph reads it. Returns the pairs and the (eval-mode) output."""
-    modules = dict(_walk(model))
+    modules = dict(walk(model, opaque=is_parameternet_layer))
     convs = {n: m for n, m in modules.items() if _is_conv(m)}
     norms = {n: m for n, m in modules.items() if _is_norm(m)}
     calls: Counter[str] = Counter()
@@ -122,7 +113,7 @@ def _pairs_by_run(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, st
     handles = [m.register_forward_hook(after_conv(n)) for n, m in convs.items()]
     handles += [m.register_forward_pre_hook(before_norm(n)) for n, m in norms.items()]
     try:
-        with _EvalMode(model), torch.enable_grad():
+        with eval_mode(model), torch.enable_grad():
             out = model(x.detach().clone().requires_grad_(x.is_floating_point()))
     finally:
         for h in handles:
@@ -167,7 +158,7 @@ class _Tracer(fx.Tracer):
         return (
             _is_conv(m)
             or isinstance(m, nn.modules.batchnorm._BatchNorm)
-            or _is_parameternet_layer(m)
+            or is_parameternet_layer(m)
             or isinstance(m, self._leaves)
             or super().is_leaf_module(m, qualname)
         )
@@ -264,7 +255,7 @@ def deploy(
         raise ParameterNetError(f"deploy() takes an nn.Module, got {type(model).__name__}.")
     if not inplace:
         model = copy.deepcopy(model)
-    params_before = _num_params(model)
+    params_before = num_params(model)
     x = example_input_for(model, example_input)
     notes: list[str] = []
     reference = None
@@ -275,7 +266,7 @@ def deploy(
         except Exception as e:
             if example_input is not None:
                 raise ParameterNetError(
-                    f"the model does not run on example_input of shape {tuple(x.shape)}: {_first_line(e)}"
+                    f"the model does not run on example_input of shape {tuple(x.shape)}: {first_line(e)}"
                 ) from e
             notes.append(f"the model did not run on a {tuple(x.shape)} input ({type(e).__name__}); used torch.fx")
             x = None
@@ -284,8 +275,8 @@ def deploy(
         found_by = "torch.fx tracing"
         notes.append("no example input: the deployed model was not checked against the original")
 
-    modules = dict(_walk(model))
-    refs = _references(model)
+    modules = dict(walk(model, opaque=is_parameternet_layer))
+    refs = references(model)
     paired = {conv: norm for conv, norm in pairs}
     kept: dict[str, str] = {}
     folded: list[tuple[str, str]] = []
@@ -302,7 +293,7 @@ def deploy(
                 _, shift = module.merged_kernel()
                 norm.running_mean.sub_(shift.to(norm.running_mean))
                 conv.bias = None if module.conv.bias is None else nn.Parameter(module.conv.bias.detach().clone())
-        _replace(refs, module, conv)
+        replace(refs, module, conv)
         modules[name] = conv
         merged.append(name)
 
@@ -316,7 +307,7 @@ def deploy(
             kept[norm_name] = why
             continue
         _fold(conv, norm)
-        _replace(refs, norm, _without_norm(norm))
+        replace(refs, norm, _without_norm(norm))
         folded.append((conv_name, norm_name))
     model.eval()
 
@@ -326,7 +317,7 @@ def deploy(
         kept=dict(sorted(kept.items())),
         found_by=found_by,
         params_before=params_before,
-        params_after=_num_params(model),
+        params_after=num_params(model),
         notes=notes,
     )
     if x is not None and verify and reference is not None:

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
+from parameternet.counting import count_macs
 from parameternet.deploy import deploy
 from parameternet.parameterize import parameterize
-from parameternet.profile.counting import count_macs
 
 __all__ = ["PAPER", "TABLE6_EXCLUDE", "format_table6", "run_table6", "table6"]
 

@@ -1,6 +1,8 @@
 """Dynamic layers: the building blocks of ParameterNet. This package imports nothing else from parameternet
 but its error type, so it can be read and reused on its own."""
 
+from torch import nn
+
 from parameternet.layers.dynamic_conv import DynamicConv2d
 from parameternet.layers.dynamic_linear import DynamicLinear
 from parameternet.layers.experts import check_num_experts, init_experts_, mix_experts
@@ -20,7 +22,17 @@ __all__ = [
     "check_num_experts",
     "create_router",
     "init_experts_",
+    "is_parameternet_layer",
     "load_balancing_loss",
     "mix_experts",
     "router_z_loss",
 ]
+
+
+def is_parameternet_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is one of this package's layers (a subclass defined elsewhere too). Such layers are
+    opaque to model rewriting (``parameterize``, ``deploy``): their routers and branches are never converted or
+    folded on their own."""
+    return isinstance(module, (DynamicConv2d, DynamicLinear, RepConv2d)) or type(module).__module__.startswith(
+        "parameternet.layers"
+    )

@@ -124,9 +124,9 @@ def run_benchmark(
 
     Returns the rows and a dict describing the run (machine, versions, load average before and after).
     """
-    from parameternet import deploy
+    from parameternet.counting import count_macs, count_params
+    from parameternet.deploy import deploy
     from parameternet.models import create_model
-    from parameternet.profile.counting import count_macs, count_params
     from parameternet.profile.export import export_onnx, onnx_session
     from parameternet.profile.ort_nchwc import optimize_for_onnxruntime
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from parameternet.errors import ParameterNetError
 from parameternet.layers.kernels import fixed_batch_trace
+from parameternet.toolkit import eval_mode, image_input_shape, model_name
 
 __all__ = ["EXPORTERS", "RUNTIMES", "ExportReport", "export_onnx", "onnx_session"]
 
@@ -76,28 +77,6 @@ class ExportReport:
             + f"onnxruntime vs PyTorch, max relative error: {checked}"
             + ("" if self.nchwc_rel_error is None else f"; with NCHWc kernels: {self.nchwc_rel_error:.1e}")
         )
-
-
-def _model_name(model: nn.Module) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return cfg.get("architecture") or type(model).__name__
-
-
-def _input_shape(
-    model: nn.Module, img_size: int | tuple[int, int] | None, in_chans: int | None = None
-) -> tuple[int, int, int]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    chans, *size = cfg.get("input_size") or (getattr(model, "in_chans", 3), 224, 224)
-    chans = getattr(model, "in_chans", chans)
-    if in_chans is not None:
-        if not isinstance(in_chans, int) or isinstance(in_chans, bool) or in_chans < 1:
-            raise ParameterNetError(f"in_chans must be a positive integer, got {in_chans!r}.")
-        chans = in_chans
-    if img_size is not None:
-        size = [img_size, img_size] if isinstance(img_size, int) else list(img_size)
-        if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-            raise ParameterNetError(f"img_size must be a positive int or (height, width), got {img_size!r}.")
-    return int(chans), int(size[0]), int(size[1])
 
 
 def onnx_session(path, threads: int | None = None, *, nchwc: bool = True):
@@ -231,7 +210,7 @@ def export_onnx(
 
 def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, exporter, check, rtol, runtime,
                per_image, in_chans) -> ExportReport:  # fmt: skip
-    chans, height, width = _input_shape(model, img_size, in_chans)
+    chans, height, width = image_input_shape(model, img_size, in_chans)
     ref = next(iter(model.parameters()), None)
     device = ref.device if ref is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(0)
@@ -255,7 +234,7 @@ def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, 
     except Exception as e:  # the exporters' messages can hold a whole IR dump: one line is what a user can act on
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise ParameterNetError(
-            f"ONNX export of {_model_name(model)} ({_mode(dynamic_batch, batch_size, runtime)}, input "
+            f"ONNX export of {model_name(model)} ({_mode(dynamic_batch, batch_size, runtime)}, input "
             f"{chans}x{height}x{width}) failed: {type(e).__name__}: {first}"
         ) from e
     if per_image or not dynamic_batch:
@@ -281,17 +260,16 @@ def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, 
             nchwc_session = onnx_session(rewritten, nchwc=False) if nchwc.convs else None
         if not session.get_inputs():
             raise ParameterNetError(
-                f"the ONNX graph of {_model_name(model)} takes no input: its output does not depend on the images "
+                f"the ONNX graph of {model_name(model)} takes no input: its output does not depend on the images "
                 "as traced (a tensor left the graph through numpy or Python); keep the forward in torch ops."
             )
         input_name = session.get_inputs()[0].name
-        from parameternet.parameterize import _EvalMode  # lazily: parameterize reads the profiler
 
         def rel_error(got, expected) -> float:
             scale = expected.abs().max().double().clamp_min(1e-12)
             return ((torch.from_numpy(got).double() - expected.double()).abs().max() / scale).item()
 
-        with _EvalMode(model):
+        with eval_mode(model):
             for n in (1, 3) if dynamic_batch else (batch_size,):
                 x = images(n)
                 expected = model(x).float().cpu()
@@ -302,17 +280,17 @@ def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, 
         worst = max(errors.values())
         if nchwc_error is not None and nchwc_error > rtol:
             raise RuntimeError(
-                f"ONNX Runtime's NCHWc kernels give outputs of {_model_name(model)} that differ from PyTorch by "
+                f"ONNX Runtime's NCHWc kernels give outputs of {model_name(model)} that differ from PyTorch by "
                 f"{nchwc_error:.2e} (relative), more than rtol={rtol:g}; please report this model."
             )
         if worst > rtol:
             raise RuntimeError(
-                f"the ONNX graph of {_model_name(model)} differs from PyTorch by {worst:.2e} (relative) in "
+                f"the ONNX graph of {model_name(model)} differs from PyTorch by {worst:.2e} (relative) in "
                 f"onnxruntime, more than rtol={rtol:g}; please report this model."
             )
     report = ExportReport(
         path=str(path),
-        model=_model_name(model),
+        model=model_name(model),
         input_shape=["batch" if dynamic_batch else batch_size, chans, height, width],
         runtime=runtime,
         nchwc=str(moved) if per_image else None,

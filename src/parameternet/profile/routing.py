@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from parameternet.layers import DynamicConv2d, DynamicLinear
+from parameternet.toolkit import eval_mode
 
 __all__ = ["routing_stats", "summarize_routing"]
 
@@ -43,16 +44,13 @@ def routing_stats(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[dic
         layer.router.register_forward_hook(lambda _m, _inp, out, name=name: coefs[name].append(out.detach().float()))
         for name, layer in layers.items()
     ]
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        for x in batches:
-            model(x)
+        with eval_mode(model):
+            for x in batches:
+                model(x)
     finally:
         for h in hooks:
             h.remove()
-        for m, flag in flags.items():
-            m.training = flag
     out = []
     for name, layer in layers.items():
         if not coefs[name]:

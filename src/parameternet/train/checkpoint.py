@@ -2,8 +2,8 @@
 
 A checkpoint at step S in ``OUTPUT_DIR/checkpoints/`` is
 
-- ``step_000S.safetensors``: the model weights, with the one metadata schema (:func:`read_metadata`: model name,
-  build arguments, class count, input channels and size, conversion steps, the resolved recipe) so
+- ``step_000S.safetensors``: the model weights, with the one metadata schema of :mod:`parameternet.io` (model
+  name, build arguments, class count, input channels and size, conversion steps, the resolved recipe) so
   ``parameternet eval`` / ``export`` / ``convert``, ``parameternet.load`` and ``init_from`` need nothing else;
 - ``step_000S.ema.safetensors``: the EMA weights, when the recipe keeps an EMA;
 - ``step_000S.state.pt``: optimizer, scheduler, EMA, RNG and data-order state;
@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from parameternet.errors import ParameterNetError
+from parameternet.io import load_weights, read_metadata, save_weights
 from parameternet.runs import atomic_write
 
 __all__ = [
@@ -47,117 +46,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMAT = "parameternet-checkpoint-1"
-RECIPE_KEY = "parameternet"  # parameterize.save's recipe, kept so older readers still load converted models
+FORMAT = "parameternet-checkpoint-1"  # of the training state and the manifest (the weights' is parameternet.io's)
 _STEP = re.compile(r"^step_(\d+)\.(?:state\.pt|manifest\.json)$")
 MIN_MATCH = 0.9  # init_from / --checkpoint: the share of the model's tensors a checkpoint must fit
 
 
 def _record(data: bytes) -> dict[str, Any]:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _safetensors_bytes(state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> bytes:
-    from safetensors.torch import save
-
-    # clone: safetensors refuses tensors that share storage (tied weights)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    meta = {"format": FORMAT}
-    for k, v in metadata.items():
-        meta[k] = v if k == RECIPE_KEY and isinstance(v, str) else json.dumps(v)
-    return save(tensors, metadata=meta)
-
-
-def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> dict[str, Any]:
-    """Write a state dict as safetensors, atomically; metadata values are stored as JSON strings.
-
-    Returns the size (bytes) and sha256 written; a full disk or unwritable directory raises ParameterNetError.
-    """
-    data = _safetensors_bytes(state_dict, metadata)
-    atomic_write(path, data)
-    return _record(data)
-
-
-def _decode(raw: dict[str, str]) -> dict[str, Any]:
-    meta = {}
-    for k, v in raw.items():
-        try:
-            meta[k] = json.loads(v)
-        except ValueError:
-            meta[k] = v
-    return meta
-
-
-def _not_a_checkpoint(path: Path, e: BaseException) -> ParameterNetError:
-    why = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
-    return ParameterNetError(
-        f"{str(path)!r} is not a readable safetensors checkpoint ({why}); "
-        f"pass a .safetensors file written by parameternet (or a run directory)"
-    )
-
-
-def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a safetensors checkpoint and its metadata (JSON-decoded; see :func:`read_metadata` for the schema).
-
-    Raises ParameterNetError for a missing, truncated or foreign file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ParameterNetError(f"checkpoint {str(path)!r} does not exist; pass a .safetensors file or a run directory")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise _not_a_checkpoint(path, e) from None
-    return tensors, _decode(raw)
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The one checkpoint metadata schema, from any parameternet safetensors file old or new.
-
-    Keys: ``model`` (timm name or None), ``model_kwargs`` (build arguments, with ``num_classes`` / ``in_chans``),
-    ``num_classes``, ``in_chans``, ``img_size`` (or None), ``parameterize`` (conversion steps, [] for none),
-    ``config`` (the training recipe or None), ``kind`` (``train``, ``convert``, ``lm`` or ``plain``), plus every
-    other key stored. Raises ParameterNetError for a file that is not safetensors.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ParameterNetError(f"checkpoint {str(path)!r} does not exist; pass a .safetensors file or a run directory")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = _decode(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise _not_a_checkpoint(path, e) from None
-    recipe = meta.get(RECIPE_KEY)
-    if isinstance(recipe, str):
-        recipe = json.loads(recipe)
-    if isinstance(recipe, dict):  # written by parameterize.save / convert (format 1)
-        for k in ("model", "model_kwargs", "parameterize"):
-            meta.setdefault(k, recipe.get(k))
-        meta.setdefault("kind", "convert")
-    kwargs = dict(meta.get("model_kwargs") or {})
-    for k in ("num_classes", "in_chans"):
-        if isinstance(meta.get(k), int):
-            kwargs.setdefault(k, meta[k])
-        elif isinstance(kwargs.get(k), int):
-            meta[k] = kwargs[k]
-    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else None
-    meta["model_kwargs"] = kwargs
-    meta.setdefault("model", None)
-    meta.setdefault("num_classes", None)
-    meta.setdefault("in_chans", None)
-    meta.setdefault("img_size", (cfg or {}).get("img_size"))
-    meta["parameterize"] = meta.get("parameterize") or []
-    meta["config"] = cfg
-    meta.setdefault("kind", "lm" if meta.get("kind") == "parameternet-lm" else "train" if cfg else "plain")
-    if meta["kind"] == "parameternet-lm":
-        meta["kind"] = "lm"
-    return meta
 
 
 def match_fraction(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], skip: tuple[str, ...] = ()) -> float:

@@ -24,7 +24,6 @@ import difflib
 import json
 import logging
 import math
-import random
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ import yaml
 
 from parameternet.errors import ParameterNetError
 from parameternet.runs import RunInterrupted, RunLock, StopSignal, atomic_write, fs_error
+from parameternet.toolkit import seed_all as _seed_all
 from parameternet.train import distributed as D
 from parameternet.train.checkpoint import CheckpointManager, load_into, load_state, load_weights
 from parameternet.train.config import _coerce, apply_overrides
@@ -251,12 +251,6 @@ def load_lm_config(path: str | Path | None, overrides: list[str] = ()) -> LMTrai
 
 
 # --- the loop --------------------------------------------------------------------------------------------------
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
 
 
 class LMTrainer:

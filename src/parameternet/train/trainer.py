@@ -34,6 +34,7 @@ from parameternet.data.images import build_dataset
 from parameternet.data.pipeline import BatchTransform, LoaderDataset, collate, pil_transform
 from parameternet.errors import ParameterNetError
 from parameternet.runs import RunInterrupted, RunLock, StopSignal, atomic_write, fs_error
+from parameternet.toolkit import seed_all as _seed_all
 from parameternet.train import distributed as D
 from parameternet.train.checkpoint import (
     MIN_MATCH,
@@ -58,12 +59,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
 
 
 def create_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
@@ -826,7 +821,7 @@ def evaluate_checkpoint(path: str, overrides: list[str]) -> dict[str, Any]:
     try:
         _seed_all(cfg.seed)
         if meta["parameterize"]:  # a converted model: rebuilt from its recipe
-            from parameternet.parameterize import build_from_recipe
+            from parameternet.io import build_from_recipe
 
             model = build_from_recipe(meta)
             num_classes = int(meta["num_classes"] or model.num_classes)

@@ -1,0 +1,347 @@
+"""Persistence: every safetensors file parameternet writes or reads, with ONE metadata schema.
+
+A weights file (``parameternet.save``, ``parameternet convert``, a training or LM checkpoint) is a plain
+safetensors state dict, so timm and ``safetensors.torch.load_file`` read it as is, whose string metadata holds the
+keys below, each JSON-encoded (:data:`FORMAT` names the schema):
+
+- ``format``: :data:`FORMAT` (as read: what the file says, e.g. an older schema's name);
+- ``kind``: ``"convert"`` (:func:`save`), ``"train"`` (a vision run), ``"lm"`` (a language-model run) or
+  ``"plain"`` (any other file);
+- ``model``: the timm name (None when unknown); ``model_kwargs``: its build arguments, ``num_classes`` and
+  ``in_chans`` included; ``num_classes``, ``in_chans``, ``img_size`` (int or None);
+- ``parameterize``: the conversion steps (:meth:`ParameterizeReport.recipe`, oldest first; [] for none);
+- ``config``: the training recipe (a dict) or None;
+- any other key the writer adds (``step``, ``classes``, ``weights``: ``"ema"``, ...).
+
+Files of the two earlier schemas read into the same dict: ``parameternet-checkpoint-1`` (training checkpoints,
+the same keys without the normalisation) and the first ``parameterize.save`` files, whose only metadata is the
+recipe ``{"format": 1, "model", "model_kwargs", "parameterize"}`` as a JSON string under the key
+``"parameternet"``. :func:`load_source_model` also reads foreign checkpoints (timm's, ``torch.save`` files) for
+``parameternet convert``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from torch import nn
+
+from parameternet.errors import ParameterNetError
+from parameternet.models import check_model_name, create_model
+from parameternet.parameterize import ParameterizeReport, apply_recipe
+from parameternet.runs import atomic_write
+from parameternet.toolkit import timm_name
+
+__all__ = [
+    "FORMAT",
+    "build_from_recipe",
+    "load",
+    "load_source_model",
+    "load_weights",
+    "read_metadata",
+    "read_recipe",
+    "save",
+    "save_weights",
+]
+
+FORMAT = "parameternet-2"
+OLD_FORMATS = ("parameternet-checkpoint-1",)
+KINDS = ("convert", "train", "lm", "plain")
+RECIPE_KEY = "parameternet"  # the first schema: the whole recipe, as a JSON string, under this key
+RECIPE_FORMAT = 1  # ... with this "format" inside it
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The schema
+
+
+def _normalize(meta: dict[str, Any], source: str) -> dict[str, Any]:
+    """Decoded metadata of any schema, old or new, as the one schema (see the module docstring)."""
+    meta = dict(meta)
+    recipe = meta.pop(RECIPE_KEY, None)
+    if isinstance(recipe, str):
+        recipe = json.loads(recipe)
+    if isinstance(recipe, dict):  # the first parameterize.save schema
+        if recipe.get("format") != RECIPE_FORMAT:
+            raise ParameterNetError(f"{source!r} has recipe format {recipe.get('format')!r}; expected {RECIPE_FORMAT}.")
+        for k in ("model", "model_kwargs", "parameterize"):
+            meta.setdefault(k, recipe.get(k))
+        meta.setdefault("kind", "convert")
+    kwargs = dict(meta.get("model_kwargs") or {})
+    for k in ("num_classes", "in_chans"):
+        if isinstance(meta.get(k), int):
+            kwargs.setdefault(k, meta[k])
+        elif isinstance(kwargs.get(k), int):
+            meta[k] = kwargs[k]
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else None
+    meta["model_kwargs"] = kwargs
+    meta.setdefault("model", None)
+    meta.setdefault("num_classes", None)
+    meta.setdefault("in_chans", None)
+    meta.setdefault("img_size", (cfg or {}).get("img_size"))
+    meta["parameterize"] = meta.get("parameterize") or []
+    meta["config"] = cfg
+    kind = meta.get("kind")
+    meta["kind"] = "lm" if kind == "parameternet-lm" else kind if kind in KINDS else "train" if cfg else "plain"
+    return meta
+
+
+def _decode(raw: dict[str, str]) -> dict[str, Any]:
+    meta = {}
+    for k, v in raw.items():
+        try:
+            meta[k] = json.loads(v)
+        except ValueError:
+            meta[k] = v
+    return meta
+
+
+def _safetensors_bytes(state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], source: str) -> bytes:
+    from safetensors.torch import save
+
+    # clone: safetensors refuses tensors that share storage (tied weights)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    meta = {**_normalize(metadata, source), "format": FORMAT}
+    try:
+        encoded = {k: json.dumps(v) for k, v in meta.items()}
+    except TypeError as e:
+        raise ParameterNetError(
+            f"checkpoint metadata must be JSON values ({e}); got model_kwargs {meta['model_kwargs']!r}."
+        ) from e
+    return save(tensors, metadata=encoded)
+
+
+def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> dict[str, Any]:
+    """Write a state dict as safetensors, atomically, with ``metadata`` brought to the one schema (keys it lacks
+    get their defaults; values must be JSON values).
+
+    Returns ``{"bytes": size, "sha256": hex digest}`` of what was written; a full disk or unwritable directory, or
+    metadata that is not JSON, raises ParameterNetError.
+    """
+    data = _safetensors_bytes(state_dict, metadata, str(path))
+    atomic_write(path, data)
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _not_a_checkpoint(path: Path, e: BaseException) -> ParameterNetError:
+    why = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+    return ParameterNetError(
+        f"{str(path)!r} is not a readable safetensors checkpoint ({why}); "
+        f"pass a .safetensors file written by parameternet (or a run directory)"
+    )
+
+
+def _read(path: str | Path, tensors: bool) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ParameterNetError(f"checkpoint {str(path)!r} does not exist; pass a .safetensors file or a run directory")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        state = load_file(str(path)) if tensors else None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _not_a_checkpoint(path, e) from None
+    return state, _normalize(_decode(raw), str(path))
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict of a safetensors file and its metadata in the one schema (:func:`read_metadata`).
+
+    Raises ParameterNetError for a missing, truncated or foreign file.
+    """
+    state, meta = _read(path, tensors=True)
+    return state, meta
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of any safetensors file, parameternet's of any schema or a foreign one, in the one schema (see
+    the module docstring; every key is there, with None / [] / {} where the file does not say). Raises
+    ParameterNetError for a missing file or one that is not safetensors."""
+    return _read(path, tensors=False)[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Converted models: save and load
+
+
+def save(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    model_name: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model``'s weights and what rebuilds it (timm name, build arguments, conversion steps) to a
+    ``.safetensors`` file that :func:`load` reads back; atomically. Returns the path.
+
+    ``model_name`` defaults to timm's ``pretrained_cfg["architecture"]``. The model's ``num_classes`` and
+    ``in_chans`` are recorded; pass any other argument it was built with in ``model_kwargs``. Raises
+    ParameterNetError for another suffix, a deployed model, an unnamed model or arguments that are not JSON.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ParameterNetError(f"the output must be a .safetensors file, got {str(path)!r}.")
+    if hasattr(model, "deploy_report"):
+        raise ParameterNetError("cannot save a deployed model; save it before deploy() and deploy after load().")
+    name = model_name or timm_name(model)
+    if not name:
+        raise ParameterNetError(
+            f"cannot tell which timm model {type(model).__name__} is; pass model_name= (a timm model name)."
+        )
+    kwargs = {k: getattr(model, k) for k in ("num_classes", "in_chans") if isinstance(getattr(model, k, None), int)}
+    kwargs.update(model_kwargs or {})
+    try:
+        json.dumps(kwargs)
+    except TypeError as e:
+        raise ParameterNetError(f"model_kwargs must be JSON values, got {kwargs!r}.") from e
+    report = getattr(model, "parameterize_report", None)
+    steps = [*report.history, report.recipe()] if isinstance(report, ParameterizeReport) else []
+    save_weights(
+        path, model.state_dict(), {"kind": "convert", "model": name, "model_kwargs": kwargs, "parameterize": steps}
+    )
+    return path
+
+
+def read_recipe(path: str | Path) -> dict[str, Any] | None:
+    """What :func:`save` stored to rebuild a model (``format``, ``model``, ``model_kwargs``, ``parameterize``), or
+    ``None`` for a file it did not write."""
+    meta = read_metadata(path)
+    if meta["kind"] != "convert":
+        return None
+    return dict(
+        format=RECIPE_FORMAT, model=meta["model"], model_kwargs=meta["model_kwargs"], parameterize=meta["parameterize"]
+    )
+
+
+def build_from_recipe(recipe: dict[str, Any]) -> nn.Module:
+    """The architecture that metadata (or a :func:`read_recipe` dict) describes, with fresh weights: the timm model
+    built with ``model_kwargs``, then the conversion steps redone (:func:`parameternet.parameterize.apply_recipe`)."""
+    model = create_model(recipe["model"], pretrained=False, **recipe.get("model_kwargs", {}))
+    return apply_recipe(model, recipe.get("parameterize") or [])
+
+
+def load(path: str | Path) -> nn.Module:
+    """Rebuild a model written by :func:`save`, ``parameternet convert`` or ``parameternet train`` and load its
+    weights; raises ParameterNetError for a missing file or one that does not name its model."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParameterNetError(f"no such file: {str(path)!r}.")
+    state, info = load_weights(path)
+    if not info["model"]:
+        raise ParameterNetError(
+            f"{str(path)!r} does not name its model; load a file written by parameternet (save, convert or train), "
+            f"or build the model and load_state_dict() it."
+        )
+    model = build_from_recipe(info)
+    _load_state(model, state, str(path))
+    return model
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise ParameterNetError(f"the weights in {source!r} do not fit the model: {detail}") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What `parameternet convert` starts from: a timm name or a local checkpoint
+
+_STATE_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema", "module")
+_ARCH_KEYS = ("arch", "model_name", "architecture", "model")
+
+
+def _find_state_and_arch(obj: Any) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+    if not isinstance(obj, dict):
+        return None, None
+    arch = next((obj[k] for k in _ARCH_KEYS if isinstance(obj.get(k), str)), None)
+    args = obj.get("args")
+    if arch is None and args is not None:
+        arch = getattr(args, "model", None) or (args.get("model") if isinstance(args, dict) else None)
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, arch
+    for key in _STATE_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return inner, arch
+    return None, arch
+
+
+def _check_arch(source: str, asked: str | None, recorded: str | None) -> None:
+    """A checkpoint that records its model is never loaded into another one."""
+    if asked and recorded and asked.split(".", 1)[0] != recorded.split(".", 1)[0]:
+        raise ParameterNetError(
+            f"checkpoint {source!r} holds a {recorded!r} but {asked!r} was asked for; drop the model name (the "
+            f"checkpoint's is used) or pass a checkpoint of {asked!r}."
+        )
+
+
+def load_source_model(
+    source: str, *, arch: str | None = None, pretrained: bool = False
+) -> tuple[nn.Module, str, dict[str, Any]]:
+    """The model ``parameternet convert`` starts from, the timm name and the arguments it was built with.
+
+    ``source`` is a timm model name (built with ``pretrained``) or a local checkpoint: a file written by
+    :func:`save` or ``parameternet train``, a ``.safetensors`` state dict, or a ``torch.save`` file holding a state
+    dict (plain or under ``state_dict`` / ``model`` / ...). A checkpoint names its architecture under ``arch`` /
+    ``model_name`` (timm's train script does) or takes it from ``arch``; a checkpoint that names another model than
+    ``arch`` raises ParameterNetError, as do a missing or unreadable file and an unknown model.
+    """
+    from timm.models import get_pretrained_cfg_value
+
+    path = Path(source)
+    if not path.is_file():
+        if path.suffix in (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".tar") or "/" in source:
+            raise ParameterNetError(f"no such checkpoint file: {source!r}.")
+        check_model_name(source)
+        return create_model(source, pretrained=pretrained), source.split(".", 1)[0], {}
+
+    kwargs: dict[str, Any] = {}
+    if path.suffix == ".safetensors":
+        state, meta = load_weights(path)
+        if meta["kind"] == "convert" or meta["parameterize"]:  # rebuilt with its conversion steps
+            _check_arch(source, arch, meta["model"])
+            return load(path), meta["model"], dict(meta["model_kwargs"])
+        # parameternet's training checkpoints name the model and its build arguments in the metadata.
+        found_arch = next((meta[k] for k in _ARCH_KEYS if isinstance(meta.get(k), str)), None)
+        _check_arch(source, arch, found_arch)
+        kwargs.update(meta["model_kwargs"])
+    else:
+        import argparse
+
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0][:120]
+            raise ParameterNetError(
+                f"{source!r} is not a model checkpoint that torch.load can read safely ({type(e).__name__}: {first})."
+            ) from e
+        state, found_arch = _find_state_and_arch(obj)
+        if state is None:
+            raise ParameterNetError(f"{source!r} is not a model checkpoint: it holds no state dict of tensors.")
+    name = arch or found_arch
+    if not name:
+        raise ParameterNetError(f"checkpoint {source!r} does not name its architecture; pass --arch TIMM_NAME.")
+    check_model_name(name)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    clf = get_pretrained_cfg_value(name, "classifier")
+    clf_weight = state.get(f"{clf}.weight") if isinstance(clf, str) else None
+    if clf_weight is not None and "num_classes" not in kwargs:
+        kwargs["num_classes"] = clf_weight.shape[0]
+    try:
+        model = create_model(name, pretrained=False, **kwargs)
+    except TypeError as e:
+        raise ParameterNetError(f"model {name!r} rejects the checkpoint's build arguments {kwargs} ({e}).") from e
+    _load_state(model, state, source)
+    return model, name.split(".", 1)[0], kwargs

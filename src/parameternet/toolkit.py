@@ -1,0 +1,187 @@
+"""The module-tree toolkit every other part of parameternet builds on: walking and rewriting a model, running it in
+eval mode, counting its parameters, naming it, making an example input and seeding.
+
+It imports only torch, numpy and :mod:`parameternet.errors` (the bottom of the import diagram in the README), so
+``parameterize``, ``deploy``, ``profile`` and ``train`` share these helpers instead of each other's privates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from parameternet.errors import ParameterNetError
+
+__all__ = [
+    "eval_mode",
+    "example_input_for",
+    "first_line",
+    "image_input_shape",
+    "model_name",
+    "num_params",
+    "param_device_dtype",
+    "references",
+    "replace",
+    "seed_all",
+    "timm_name",
+    "walk",
+]
+
+# Where modules are held: id(module) -> every (parent, attribute) holding it.
+References = dict[int, list[tuple[nn.Module, str]]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Walking and rewriting the module tree
+
+
+def walk(
+    module: nn.Module,
+    prefix: str = "",
+    opaque: Callable[[nn.Module], bool] | None = None,
+    seen: set[int] | None = None,
+) -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules()`` without the root: ``(dotted name, module)``, a shared module named once, and the
+    children of a module for which ``opaque(module)`` is true not entered (the module itself is yielded)."""
+    seen = set() if seen is None else seen
+    for name, child in module.named_children():
+        if id(child) in seen:
+            continue
+        seen.add(id(child))
+        full = f"{prefix}.{name}" if prefix else name
+        yield full, child
+        if opaque is None or not opaque(child):
+            yield from walk(child, full, opaque, seen)
+
+
+def references(model: nn.Module) -> References:
+    """Every ``(parent, attribute)`` that holds each module of ``model``, keyed by ``id(module)``, so that
+    :func:`replace` swaps a shared module everywhere it is held."""
+    refs: References = defaultdict(list)
+    for parent in model.modules():
+        for attr, child in parent._modules.items():
+            if child is not None:
+                refs[id(child)].append((parent, attr))
+    return refs
+
+
+def replace(refs: References, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` is held (``refs`` from :func:`references`, taken before any replacement)."""
+    for parent, attr in refs[id(old)]:
+        setattr(parent, attr, new)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running and describing a model
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode for the duration of a ``with`` block; every module's own train / eval flag is restored after,
+    also when the block raises (``model.train(mode)`` would set one flag on all of them)."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def num_params(model: nn.Module) -> int:
+    """The number of parameter elements of ``model``, each shared parameter counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def timm_name(model: nn.Module) -> str | None:
+    """The timm architecture ``model`` was built as (its ``pretrained_cfg["architecture"]``), or None."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    return cfg.get("architecture")
+
+
+def model_name(model: nn.Module) -> str:
+    """A name for messages and reports: the timm architecture, else the class name."""
+    return timm_name(model) or type(model).__name__
+
+
+def param_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of ``model``'s first floating-point parameter (cpu / float32 without one)."""
+    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return (ref.device, ref.dtype) if ref is not None else (torch.device("cpu"), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Example inputs
+
+
+def _seeded_randn(shape: Sequence[int], model: nn.Module, seed: int = 0) -> torch.Tensor:
+    device, dtype = param_device_dtype(model)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(tuple(shape), generator=generator).to(device=device, dtype=dtype)
+
+
+def example_input_for(model: nn.Module, example_input: torch.Tensor | Sequence[int] | None) -> torch.Tensor | None:
+    """The tensor to probe ``model`` with: ``example_input`` itself (moved to the model's device), a seeded random
+    tensor of that shape (batch included) on the model's device and dtype, or one of timm's
+    ``pretrained_cfg["input_size"]`` with batch 1; ``None`` when none is known.
+
+    Raises ParameterNetError for a shape that is not a sequence of positive ints."""
+    if isinstance(example_input, torch.Tensor):
+        return example_input.to(param_device_dtype(model)[0])
+    if example_input is not None:
+        shape = tuple(example_input)
+        if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
+            raise ParameterNetError(
+                f"example_input must be a tensor or a shape of positive ints (batch included), got {example_input!r}."
+            )
+    else:
+        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+        size = cfg.get("input_size")
+        if not size:
+            return None
+        shape = (1, *size)
+    return _seeded_randn(shape, model)
+
+
+def image_input_shape(
+    model: nn.Module, img_size: int | Sequence[int] | None = None, in_chans: int | None = None
+) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of one image for ``model``: ``in_chans``, else the model's ``in_chans``, else
+    timm's ``pretrained_cfg["input_size"]``, else 3 channels; ``img_size`` (an int or ``(height, width)``), else
+    the ``input_size``'s, else 224 x 224.
+
+    Raises ParameterNetError for an ``in_chans`` or ``img_size`` that is not positive."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    chans, *size = cfg.get("input_size") or (3, 224, 224)
+    chans = getattr(model, "in_chans", None) or chans
+    if in_chans is not None:
+        if not isinstance(in_chans, int) or isinstance(in_chans, bool) or in_chans < 1:
+            raise ParameterNetError(f"in_chans must be a positive integer, got {in_chans!r}.")
+        chans = in_chans
+    if img_size is not None:
+        size = [img_size, img_size] if isinstance(img_size, int) else list(img_size)
+        if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+            raise ParameterNetError(f"img_size must be a positive int or (height, width), got {img_size!r}.")
+    return int(chans), int(size[0]), int(size[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Odds and ends
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (numpy takes the seed modulo 2**32)."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name for an empty one), for one-sentence errors."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

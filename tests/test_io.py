@@ -1,0 +1,146 @@
+"""parameternet.io: one safetensors metadata schema, written by save / convert / train, that also reads the files of
+both earlier schemas (the first ``parameterize.save`` recipe under the key ``parameternet``, and the training
+checkpoints' ``parameternet-checkpoint-1``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import parameternet
+from parameternet import ParameterNetError, parameterize
+from parameternet.io import FORMAT, load_source_model, load_weights, read_metadata, read_recipe, save_weights
+
+
+@pytest.fixture(scope="module")
+def converted():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=5).eval()
+    return parameterize(model, 2, example_input=(1, 3, 32, 32), count_macs=False).eval()
+
+
+def _tensors(model):
+    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def _recipe(model) -> dict:
+    report = model.parameterize_report
+    return dict(
+        format=1,
+        model="resnet10t",
+        model_kwargs={"num_classes": 5, "in_chans": 3},
+        parameterize=[*report.history, report.recipe()],
+    )
+
+
+def _write_first_schema(model, path):
+    """What parameterize.save wrote first: the recipe as one JSON string under "parameternet", nothing else."""
+    save_file(_tensors(model), str(path), metadata={"parameternet": json.dumps(_recipe(model))})
+
+
+def _write_checkpoint_1(model, path, metadata, recipe_too=False):
+    """What train/checkpoint.save_weights wrote: "format" plus every value JSON-encoded (parameterize.save then
+    added its recipe string under "parameternet" as well)."""
+    meta = {"format": "parameternet-checkpoint-1", **{k: json.dumps(v) for k, v in metadata.items()}}
+    if recipe_too:
+        meta["parameternet"] = json.dumps(_recipe(model))
+    save_file(_tensors(model), str(path), metadata=meta)
+
+
+def _same_outputs(a, b):
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(a.eval()(x), b.eval()(x))
+
+
+def test_save_writes_the_one_schema(converted, tmp_path):
+    path = parameternet.save(converted, tmp_path / "m.safetensors")
+    meta = read_metadata(path)
+    assert meta["format"] == FORMAT and "parameternet" not in meta
+    assert meta["kind"] == "convert" and meta["model"] == "resnet10t"
+    assert meta["num_classes"] == 5 and meta["in_chans"] == 3
+    assert meta["model_kwargs"] == {"num_classes": 5, "in_chans": 3}
+    assert meta["parameterize"] == [converted.parameterize_report.recipe()]
+    assert meta["config"] is None and meta["img_size"] is None
+    assert read_recipe(path) == _recipe(converted)
+    _same_outputs(parameternet.load(path), converted)
+
+
+@pytest.mark.parametrize("schema", ["first", "checkpoint-1 + recipe"])
+def test_converted_models_of_the_old_schemas_load(converted, tmp_path, schema):
+    path = tmp_path / "old.safetensors"
+    if schema == "first":
+        _write_first_schema(converted, path)
+    else:
+        metadata = {
+            "kind": "convert",
+            "model": "resnet10t",
+            "model_kwargs": {"num_classes": 5, "in_chans": 3},
+            "parameterize": _recipe(converted)["parameterize"],
+            "num_classes": 5,
+            "in_chans": 3,
+        }
+        _write_checkpoint_1(converted, path, metadata, recipe_too=True)
+    meta = read_metadata(path)
+    assert meta["kind"] == "convert" and meta["model"] == "resnet10t" and meta["num_classes"] == 5
+    assert meta["parameterize"] == _recipe(converted)["parameterize"] and "parameternet" not in meta
+    _same_outputs(parameternet.load(path), converted)
+    model, name, kwargs = load_source_model(str(path))
+    assert name == "resnet10t" and kwargs == {"num_classes": 5, "in_chans": 3}
+    _same_outputs(model, converted)
+
+
+def test_a_training_checkpoint_of_the_old_schema_reads_as_the_new_one(tmp_path):
+    torch.manual_seed(0)
+    dense = timm.create_model("resnet10t", num_classes=4).eval()
+    old, new = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
+    metadata = {
+        "model": "resnet10t",
+        "model_kwargs": {},
+        "num_classes": 4,
+        "in_chans": 3,
+        "img_size": 32,
+        "classes": None,
+        "step": 7,
+        "config": {"model": "resnet10t", "img_size": 32},
+    }
+    _write_checkpoint_1(dense, old, metadata)
+    save_weights(new, dense.state_dict(), metadata)
+    (sd_old, meta_old), (sd_new, meta_new) = load_weights(old), load_weights(new)
+    assert meta_old.pop("format") == "parameternet-checkpoint-1" and meta_new.pop("format") == FORMAT
+    assert meta_old == meta_new
+    assert meta_new["kind"] == "train" and meta_new["model_kwargs"] == {"num_classes": 4, "in_chans": 3}
+    assert meta_new["img_size"] == 32 and meta_new["step"] == 7 and meta_new["parameterize"] == []
+    assert sd_old.keys() == sd_new.keys() and all(torch.equal(sd_old[k], sd_new[k]) for k in sd_old)
+    _same_outputs(parameternet.load(old), dense)
+
+
+def test_foreign_files_read_as_plain(tmp_path):
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"format": "pt"})
+    meta = read_metadata(path)
+    assert meta["kind"] == "plain" and meta["model"] is None and meta["parameterize"] == []
+    assert read_recipe(path) is None
+    with pytest.raises(ParameterNetError, match="does not name its model"):
+        parameternet.load(path)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ParameterNetError, match="is not a readable safetensors checkpoint"):
+        read_metadata(tmp_path / "junk.safetensors")
+
+
+def test_an_unknown_recipe_format_is_refused(converted, tmp_path):
+    path = tmp_path / "future.safetensors"
+    save_file(
+        _tensors(converted), str(path), metadata={"parameternet": json.dumps({**_recipe(converted), "format": 9})}
+    )
+    with pytest.raises(ParameterNetError, match="has recipe format 9; expected 1"):
+        read_metadata(path)
+
+
+def test_metadata_that_is_not_json_is_refused(tmp_path):
+    with pytest.raises(ParameterNetError, match="must be JSON values"):
+        save_weights(tmp_path / "x.safetensors", {"w": torch.zeros(1)}, {"model_kwargs": {"f": object()}})
