@@ -1,9 +1,11 @@
 """Language-model training: ``parameternet lm-train RECIPE.yaml [key=value ...]`` (paper section 5.4, Table 7).
 
-The recipe is a YAML file loaded into :class:`LMTrainConfig` (sections ``model``, ``data``, ``optim``,
-``schedule``), with dotted ``key=value`` overrides checked like the vision recipes. The loop is small and shares
-the vision trainer's machinery: torchrun process groups and metric reduction (``train.distributed``), atomic
-safetensors checkpoints with a separate training state (``train.checkpoint``), and ``metrics.jsonl``.
+The recipe is a YAML file loaded into :class:`LMTrainConfig` (:mod:`parameternet.train.lm_config`: sections
+``model``, ``data``, ``optim``, ``schedule``), with dotted ``key=value`` overrides checked like the vision
+recipes. :class:`LMTrainer` is the language-modelling task of the run loop both trainers share
+(:mod:`parameternet.train.loop`: resume, cadence, NaN guard, interrupts, ``metrics.jsonl``), with torchrun process
+groups and metric reduction (``train.distributed``) and atomic safetensors checkpoints with a separate training
+state (``train.checkpoint``).
 
 What the paper fixes: AdamW, learning rate 3e-4, cosine decay to 10% of the peak after a linear warmup, every
 token seen once (training windows are a seeded permutation of non-overlapping ``seq_len`` windows, the same

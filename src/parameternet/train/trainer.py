@@ -1,10 +1,11 @@
-"""The training loop: one recipe, from one CPU to torchrun DDP, that never loses a run (paper Table 1, section 4).
+"""Image-classification training: one recipe, one CPU to torchrun DDP, never losing a run (paper Table 1, sec. 4).
 
 The pieces come from timm (transforms, RandAugment, random erasing, Mixup / CutMix, label-smoothing losses,
 ``create_optimizer_v2`` with layer decay, ``create_scheduler_v2`` stepped every update, ``ModelEmaV3``); what is
-written here is the loop around them: data order and randomness that depend only on (seed, epoch, step), so a
-run killed at any point and resumed from its last checkpoint ends with the same weights and metrics on CPU;
-metrics in ``metrics.jsonl``; data-wait against compute time; and the pretrain -> fine-tune hand-over.
+written here is the image-classification task that the shared run loop (:mod:`parameternet.train.loop`) drives:
+data order and randomness that depend only on (seed, epoch, step), so a run killed at any point and resumed
+from its last checkpoint ends with the same weights and metrics on CPU; validation with the best checkpoint;
+and the pretrain -> fine-tune hand-over.
 
 Randomness: before each step the python, numpy and torch generators are reseeded from (seed, rank, epoch,
 step), and PIL augmentation is seeded per image (see ``parameternet.data.pipeline``), so neither worker
