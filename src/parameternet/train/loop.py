@@ -270,7 +270,9 @@ class TrainTask:
     ``total_steps``; ``step`` starts at 0), then :meth:`load_checkpoint` when the run resumes. The recipe
     ``cfg`` needs ``output_dir``, ``keep_last``, ``resume``, ``progress`` and ``to_dict()``. The loop reads
     ``step`` (optimizer steps done), ``total_steps``, ``epoch``, ``window``, ``cadence``, ``ddp`` (the module
-    the steps run) and ``progress_desc``, and calls the methods below.
+    the steps run), ``optimizer`` and ``progress_desc``, and calls the methods below. ``window`` names the loss
+    values :meth:`train_step` returns; ``tensorboard`` mirrors the rows to TensorBoard when it is installed.
+    Raises ParameterNetError (one sentence) for a resume that cannot be honoured (:func:`discover_resume`).
     """
 
     progress_desc = "train"
