@@ -96,10 +96,7 @@ class LMTrainer(TrainTask):
         seed_all(cfg.seed)
         self.model = self._build_model().to(self.device)
         self.params = self.model.num_parameters()
-        self.ddp = self.model
-        if dist.distributed:
-            ids = [dist.device.index] if dist.device.type == "cuda" else None
-            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.ddp = D.data_parallel(self.model, dist)
         self._build_optim()
         self.last_val: dict[str, float] = {}
         self.cadence = Cadence(cfg.log_every, cfg.eval_every_steps, cfg.ckpt_every_steps)

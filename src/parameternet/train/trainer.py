@@ -311,10 +311,7 @@ class Trainer(TrainTask):
             model.to(memory_format=torch.channels_last)
         self.model = model
         self.params = sum(p.numel() for p in model.parameters())
-        self.ddp = model
-        if self.dist.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.ddp = D.data_parallel(model, self.dist)
         self.ema = None
         if cfg.ema is not None:
             from timm.utils import ModelEmaV3
