@@ -77,18 +77,13 @@ class LMTrainer(TrainTask):
         super().__init__(cfg, dist, stop, Window(("loss", "lm_loss", "aux_loss")))
 
     def build(self) -> None:
-        from parameternet.data.text import prepare_text_data
-
         cfg, dist = self.cfg, self.dist
         d = cfg.data
-        prep = dict(
-            corpora=d.corpora, vocab_size=d.vocab_size, val_fraction=d.val_fraction, eval_fraction=d.eval_fraction
-        )
         if dist.is_main:  # one process trains the tokenizer; the others wait and load it
-            self.data = prepare_text_data(d.dir, **prep)
+            self.data = d.prepare()
         D.barrier()
         if not dist.is_main:
-            self.data = prepare_text_data(d.dir, **prep)
+            self.data = d.prepare()
         self.tokenizer = self.data.tokenizer()
         self.train_tokens = self.data.tokens("train")
         self.n_windows = len(self.train_tokens) // d.seq_len

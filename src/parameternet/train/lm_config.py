@@ -46,6 +46,19 @@ class LMDataConfig:
     seq_len: int = 256
     order_seed: int = 0  # training-window order; the same for every model of an experiment
 
+    def prepare(self):
+        """The prepared text these settings name (:func:`~parameternet.data.text.prepare_text_data`: ``dir``, or
+        the data cache's directory, made on first use)."""
+        from parameternet.data.text import prepare_text_data
+
+        return prepare_text_data(
+            self.dir,
+            corpora=self.corpora,
+            vocab_size=self.vocab_size,
+            val_fraction=self.val_fraction,
+            eval_fraction=self.eval_fraction,
+        )
+
 
 @dataclass
 class LMOptimConfig:

@@ -157,7 +157,7 @@ def export_tasks(tasks: dict, directory: str | Path) -> list[Path]:
 def text_data_for(model_dir: Path, data_dir: str | None):
     """The prepared text of ``data_dir``, else that of the lm-train run holding ``model_dir`` (its
     ``config.yaml``); ParameterNetError when there is neither."""
-    from parameternet.data.text import load_text_data, prepare_text_data
+    from parameternet.data.text import load_text_data
 
     if data_dir is not None:
         return load_text_data(data_dir)
@@ -168,10 +168,7 @@ def text_data_for(model_dir: Path, data_dir: str | None):
         )
     from parameternet.train.lm_config import load_lm_config
 
-    d = load_lm_config(recipe).data
-    return prepare_text_data(
-        d.dir, corpora=d.corpora, vocab_size=d.vocab_size, val_fraction=d.val_fraction, eval_fraction=d.eval_fraction
-    )
+    return load_lm_config(recipe).data.prepare()
 
 
 def evaluate_saved_lm(
