@@ -22,7 +22,16 @@ from torch.utils.data import DistributedSampler, Sampler
 
 from parameternet.errors import ParameterNetError
 
-__all__ = ["DistInfo", "ResumableSampler", "ShardSampler", "all_reduce_sum", "cleanup", "mix_seed", "setup"]
+__all__ = [
+    "DistInfo",
+    "ResumableSampler",
+    "ShardSampler",
+    "all_reduce_sum",
+    "cleanup",
+    "data_parallel",
+    "mix_seed",
+    "setup",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +76,14 @@ def setup(device: str = "auto") -> DistInfo:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def data_parallel(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """``model`` wrapped in DistributedDataParallel under torchrun (on ``info.device``), else ``model`` itself."""
+    if not info.distributed:
+        return model
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

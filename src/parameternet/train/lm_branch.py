@@ -18,7 +18,6 @@ evaluation, a snapshot of the weights at a chosen step, and branches upcycled fr
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,10 @@ import numpy as np
 import torch
 
 from parameternet.errors import ParameterNetError
-from parameternet.runs import RunLock, StopSignal
+from parameternet.runs import StopSignal
 from parameternet.train import distributed as D
 from parameternet.train.lm import LMTrainConfig, LMTrainer
+from parameternet.train.loop import run_locked
 
 __all__ = ["ExperimentLMTrainer", "router_stats", "train_experiment_lm"]
 
@@ -137,20 +137,18 @@ class ExperimentLMTrainer(LMTrainer):
             expert_bias=m.expert_bias,
         ).train()
 
-    def _train_step(self):
-        out = super()._train_step()
+    def after_step(self) -> None:
         if self.snapshot_step is not None and self.step == self.snapshot_step:
             self._save_snapshot()
             every = self.cfg.eval_every_steps
             if self.step < self.total_steps and not (every and self.step % every == 0):
-                self._validate()  # the loss at the branch point, whatever the evaluation interval
-        return out
+                self.validate()  # the loss at the branch point, whatever the evaluation interval
 
     def _save_snapshot(self) -> None:
         self._save_final("snapshot", {"step.txt": f"{self.step}\n"})
 
-    def _validate(self) -> None:
-        super()._validate()
+    def validate(self) -> None:
+        super().validate()
         if not (self.dist.is_main and self.cfg.model.moe_projections and self.router_windows):
             return
         stats = router_stats(
@@ -163,11 +161,5 @@ class ExperimentLMTrainer(LMTrainer):
 def train_experiment_lm(cfg: LMTrainConfig, **options: Any) -> dict[str, Any]:
     """Run :class:`ExperimentLMTrainer` like :func:`~parameternet.train.lm.train_lm` (the run lock held, SIGINT /
     SIGTERM save a checkpoint and raise ``RunInterrupted``) and return its summary plus ``threads`` (torch's)."""
-    dist = D.setup(cfg.device)
-    try:
-        lock = RunLock(cfg.output_dir) if dist.is_main else contextlib.nullcontext()
-        with lock, StopSignal() as stop:
-            summary = ExperimentLMTrainer(cfg, dist, stop, **options).run()
-    finally:
-        D.cleanup()
+    summary = run_locked(cfg.device, cfg.output_dir, lambda dist, stop: ExperimentLMTrainer(cfg, dist, stop, **options))
     return {**summary, "threads": torch.get_num_threads(), "config": dataclasses.asdict(cfg)}

@@ -179,7 +179,8 @@ def finetune_classifier(
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     import parameternet.models.llama_moe  # noqa: F401  (registers the Auto classes)
-    from parameternet.train.lm_eval import _data_for, check_vocab
+    from parameternet.train.lm_eval import check_vocab, text_data_for
+    from parameternet.train.loop import decay_groups
 
     for key, value in (("steps", steps), ("batch_size", batch_size), ("max_len", max_len)):
         if value < 1:
@@ -191,7 +192,7 @@ def finetune_classifier(
         raise ParameterNetError(f"{model_dir} has no config.json; pass the model/ directory an lm-train run wrote")
     if threads:
         torch.set_num_threads(threads)
-    data = _data_for(model_dir, data_dir)
+    data = text_data_for(model_dir, data_dir)
     cls_task = build_cls_task(data, task, train_per_class=train_per_class, test_per_class=test_per_class, seed=0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(seed)
@@ -211,11 +212,7 @@ def finetune_classifier(
     finally:
         hf_logging.set_verbosity(verbosity)
     check_vocab(model, tokenizer)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
-    )
+    opt = torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr)
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from parameternet.errors import ParameterNetError
 from parameternet.train import distributed as D
 
-__all__ = ["check_vocab", "evaluate_saved_lm", "export_tasks", "score_choices", "validation_loss"]
+__all__ = ["check_vocab", "evaluate_saved_lm", "export_tasks", "score_choices", "text_data_for", "validation_loss"]
 
 
 def check_vocab(model, tokenizer) -> None:
@@ -154,8 +154,10 @@ def export_tasks(tasks: dict, directory: str | Path) -> list[Path]:
     return written
 
 
-def _data_for(model_dir: Path, data_dir: str | None):
-    from parameternet.data.text import load_text_data, prepare_text_data
+def text_data_for(model_dir: Path, data_dir: str | None):
+    """The prepared text of ``data_dir``, else that of the lm-train run holding ``model_dir`` (its
+    ``config.yaml``); ParameterNetError when there is neither."""
+    from parameternet.data.text import load_text_data
 
     if data_dir is not None:
         return load_text_data(data_dir)
@@ -164,12 +166,9 @@ def _data_for(model_dir: Path, data_dir: str | None):
         raise ParameterNetError(
             f"{model_dir} is not inside an lm-train run directory; pass --data with the prepared text directory"
         )
-    from parameternet.train.lm import load_lm_config
+    from parameternet.train.lm_config import load_lm_config
 
-    d = load_lm_config(recipe).data
-    return prepare_text_data(
-        d.dir, corpora=d.corpora, vocab_size=d.vocab_size, val_fraction=d.val_fraction, eval_fraction=d.eval_fraction
-    )
+    return load_lm_config(recipe).data.prepare()
 
 
 def evaluate_saved_lm(
@@ -206,7 +205,7 @@ def evaluate_saved_lm(
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     check_vocab(model, tokenizer)
-    data = _data_for(model_dir, data_dir)
+    data = text_data_for(model_dir, data_dir)
     if data.vocab_size != len(tokenizer):
         raise ParameterNetError(
             f"the prepared text in {data.root} uses a {data.vocab_size}-token vocabulary, the model's tokenizer "

@@ -1,10 +1,11 @@
-"""The training loop: one recipe, from one CPU to torchrun DDP, that never loses a run (paper Table 1, section 4).
+"""Image-classification training: one recipe, one CPU to torchrun DDP, never losing a run (paper Table 1, sec. 4).
 
 The pieces come from timm (transforms, RandAugment, random erasing, Mixup / CutMix, label-smoothing losses,
 ``create_optimizer_v2`` with layer decay, ``create_scheduler_v2`` stepped every update, ``ModelEmaV3``); what is
-written here is the loop around them: data order and randomness that depend only on (seed, epoch, step), so a
-run killed at any point and resumed from its last checkpoint ends with the same weights and metrics on CPU;
-metrics in ``metrics.jsonl``; data-wait against compute time; and the pretrain -> fine-tune hand-over.
+written here is the image-classification task that the shared run loop (:mod:`parameternet.train.loop`) drives:
+data order and randomness that depend only on (seed, epoch, step), so a run killed at any point and resumed
+from its last checkpoint ends with the same weights and metrics on CPU; validation with the best checkpoint;
+and the pretrain -> fine-tune hand-over.
 
 Randomness: before each step the python, numpy and torch generators are reseeded from (seed, rank, epoch,
 step), and PIL augmentation is seeded per image (see ``parameternet.data.pipeline``), so neither worker
@@ -19,8 +20,6 @@ import json
 import logging
 import math
 import random
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +27,22 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 
 from parameternet.data.images import build_dataset
 from parameternet.data.pipeline import BatchTransform, LoaderDataset, collate, pil_transform
 from parameternet.errors import ParameterNetError
-from parameternet.runs import RunInterrupted, RunLock, StopSignal, atomic_write, fs_error
-from parameternet.toolkit import seed_all as _seed_all
+from parameternet.runs import StopSignal, atomic_write
 from parameternet.train import distributed as D
 from parameternet.train.checkpoint import (
     MIN_MATCH,
-    CheckpointManager,
     load_into,
     load_state,
     load_weights,
     read_metadata,
     resolve_weights,
-    state_path_for,
 )
 from parameternet.train.config import TrainConfig, apply_overrides, config_from_dict
+from parameternet.train.loop import Cadence, Timing, TrainTask, Window, peak_lr, run_locked, seed_all
 
 __all__ = [
     "Trainer",
@@ -233,88 +229,29 @@ def evaluate(model: nn.Module, loader, transform: nn.Module, device: torch.devic
     }
 
 
-class _Metrics:
-    """``metrics.jsonl`` (and TensorBoard when asked and installed); written by the main rank only."""
-
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool):
-        self.path, self.enabled, self.tb = out / "metrics.jsonl", enabled, None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:
-                log.warning("tensorboard=true but the tensorboard package is not installed; writing metrics.jsonl only")
-
-    def truncate(self, last_step: int) -> None:
-        """Drop rows a killed run wrote after its last checkpoint, so a resumed file reads like an unbroken one."""
-        if not (self.enabled and self.path.is_file()):
-            return
-        rows = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-        keep = [ln for ln in rows if json.loads(ln).get("step", 0) <= last_step]
-        atomic_write(self.path, "".join(ln + "\n" for ln in keep))
-
-    def write(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        except OSError as e:
-            raise (fs_error(self.path, e) or e) from None
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self.tb.add_scalar(
-                        f"{row['split']}{'_' + row['weights'] if 'weights' in row else ''}/{k}", v, row["step"]
-                    )
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-class Trainer:
-    """Builds everything a recipe names and runs it; ``run()`` returns the summary dict."""
+class Trainer(TrainTask):
+    """Image classification as a :class:`~parameternet.train.loop.TrainTask`: builds everything a recipe names;
+    ``run()`` trains and returns the summary dict."""
 
     def __init__(self, cfg: TrainConfig, dist: D.DistInfo, stop: StopSignal | None = None):
-        self.cfg, self.dist = cfg, dist
-        self.stop = stop
-        self.device = dist.device
-        self.out = Path(cfg.output_dir)
-        self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.keep_last)
-        resume_from = self._find_resume()
-        if resume_from is None and self.ckpt.steps() and cfg.resume == "auto":
-            skipped = "; ".join(f"{t}: {r}" for t, r in self.ckpt.skipped)
-            raise ParameterNetError(
-                f"output_dir {str(self.out)!r} holds no complete checkpoint ({skipped}); choose another output_dir "
-                f"or delete {str(self.ckpt.dir)!r} to start over"
-            )
-        if resume_from is None and self.ckpt.steps():
-            raise ParameterNetError(
-                f"output_dir {str(self.out)!r} already holds checkpoints; pass resume=auto to continue that run "
-                f"or choose another output_dir"
-            )
-        _seed_all(cfg.seed)
+        super().__init__(cfg, dist, stop, Window(("loss",)), tensorboard=cfg.tensorboard)
+
+    # ----- setup -----
+    def build(self) -> None:
+        cfg = self.cfg
+        seed_all(cfg.seed)
         self._build_data()
         self._build_model()
         self._build_optim()
         self.best, self.best_step = -math.inf, None
-        self.step = self.epoch = self.pos = 0
+        self.epoch = self.pos = 0
         self.last_val: dict[str, dict] = {}
-        # loss sum and steps since the last train row (saved, so rows straddling a resume are unchanged);
-        # data wait, step time and steps timed in this process
-        self.window = [0.0, 0, 0.0, 0.0, 0]
-        if resume_from is not None:
-            self._resume(resume_from)
-        if dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        self.metrics = _Metrics(self.out, dist.is_main, cfg.tensorboard)
-        # rows after the checkpoint resumed from (or all rows, for a run that never completed a checkpoint)
-        self.metrics.truncate(self.step)
+        self.progress_desc = cfg.model
+        self.cadence = Cadence(
+            cfg.log_every, cfg.eval_every_steps, cfg.ckpt_every_steps, cfg.eval_every_epochs, cfg.ckpt_every_epochs
+        )
+        self._batches = None  # the training loader's iterator over the rest of this epoch
 
-    # ----- setup -----
     def _build_data(self) -> None:
         cfg, dist = self.cfg, self.dist
         if cfg.batch_size % dist.world_size:
@@ -374,10 +311,7 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         self.model = model
         self.params = sum(p.numel() for p in model.parameters())
-        self.ddp = model
-        if self.dist.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.ddp = D.data_parallel(model, self.dist)
         self.ema = None
         if cfg.ema is not None:
             from timm.utils import ModelEmaV3
@@ -447,32 +381,6 @@ class Trainer:
             self.criterion = nn.CrossEntropyLoss()
 
     # ----- checkpoints -----
-    def _find_resume(self) -> Path | None:
-        r = self.cfg.resume
-        if r is None:
-            return None
-        if r == "auto":
-            latest = self.ckpt.latest()
-            if latest is None:
-                log.info("resume=auto: no checkpoint in %s, starting a new run", self.ckpt.dir)
-            return latest
-        p = Path(r)
-        if p.is_dir():
-            latest = CheckpointManager(p / "checkpoints" if (p / "checkpoints").is_dir() else p).latest()
-            if latest is None:
-                raise ParameterNetError(f"resume={r!r}: the directory holds no checkpoint; use resume=auto or a file")
-            return latest
-        if p.name.endswith(".safetensors"):
-            p = state_path_for(p)
-        if not p.is_file():
-            raise ParameterNetError(f"resume={r!r} does not exist; use resume=auto or a checkpoint's .state.pt")
-        reason = CheckpointManager(p.parent).verify(p.name.removesuffix(".state.pt"))
-        if reason is not None:
-            raise ParameterNetError(
-                f"resume={r!r} is incomplete ({reason}); use resume=auto, which takes the newest complete checkpoint"
-            )
-        return p
-
     def _metadata(self) -> dict[str, Any]:
         cfg = self.cfg
         return {
@@ -495,7 +403,8 @@ class Trainer:
             "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
         }
 
-    def _save(self, tag: str | None = None) -> None:
+    def save_checkpoint(self, tag: str | None = None) -> None:
+        """The step checkpoint (weights, EMA, training state); with ``tag`` (``best`` / ``final``) weights only."""
         if not self.dist.is_main:
             return
         ema = self.ema.module.state_dict() if self.ema is not None else None
@@ -519,12 +428,12 @@ class Trainer:
             "best": self.best,
             "best_step": self.best_step,
             "last_val": self.last_val,
-            "log_window": self.window[:2],
+            "log_window": self.window.saved(),
         }
         path = self.ckpt.save_step(self.step, self.model.state_dict(), ema, state, meta)
         log.debug("checkpoint %s", path)
 
-    def _resume(self, state_path: Path) -> None:
+    def load_checkpoint(self, state_path: Path) -> None:
         state = load_state(state_path)
         weights = state_path.with_name(state_path.name.replace(".state.pt", ".safetensors"))
         sd, meta = load_weights(weights)
@@ -556,13 +465,13 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.step, self.epoch, self.pos = state["step"], state["epoch"], state["pos"]
         self.best, self.best_step, self.last_val = state["best"], state["best_step"], state.get("last_val", {})
-        self.window[:2] = state.get("log_window", [0.0, 0])
+        self.window.restore(state.get("log_window", [0.0, 0]))
         if self.scheduler is not None:
             self.scheduler.step_update(self.step)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", state_path, self.step, self.epoch, self.pos)
 
-    # ----- the loop -----
-    def _validate(self) -> None:
+    # ----- the steps -----
+    def validate(self) -> None:
         if self.val_loader is None:
             return
         targets = [("model", self.model)] + ([("ema", self.ema.module)] if self.ema is not None else [])
@@ -574,7 +483,7 @@ class Trainer:
         score = self.last_val["ema" if self.ema is not None else "model"]["top1"]
         if score > self.best:
             self.best, self.best_step = score, self.step
-            self._save("best")
+            self.save_checkpoint("best")
             if self.dist.is_main:
                 atomic_write(
                     self.out / "checkpoints" / "best.json",
@@ -582,11 +491,8 @@ class Trainer:
                 )
         self.model.train()
 
-    def run(self) -> dict[str, Any]:
+    def log_start(self) -> None:
         cfg = self.cfg
-        if self.step >= self.total_steps:
-            log.info("run in %s is already complete (%d steps)", self.out, self.step)
-            return self._summary(0.0, 0, [0.0, 0.0, 0])
         log.info(
             "training %s (%.2fM params, %d classes) on %s: %d images, %d steps/epoch, %d steps, batch %d x %d "
             "process(es), %s pipeline, %s",
@@ -594,92 +500,37 @@ class Trainer:
             self.steps_per_epoch, self.total_steps, self.local_batch, self.dist.world_size, self.pipeline,
             self.device,
         )  # fmt: skip
-        bar = None
-        if self.dist.is_main and cfg.progress and sys.stderr.isatty():
-            from tqdm import tqdm
 
-            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc=cfg.model)
-        totals = [0.0, 0.0, 0]  # data wait, step time, steps (this process, this session)
-        start = time.perf_counter()
-        try:
-            self._loop(bar, totals, self.window)
-        finally:
-            if bar is not None:
-                bar.close()
-            self.metrics.close()
-        return self._summary(time.perf_counter() - start, totals[2], totals)
-
-    def _loop(self, bar, totals: list, window: list) -> None:
-        cfg, dev = self.cfg, self.device
-        self.ddp.train()
-        while self.step < self.total_steps:
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``(images, labels)`` of this rank's share of the epoch, on the device."""
+        if self._batches is None:
             self.sampler.set_position(self.epoch, self.pos * self.local_batch)
-            it = iter(self.train_loader)
-            while self.pos < self.steps_per_epoch and self.step < self.total_steps:
-                t0 = time.perf_counter()
-                try:
-                    x, y = next(it)
-                except Exception:
-                    if self._stop_requested():  # Ctrl-C also stops the loader's workers: save what the step has
-                        self._interrupt()
-                    raise
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                t1 = time.perf_counter()
-                loss = self._train_step(x, y)
-                t2 = time.perf_counter()
-                window[0] += loss
-                window[1] += 1
-                for w, dt in ((2, t1 - t0), (3, t2 - t1)):
-                    window[w] += dt
-                    totals[w - 2] += dt
-                window[4] += 1
-                totals[2] += 1
-                self.pos += 1
-                epoch_end = self.pos == self.steps_per_epoch
-                finished = self.step == self.total_steps
-                if bar is not None:
-                    ips = self.local_batch * self.dist.world_size / max(t2 - t0, 1e-9)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self._lr():.2e}", img_s=f"{ips:.0f}", refresh=False)
-                    bar.update(1)
-                if self.step % cfg.log_every == 0 or finished:
-                    self._log_train(window, bar)
-                if epoch_end:
-                    self.epoch, self.pos = self.epoch + 1, 0
-                do_eval = finished or (cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0)
-                do_eval = do_eval or (epoch_end and cfg.eval_every_epochs and self.epoch % cfg.eval_every_epochs == 0)
-                if do_eval:
-                    self._validate()
-                do_ckpt = finished or (cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0)
-                do_ckpt = do_ckpt or (epoch_end and cfg.ckpt_every_epochs and self.epoch % cfg.ckpt_every_epochs == 0)
-                if do_ckpt:
-                    self._save()
-                if finished:
-                    self._save("final")
-                elif self._stop_requested():
-                    self._interrupt(saved=do_ckpt)
-                if epoch_end:
-                    break
+            self._batches = iter(self.train_loader)
+        x, y = next(self._batches)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def _stop_requested(self) -> bool:
-        """Whether SIGINT / SIGTERM arrived (on any rank: the ranks agree, so all of them stop at the same step)."""
-        flag = self.stop is not None and self.stop.requested
-        if self.dist.distributed:
-            flag = D.all_reduce_sum(torch.tensor([float(flag)], device=self.device)).item() > 0
-        return flag
+    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+        return {"loss": self._train_step(*batch)}
 
-    def _interrupt(self, saved: bool = False) -> None:
-        if not saved:
-            self._save()
-        D.barrier()
-        path = self.ckpt.dir / f"step_{self.step:07d}.safetensors"
-        raise RunInterrupted(self.stop.signum if self.stop and self.stop.signum else 2, self.step, path)
+    def end_step(self) -> bool:
+        self.pos += 1
+        if self.pos < self.steps_per_epoch:
+            return False
+        self.epoch, self.pos, self._batches = self.epoch + 1, 0, None
+        return True
 
-    def _lr(self) -> float:
-        return max(g["lr"] for g in self.optimizer.param_groups)
+    def where(self) -> str:
+        return f" (epoch {self.epoch})"
+
+    def postfix(self, values: dict[str, float], seconds: float) -> dict[str, str]:
+        ips = self.local_batch * self.dist.world_size / max(seconds, 1e-9)
+        return {**super().postfix(values, seconds), "img_s": f"{ips:.0f}"}
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimizer step on a batch of ``(B, C, H, W)`` images and ``(B,)`` labels; the loss, averaged
+        over ranks."""
         cfg = self.cfg
-        _seed_all(D.mix_seed(cfg.seed, self.dist.rank, self.epoch, self.step))
+        seed_all(D.mix_seed(cfg.seed, self.dist.rank, self.epoch, self.step))
         x = self.train_tf[1](x)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -710,43 +561,33 @@ class Trainer:
         value = loss.detach().float().reshape(1)
         if self.dist.distributed:  # every rank sees the same mean loss, so all stop together on NaN
             value = D.all_reduce_sum(value) / self.dist.world_size
-        value = value.item()
-        if not math.isfinite(value):
-            latest = self.ckpt.latest()
-            kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written"
-            raise ParameterNetError(
-                f"training loss became {value} at step {self.step} (epoch {self.epoch}); stopped and {kept}; "
-                f"lower optim.lr or set optim.clip_grad"
-            )
-        return value
+        return value.item()
 
-    def _log_train(self, window: list, bar) -> None:
-        n, timed = window[1], window[4]
-        if n == 0:
-            return
-        busy = window[2] + window[3]
-        row = {
+    def train_row(self, window: Window) -> dict[str, Any]:
+        timed, t = window.timing.steps, window.timing
+        return {
             "step": self.step,
             "epoch": round(self.step / self.steps_per_epoch, 4),
             "split": "train",
-            "loss": round(window[0] / n, 6),
-            "lr": self._lr(),
-            "images_per_s": round(timed * self.local_batch * self.dist.world_size / max(busy, 1e-9), 1),
-            "data_wait_s": round(window[2] / max(timed, 1), 6),
-            "step_s": round(window[3] / max(timed, 1), 6),
+            "loss": round(window.mean("loss"), 6),
+            "lr": peak_lr(self.optimizer),
+            "images_per_s": round(timed * self.local_batch * self.dist.world_size / max(t.busy, 1e-9), 1),
+            "data_wait_s": round(t.data_wait / max(timed, 1), 6),
+            "step_s": round(t.compute / max(timed, 1), 6),
         }
-        self.metrics.write(row)
-        if bar is None and self.dist.is_main:
-            log.info(
-                "step %d/%d  epoch %.2f  loss %.4f  lr %.2e  %.0f img/s  data wait %.1f%%",
-                self.step, self.total_steps, row["epoch"], row["loss"], row["lr"], row["images_per_s"],
-                100 * window[2] / max(busy, 1e-9),
-            )  # fmt: skip
-        window[:] = [0.0, 0, 0.0, 0.0, 0]
 
-    def _summary(self, wall: float, steps: int, totals: list) -> dict[str, Any]:
-        wait, compute = totals[0], totals[1]
-        summary = {
+    def log_train(self, row: dict[str, Any], window: Window) -> None:
+        log.info(
+            "step %d/%d  epoch %.2f  loss %.4f  lr %.2e  %.0f img/s  data wait %.1f%%",
+            self.step, self.total_steps, row["epoch"], row["loss"], row["lr"], row["images_per_s"],
+            100 * window.timing.data_wait / max(window.timing.busy, 1e-9),
+        )  # fmt: skip
+
+    # ----- the end -----
+    def finish(self, wall: float, timing: Timing) -> dict[str, Any]:
+        self.save_checkpoint("final")
+        steps, wait, compute = timing.steps, timing.data_wait, timing.compute
+        return {
             "output_dir": str(self.out),
             "model": self.cfg.model,
             "steps": self.step,
@@ -761,21 +602,20 @@ class Trainer:
             "best_top1": None if self.best_step is None else round(self.best, 4),
             "best_step": self.best_step,
         }
-        if self.dist.is_main and steps:
-            atomic_write(self.out / "summary.json", json.dumps(summary, indent=1) + "\n")
-            val = self.last_val.get("ema") or self.last_val.get("model")
-            log.info(
-                "done: %d steps in %.1f s (%.0f img/s); data wait %.4f s/step vs step %.4f s/step (%.1f%% waiting)",
-                steps, wall, summary["images_per_s"], summary["data_wait_s_per_step"],
-                summary["step_s_per_step"], 100 * summary["data_wait_fraction"],
-            )  # fmt: skip
-            if val:
-                log.info("val top1 %.2f  top5 %.2f  loss %.4f  (%d images)", val["top1"], val["top5"], val["loss"],
-                         val["images"])  # fmt: skip
-            log.info("outputs in %s (metrics.jsonl, checkpoints/)", self.out)
-        elif self.dist.is_main and (self.out / "summary.json").is_file():
-            summary = json.loads((self.out / "summary.json").read_text())
-        return summary
+
+    def log_done(self, summary: dict[str, Any]) -> None:
+        if not summary["session_steps"]:
+            return
+        log.info(
+            "done: %d steps in %.1f s (%.0f img/s); data wait %.4f s/step vs step %.4f s/step (%.1f%% waiting)",
+            summary["session_steps"], summary["wall_s"], summary["images_per_s"], summary["data_wait_s_per_step"],
+            summary["step_s_per_step"], 100 * summary["data_wait_fraction"],
+        )  # fmt: skip
+        val = self.last_val.get("ema") or self.last_val.get("model")
+        if val:
+            log.info("val top1 %.2f  top5 %.2f  loss %.4f  (%d images)", val["top1"], val["top5"], val["loss"],
+                     val["images"])  # fmt: skip
+        log.info("outputs in %s (metrics.jsonl, checkpoints/)", self.out)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -785,13 +625,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     holds it). SIGINT / SIGTERM finish the step, write a checkpoint and raise
     :class:`~parameternet.runs.RunInterrupted`; a second signal exits at once.
     """
-    dist = D.setup(cfg.device)
-    try:
-        lock = RunLock(cfg.output_dir) if dist.is_main else contextlib.nullcontext()
-        with lock, StopSignal() as stop:
-            return Trainer(cfg, dist, stop).run()
-    finally:
-        D.cleanup()
+    return run_locked(cfg.device, cfg.output_dir, lambda dist, stop: Trainer(cfg, dist, stop))
 
 
 def evaluate_checkpoint(path: str, overrides: list[str]) -> dict[str, Any]:
@@ -819,7 +653,7 @@ def evaluate_checkpoint(path: str, overrides: list[str]) -> dict[str, Any]:
     cfg.validate()
     dist = D.setup(cfg.device)
     try:
-        _seed_all(cfg.seed)
+        seed_all(cfg.seed)
         if meta["parameterize"]:  # a converted model: rebuilt from its recipe
             from parameternet.io import build_from_recipe
 

@@ -1,0 +1,160 @@
+"""Language-model recipes: :class:`LMTrainConfig` (sections ``model``, ``data``, ``optim``, ``schedule``) loaded
+from YAML with dotted ``key=value`` overrides by the shared recipe loader (:mod:`parameternet.train.recipe`).
+
+Its own module so that the trainer (:mod:`parameternet.train.lm`) and the evaluation of a saved model
+(:mod:`parameternet.train.lm_eval`) both read recipes without importing each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from parameternet.errors import ParameterNetError
+from parameternet.train.recipe import check_fields, load_recipe
+
+__all__ = ["LMDataConfig", "LMModelConfig", "LMOptimConfig", "LMScheduleConfig", "LMTrainConfig", "load_lm_config"]
+
+
+@dataclass
+class LMModelConfig:
+    hidden_size: int = 256
+    intermediate_size: int = 1024
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    num_experts: int = 8
+    moe_projections: list[str] = field(default_factory=list)  # [] = dense LLaMA
+    num_experts_per_tok: int = 1
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    capacity_factor: float | None = None
+    expert_bias: bool = False
+
+
+@dataclass
+class LMDataConfig:
+    dir: str | None = None  # prepared text directory; None = the data cache's one for these settings
+    corpora: list[str] = field(default_factory=lambda: ["gutenberg", "sotu", "brown"])
+    vocab_size: int = 4096
+    val_fraction: float = 0.05
+    eval_fraction: float = 0.05
+    seq_len: int = 256
+    order_seed: int = 0  # training-window order; the same for every model of an experiment
+
+    def prepare(self):
+        """The prepared text these settings name (:func:`~parameternet.data.text.prepare_text_data`: ``dir``, or
+        the data cache's directory, made on first use)."""
+        from parameternet.data.text import prepare_text_data
+
+        return prepare_text_data(
+            self.dir,
+            corpora=self.corpora,
+            vocab_size=self.vocab_size,
+            val_fraction=self.val_fraction,
+            eval_fraction=self.eval_fraction,
+        )
+
+
+@dataclass
+class LMOptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    clip_grad: float | None = 1.0
+
+
+@dataclass
+class LMScheduleConfig:
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine to 10% of the peak (paper section 5.4)
+
+
+@dataclass
+class LMTrainConfig:
+    model: LMModelConfig = field(default_factory=LMModelConfig)
+    data: LMDataConfig = field(default_factory=LMDataConfig)
+    optim: LMOptimConfig = field(default_factory=LMOptimConfig)
+    schedule: LMScheduleConfig = field(default_factory=LMScheduleConfig)
+    seed: int = 0  # weight initialisation
+    batch_size: int = 32  # sequences per optimizer step, across all ranks
+    grad_accum: int = 1
+    max_tokens: int | None = None  # training tokens; steps = max_tokens // (batch_size * seq_len)
+    max_steps: int | None = None  # overrides max_tokens
+    eval_batch_size: int = 32
+    eval_every_steps: int = 0  # 0 = at the end only
+    eval_tokens: int | None = None  # validation tokens per evaluation; None = all
+    zero_shot_items: int = 300  # items per zero-shot task at the end; 0 = skip
+    log_every: int = 10
+    ckpt_every_steps: int = 100
+    keep_last: int = 2
+    output_dir: str = "runs/lm"
+    resume: str | None = None  # auto = the last checkpoint in output_dir
+    device: str = "auto"
+    amp: str = "none"  # none | bf16: training under bf16 autocast (evaluation stays float32)
+    threads: int | None = None  # torch intra-op threads; None = torch's default
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> LMTrainConfig:
+        from parameternet.models.llama_moe import MOE_PROJECTIONS, ParameterNetLlamaConfig
+
+        checks = [
+            (self.batch_size > 0, "batch_size", "a positive integer"),
+            (self.grad_accum > 0 and self.batch_size % self.grad_accum == 0, "grad_accum", "a divisor of batch_size"),
+            ((self.max_steps or 0) > 0 or (self.max_tokens or 0) > 0, "max_tokens", "positive (or set max_steps)"),
+            (self.data.seq_len > 1, "data.seq_len", "at least 2"),
+            (self.optim.lr > 0, "optim.lr", "positive"),
+            (len(self.optim.betas) == 2, "optim.betas", "two numbers"),
+            (0 <= self.schedule.min_lr_ratio <= 1, "schedule.min_lr_ratio", "between 0 and 1"),
+            (self.schedule.warmup_steps >= 0, "schedule.warmup_steps", "0 or more"),
+            (self.log_every >= 1, "log_every", "at least 1"),
+            (self.amp in ("none", "bf16"), "amp", "none or bf16"),
+            (self.keep_last >= 1, "keep_last", "at least 1"),
+            (self.model.num_attention_heads > 0, "model.num_attention_heads", "a positive integer"),
+            (self.model.hidden_size > 0, "model.hidden_size", "a positive integer"),
+        ]
+        check_fields(self, checks)
+        if self.data.dir is not None and not Path(self.data.dir).expanduser().is_dir():
+            raise ParameterNetError(
+                f"data.dir={self.data.dir!r} does not exist; prepare it with `parameternet lm-data --out "
+                f"{self.data.dir}` or leave data.dir unset for the data cache"
+            )
+        heads, hidden = self.model.num_attention_heads, self.model.hidden_size
+        if hidden % heads:
+            near = min((h for h in range(1, hidden + 1) if hidden % h == 0), key=lambda h: (abs(h - heads), h))
+            raise ParameterNetError(
+                f"model.num_attention_heads={heads} does not divide model.hidden_size={hidden}; use a divisor of "
+                f"it such as {near}"
+            )
+        kv = self.model.num_key_value_heads
+        if kv is not None and (kv <= 0 or self.model.num_attention_heads % kv):
+            raise ParameterNetError(
+                f"model.num_key_value_heads={kv} does not divide model.num_attention_heads="
+                f"{self.model.num_attention_heads}; use a divisor of it"
+            )
+        for name in self.model.moe_projections:
+            if name not in MOE_PROJECTIONS:
+                raise ParameterNetError(
+                    f"Unknown projection {name!r} in model.moe_projections; choose from {', '.join(MOE_PROJECTIONS)}."
+                )
+        ParameterNetLlamaConfig(**dataclasses.asdict(self.model))  # its own checks (experts per token, capacity)
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        if self.max_steps:
+            return self.max_steps
+        return max(1, self.max_tokens // (self.batch_size * self.data.seq_len))
+
+
+def load_lm_config(path: str | Path | None, overrides: list[str] = ()) -> LMTrainConfig:
+    """Load a YAML recipe (or the defaults), apply ``key=value`` overrides, validate."""
+    return load_recipe(LMTrainConfig, path, overrides, example="configs/lm-small.yaml")

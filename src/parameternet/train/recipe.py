@@ -1,0 +1,203 @@
+"""Recipes into typed dataclasses: YAML files and dotted ``key=value`` overrides, for any recipe type.
+
+A recipe type is a dataclass whose fields are plain values (``int``, ``float``, ``bool``, ``str``, optional
+ones, lists and free-form mappings) or sections (nested dataclasses), and which has a ``validate()`` method for
+the cross-field checks. The YAML mapping mirrors the fields, sections as nested mappings; overrides such as
+``optim.lr=5e-4`` are applied on top and checked the same way. Every mistake is one sentence: an unknown key
+names the nearest valid one, a value of the wrong type says what was expected, a bad file says what is wrong
+with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from parameternet.errors import ParameterNetError
+
+__all__ = ["apply_overrides", "check_fields", "coerce", "from_dict", "load_recipe", "recipe_keys"]
+
+R = TypeVar("R")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_fields(cfg: Any, checks: list[tuple[bool, str, str]]) -> None:
+    """Raise ParameterNetError ``"KEY=VALUE is invalid; it must be WHAT"`` for the first ``(ok, key, what)`` that
+    is not ok (``key`` dotted, its value read from ``cfg``)."""
+    for ok, key, what in checks:
+        if not ok:
+            raise ParameterNetError(f"{key}={_get(cfg, key)!r} is invalid; it must be {what}")
+
+
+def recipe_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of a recipe dataclass, in field order (sections expanded)."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            out += recipe_keys(t, f"{prefix}{f.name}.")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def _unknown_key(cls: type, key: str, where: str) -> ParameterNetError:
+    valid = recipe_keys(cls)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6) or difflib.get_close_matches(
+        key.split(".")[-1], [k.split(".")[-1] for k in valid], n=1, cutoff=0.6
+    )
+    if close and close[0] not in valid:  # matched a leaf name: report its full dotted key
+        close = [k for k in valid if k.split(".")[-1] == close[0]][:1]
+    if close:
+        hint = f"did you mean {close[0]!r}?"
+    else:
+        section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        names = [k for k in valid if section and k.startswith(section)]
+        if not names:  # top level: plain keys, then one entry per section
+            names = list(dict.fromkeys(k if "." not in k else k.split(".")[0] + ".*" for k in valid))
+        hint = f"valid keys: {', '.join(names)}"
+    return ParameterNetError(f"unknown recipe key {key!r}{where}; {hint}")
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against the annotation ``tp`` (strings, as overrides give them, are parsed); a value of
+    another type raises ParameterNetError ``"recipe key KEY=VALUE has the wrong type; it must be ..."``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        return coerce(value, args[0], key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else _bad(value, tp, key)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            value = parsed if isinstance(parsed, list) else [parsed]
+        if isinstance(value, (list, tuple)):
+            return [coerce(v, item, key) for v in value]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is Any:
+        return value
+    return _bad(value, tp, key)
+
+
+def _bad(value: Any, tp: Any, key: str):
+    origin = typing.get_origin(tp)
+    what = _TYPE_WORDS.get(tp) or ("a list" if origin is list else "a mapping" if origin is dict else str(tp))
+    raise ParameterNetError(f"recipe key {key}={value!r} has the wrong type; it must be {what}")
+
+
+def _fill(root: type, obj: Any, data: dict, prefix: str, where: str) -> None:
+    if not isinstance(data, dict):
+        raise ParameterNetError(f"recipe section {prefix.rstrip('.') or 'top level'}{where} must be a mapping")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise _unknown_key(root, key, where)
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            _fill(root, getattr(obj, k), v or {}, key + ".", where)
+        else:
+            setattr(obj, k, coerce(v, tp, key))
+
+
+def from_dict(cls: type[R], data: dict | None, where: str = "") -> R:
+    """A ``cls`` recipe from a (possibly partial) nested mapping, defaults filling the rest; ``where`` (e.g.
+    ``" in r.yaml"``) goes into the error messages. Not validated."""
+    cfg = cls()
+    _fill(cls, cfg, data or {}, "", where)
+    return cfg
+
+
+def apply_overrides(cfg: R, overrides: list[str]) -> R:
+    """Apply ``key=value`` strings (dotted keys) to the recipe ``cfg`` in place and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ParameterNetError(f"override {item!r} is not key=value; write e.g. optim.lr=5e-4")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        obj = cfg
+        for i, part in enumerate(parts):
+            if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+                raise _unknown_key(type(cfg), key, " in the overrides")
+            tp = typing.get_type_hints(type(obj))[part]
+            if i == len(parts) - 1:
+                if dataclasses.is_dataclass(tp):
+                    raise ParameterNetError(f"override {key!r} names a section; set one of its keys, e.g. {key}.x=")
+                setattr(obj, part, coerce(value, tp, key))
+            elif typing.get_origin(tp) is dict:  # free-form mapping, e.g. model_kwargs.num_experts=8
+                getattr(obj, part)[".".join(parts[i + 1 :])] = yaml.safe_load(value) if value else None
+                break
+            else:
+                obj = getattr(obj, part)
+    return cfg
+
+
+def read_yaml(path: str | Path, example: str) -> dict:
+    """The mapping in a YAML recipe file (``{}`` when empty); a missing file, a directory or bad YAML raises
+    ParameterNetError naming ``example``, a recipe to pass instead."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise ParameterNetError(f"recipe {str(path)!r} {what}; pass a YAML file such as {example}")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        at = f" at line {line + 1}" if line is not None else ""
+        raise ParameterNetError(f"recipe {str(path)!r} is not valid YAML{at}; fix the syntax") from None
+
+
+def load_recipe(cls: type[R], path: str | Path | None, overrides: list[str] = (), example: str = "") -> R:
+    """Load a YAML recipe into ``cls`` (its defaults when ``path`` is None), apply ``overrides``, and return
+    ``validate()``'s result; every mistake raises ParameterNetError in one sentence."""
+    data = read_yaml(path, example) if path is not None else {}
+    cfg = from_dict(cls, data, f" in {Path(path)}" if path is not None else "")
+    apply_overrides(cfg, list(overrides))
+    return cfg.validate()
