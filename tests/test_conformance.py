@@ -328,3 +328,30 @@ def test_bf16_input_with_fp32_weights_without_autocast_is_refused_like_nn_linear
         nn.Linear(4, 4)(torch.randn(2, 4).bfloat16())
     with pytest.raises(RuntimeError, match="must have the same dtype"):
         layer(x.bfloat16())
+
+
+def _conv_groups(graphs) -> list:
+    """The group counts of every conv2d call in dynamo's graphs."""
+    out = []
+    for gm in graphs:
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and "conv2d" in getattr(node.target, "__name__", ""):
+                out.append(node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1))
+    return out
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compile_uses_eager_formulas_for_a_static_batch(dynamic):
+    """torch.compile(dynamic=False) knows the batch size: the depthwise layer is the eager grouped conv over the
+    batch (groups = B * C). With dynamic=True the batch is symbolic: no conv holds it (the shifted-taps form)."""
+    torch.manual_seed(0)
+    layer = DynamicConv2d(12, 12, 3, padding=1, groups=12)
+    graphs = []
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend=lambda gm, example: graphs.append(gm) or gm, dynamic=dynamic)
+    x = torch.randn(3, 12, 8, 8)
+    assert rel_err(compiled(x), reference_conv(layer, x)) < 1e-5
+    groups = _conv_groups(graphs)
+    assert groups == ([36] if not dynamic else [])
+    compiled(x[:1])  # a batch of one is a plain conv with the mixed kernel in either mode
+    assert _conv_groups(graphs[-1:]) == [12]

@@ -234,6 +234,35 @@ def test_benchmark_cli_writes_csv_json_and_plot(tmp_path, capsys):
     assert (out / "latency_top1.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_benchmark_modes_cli_writes_every_mode_and_the_ratios(tmp_path, capsys):
+    """--modes: every (model, mode, batch) timed; the ParameterNet / twin ratio per mode and batch. The compiled
+    modes are slow to compile, so this runs the eager and ONNX ones; tests/test_conformance.py compiles layers."""
+    out = tmp_path / "modes"
+    args = ["benchmark", "--modes", "eager", "onnx-portable", "onnx-ort", "--models", "ghostnet_mini"]
+    args += ["parameternet_mini", "--batch-sizes", "1", "2", "--runs", "2", "--warmup", "0", "--output", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| parameternet_mini / ghostnet_mini | onnx-portable | 2 |" in printed
+    rows = list(csv.DictReader(open(out / "modes.csv")))
+    assert len(rows) == 2 * 3 * 2 and all(float(r["median_ms"]) > 0 for r in rows)
+    ratios = json.loads((out / "modes.json").read_text())["ratios"]
+    assert {(r["mode"], r["batch"]) for r in ratios} == {(m, b) for m in ("eager", "onnx-portable", "onnx-ort")
+                                                          for b in (1, 2)}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--modes", "jit"], "unknown mode 'jit'"),
+        (["--modes", "--batch-sizes", "0"], "batch size must be a positive integer, got 0"),
+    ],
+)
+def test_benchmark_modes_rejects_bad_input(args, message, capsys):
+    assert main(["benchmark", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_benchmark_rejects_an_unknown_model(capsys):
     assert main(["benchmark", "--models", "parameternet_601m"]) == 2
     assert "unknown model 'parameternet_601m'" in capsys.readouterr().err

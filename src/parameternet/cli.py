@@ -379,20 +379,49 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--models", nargs="+", metavar="MODEL", help="timm model names (default: ours and five peers)")
     p.add_argument("--output", default="results/benchmark", help="where the CSV, JSON and plot go")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=int, help="default 224; with --modes each model's own")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=10, help="untimed rounds first (default 10)")
     p.add_argument("--runs", type=int, default=50, help="timed rounds (default 50)")
     p.add_argument("--no-eager", action="store_true", help="time ONNX Runtime only")
+    p.add_argument(
+        "--modes",
+        nargs="*",
+        metavar="MODE",
+        help="instead: time each model in these execution modes (none named: eager, compile-static, "
+        "compile-dynamic, onnx-portable, onnx-ort) at --batch-sizes and write OUTPUT/modes.csv and modes.json "
+        "(default models: ghostnet_600m parameternet_600m)",
+    )
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8], help="with --modes (default: 1 8)")
     p.set_defaults(func=_run_benchmark)
 
 
+def _run_modes(args: argparse.Namespace) -> int:
+    from parameternet.profile.modes import MODES, format_modes, run_modes, write_modes
+
+    rows, meta = run_modes(
+        args.models or ("ghostnet_600m", "parameternet_600m"),
+        modes=args.modes or MODES,
+        batch_sizes=args.batch_sizes,
+        threads=args.threads,
+        rounds=args.runs,
+        warmup=args.warmup,
+        img_size=args.img_size,
+    )
+    print(format_modes(rows, meta))
+    paths = write_modes(rows, meta, args.output)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def _run_benchmark(args: argparse.Namespace) -> int:
+    if args.modes is not None:
+        return _run_modes(args)
     from parameternet.profile.benchmark import OURS, PEERS, format_table, run_benchmark, write_outputs
 
     rows, meta = run_benchmark(
         args.models or OURS + PEERS,
-        img_size=args.img_size,
+        img_size=args.img_size or 224,
         threads=args.threads,
         warmup=args.warmup,
         runs=args.runs,
