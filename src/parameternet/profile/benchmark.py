@@ -290,11 +290,25 @@ def format_table(rows: list[BenchmarkRow], meta: dict[str, Any]) -> str:
             f"{generic_ratio:.3f}x){eager}"
         )
     lines.append(f"* top-1 reported, not measured (source per row in the CSV). {meta['protocol']}.")
-    lines.append(
+    lines.append(machine_line(meta))
+    return "\n".join(lines)
+
+
+def machine_line(meta: dict[str, Any]) -> str:
+    """The CPU, the versions and the load average before and after a run, in one line."""
+    return (
         f"{meta['cpu']}, torch {meta['torch']}, onnxruntime {meta['onnxruntime']}; load average "
         f"{meta['load_average_before'][0]} before, {meta['load_average_after'][0]} after."
     )
-    return "\n".join(lines)
+
+
+def write_rows_csv(path: Path, rows: list) -> None:
+    """One CSV row per dataclass row, floats rounded to 3 decimals."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(r).items()})
 
 
 def write_outputs(rows: list[BenchmarkRow], meta: dict[str, Any], output: str | Path) -> dict[str, Path]:
@@ -302,11 +316,7 @@ def write_outputs(rows: list[BenchmarkRow], meta: dict[str, Any], output: str | 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "benchmark.csv", "json": out / "benchmark.json", "png": out / "latency_top1.png"}
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(r).items()})
+    write_rows_csv(paths["csv"], rows)
     keys = ("dynamic", "static", "onnx", "onnx_generic", "eager")
     meta = dict(meta, ratios=[dict(zip(keys, r)) for r in ratios(rows)])
     paths["json"].write_text(json.dumps(meta, indent=1) + "\n")

@@ -20,7 +20,6 @@ milliseconds per batch. A compiled model's first call at each batch size is its 
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -222,11 +221,9 @@ def format_modes(rows: list[ModeRow], meta: dict[str, Any]) -> str:
             f"| {dynamic} / {static} | {mode} | {b} | {s.median_ms:.1f} | {d.median_ms:.1f} | {ratio:.2f}x | {comp} "
             f"| {n} |"
         )
-    lines.append("")
-    lines.append(
-        f"{meta['protocol']}. {meta['cpu']}, torch {meta['torch']}, onnxruntime {meta['onnxruntime']}; load "
-        f"average {meta['load_average_before'][0]} before, {meta['load_average_after'][0]} after."
-    )
+    from parameternet.profile.benchmark import machine_line
+
+    lines += ["", f"{meta['protocol']}. {machine_line(meta)}"]
     return "\n".join(lines)
 
 
@@ -235,11 +232,9 @@ def write_modes(rows: list[ModeRow], meta: dict[str, Any], output: str | Path) -
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "modes.csv", "json": out / "modes.json"}
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(r).items()})
+    from parameternet.profile.benchmark import write_rows_csv
+
+    write_rows_csv(paths["csv"], rows)
     keys = ("dynamic", "static", "mode", "batch", "ratio")
     paths["json"].write_text(json.dumps(dict(meta, ratios=[dict(zip(keys, r)) for r in mode_ratios(rows)]), indent=1))
     return paths
