@@ -335,7 +335,7 @@ def _conv_groups(graphs) -> list:
     out = []
     for gm in graphs:
         for node in gm.graph.nodes:
-            if node.op == "call_function" and "conv2d" in getattr(node.target, "__name__", ""):
+            if node.op == "call_function" and node.target in (torch.conv2d, F.conv2d):
                 out.append(node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1))
     return out
 
@@ -343,7 +343,8 @@ def _conv_groups(graphs) -> list:
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_compile_uses_eager_formulas_for_a_static_batch(dynamic):
     """torch.compile(dynamic=False) knows the batch size: the depthwise layer is the eager grouped conv over the
-    batch (groups = B * C). With dynamic=True the batch is symbolic: no conv holds it (the shifted-taps form)."""
+    batch (groups = B * C). With dynamic=True the batch is symbolic: no conv of the graph holds it; the grouped conv
+    runs inside the custom op parameternet::per_sample_conv2d, which computes its group count when it runs."""
     torch.manual_seed(0)
     layer = DynamicConv2d(12, 12, 3, padding=1, groups=12)
     graphs = []
@@ -353,5 +354,7 @@ def test_compile_uses_eager_formulas_for_a_static_batch(dynamic):
     assert rel_err(compiled(x), reference_conv(layer, x)) < 1e-5
     groups = _conv_groups(graphs)
     assert groups == ([36] if not dynamic else [])
+    ops = [n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert (torch.ops.parameternet.per_sample_conv2d.default in ops) == dynamic
     compiled(x[:1])  # a batch of one is a plain conv with the mixed kernel in either mode
     assert _conv_groups(graphs[-1:]) == [12]

@@ -255,6 +255,8 @@ def test_benchmark_modes_cli_writes_every_mode_and_the_ratios(tmp_path, capsys):
     [
         (["--modes", "jit"], "unknown mode 'jit'"),
         (["--modes", "--batch-sizes", "0"], "batch size must be a positive integer, got 0"),
+        (["--modes", "--output", __file__], "is a file; choose another path"),
+        (["--output", __file__ + "/sub"], "is a file; choose another path"),
     ],
 )
 def test_benchmark_modes_rejects_bad_input(args, message, capsys):
@@ -339,3 +341,11 @@ def test_bad_input_is_one_sentence(tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"batch_size must be a positive integer, got {bad}." in err and "Traceback" not in err
     assert not (tmp_path / "z.onnx").exists()
+
+
+def test_benchmark_times_a_grey_model_on_its_own_input(tmp_path):
+    """The 1-channel mini models are timed on 1-channel images, not refused for the 3 channels of another model."""
+    out = tmp_path / "grey"
+    args = ["benchmark", "--models", "ghostnet_mini", "parameternet_mini", "--runs", "1", "--warmup", "0"]
+    assert main([*args, "--output", str(out)]) == 0
+    assert [r["model"] for r in csv.DictReader(open(out / "benchmark.csv"))] == ["ghostnet_mini", "parameternet_mini"]

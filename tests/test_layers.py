@@ -60,24 +60,24 @@ CONV_CASES = {
     "pointwise": (16, 24, 1, {}, ("per_sample_matmul", "bmm", "bmm")),
     "pointwise-stride2": (16, 24, 1, dict(stride=2), ("per_sample_matmul", "bmm", "bmm")),
     "pointwise-nobias": (16, 24, 1, dict(bias=False), ("per_sample_matmul", "bmm", "bmm")),
-    "dense3x3": (6, 10, 3, dict(padding=1), ("grouped", "unfold", "unfold")),
-    "dense3x3-stride2-nobias": (3, 8, 3, dict(stride=2, padding=1, bias=False), ("grouped", "unfold", "unfold")),
-    "depthwise": (12, 12, 3, dict(padding=1, groups=12), ("grouped", "shifted", DW_ONNX)),
+    "dense3x3": (6, 10, 3, dict(padding=1), ("grouped", "grouped_op", "unfold")),
+    "dense3x3-stride2-nobias": (3, 8, 3, dict(stride=2, padding=1, bias=False), ("grouped", "grouped_op", "unfold")),
+    "depthwise": (12, 12, 3, dict(padding=1, groups=12), ("grouped", "grouped_op", DW_ONNX)),
     "depthwise-5x5-stride2": (
         12,
         12,
         5,
         dict(stride=2, padding=2, groups=12, bias=False),
-        ("grouped", "shifted", DW_ONNX),
+        ("grouped", "grouped_op", DW_ONNX),
     ),
-    "depthwise-multiplier": (6, 12, 3, dict(padding=1, groups=6), ("grouped", "shifted", DW_ONNX)),
-    "grouped": (8, 12, 3, dict(padding=1, groups=4), ("grouped", "unfold", "unfold")),
-    "grouped-pointwise": (8, 12, 1, dict(groups=2), ("grouped", "unfold", "unfold")),
-    "dilated": (6, 6, 3, dict(padding=2, dilation=2), ("grouped", "unfold", "unfold")),
-    "padded-pointwise": (6, 6, 1, dict(padding=1), ("grouped", "unfold", "unfold")),
-    "same-padding": (6, 8, (3, 5), dict(padding="same"), ("grouped", "unfold", "unfold")),
-    "reflect": (6, 8, 3, dict(padding=1, padding_mode="reflect"), ("grouped", "unfold", "unfold")),
-    "rect-kernel": (6, 8, (1, 3), dict(padding=(0, 1), stride=(1, 2)), ("grouped", "unfold", "unfold")),
+    "depthwise-multiplier": (6, 12, 3, dict(padding=1, groups=6), ("grouped", "grouped_op", DW_ONNX)),
+    "grouped": (8, 12, 3, dict(padding=1, groups=4), ("grouped", "grouped_op", "unfold")),
+    "grouped-pointwise": (8, 12, 1, dict(groups=2), ("grouped", "grouped_op", "unfold")),
+    "dilated": (6, 6, 3, dict(padding=2, dilation=2), ("grouped", "grouped_op", "unfold")),
+    "padded-pointwise": (6, 6, 1, dict(padding=1), ("grouped", "grouped_op", "unfold")),
+    "same-padding": (6, 8, (3, 5), dict(padding="same"), ("grouped", "grouped_op", "unfold")),
+    "reflect": (6, 8, 3, dict(padding=1, padding_mode="reflect"), ("grouped", "grouped_op", "unfold")),
+    "rect-kernel": (6, 8, (1, 3), dict(padding=(0, 1), stride=(1, 2)), ("grouped", "grouped_op", "unfold")),
 }
 
 
@@ -277,3 +277,14 @@ def test_bad_inputs_say_what_is_wrong():
         DynamicLinear(4, 2)(torch.randn(2, 5))
     with pytest.raises(ParameterNetError, match="batch_dim must be an integer >= 0, got -1"):
         DynamicLinear(4, 2, batch_dim=-1)
+
+
+def test_per_sample_conv2d_is_a_well_formed_custom_op():
+    """The opaque op inductor runs for a symbolic batch: schema, fake tensor, autograd and dispatch checks."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 7, 9, requires_grad=True)
+    weight = torch.randn(3, 6, 2, 3, 3, requires_grad=True)  # groups 3: 2 input channels per group
+    torch.library.opcheck(functional.per_sample_conv2d, (x, weight, [2, 1], [1, 2], 3))
+    y = functional.per_sample_conv2d(x, weight, [2, 1], [1, 2], 3)
+    expected = torch.cat([F.conv2d(xb, wb, None, (2, 1), 0, (1, 2), 3) for xb, wb in zip(x.split(1), weight)])
+    torch.testing.assert_close(y, expected)

@@ -415,6 +415,9 @@ def _run_modes(args: argparse.Namespace) -> int:
 
 
 def _run_benchmark(args: argparse.Namespace) -> int:
+    from parameternet.runs import make_dir
+
+    make_dir(args.output)  # before minutes of timing: a path that cannot hold the results is refused now
     if args.modes is not None:
         return _run_modes(args)
     from parameternet.profile.benchmark import OURS, PEERS, format_table, run_benchmark, write_outputs

@@ -103,7 +103,9 @@ def _umask() -> int:
     return mask
 
 
-def _mkdir(directory: Path) -> None:
+def make_dir(directory: str | Path) -> Path:
+    """Create ``directory`` (and its parents); a file in the way, or any other OS error, is one sentence."""
+    directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -113,6 +115,10 @@ def _mkdir(directory: Path) -> None:
         ) from None
     except OSError as e:
         raise (fs_error(directory / ".", e) or e) from None
+    return directory
+
+
+_mkdir = make_dir
 
 
 def clean_stale_temps(directory: str | Path) -> list[Path]:

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from parameternet.layers.kernels import per_sample_matmul
+from parameternet.layers.kernels import _autocast_dtype, per_sample_matmul
 
 __all__ = ["IMPLEMENTATIONS", "Context", "ConvGeometry", "dynamic_conv2d", "select"]
 
@@ -178,6 +178,81 @@ def _padded(x: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
     return F.pad(x, geo.pad, mode="constant" if geo.padding_mode == "zeros" else geo.padding_mode)
 
 
+@torch.library.custom_op("parameternet::per_sample_conv2d", mutates_args=())
+def per_sample_conv2d(
+    x: torch.Tensor, weight: torch.Tensor, stride: list[int], dilation: list[int], groups: int
+) -> torch.Tensor:
+    """``y_b = conv2d(x_b, weight_b)`` for every sample, unpadded: ``x (B, C, H, W)``, ``weight (B, O, C/g, kh, kw)``
+    -> ``(B, O, H', W')``. One grouped conv over the batch folded into the channels; as a custom op its group count
+    ``B * groups`` is computed when it runs, so a compiled graph with a symbolic batch calls the eager kernel."""
+    B, c_out = x.shape[0], weight.shape[1]
+    if B == 0:  # an empty batch gives an empty output (no group count of 0)
+        return F.conv2d(x, weight.new_zeros(weight.shape[1:]), None, stride, 0, dilation, groups)
+    y = F.conv2d(x.reshape(1, -1, x.shape[2], x.shape[3]), weight.flatten(0, 1), None, stride, 0, dilation, B * groups)
+    return y.view(B, c_out, y.shape[2], y.shape[3])
+
+
+def _conv_out(size, k: int, s: int, d: int):
+    return (size - d * (k - 1) - 1) // s + 1
+
+
+@per_sample_conv2d.register_fake
+def _(x, weight, stride, dilation, groups):
+    kh, kw = weight.shape[3], weight.shape[4]
+    H, W = _conv_out(x.shape[2], kh, stride[0], dilation[0]), _conv_out(x.shape[3], kw, stride[1], dilation[1])
+    return x.new_empty(x.shape[0], weight.shape[1], H, W)
+
+
+@torch.library.custom_op("parameternet::per_sample_conv2d_backward", mutates_args=())
+def _per_sample_conv2d_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: list[int], dilation: list[int], groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B = x.shape[0]
+    if B == 0:
+        return torch.zeros_like(x), torch.zeros_like(weight)
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        grad.reshape(1, -1, grad.shape[2], grad.shape[3]),
+        x.reshape(1, -1, x.shape[2], x.shape[3]),
+        weight.flatten(0, 1),
+        None, stride, [0, 0], dilation, False, [0, 0], B * groups, [True, True, False],
+    )  # fmt: skip
+    return gx.view(x.shape), gw.view(weight.shape)
+
+
+@_per_sample_conv2d_backward.register_fake
+def _(grad, x, weight, stride, dilation, groups):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, stride, dilation, groups = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.conv = (stride, dilation, groups)
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    gx, gw = _per_sample_conv2d_backward(grad.contiguous(), x, weight, *ctx.conv)
+    return gx, gw, None, None, None
+
+
+per_sample_conv2d.register_autograd(_backward, setup_context=_setup_context)
+
+
+def grouped_op(x, alpha, experts, bias, geo: ConvGeometry, batch_size=None):
+    """``grouped``'s conv as :func:`per_sample_conv2d`, an opaque custom op: what inductor runs for a symbolic batch
+    (its group count is computed at run time). Padding is applied first (any padding mode); under autocast both
+    operands take the autocast dtype, as the conv would."""
+    xp = _padded(x, geo)
+    weight = _mix(alpha, experts, geo)
+    dtype = _autocast_dtype(xp)
+    if dtype is not None or xp.dtype != weight.dtype:
+        dtype = dtype or torch.promote_types(xp.dtype, weight.dtype)
+        xp, weight = xp.to(dtype), weight.to(dtype)
+    y = per_sample_conv2d(xp.contiguous(), weight.contiguous(), list(geo.stride), list(geo.dilation), geo.groups)
+    return _add_bias(y, bias)
+
+
 def shifted(x, alpha, experts, bias, geo: ConvGeometry, batch_size=None):
     """Per-sample conv as the sum over kernel taps of the shifted input times the tap's per-sample weights: for
     every input channel ``c`` of a group and tap ``(i, j)``, ``x_pad[:, group(o) * C/g + c, i*d + s*h, j*d + s*w]
@@ -231,6 +306,7 @@ _FUNCTIONS = {
     "per_sample_matmul": per_sample_matmul_conv,
     "bmm": bmm,
     "grouped": grouped,
+    "grouped_op": grouped_op,
     "shifted": shifted,
     "stacked": stacked,
     "unfold": unfold,
@@ -240,7 +316,7 @@ _FUNCTIONS = {
 IMPLEMENTATIONS: dict[Context, dict[str, str]] = {
     Context.EAGER: {"pointwise": "per_sample_matmul", "depthwise": "grouped", "other": "grouped"},
     Context.PLAIN: {"pointwise": "bmm", "depthwise": "grouped", "other": "grouped"},
-    Context.INDUCTOR: {"pointwise": "bmm", "depthwise": "shifted", "other": "unfold"},
+    Context.INDUCTOR: {"pointwise": "bmm", "depthwise": "grouped_op", "other": "grouped_op"},
     Context.ONNX: {"pointwise": "bmm", "depthwise": "stacked", "other": "unfold"},
 }
 

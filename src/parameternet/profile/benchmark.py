@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from parameternet.errors import ParameterNetError
+from parameternet.toolkit import image_input_shape
 
 __all__ = ["PEERS", "REPORTED_TOP1", "BenchmarkRow", "run_benchmark", "write_outputs"]
 
@@ -142,7 +143,7 @@ def run_benchmark(
     torch.manual_seed(0)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    x = torch.randn(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    inputs: dict[str, torch.Tensor] = {}
     nchwc_sessions, generic, graphs, counts = {}, {}, {}, {}
     tmp = tempfile.TemporaryDirectory() if workdir is None else None
     root = Path(tmp.name if tmp is not None else workdir)
@@ -152,6 +153,8 @@ def run_benchmark(
                 log.info("export %s", name)
             kwargs = {"img_size": img_size} if "swin" in name else {}
             model: nn.Module = create_model(name, **kwargs).eval()
+            shape = image_input_shape(model, img_size)  # each model's own channels (1 for the mini models)
+            x = inputs[name] = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
                 counts[name] = (count_params(model).total, count_macs(model, x))
             path = root / f"{name}.onnx"
@@ -164,7 +167,7 @@ def run_benchmark(
                 graphs[name] = deploy(model, example_input=x)
             del model
 
-        feeds = {name: {s.get_inputs()[0].name: x.numpy()} for name, s in generic.items()}
+        feeds = {name: {s.get_inputs()[0].name: inputs[name].numpy()} for name, s in generic.items()}
         onnx_times: dict[str, list[float]] = {n: [] for n in nchwc_sessions}
         generic_times: dict[str, list[float]] = {n: [] for n in models}
         eager_times: dict[str, list[float]] = {n: [] for n in models}
@@ -184,7 +187,7 @@ def run_benchmark(
                             onnx_times[name].append(time.perf_counter() - start)
                     if eager:
                         start = time.perf_counter()
-                        graphs[name](x)
+                        graphs[name](inputs[name])
                         if i >= warmup:
                             eager_times[name].append(time.perf_counter() - start)
     finally:

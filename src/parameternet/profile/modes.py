@@ -223,6 +223,9 @@ def format_modes(rows: list[ModeRow], meta: dict[str, Any]) -> str:
         )
     from parameternet.profile.benchmark import machine_line
 
+    if len(lines) == 2:
+        lines = ["No ParameterNet was timed with its static twin (e.g. parameternet_600m with ghostnet_600m), so there "
+                 "are no ratios; every timing is in modes.csv."]  # fmt: skip
     lines += ["", f"{meta['protocol']}. {machine_line(meta)}"]
     return "\n".join(lines)
 
