@@ -11,7 +11,7 @@ context        pointwise (1x1, ungrouped)  depthwise (C/g == 1)        other (de
 =============  ==========================  ==========================  ==========================
 eager          ``per_sample_matmul``       ``grouped``                 ``grouped``
 plain          ``bmm``                     ``grouped``                 ``grouped``
-inductor       ``bmm``                     ``shifted``                 ``unfold``
+inductor       ``bmm``                     ``grouped_op``              ``grouped_op``
 onnx           ``bmm``                     ``stacked``                 ``unfold``
 =============  ==========================  ==========================  ==========================
 
@@ -24,6 +24,8 @@ onnx           ``bmm``                     ``stacked``                 ``unfold`
   layer an ordinary depthwise conv. Its group count fixes the batch size, so a graph uses it only for a batch size
   known when tracing (``plain``: the MAC counter's trace, ``torch.compile`` or ``torch.export`` with a static
   batch, an ONNX graph exported for one batch size).
+- ``grouped_op``: ``grouped`` inside an opaque custom op, :func:`per_sample_conv2d` (with its backward), which
+  computes the group count when it runs: what inductor gets for a symbolic batch, so it calls the eager kernel.
 - ``shifted``: for few input channels per group (depthwise): the sum over the ``kh * kw`` kernel taps of the
   shifted input times that tap of the per-sample kernel, broadcast as ``(B, O, 1, 1)``. The work of one depthwise
   conv, plain elementwise ops that inductor fuses into one loop, and no batch size anywhere.
@@ -36,7 +38,7 @@ The graph contexts' depthwise choice is measured (``python benchmarks/compile_sp
 against GhostNet-600M, one thread): in ONNX Runtime the portable graph ran at 1.81x with ``stacked`` and 2.21x with
 ``shifted`` at batch 1 (1.68x / 2.05x at batch 8), since ONNX Runtime runs the constant conv in its blocked kernels
 and each of ``shifted``'s taps as a separate pass; under inductor (``dynamic=True``, batch 8) the two tied
-(2.78x), and ``shifted`` does a depthwise conv's work with no M-fold intermediate. ``tests/test_layers.py`` checks
+(2.78x) and ``grouped_op`` did better (2.24x in ``parameternet benchmark --modes``). ``tests/test_layers.py`` checks
 every implementation against a per-sample reference, forward and backward.
 """
 
