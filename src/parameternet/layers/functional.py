@@ -45,6 +45,7 @@ every implementation against a per-sample reference, forward and backward.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -92,10 +93,10 @@ class ConvGeometry:
         arithmetic."""
         return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
-    @property
+    @functools.cached_property
     def kind(self) -> str:
-        """``pointwise`` (1x1, ungrouped, unpadded, undilated), ``depthwise`` (few input channels per group, see
-        :data:`SHIFTED_MAX_TAPS`) or ``other``."""
+        """``pointwise`` (1x1, ungrouped, unpadded, undilated), ``depthwise`` (one input channel per group) or
+        ``other``; computed once per layer, since every forward asks."""
         kh, kw = self.kernel_size
         if (kh, kw) == (1, 1) and self.groups == 1 and self.pad == (0, 0, 0, 0) and self.dilation == (1, 1):
             return "pointwise"
