@@ -45,8 +45,7 @@ every implementation against a per-sample reference, forward and backward.
 from __future__ import annotations
 
 import enum
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -93,16 +92,17 @@ class ConvGeometry:
         arithmetic."""
         return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
-    @functools.cached_property
-    def kind(self) -> str:
-        """``pointwise`` (1x1, ungrouped, unpadded, undilated), ``depthwise`` (one input channel per group) or
-        ``other``; computed once per layer, since every forward asks."""
+    # ``pointwise`` (1x1, ungrouped, unpadded, undilated), ``depthwise`` (one input channel per group) or ``other``;
+    # set once at construction, since every forward asks (a property recomputed it per call).
+    kind: str = field(init=False)
+
+    def __post_init__(self):
         kh, kw = self.kernel_size
         if (kh, kw) == (1, 1) and self.groups == 1 and self.pad == (0, 0, 0, 0) and self.dilation == (1, 1):
-            return "pointwise"
-        if self.in_channels == self.groups:
-            return "depthwise"
-        return "other"
+            kind = "pointwise"
+        else:
+            kind = "depthwise" if self.in_channels == self.groups else "other"
+        object.__setattr__(self, "kind", kind)
 
     def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
         """``F.conv2d`` with this geometry's stride, padding (any padding mode) and dilation, and ``groups``."""
