@@ -238,16 +238,16 @@ def test_benchmark_modes_cli_writes_every_mode_and_the_ratios(tmp_path, capsys):
     """--modes: every (model, mode, batch) timed; the ParameterNet / twin ratio per mode and batch. The compiled
     modes are slow to compile, so this runs the eager and ONNX ones; tests/test_conformance.py compiles layers."""
     out = tmp_path / "modes"
-    args = ["benchmark", "--modes", "eager", "onnx-portable", "onnx-ort", "--models", "ghostnet_mini"]
+    args = ["benchmark", "--modes", "eager", "onnx-portable", "onnx-per-image", "onnx-ort", "--models", "ghostnet_mini"]
     args += ["parameternet_mini", "--batch-sizes", "1", "2", "--runs", "2", "--warmup", "0", "--output", str(out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "| parameternet_mini / ghostnet_mini | onnx-portable | 2 |" in printed
     rows = list(csv.DictReader(open(out / "modes.csv")))
-    assert len(rows) == 2 * 3 * 2 and all(float(r["median_ms"]) > 0 for r in rows)
+    modes = ("eager", "onnx-portable", "onnx-per-image", "onnx-ort")
+    assert len(rows) == 2 * len(modes) * 2 and all(float(r["median_ms"]) > 0 for r in rows)
     ratios = json.loads((out / "modes.json").read_text())["ratios"]
-    assert {(r["mode"], r["batch"]) for r in ratios} == {(m, b) for m in ("eager", "onnx-portable", "onnx-ort")
-                                                          for b in (1, 2)}  # fmt: skip
+    assert {(r["mode"], r["batch"]) for r in ratios} == {(m, b) for m in modes for b in (1, 2)}
 
 
 @pytest.mark.parametrize(
@@ -302,8 +302,9 @@ def converted_conv2d_same() -> nn.Module:
         dict(dynamic_batch=False, batch_size=3),
         dict(runtime="onnxruntime-cpu"),
         dict(dynamic_batch=False, batch_size=1, runtime="onnxruntime-cpu"),
+        dict(per_image=True),
     ],
-    ids=["dynamic", "batch1", "batch2", "batch3", "ort-cpu-dynamic", "ort-cpu-batch1"],
+    ids=["dynamic", "batch1", "batch2", "batch3", "ort-cpu-dynamic", "ort-cpu-batch1", "per-image"],
 )
 @pytest.mark.parametrize("model", [reflect_then_dynamic, converted_conv2d_same], ids=["reflect", "conv2d-same"])
 def test_fixed_batch_graphs_after_shape_losing_ops(model, mode, tmp_path):
@@ -349,3 +350,12 @@ def test_benchmark_times_a_grey_model_on_its_own_input(tmp_path):
     args = ["benchmark", "--models", "ghostnet_mini", "parameternet_mini", "--runs", "1", "--warmup", "0"]
     assert main([*args, "--output", str(out)]) == 0
     assert [r["model"] for r in csv.DictReader(open(out / "benchmark.csv"))] == ["ghostnet_mini", "parameternet_mini"]
+
+
+def test_export_cli_per_image(tmp_path, capsys):
+    """--per-image: the portable one-image graph in a Scan over the images, checked at batch 1 and 3."""
+    path = tmp_path / "scan.onnx"
+    assert main(["export", "parameternet_mini_025", "--onnx", str(path), "--per-image"]) == 0
+    printed = capsys.readouterr().out
+    assert "(image by image)" in printed and "batch 3:" in printed
+    assert [n.op_type for n in onnx.load(str(path)).graph.node] == ["Scan"]

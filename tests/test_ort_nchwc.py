@@ -199,11 +199,30 @@ def test_onnxruntime_cpu_graph_for_one_image(tmp_path):
     assert "Scan" not in {n.op_type for n in onnx.load(str(path)).graph.node}
 
 
+def test_portable_per_image_graph(tmp_path):
+    """per_image=True: the portable one-image graph (standard ONNX ops only, no NCHWc) in a Scan over the images."""
+    model = tiny_parameternet()
+    path = tmp_path / "scan.onnx"
+    report = parameternet.export_onnx(model, path, per_image=True, img_size=IMG)
+    assert report.per_image and report.nchwc is None and set(report.max_rel_error) == {1, 3}
+    assert max(report.max_rel_error.values()) < 1e-4 and "(image by image)" in str(report)
+    graph = onnx.load(str(path)).graph
+    assert [n.op_type for n in graph.node] == ["Scan"]
+    body = graph.node[0].attribute[0].g
+    assert {n.domain for n in body.node} <= {"", "ai.onnx"} and "Conv" in {n.op_type for n in body.node}
+    x = images(5)
+    with torch.no_grad():
+        assert_close_relative(run(str(path), x), model(x))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         (dict(runtime="tensorrt"), "unknown runtime 'tensorrt'"),
         (dict(runtime="onnxruntime-cpu", dynamic_batch=False, batch_size=2), "takes one image or any batch"),
+        (dict(per_image=True, dynamic_batch=False, batch_size=2), "a per-image graph takes one image or any batch"),
+        (dict(runtime="onnxruntime-cpu", per_image=False), "always runs image by image"),
+        (dict(per_image="yes"), "per_image must be True, False or None"),
     ],
 )
 def test_bad_runtime_arguments(kwargs, message, tmp_path):

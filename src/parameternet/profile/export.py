@@ -57,6 +57,8 @@ class ExportReport:
     export_seconds: float
     size_mb: float
     runtime: str = "any"
+    # a symbolic batch served by the one-image graph in a Scan over the images
+    per_image: bool = False
     # runtime="onnxruntime-cpu": what moved to ONNX Runtime's NCHWc kernels (an NchwcReport's summary)
     nchwc: str | None = None
     # Checked too: the graph with its dynamic convs in ONNX Runtime's NCHWc kernels (a batch-1 graph on a CPU
@@ -70,7 +72,8 @@ class ExportReport:
         shape = "x".join(map(str, self.input_shape))
         checked = ", ".join(f"batch {b}: {e:.1e}" for b, e in self.max_rel_error.items()) or "not checked"
         return (
-            f"{self.path}: {self.model}, input {shape}, opset {self.opset}, {self.exporter} exporter, "
+            f"{self.path}: {self.model}, input {shape}{' (image by image)' if self.per_image else ''}, "
+            f"opset {self.opset}, {self.exporter} exporter, "
             f"{'deploy() graph' if self.deployed else 'graph as given'}, {self.size_mb:.1f} MB, "
             f"{self.export_seconds:.1f} s\n"
             + ("" if self.nchwc is None else f"for ONNX Runtime's CPU provider: {self.nchwc}\n")
@@ -160,6 +163,7 @@ def export_onnx(
     rtol: float = 1e-4,
     runtime: str = "any",
     in_chans: int | None = None,
+    per_image: bool | None = None,
 ) -> ExportReport:
     """Write ``model``'s inference graph to ``path`` as ONNX and check it in ONNX Runtime.
 
@@ -173,6 +177,15 @@ def export_onnx(
     one: the graph for one image with its dynamic convs in ONNX Runtime's NCHWc kernels
     (:func:`~parameternet.profile.ort_nchwc.optimize_for_onnxruntime`), for a symbolic batch run on each image in
     turn (:func:`~parameternet.profile.ort_nchwc.scan_over_batch`).
+
+    ``per_image``: with a symbolic batch, the graph for one image run on each image in turn (an ONNX ``Scan``,
+    :func:`~parameternet.profile.ort_nchwc.scan_over_batch`) rather than the batch-agnostic formulations. Still
+    standard ONNX; in ONNX Runtime on a CPU it is the faster portable graph (ParameterNet-600M / GhostNet-600M, one
+    thread: 1.41x against 1.79x at batch 1, 1.34x against 1.74x at batch 8, ``parameternet benchmark --modes``),
+    because a one-image graph mixes each dynamic conv's kernel once and runs one plain conv, where the batch-agnostic
+    depthwise conv runs one conv per expert; a runtime that batches images across a device (a GPU) loses that
+    parallelism. Default: ``True`` for ``runtime="onnxruntime-cpu"`` (whose graph is always per image), else
+    ``False``.
 
     ``in_chans``: the input's channel count, for a model that does not say (timm models have ``in_chans``; default
     3). The input is ``(batch, in_chans, H, W)`` float32; the graph's output is the model's first output.
@@ -188,11 +201,17 @@ def export_onnx(
         raise ParameterNetError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if runtime not in RUNTIMES:
         raise ParameterNetError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}.")
-    per_image = runtime == "onnxruntime-cpu"
-    if per_image and not dynamic_batch and batch_size != 1:
+    if per_image not in (None, True, False):
+        raise ParameterNetError(f"per_image must be True, False or None (the runtime's default), got {per_image!r}.")
+    if runtime == "onnxruntime-cpu" and per_image is False:
         raise ParameterNetError(
-            f"an onnxruntime-cpu graph takes one image or any batch, not batch_size={batch_size}; use batch_size=1 "
-            "or dynamic_batch=True."
+            "an onnxruntime-cpu graph always runs image by image; leave per_image unset or use runtime='any'."
+        )
+    per_image = runtime == "onnxruntime-cpu" or bool(per_image)
+    if per_image and not dynamic_batch and batch_size != 1:
+        what = "an onnxruntime-cpu graph" if runtime == "onnxruntime-cpu" else "a per-image graph"
+        raise ParameterNetError(
+            f"{what} takes one image or any batch, not batch_size={batch_size}; use batch_size=1 or dynamic_batch=True."
         )
     path = Path(path)
     if path.suffix != ".onnx":
@@ -239,13 +258,17 @@ def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, 
         ) from e
     if per_image or not dynamic_batch:
         _declare_batch(path, 1 if per_image else batch_size)
+    moved = None
     if per_image:
         import onnx
 
         from parameternet.profile.ort_nchwc import optimize_for_onnxruntime, scan_over_batch
 
-        rewritten, moved = optimize_for_onnxruntime(path)
-        onnx.save(scan_over_batch(rewritten) if dynamic_batch else rewritten, str(path))
+        if runtime == "onnxruntime-cpu":
+            one_image, moved = optimize_for_onnxruntime(path)
+        else:
+            one_image = onnx.load(str(path))
+        onnx.save(scan_over_batch(one_image) if dynamic_batch else one_image, str(path))
     seconds = time.perf_counter() - start
 
     errors: dict[int, float] = {}
@@ -253,7 +276,7 @@ def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, 
     if check:
         session = onnx_session(path, nchwc=False)
         nchwc_session = None
-        if not dynamic_batch and not per_image:
+        if not dynamic_batch and runtime != "onnxruntime-cpu":
             from parameternet.profile.ort_nchwc import optimize_for_onnxruntime
 
             rewritten, nchwc = optimize_for_onnxruntime(path)
@@ -293,7 +316,8 @@ def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, 
         model=model_name(model),
         input_shape=["batch" if dynamic_batch else batch_size, chans, height, width],
         runtime=runtime,
-        nchwc=str(moved) if per_image else None,
+        nchwc=None if moved is None else str(moved),
+        per_image=per_image,
         dynamic_batch=dynamic_batch,
         opset=opset,
         exporter=exporter,

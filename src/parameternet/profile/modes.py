@@ -9,6 +9,8 @@ the ``deploy()`` model:
   specialises a batch of one into its own graph);
 - ``onnx-portable``: the portable dynamic-batch graph of :func:`~parameternet.profile.export.export_onnx`, in ONNX
   Runtime with its own optimisations only;
+- ``onnx-per-image``: ``export_onnx(..., per_image=True)``, the portable graph for one image in a ``Scan`` over the
+  images, in ONNX Runtime with its own optimisations only;
 - ``onnx-ort``: ``export_onnx(..., runtime="onnxruntime-cpu")``, the graph for ONNX Runtime's CPU provider (NCHWc
   kernels, a ``Scan`` over the images).
 
@@ -40,7 +42,7 @@ __all__ = ["MODES", "ModeRow", "format_modes", "run_modes", "write_modes"]
 
 log = logging.getLogger(__name__)
 
-MODES = ("eager", "compile-static", "compile-dynamic", "onnx-portable", "onnx-ort")
+MODES = ("eager", "compile-static", "compile-dynamic", "onnx-portable", "onnx-per-image", "onnx-ort")
 
 
 @dataclass
@@ -67,7 +69,10 @@ def _runner(mode: str, model: torch.nn.Module, root: Path, name: str, img_size, 
 
     path = root / f"{name}-{mode}.onnx"
     runtime = "onnxruntime-cpu" if mode == "onnx-ort" else "any"
-    export_onnx(model, path, dynamic_batch=True, img_size=tuple(img_size), runtime=runtime, deploy=False)
+    per_image = True if mode == "onnx-per-image" else None
+    export_onnx(
+        model, path, dynamic_batch=True, img_size=tuple(img_size), runtime=runtime, per_image=per_image, deploy=False
+    )
     session = onnx_session(path, threads=threads, nchwc=False)
     input_name = session.get_inputs()[0].name
 
