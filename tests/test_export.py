@@ -250,6 +250,29 @@ def test_benchmark_modes_cli_writes_every_mode_and_the_ratios(tmp_path, capsys):
     assert {(r["mode"], r["batch"]) for r in ratios} == {(m, b) for m in modes for b in (1, 2)}
 
 
+def test_benchmark_modes_refuses_to_time_a_compile_that_fell_back_to_eager(monkeypatch):
+    """A compile mode that made no graph (dynamo past its recompile limit runs the frame eagerly) is an error, not
+    eager timings under a compile label."""
+    from parameternet.profile import modes
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)  # what a fallback amounts to
+    with pytest.raises(ParameterNetError, match=r"torch.compile made no graph for ghostnet_mini \(compile-static\)"):
+        modes.run_modes(["ghostnet_mini"], modes=["compile-static"], batch_sizes=[1], rounds=1, warmup=0)
+
+
+def test_benchmark_modes_raises_dynamos_recompile_limit(monkeypatch):
+    """Several models of one class in one process compile into one frame; the limit covers them all."""
+    from parameternet.profile import modes
+
+    seen = []
+    monkeypatch.setattr(
+        torch, "compile", lambda model, **kw: seen.append(torch._dynamo.config.recompile_limit) or model
+    )
+    with pytest.raises(ParameterNetError):
+        modes.run_modes(["ghostnet_mini"] * 5, modes=["compile-static"], batch_sizes=[1, 8], rounds=1, warmup=0)
+    assert seen and seen[0] >= 2 * 5 * 2
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

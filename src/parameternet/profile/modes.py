@@ -136,8 +136,11 @@ def run_modes(
     graphs: dict[tuple[str, str], int] = {}
     times: dict[tuple[str, str, int], list[float]] = {}
     tmp = tempfile.TemporaryDirectory()
+    # Every model of one class compiles into the same frame, twice per batch size: past dynamo's recompile limit
+    # (8) it would run the rest eagerly, unannounced.
+    limit = max(torch._dynamo.config.recompile_limit, 2 * len(models) * len(batch_sizes) + 4)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=limit):
             for name in models:
                 torch.manual_seed(0)
                 model = create_model(name).eval()
@@ -158,6 +161,11 @@ def run_modes(
                             compile_s[name, mode, b] = first
                     if mode.startswith("compile"):
                         graphs[name, mode] = _graph_count() - before
+                        if not graphs[name, mode]:
+                            raise ParameterNetError(
+                                f"torch.compile made no graph for {name} ({mode}), so it would be timed eagerly; "
+                                "see PyTorch's log (TORCH_LOGS=recompiles) and benchmark fewer models at a time."
+                            )
             log.info("time %d calls: %d warm-up and %d timed rounds", len(calls), warmup, rounds)
             for i in range(warmup + rounds):
                 for key, call in calls.items():
