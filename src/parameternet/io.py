@@ -182,32 +182,33 @@ def save(
     """Write ``model``'s weights and what rebuilds it (timm name, build arguments, conversion steps) to a
     ``.safetensors`` file that :func:`load` reads back; atomically. Returns the path.
 
-    ``model_name`` defaults to timm's ``pretrained_cfg["architecture"]``. The model's ``num_classes`` and
-    ``in_chans`` are recorded; pass any other argument it was built with in ``model_kwargs``. Raises
-    ParameterNetError for another suffix, a deployed model, an unnamed model or arguments that are not JSON.
+    ``model`` is any ``nn.Module``. ``model_name`` defaults to timm's ``pretrained_cfg["architecture"]``; a model
+    timm did not build is saved without one, and :func:`load` then takes the model to load into (``model=``). The
+    model's ``num_classes`` and ``in_chans`` are recorded; pass any other argument it was built with in
+    ``model_kwargs``. Raises ParameterNetError for another suffix, a deployed model or arguments that are not JSON.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ParameterNetError(f"the output must be a .safetensors file, got {str(path)!r}.")
     if hasattr(model, "deploy_report"):
         raise ParameterNetError("cannot save a deployed model; save it before deploy() and deploy after load().")
-    name = model_name or timm_name(model)
-    if not name:
-        raise ParameterNetError(
-            f"cannot tell which timm model {type(model).__name__} is; pass model_name= (a timm model name)."
-        )
+    name = model_name or timm_name(model)  # None: not a timm model, load() needs it rebuilt (model=)
     kwargs = {k: getattr(model, k) for k in ("num_classes", "in_chans") if isinstance(getattr(model, k, None), int)}
     kwargs.update(model_kwargs or {})
     try:
         json.dumps(kwargs)
     except TypeError as e:
         raise ParameterNetError(f"model_kwargs must be JSON values, got {kwargs!r}.") from e
+    meta = {"kind": "convert", "model": name, "model_kwargs": kwargs, "parameterize": _steps_of(model)}
+    save_weights(path, model.state_dict(), meta)
+    return path
+
+
+def _steps_of(model: nn.Module) -> list[dict[str, Any]]:
+    """The conversion steps ``model`` went through (oldest first), as JSON values; [] for an unconverted model."""
     report = getattr(model, "parameterize_report", None)
     steps = [*report.history, report.recipe()] if isinstance(report, ParameterizeReport) else []
-    save_weights(
-        path, model.state_dict(), {"kind": "convert", "model": name, "model_kwargs": kwargs, "parameterize": steps}
-    )
-    return path
+    return json.loads(json.dumps(steps))
 
 
 def read_recipe(path: str | Path) -> dict[str, Any] | None:
@@ -228,21 +229,44 @@ def build_from_recipe(recipe: dict[str, Any]) -> nn.Module:
     return apply_recipe(model, recipe.get("parameterize") or [])
 
 
-def load(path: str | Path) -> nn.Module:
+def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a model written by :func:`save`, ``parameternet convert`` or ``parameternet train`` and load its
-    weights; raises ParameterNetError for a missing file or one that does not name its model."""
+    weights.
+
+    A file that names its timm model is rebuilt from it. For a model timm did not build (an ``nn.Module`` of your
+    own), pass ``model``: that model built as it was before ``parameterize()``; the conversion steps the file
+    records are redone on it (steps it has already been through are not), its weights are loaded and it is returned.
+
+    Raises ParameterNetError for a missing file, a file that does not name its model when no ``model`` is given,
+    a ``model`` converted with other steps than the file's, or weights that do not fit.
+    """
     path = Path(path)
     if not path.is_file():
         raise ParameterNetError(f"no such file: {str(path)!r}.")
     state, info = load_weights(path)
-    if not info["model"]:
+    if model is not None:
+        steps = _steps_to_redo(model, info["parameterize"], str(path))
+        model = apply_recipe(model, steps)
+    elif not info["model"]:
         raise ParameterNetError(
-            f"{str(path)!r} does not name its model; load a file written by parameternet (save, convert or train), "
-            f"or build the model and load_state_dict() it."
+            f"{str(path)!r} does not name its model; build the model (a converted one as it was before "
+            f"parameterize()) and pass it: parameternet.load(path, model=...)."
         )
-    model = build_from_recipe(info)
+    else:
+        model = build_from_recipe(info)
     _load_state(model, state, str(path))
     return model
+
+
+def _steps_to_redo(model: nn.Module, steps: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
+    """The conversion steps of ``steps`` that ``model`` has not been through yet."""
+    done = _steps_of(model)
+    if json.loads(json.dumps(steps[: len(done)])) != done:
+        raise ParameterNetError(
+            f"the model passed as model= was converted with other steps than {source!r} records; pass it as it was "
+            f"built, before parameterize()."
+        )
+    return steps[len(done) :]
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
