@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import parameternet
 from parameternet.cli import main
 from parameternet.errors import ParameterNetError
 from parameternet.train.lm import load_lm_config, train_lm
@@ -56,6 +57,8 @@ def test_lm_train_outputs_load_with_auto_classes(corpora):
     assert model.config.moe_projections == ["up_proj"] and len(tokenizer) == model.config.vocab_size == 300
     ids = tokenizer("The river stone", return_tensors="pt")["input_ids"]
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    loaded = parameternet.load(out)  # the run directory: its model/
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
 def test_lm_train_lr_schedule_ends_at_a_tenth_of_the_peak(corpora):

@@ -71,6 +71,24 @@ def test_smoke_recipe_trains_checkpoints_and_evaluates(packaged_data, tmp_path, 
     assert "already holds checkpoints; pass resume=auto" in capsys.readouterr().err
 
 
+def test_load_takes_a_run_directory(packaged_data, tmp_path):
+    import parameternet
+    from parameternet.io import load_source_model, read_metadata
+
+    out = tmp_path / "run"
+    train(load_config(SMOKE, [f"output_dir={out}", "max_steps=2", "batch_size=8", "data.val=null", "progress=false"]))
+    final = load_weights(out / "checkpoints" / "final.safetensors")[0]
+    for where in (out, out / "checkpoints"):  # the run's final weights, from the run or its checkpoints/
+        model = parameternet.load(where)
+        assert type(model).__name__ == "ResNet" and all(torch.equal(v, final[k]) for k, v in model.state_dict().items())
+    assert read_metadata(out)["step"] == 2 and load_source_model(str(out))[1] == "test_resnet"  # convert, export
+    for name in ("final.safetensors", "final.manifest.json"):  # a run that has not finished
+        (out / "checkpoints" / name).unlink()
+    unfinished = r"holds no final model \(the run has not finished\); continue it with resume=auto, or load its newest"
+    with pytest.raises(ValueError, match=unfinished + r" step checkpoint, .*step_0000002\.safetensors"):
+        parameternet.load(out)
+
+
 def test_sigkill_then_resume_auto_ends_with_the_same_metrics(packaged_data, tmp_path):
     args = ["train", SMOKE, "max_steps=12", "batch_size=16", "ckpt_every_steps=3", "eval_every_steps=6",
             "log_every=2", "ema=0.9", "progress=false"]  # fmt: skip

@@ -112,7 +112,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="make a timm model or checkpoint a ParameterNet and save it (.safetensors)")
-    p.add_argument("source", metavar="MODEL_OR_CHECKPOINT", help="a timm model name or a local checkpoint file")
+    p.add_argument(
+        "source",
+        metavar="MODEL_OR_CHECKPOINT",
+        help="a timm model name, a local checkpoint file or a train run directory",
+    )
     p.add_argument("--experts", type=int, required=True, help="experts per layer (repconv: parallel kernels, >= 2)")
     p.add_argument("--method", default="dynamic", help="dynamic (default) or repconv")
     p.add_argument("--init", default="upcycle", help="upcycle (keep the model's function, default) or random")
@@ -321,7 +325,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     batch = p.add_mutually_exclusive_group()
     batch.add_argument("--batch-size", type=int, help="a graph for exactly this many images (1: the fastest)")
     batch.add_argument("--dynamic-batch", action="store_true", help="a symbolic batch dimension (the default)")
-    p.add_argument("--checkpoint", metavar="FILE", help="weights to load: a parameternet or timm checkpoint")
+    p.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="weights to load: a parameternet or timm checkpoint, or a train run directory",
+    )
     p.add_argument("--img-size", type=int, help="input height and width (default: the model's)")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--exporter", default="torchscript", help="torchscript (default, fast) or dynamo (torch.export)")
@@ -344,7 +352,7 @@ def _run_export(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         model, _, _ = load_source_model(args.checkpoint, arch=args.model)
-        if img_size is None and Path(args.checkpoint).suffix == ".safetensors":
+        if img_size is None and (Path(args.checkpoint).suffix == ".safetensors" or Path(args.checkpoint).is_dir()):
             from parameternet.io import read_metadata
 
             img_size = read_metadata(args.checkpoint)["img_size"]  # the size the run trained at
