@@ -82,7 +82,12 @@ def test_lm_train_resume_ends_with_the_same_weights(corpora):
     (b / "summary.json").unlink()
     with pytest.raises(ParameterNetError, match="resume=auto"):
         train_lm(load_lm_config("configs/lm-small.yaml", [*common, f"output_dir={b}"]))
-    train_lm(load_lm_config("configs/lm-small.yaml", [*common, f"output_dir={b}", "resume=auto"]))
+    changed = ["optim.lr=2e-3", "max_steps=8"]  # the restored optimizer and schedule would keep the old ones
+    refused = r"would change the run's recipe \(optim.lr 0.001 -> 0.002, max_steps 6 -> 8\); resume without changing"
+    with pytest.raises(ParameterNetError, match=refused):
+        train_lm(load_lm_config("configs/lm-small.yaml", [*common, f"output_dir={b}", "resume=auto", *changed]))
+    # where and how often the run checkpoints may change: same weights and rows
+    train_lm(load_lm_config("configs/lm-small.yaml", [*common, f"output_dir={b}", "resume=auto", "keep_last=3"]))
     wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert (a / "metrics.jsonl").read_text().count('"split": "train"') == 6
