@@ -20,7 +20,7 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="parameters, MACs and latency; with no model, the paper's table")
     p.add_argument("models", nargs="*", help="timm model names (default: the paper's vision rows)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=int, help="input height and width (default: each model's own; the table: 224)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--latency", action="store_true", help="also time the forward pass (median and p90)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for --latency")
@@ -38,7 +38,7 @@ def _run_profile(args: argparse.Namespace) -> int:
 
         if args.models:
             raise ParameterNetError(f"--table6 builds its own models; drop the model names {args.models}.")
-        return run_table6(as_json=args.json, img_size=args.img_size)
+        return run_table6(as_json=args.json, img_size=args.img_size or 224)
     return run_profile_command(
         args.models,
         as_json=args.json,
