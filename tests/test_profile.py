@@ -166,6 +166,11 @@ def test_cli_named_model_table():
     [
         (["parameternet_60m"], "unknown model 'parameternet_60m'; did you mean parameternet_600m"),
         (["--img-size", "128"], "the paper's table is measured at 224px, got --img-size 128"),
+        (["ghostnet_mini", "--img-size", "3"], "--img-size must be an integer >= 8, got 3."),
+        (["ghostnet_mini", "--batch-size", "0"], "--batch-size must be an integer >= 1, got 0."),
+        (["ghostnet_mini", "--threads", "2"], "--threads applies only with --latency; add --latency or drop it."),
+        (["--table6", "--latency"], "--latency applies to named models and the paper's table, not to --table6; drop"),
+        (["--table6", "--batch-size", "2"], "--batch-size applies to named models and the paper's table, not to"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(argv, message):
