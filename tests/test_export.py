@@ -277,7 +277,7 @@ def test_benchmark_modes_raises_dynamos_recompile_limit(monkeypatch):
     "args, message",
     [
         (["--modes", "jit"], "unknown mode 'jit'"),
-        (["--modes", "--batch-sizes", "0"], "batch size must be a positive integer, got 0"),
+        (["--modes", "--batch-sizes", "0"], "--batch-sizes must be an integer >= 1, got 0."),
         (["--modes", "--output", __file__], "is a file; choose another path"),
         (["--output", __file__ + "/sub"], "is a file; choose another path"),
     ],
@@ -286,6 +286,28 @@ def test_benchmark_modes_rejects_bad_input(args, message, capsys):
     assert main(["benchmark", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["benchmark", "--modes", "--runs", "0"], "--runs must be an integer >= 1, got 0."),  # the flag, not "rounds"
+        (["benchmark", "--runs", "0"], "--runs must be an integer >= 1, got 0."),
+        (["benchmark", "--modes", "--warmup", "-1"], "--warmup must be an integer >= 0, got -1."),
+        (["benchmark", "--threads", "0"], "--threads must be an integer >= 1, got 0."),
+        (["benchmark", "--modes", "--no-eager"], "--no-eager applies to the plain benchmark, not to --modes"),
+        (["benchmark", "--batch-sizes", "1", "2"], "--batch-sizes applies only with --modes (the plain benchmark"),
+        (["benchmark", "--img-size", "3"], "--img-size must be an integer >= 8, got 3."),
+        (["benchmark", "--modes", "--img-size", "3"], "--img-size must be an integer >= 8, got 3."),
+        (["export", "ghostnet_mini", "--onnx", "m.onnx", "--img-size", "3"], "--img-size must be an integer >= 8"),
+    ],
+)
+def test_cli_flags_are_checked_by_the_name_typed_before_any_work(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"parameternet {args[0]}: error: {message}" in err
+    assert not any(tmp_path.iterdir())  # nothing written, no results directory made
 
 
 def test_benchmark_rejects_an_unknown_model(capsys):

@@ -70,6 +70,31 @@ def test_save_writes_the_one_schema(converted, tmp_path):
     _same_outputs(parameternet.load(path), converted)
 
 
+def _my_net(seed: int = 0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4),
+    )  # fmt: skip
+
+
+def test_any_module_saves_and_loads_into_the_model_it_was_built_as(tmp_path):
+    mine = parameterize(_my_net(), 3, init="random", example_input=(1, 3, 16, 16), count_macs=False).eval()
+    path = parameternet.save(mine, tmp_path / "mine.safetensors")  # no model_name: timm did not build it
+    meta = read_metadata(path)
+    assert meta["model"] is None and meta["parameterize"] == [mine.parameterize_report.recipe()]
+    with pytest.raises(ParameterNetError, match=r"does not name its model; .*parameternet.load\(path, model=\.\.\.\)"):
+        parameternet.load(path)
+    _same_outputs(parameternet.load(path, model=_my_net(1)), mine)  # the conversion is redone on the dense model
+    again = parameterize(_my_net(1), 3, init="random", example_input=(1, 3, 16, 16), count_macs=False)
+    _same_outputs(parameternet.load(path, model=again), mine)  # ... or not, when it was already done
+    other = parameterize(_my_net(), 2, example_input=(1, 3, 16, 16), count_macs=False)
+    with pytest.raises(ParameterNetError, match="was converted with other steps than"):
+        parameternet.load(path, model=other)
+    dense = parameternet.save(_my_net(), tmp_path / "dense.safetensors")  # never converted: loaded as it is
+    _same_outputs(parameternet.load(dense, model=_my_net(1)), _my_net())
+
+
 @pytest.mark.parametrize("schema", ["first", "checkpoint-1 + recipe"])
 def test_converted_models_of_the_old_schemas_load(converted, tmp_path, schema):
     path = tmp_path / "old.safetensors"

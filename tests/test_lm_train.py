@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import parameternet
 from parameternet.cli import main
 from parameternet.errors import ParameterNetError
 from parameternet.train.lm import load_lm_config, train_lm
@@ -56,6 +57,8 @@ def test_lm_train_outputs_load_with_auto_classes(corpora):
     assert model.config.moe_projections == ["up_proj"] and len(tokenizer) == model.config.vocab_size == 300
     ids = tokenizer("The river stone", return_tensors="pt")["input_ids"]
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    loaded = parameternet.load(out)  # the run directory: its model/
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
 def test_lm_train_lr_schedule_ends_at_a_tenth_of_the_peak(corpora):
@@ -79,7 +82,12 @@ def test_lm_train_resume_ends_with_the_same_weights(corpora):
     (b / "summary.json").unlink()
     with pytest.raises(ParameterNetError, match="resume=auto"):
         train_lm(load_lm_config("configs/lm-small.yaml", [*common, f"output_dir={b}"]))
-    train_lm(load_lm_config("configs/lm-small.yaml", [*common, f"output_dir={b}", "resume=auto"]))
+    changed = ["optim.lr=2e-3", "max_steps=8"]  # the restored optimizer and schedule would keep the old ones
+    refused = r"would change the run's recipe \(optim.lr 0.001 -> 0.002, max_steps 6 -> 8\); resume without changing"
+    with pytest.raises(ParameterNetError, match=refused):
+        train_lm(load_lm_config("configs/lm-small.yaml", [*common, f"output_dir={b}", "resume=auto", *changed]))
+    # where and how often the run checkpoints may change: same weights and rows
+    train_lm(load_lm_config("configs/lm-small.yaml", [*common, f"output_dir={b}", "resume=auto", "keep_last=3"]))
     wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert (a / "metrics.jsonl").read_text().count('"split": "train"') == 6

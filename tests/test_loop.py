@@ -78,7 +78,9 @@ class FakeTask(TrainTask):
 
     def save_checkpoint(self):
         state = {"step": self.step, "log_window": self.window.saved()}
-        self.ckpt.save_step(self.step, {"weight": self.weight}, None, state, {"kind": "fake"})
+        self.ckpt.save_step(
+            self.step, {"weight": self.weight}, None, state, {"kind": "fake", "config": self.cfg.to_dict()}
+        )
 
     def load_checkpoint(self, state_path: Path):
         state = load_state(state_path)
@@ -176,7 +178,7 @@ def test_interrupt_saves_and_resume_gives_the_same_rows(tmp_path):
 
 def test_resume_discovery_and_refusals(tmp_path):
     FakeTask(FakeConfig(str(tmp_path), total_steps=4)).run()
-    ckpt = FakeTask(FakeConfig(str(tmp_path), resume="auto")).ckpt
+    ckpt = FakeTask(FakeConfig(str(tmp_path), total_steps=4, resume="auto")).ckpt
     latest = ckpt.dir / "step_0000004.state.pt"
     assert discover_resume("auto", ckpt) == latest
     assert discover_resume(str(tmp_path), ckpt) == latest  # a run directory
@@ -191,3 +193,18 @@ def test_resume_discovery_and_refusals(tmp_path):
         discover_resume("auto", ckpt)
     with pytest.raises(ParameterNetError, match="is incomplete"):
         discover_resume(str(latest), ckpt)
+
+
+def test_resume_refuses_another_recipe_but_not_another_cadence(tmp_path):
+    FakeTask(FakeConfig(str(tmp_path), total_steps=4)).run()
+    config = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ParameterNetError) as e:
+        FakeTask(FakeConfig(str(tmp_path), total_steps=8, resume="auto"))
+    latest = tmp_path / "checkpoints" / "step_0000004.safetensors"
+    assert str(e.value) == (
+        f"resuming from {str(latest)!r} would change the run's recipe (total_steps 4 -> 8); "
+        f"resume without changing them, or start a new output_dir (init_from= starts from its weights)"
+    )
+    assert (tmp_path / "config.yaml").read_text() == config  # the refused recipe is not recorded
+    # where and how often it reports may change (RESUME_MAY_CHANGE)
+    assert FakeTask(FakeConfig(str(tmp_path), total_steps=4, log_every=1, keep_last=3, resume="auto")).step == 4

@@ -416,6 +416,7 @@ def test_convert_cli_reads_training_checkpoints(tmp_path, capsys):
         (["NOTMODEL", "--experts", "4"], "is not a model checkpoint that torch.load can read safely"),
         (["NODICT", "--experts", "4"], "is not a model checkpoint: it holds no state dict of tensors."),
         (["NOARCH", "--experts", "4"], "does not name its architecture; pass --arch TIMM_NAME."),
+        (["resnet10t", "--experts", "4", "--img-size", "3"], "--img-size must be an integer >= 8, got 3."),
     ],
 )
 def test_convert_cli_bad_input_is_one_sentence_and_exit_2(tmp_path, capsys, args, message):

@@ -139,6 +139,22 @@ def test_cli_named_models_json():
     assert rows[1]["img_size"] == [64, 64]
 
 
+def test_profile_measures_and_prints_the_models_own_input():
+    grey = timm.create_model("resnet10t", in_chans=1, num_classes=3)
+    result = parameternet.profile(grey)  # timm's input size for resnet10t, the model's one channel
+    assert result.in_chans == 1 and result.img_size == tuple(grey.pretrained_cfg["input_size"][1:])
+    assert parameternet.profile(grey, img_size=32).as_dict()["in_chans"] == 1
+
+    rc, out, _ = run_cli("ghostnet_mini", "--json")  # 1 x 28 x 28 grey images
+    assert rc == 0 and [(r["in_chans"], r["img_size"]) for r in json.loads(out)] == [(1, [28, 28])]
+    rc, out, _ = run_cli("ghostnet_mini", "parameternet_mini", "--img-size", "32")
+    assert rc == 0 and out.splitlines()[-1].startswith("input 1x1x32x32; MACs counted")
+    rc, out, _ = run_cli("ghostnet_mini", "resnet10t")  # different inputs: one column each
+    lines = out.splitlines()
+    assert lines[0].split()[-1] == "input" and lines[2].endswith(" 1x1x28x28") and lines[3].endswith(" 1x3x176x176")
+    assert lines[-1].startswith("MACs counted")
+
+
 def test_cli_named_model_table():
     rc, out, _ = run_cli("parameternet_300m", "--img-size", "32")
     assert rc == 0
@@ -150,6 +166,11 @@ def test_cli_named_model_table():
     [
         (["parameternet_60m"], "unknown model 'parameternet_60m'; did you mean parameternet_600m"),
         (["--img-size", "128"], "the paper's table is measured at 224px, got --img-size 128"),
+        (["ghostnet_mini", "--img-size", "3"], "--img-size must be an integer >= 8, got 3."),
+        (["ghostnet_mini", "--batch-size", "0"], "--batch-size must be an integer >= 1, got 0."),
+        (["ghostnet_mini", "--threads", "2"], "--threads applies only with --latency; add --latency or drop it."),
+        (["--table6", "--latency"], "--latency applies to named models and the paper's table, not to --table6; drop"),
+        (["--table6", "--batch-size", "2"], "--batch-size applies to named models and the paper's table, not to"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(argv, message):

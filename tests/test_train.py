@@ -71,6 +71,41 @@ def test_smoke_recipe_trains_checkpoints_and_evaluates(packaged_data, tmp_path, 
     assert "already holds checkpoints; pass resume=auto" in capsys.readouterr().err
 
 
+def test_load_takes_a_run_directory(packaged_data, tmp_path):
+    import parameternet
+    from parameternet.io import load_source_model, read_metadata
+
+    out = tmp_path / "run"
+    train(load_config(SMOKE, [f"output_dir={out}", "max_steps=2", "batch_size=8", "data.val=null", "progress=false"]))
+    final = load_weights(out / "checkpoints" / "final.safetensors")[0]
+    for where in (out, out / "checkpoints"):  # the run's final weights, from the run or its checkpoints/
+        model = parameternet.load(where)
+        assert type(model).__name__ == "ResNet" and all(torch.equal(v, final[k]) for k, v in model.state_dict().items())
+    assert read_metadata(out)["step"] == 2 and load_source_model(str(out))[1] == "test_resnet"  # convert, export
+    for name in ("final.safetensors", "final.manifest.json"):  # a run that has not finished
+        (out / "checkpoints" / name).unlink()
+    unfinished = r"holds no final model \(the run has not finished\); continue it with resume=auto, or load its newest"
+    with pytest.raises(ValueError, match=unfinished + r" step checkpoint, .*step_0000002\.safetensors"):
+        parameternet.load(out)
+
+
+def test_resume_with_another_recipe_is_refused_in_one_line(packaged_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", SMOKE, f"output_dir={out}", "max_steps=4", "batch_size=8", "data.val=null", "progress=false"]
+    assert main(args) == 0
+    config = (out / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main([*args, "resume=auto", "optim.lr=0.1", "max_steps=8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith(
+        "would change the run's recipe (max_steps 4 -> 8, optim.lr 0.005 -> 0.1); resume without changing them, or "
+        "start a new output_dir (init_from= starts from its weights)"
+    )
+    assert (out / "config.yaml").read_text() == config  # the new values are not recorded
+    # where and how often the run reports and checkpoints, and its data workers, may change
+    assert main([*args, "resume=auto", "log_every=1", "ckpt_every_steps=1", "eval_every_epochs=2", "keep_last=3"]) == 0
+
+
 def test_sigkill_then_resume_auto_ends_with_the_same_metrics(packaged_data, tmp_path):
     args = ["train", SMOKE, "max_steps=12", "batch_size=16", "ckpt_every_steps=3", "eval_every_steps=6",
             "log_every=2", "ema=0.9", "progress=false"]  # fmt: skip
@@ -177,8 +212,8 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(packaged_data, tmp_path,
     out = tmp_path / "run"
     assert main(["train", SMOKE, f"output_dir={out}", "max_steps=4", "progress=false"]) == 0
     capsys.readouterr()
-    assert main(["train", SMOKE, f"output_dir={out}", "max_steps=8", "resume=auto", "model=resnet10t"]) == 2
-    assert "was written for model 'test_resnet'" in capsys.readouterr().err
+    assert main(["train", SMOKE, f"output_dir={out}", "max_steps=4", "resume=auto", "model=resnet10t"]) == 2
+    assert "would change the run's recipe (model 'test_resnet' -> 'resnet10t')" in capsys.readouterr().err
     state = out / "checkpoints" / "step_0000004.state.pt"
     state.write_bytes(state.read_bytes()[:100])
     assert main(["train", SMOKE, f"output_dir={out}", "max_steps=8", "resume=auto"]) == 2

@@ -16,14 +16,36 @@ from parameternet.errors import ParameterNetError
 USER_ERRORS = (ParameterNetError, FileNotFoundError)
 
 
+def _check_flags(*checks: tuple[str, int | list[int] | None, int]) -> None:
+    """Raise ParameterNetError naming the flag, as the user typed it, of the first ``(flag, value, minimum)`` whose
+    value (or one of its values) is below the minimum; a None value (the flag not given) passes."""
+    for flag, value, minimum in checks:
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and v < minimum:
+                raise ParameterNetError(f"{flag} must be an integer >= {minimum}, got {v}.")
+
+
+def _img_size_check(value: int | None) -> tuple[str, int | None, int]:
+    """The :func:`_check_flags` entry of ``--img-size``: no smaller than an image model takes."""
+    from parameternet.toolkit import MIN_IMG_SIZE
+
+    return ("--img-size", value, MIN_IMG_SIZE)
+
+
+def _refuse(flag: str, given: bool, where: str, fix: str = "drop it") -> None:
+    """Raise ParameterNetError when ``flag`` was ``given`` where it does not apply (``where`` says where it does)."""
+    if given:
+        raise ParameterNetError(f"{flag} applies {where}; {fix}.")
+
+
 def _add_profile(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="parameters, MACs and latency; with no model, the paper's table")
     p.add_argument("models", nargs="*", help="timm model names (default: the paper's vision rows)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--img-size", type=int, help="input height and width (default: each model's own; the table: 224)")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default 1)")
     p.add_argument("--latency", action="store_true", help="also time the forward pass (median and p90)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for --latency")
+    p.add_argument("--threads", type=int, help="torch threads for --latency (default 1)")
     p.add_argument(
         "--table6", action="store_true", help="Table 6: train vs inference params of RepConv and dynamic conv"
     )
@@ -33,19 +55,26 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
 def _run_profile(args: argparse.Namespace) -> int:
     from parameternet.profile.report import run_profile_command
 
+    _check_flags(_img_size_check(args.img_size), ("--batch-size", args.batch_size, 1), ("--threads", args.threads, 1))
     if args.table6:
         from parameternet.experiments.table6 import run_table6
 
         if args.models:
             raise ParameterNetError(f"--table6 builds its own models; drop the model names {args.models}.")
-        return run_table6(as_json=args.json, img_size=args.img_size)
+        for flag, given in (("--latency", args.latency), ("--batch-size", args.batch_size is not None)):
+            _refuse(flag, given, "to named models and the paper's table, not to --table6")
+        _refuse("--threads", args.threads is not None, "only with --latency")
+        return run_table6(as_json=args.json, img_size=args.img_size or 224)
+    _refuse(
+        "--threads", args.threads is not None and not args.latency, "only with --latency", "add --latency or drop it"
+    )
     return run_profile_command(
         args.models,
         as_json=args.json,
         img_size=args.img_size,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or 1,
         latency=args.latency,
-        threads=args.threads,
+        threads=args.threads or 1,
     )
 
 
@@ -112,7 +141,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="make a timm model or checkpoint a ParameterNet and save it (.safetensors)")
-    p.add_argument("source", metavar="MODEL_OR_CHECKPOINT", help="a timm model name or a local checkpoint file")
+    p.add_argument(
+        "source",
+        metavar="MODEL_OR_CHECKPOINT",
+        help="a timm model name, a local checkpoint file or a train run directory",
+    )
     p.add_argument("--experts", type=int, required=True, help="experts per layer (repconv: parallel kernels, >= 2)")
     p.add_argument("--method", default="dynamic", help="dynamic (default) or repconv")
     p.add_argument("--init", default="upcycle", help="upcycle (keep the model's function, default) or random")
@@ -129,6 +162,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def _run_convert(args: argparse.Namespace) -> int:
     from parameternet.convert import convert
 
+    _check_flags(_img_size_check(args.img_size))
     model, timm_call = convert(
         args.source,
         args.experts,
@@ -321,7 +355,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     batch = p.add_mutually_exclusive_group()
     batch.add_argument("--batch-size", type=int, help="a graph for exactly this many images (1: the fastest)")
     batch.add_argument("--dynamic-batch", action="store_true", help="a symbolic batch dimension (the default)")
-    p.add_argument("--checkpoint", metavar="FILE", help="weights to load: a parameternet or timm checkpoint")
+    p.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="weights to load: a parameternet or timm checkpoint, or a train run directory",
+    )
     p.add_argument("--img-size", type=int, help="input height and width (default: the model's)")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--exporter", default="torchscript", help="torchscript (default, fast) or dynamo (torch.export)")
@@ -345,12 +383,13 @@ def _run_export(args: argparse.Namespace) -> int:
     from parameternet.io import load_source_model
     from parameternet.profile.export import export_onnx
 
+    _check_flags(_img_size_check(args.img_size))
     img_size = args.img_size
     if args.checkpoint:
         from pathlib import Path
 
         model, _, _ = load_source_model(args.checkpoint, arch=args.model)
-        if img_size is None and Path(args.checkpoint).suffix == ".safetensors":
+        if img_size is None and (Path(args.checkpoint).suffix == ".safetensors" or Path(args.checkpoint).is_dir()):
             from parameternet.io import read_metadata
 
             img_size = read_metadata(args.checkpoint)["img_size"]  # the size the run trained at
@@ -390,7 +429,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=10, help="untimed rounds first (default 10)")
     p.add_argument("--runs", type=int, default=50, help="timed rounds (default 50)")
-    p.add_argument("--no-eager", action="store_true", help="time ONNX Runtime only")
+    p.add_argument("--no-eager", action="store_true", help="time ONNX Runtime only (not with --modes)")
     p.add_argument(
         "--modes",
         nargs="*",
@@ -399,7 +438,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
         "compile-dynamic, onnx-portable, onnx-per-image, onnx-ort) at --batch-sizes and write OUTPUT/modes.csv and "
         "modes.json (default models: ghostnet_600m parameternet_600m)",
     )
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8], help="with --modes (default: 1 8)")
+    p.add_argument("--batch-sizes", nargs="+", type=int, help="with --modes only (default: 1 8)")
     p.set_defaults(func=_run_benchmark)
 
 
@@ -409,7 +448,7 @@ def _run_modes(args: argparse.Namespace) -> int:
     rows, meta = run_modes(
         args.models or ("ghostnet_600m", "parameternet_600m"),
         modes=args.modes or MODES,
-        batch_sizes=args.batch_sizes,
+        batch_sizes=args.batch_sizes or [1, 8],
         threads=args.threads,
         rounds=args.runs,
         warmup=args.warmup,
@@ -424,6 +463,17 @@ def _run_modes(args: argparse.Namespace) -> int:
 def _run_benchmark(args: argparse.Namespace) -> int:
     from parameternet.runs import make_dir
 
+    _check_flags(
+        _img_size_check(args.img_size),
+        ("--threads", args.threads, 1),
+        ("--warmup", args.warmup, 0),
+        ("--runs", args.runs, 1),
+        ("--batch-sizes", args.batch_sizes, 1),
+    )
+    if args.modes is not None:
+        _refuse("--no-eager", args.no_eager, "to the plain benchmark, not to --modes (which times the modes it names)")
+    else:
+        _refuse("--batch-sizes", args.batch_sizes is not None, "only with --modes (the plain benchmark times batch 1)")
     make_dir(args.output)  # before minutes of timing: a path that cannot hold the results is refused now
     if args.modes is not None:
         return _run_modes(args)

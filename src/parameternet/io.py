@@ -136,11 +136,45 @@ def _not_a_checkpoint(path: Path, e: BaseException) -> ParameterNetError:
     )
 
 
+def _run_model(run: Path) -> Path:
+    """The final model of a run directory: an lm-train run's ``model/`` (or that directory itself), a train run's
+    ``checkpoints/final.safetensors`` (or that of a ``checkpoints/`` directory)."""
+    for hf in (run, run / "model"):
+        if (hf / "config.json").is_file():
+            return hf
+    for final in (run / "checkpoints" / "final.safetensors", run / "final.safetensors"):
+        if final.is_file():
+            return final
+    steps = sorted((run / "checkpoints").glob("step_*.safetensors")) or sorted(run.glob("step_*.safetensors"))
+    steps = [p for p in steps if not p.name.endswith(".ema.safetensors")]
+    if steps:
+        raise ParameterNetError(
+            f"run directory {str(run)!r} holds no final model (the run has not finished); continue it with "
+            f"resume=auto, or load its newest step checkpoint, {str(steps[-1])!r}."
+        )
+    raise ParameterNetError(
+        f"{str(run)!r} holds no model; pass a .safetensors file or a run directory of parameternet train or lm-train."
+    )
+
+
+def _run_weights(path: Path) -> Path:
+    """``path``, or for a directory the final weights file of the train run it is (see :func:`_run_model`)."""
+    if not path.is_dir():
+        return path
+    found = _run_model(path)
+    if found.is_dir():
+        raise ParameterNetError(
+            f"{str(path)!r} holds a language model saved by lm-train, not safetensors weights; load it with "
+            f"parameternet.load() or transformers' from_pretrained()."
+        )
+    return found
+
+
 def _read(path: str | Path, tensors: bool) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = Path(path)
+    path = _run_weights(Path(path))
     if not path.is_file():
         raise ParameterNetError(f"checkpoint {str(path)!r} does not exist; pass a .safetensors file or a run directory")
     try:
@@ -153,18 +187,19 @@ def _read(path: str | Path, tensors: bool) -> tuple[dict[str, torch.Tensor] | No
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The state dict of a safetensors file and its metadata in the one schema (:func:`read_metadata`).
+    """The state dict of a safetensors file (or of a train run directory's final weights) and its metadata in the
+    one schema (:func:`read_metadata`).
 
-    Raises ParameterNetError for a missing, truncated or foreign file.
+    Raises ParameterNetError for a missing, truncated or foreign file and a run directory without final weights.
     """
     state, meta = _read(path, tensors=True)
     return state, meta
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The metadata of any safetensors file, parameternet's of any schema or a foreign one, in the one schema (see
-    the module docstring; every key is there, with None / [] / {} where the file does not say). Raises
-    ParameterNetError for a missing file or one that is not safetensors."""
+    """The metadata of any safetensors file (or of a train run directory's final weights), parameternet's of any
+    schema or a foreign one, in the one schema (see the module docstring; every key is there, with None / [] / {}
+    where the file does not say). Raises ParameterNetError for a missing file or one that is not safetensors."""
     return _read(path, tensors=False)[1]
 
 
@@ -182,32 +217,33 @@ def save(
     """Write ``model``'s weights and what rebuilds it (timm name, build arguments, conversion steps) to a
     ``.safetensors`` file that :func:`load` reads back; atomically. Returns the path.
 
-    ``model_name`` defaults to timm's ``pretrained_cfg["architecture"]``. The model's ``num_classes`` and
-    ``in_chans`` are recorded; pass any other argument it was built with in ``model_kwargs``. Raises
-    ParameterNetError for another suffix, a deployed model, an unnamed model or arguments that are not JSON.
+    ``model`` is any ``nn.Module``. ``model_name`` defaults to timm's ``pretrained_cfg["architecture"]``; a model
+    timm did not build is saved without one, and :func:`load` then takes the model to load into (``model=``). The
+    model's ``num_classes`` and ``in_chans`` are recorded; pass any other argument it was built with in
+    ``model_kwargs``. Raises ParameterNetError for another suffix, a deployed model or arguments that are not JSON.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ParameterNetError(f"the output must be a .safetensors file, got {str(path)!r}.")
     if hasattr(model, "deploy_report"):
         raise ParameterNetError("cannot save a deployed model; save it before deploy() and deploy after load().")
-    name = model_name or timm_name(model)
-    if not name:
-        raise ParameterNetError(
-            f"cannot tell which timm model {type(model).__name__} is; pass model_name= (a timm model name)."
-        )
+    name = model_name or timm_name(model)  # None: not a timm model, load() needs it rebuilt (model=)
     kwargs = {k: getattr(model, k) for k in ("num_classes", "in_chans") if isinstance(getattr(model, k, None), int)}
     kwargs.update(model_kwargs or {})
     try:
         json.dumps(kwargs)
     except TypeError as e:
         raise ParameterNetError(f"model_kwargs must be JSON values, got {kwargs!r}.") from e
+    meta = {"kind": "convert", "model": name, "model_kwargs": kwargs, "parameterize": _steps_of(model)}
+    save_weights(path, model.state_dict(), meta)
+    return path
+
+
+def _steps_of(model: nn.Module) -> list[dict[str, Any]]:
+    """The conversion steps ``model`` went through (oldest first), as JSON values; [] for an unconverted model."""
     report = getattr(model, "parameterize_report", None)
     steps = [*report.history, report.recipe()] if isinstance(report, ParameterizeReport) else []
-    save_weights(
-        path, model.state_dict(), {"kind": "convert", "model": name, "model_kwargs": kwargs, "parameterize": steps}
-    )
-    return path
+    return json.loads(json.dumps(steps))
 
 
 def read_recipe(path: str | Path) -> dict[str, Any] | None:
@@ -228,21 +264,72 @@ def build_from_recipe(recipe: dict[str, Any]) -> nn.Module:
     return apply_recipe(model, recipe.get("parameterize") or [])
 
 
-def load(path: str | Path) -> nn.Module:
-    """Rebuild a model written by :func:`save`, ``parameternet convert`` or ``parameternet train`` and load its
-    weights; raises ParameterNetError for a missing file or one that does not name its model."""
+def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a model written by :func:`save`, ``parameternet convert``, ``parameternet train`` or
+    ``parameternet lm-train`` and load its weights.
+
+    ``path`` is a ``.safetensors`` file or a run directory: a ``train`` run's final weights
+    (``checkpoints/final.safetensors``; pass ``checkpoints/final.ema.safetensors`` for the EMA's) or an
+    ``lm-train`` run's ``model/`` (transformers' ``save_pretrained`` output, loaded with its Auto classes). A file
+    that names its timm model is rebuilt from it. For a model timm did not build (an ``nn.Module`` of your own),
+    pass ``model``: that model built as it was before ``parameterize()``; the conversion steps the file records are
+    redone on it (steps it has already been through are not), its weights are loaded and it is returned.
+
+    Raises ParameterNetError for a missing file, a run directory without a final model (a run that has not
+    finished), a file that does not name its model when no ``model`` is given, a ``model`` converted with other
+    steps than the file's, or weights that do not fit.
+    """
     path = Path(path)
+    if path.is_dir():
+        found = _run_model(path)
+        if found.is_dir():
+            if model is not None:
+                raise ParameterNetError(
+                    f"{str(found)!r} is a language model saved by lm-train; drop model=, it is rebuilt from its "
+                    f"config.json."
+                )
+            return _load_pretrained(found)
+        path = found
     if not path.is_file():
-        raise ParameterNetError(f"no such file: {str(path)!r}.")
+        raise ParameterNetError(f"no such file: {str(path)!r}; pass a .safetensors file or a run directory.")
     state, info = load_weights(path)
-    if not info["model"]:
+    if model is not None:
+        steps = _steps_to_redo(model, info["parameterize"], str(path))
+        model = apply_recipe(model, steps)
+    elif not info["model"]:
         raise ParameterNetError(
-            f"{str(path)!r} does not name its model; load a file written by parameternet (save, convert or train), "
-            f"or build the model and load_state_dict() it."
+            f"{str(path)!r} does not name its model; build the model (a converted one as it was before "
+            f"parameterize()) and pass it: parameternet.load(path, model=...)."
         )
-    model = build_from_recipe(info)
+    else:
+        model = build_from_recipe(info)
     _load_state(model, state, str(path))
     return model
+
+
+def _load_pretrained(directory: Path) -> nn.Module:
+    """The language model an lm-train run saved in ``directory`` (``save_pretrained`` output), float32, eval mode."""
+    try:
+        from transformers import AutoModelForCausalLM
+
+        import parameternet.models.llama_moe  # noqa: F401  (registers parameternet_llama with the Auto classes)
+    except ImportError as e:
+        raise ParameterNetError(
+            f"{str(directory)!r} holds a language model, which needs transformers; install it with "
+            f"`pip install parameternet[lm]`."
+        ) from e
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+def _steps_to_redo(model: nn.Module, steps: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
+    """The conversion steps of ``steps`` that ``model`` has not been through yet."""
+    done = _steps_of(model)
+    if json.loads(json.dumps(steps[: len(done)])) != done:
+        raise ParameterNetError(
+            f"the model passed as model= was converted with other steps than {source!r} records; pass it as it was "
+            f"built, before parameterize()."
+        )
+    return steps[len(done) :]
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -292,14 +379,15 @@ def load_source_model(
     """The model ``parameternet convert`` starts from, the timm name and the arguments it was built with.
 
     ``source`` is a timm model name (built with ``pretrained``) or a local checkpoint: a file written by
-    :func:`save` or ``parameternet train``, a ``.safetensors`` state dict, or a ``torch.save`` file holding a state
-    dict (plain or under ``state_dict`` / ``model`` / ...). A checkpoint names its architecture under ``arch`` /
-    ``model_name`` (timm's train script does) or takes it from ``arch``; a checkpoint that names another model than
-    ``arch`` raises ParameterNetError, as do a missing or unreadable file and an unknown model.
+    :func:`save` or ``parameternet train`` (or a train run directory: its final weights), a ``.safetensors`` state
+    dict, or a ``torch.save`` file holding a state dict (plain or under ``state_dict`` / ``model`` / ...). A
+    checkpoint names its architecture under ``arch`` / ``model_name`` (timm's train script does) or takes it from
+    ``arch``; a checkpoint that names another model than ``arch`` raises ParameterNetError, as do a missing or
+    unreadable file and an unknown model.
     """
     from timm.models import get_pretrained_cfg_value
 
-    path = Path(source)
+    path = _run_weights(Path(source))  # a train run directory: its final weights
     if not path.is_file():
         if path.suffix in (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".tar") or "/" in source:
             raise ParameterNetError(f"no such checkpoint file: {source!r}.")

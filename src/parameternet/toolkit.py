@@ -19,6 +19,7 @@ from torch import nn
 from parameternet.errors import ParameterNetError
 
 __all__ = [
+    "MIN_IMG_SIZE",
     "eval_mode",
     "example_input_for",
     "first_line",
@@ -147,6 +148,9 @@ def example_input_for(model: nn.Module, example_input: torch.Tensor | Sequence[i
             return None
         shape = (1, *size)
     return _seeded_randn(shape, model)
+
+
+MIN_IMG_SIZE = 8  # the smallest input height / width the commands that build an image model accept
 
 
 def image_input_shape(

@@ -1,6 +1,6 @@
 """Profiling: parameters (experts / routers / static), MACs in the paper's convention, latency and ONNX export.
 
-``parameternet.profile(model, img_size=224, ...)`` calls :func:`parameternet.profile.counting.profile`: this
+``parameternet.profile(model, img_size=None, ...)`` calls :func:`parameternet.profile.counting.profile`: this
 package is callable, so the short spelling works and its submodules (``parameternet.profile.report``, which
 prints the paper's table for ``parameternet profile``) stay importable under their own names.
 """

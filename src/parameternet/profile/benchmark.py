@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from parameternet.errors import ParameterNetError
-from parameternet.toolkit import image_input_shape
+from parameternet.toolkit import MIN_IMG_SIZE, image_input_shape
 
 __all__ = ["PEERS", "REPORTED_TOP1", "BenchmarkRow", "run_benchmark", "write_outputs"]
 
@@ -123,7 +123,9 @@ def run_benchmark(
 ) -> tuple[list[BenchmarkRow], dict[str, Any]]:
     """Time every model in ONNX Runtime (and eager PyTorch), batch 1, ``threads`` threads, interleaved.
 
-    Returns the rows and a dict describing the run (machine, versions, load average before and after).
+    Returns the rows and a dict describing the run (machine, versions, load average before and after). Raises
+    ParameterNetError for an unknown model, ``threads`` or ``runs`` below 1, a negative ``warmup`` and an
+    ``img_size`` below :data:`~parameternet.toolkit.MIN_IMG_SIZE`.
     """
     from parameternet.counting import count_macs, count_params
     from parameternet.deploy import deploy
@@ -133,9 +135,11 @@ def run_benchmark(
 
     models = list(models)
     _check_models(models)
-    for name, value in (("threads", threads), ("runs", runs), ("img_size", img_size)):
+    for name, value in (("threads", threads), ("runs", runs)):
         if not isinstance(value, int) or value < 1:
             raise ParameterNetError(f"{name} must be a positive integer, got {value!r}.")
+    if not isinstance(img_size, int) or img_size < MIN_IMG_SIZE:
+        raise ParameterNetError(f"img_size must be an integer >= {MIN_IMG_SIZE}, got {img_size!r}.")
     if warmup < 0:
         raise ParameterNetError(f"warmup must be >= 0, got {warmup!r}.")
 

@@ -22,7 +22,8 @@ __all__ = ["ParamCounts", "ProfileResult", "count_macs", "count_params", "measur
 
 @dataclass(frozen=True)
 class ProfileResult:
-    """What :func:`profile` measured. ``macs`` is for the whole batch; latencies are in milliseconds."""
+    """What :func:`profile` measured, on an input of ``(batch_size, in_chans, *img_size)``. ``macs`` is for the whole
+    batch; latencies are in milliseconds."""
 
     model: str
     img_size: tuple[int, int]
@@ -35,6 +36,7 @@ class ProfileResult:
     latency_ms: float | None = None
     latency_p90_ms: float | None = None
     threads: int | None = None
+    in_chans: int = 3
 
     @property
     def macs_per_sample(self) -> int:
@@ -78,7 +80,7 @@ def _positive(name: str, value: int) -> int:
 
 def profile(
     model: nn.Module,
-    img_size: int | tuple[int, int] = 224,
+    img_size: int | tuple[int, int] | None = None,
     batch_size: int = 1,
     latency: bool = False,
     threads: int = 1,
@@ -90,18 +92,23 @@ def profile(
     """Parameters, MACs (the paper's convention) and, with ``latency``, the forward time of ``model``.
 
     The model runs in eval mode on a seeded random batch ``(batch_size, in_chans, H, W)`` on its own device and
-    dtype; every module's train/eval mode is restored afterwards and nothing else is changed.
+    dtype; every module's train/eval mode is restored afterwards and nothing else is changed. ``in_chans`` and
+    ``img_size`` (an int or ``(H, W)``) default to the model's own input: its ``in_chans`` and timm's
+    ``pretrained_cfg["input_size"]``, else 3 x 224 x 224 (:func:`parameternet.toolkit.image_input_shape`).
     """
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    if len(size) != 2:
-        raise ParameterNetError(f"img_size must be an int or (height, width), got {img_size!r}.")
-    for v in size:
-        _positive("img_size", v)
+    size = None
+    if img_size is not None:
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if len(size) != 2:
+            raise ParameterNetError(f"img_size must be an int or (height, width), got {img_size!r}.")
+        for v in size:
+            _positive("img_size", v)
     _positive("batch_size", batch_size)
     _positive("threads", threads)
     _positive("runs", runs)
     device, dtype = param_device_dtype(model)
-    chans, _, _ = image_input_shape(model, size, in_chans or None)
+    chans, *size = image_input_shape(model, size, in_chans or None)
+    size = tuple(size)
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(batch_size, chans, *size, generator=generator).to(device=device, dtype=dtype)
 
@@ -123,4 +130,5 @@ def profile(
         latency_ms=median,
         latency_p90_ms=p90,
         threads=threads if latency else None,
+        in_chans=chans,
     )

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from parameternet.errors import ParameterNetError
-from parameternet.toolkit import image_input_shape
+from parameternet.toolkit import MIN_IMG_SIZE, image_input_shape
 
 __all__ = ["MODES", "ModeRow", "format_modes", "run_modes", "write_modes"]
 
@@ -103,8 +103,10 @@ def _check(models, modes, batch_sizes, threads, rounds, warmup, img_size) -> Non
         for v in values:
             if not isinstance(v, int) or v < 1:
                 raise ParameterNetError(f"{what} must be a positive integer, got {v!r}.")
-    if img_size is not None and (not isinstance(img_size, int) or img_size < 8):
-        raise ParameterNetError(f"img_size must be an integer >= 8 (or None: the model's own), got {img_size!r}.")
+    if img_size is not None and (not isinstance(img_size, int) or img_size < MIN_IMG_SIZE):
+        raise ParameterNetError(
+            f"img_size must be an integer >= {MIN_IMG_SIZE} (or None: the model's own), got {img_size!r}."
+        )
     if warmup < 0:
         raise ParameterNetError(f"warmup must be >= 0, got {warmup!r}.")
 

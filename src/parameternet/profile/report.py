@@ -47,11 +47,11 @@ PAPER_ROWS = (
 )
 
 
-def _build(name: str, img_size: int, **kwargs: Any):
+def _build(name: str, img_size: int | None, **kwargs: Any):
     from parameternet.models import create_model  # registers the paper's models in timm
 
     cfg = timm.models.get_pretrained_cfg(name.split(".", 1)[0])
-    if cfg is not None and cfg.fixed_input_size:
+    if img_size is not None and cfg is not None and cfg.fixed_input_size:
         kwargs.setdefault("img_size", img_size)  # e.g. Swin builds its attention masks for one size
     return create_model(name, **kwargs)
 
@@ -92,14 +92,23 @@ def _m(n: float) -> str:
     return f"{n / 1e6:.2f}M"
 
 
+def _input(row: dict[str, Any]) -> str:
+    """The input a row was measured on, ``BxCxHxW``."""
+    return "x".join(str(s) for s in (row["batch_size"], row.get("in_chans", 3), *row["img_size"]))
+
+
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table: paper / measured / difference when the rows carry paper figures, else measurements."""
+    """A plain-text table: paper / measured / difference when the rows carry paper figures, else measurements; the
+    input each row was measured on in the note below it, or in a column of its own when the rows' inputs differ."""
     paper = bool(rows) and "paper_params" in rows[0]
     timed = any(r.get("latency_ms") is not None for r in rows)
+    inputs = {_input(r) for r in rows}
     if paper:
         header = ["model", "experts", "params paper", "measured", "diff", "MACs paper", "measured", "diff"]
     else:
         header = ["model", "params", "experts", "routers", "static", "MACs/sample"]
+    if len(inputs) > 1:
+        header.append("input")
     if timed:
         header += ["ms median", "ms p90"]
     if paper:
@@ -126,6 +135,8 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
                 _m(r["static_params"]),
                 _m(r["macs_per_sample"]),
             ]
+        if len(inputs) > 1:
+            cells.append(_input(r))
         if timed:
             cells += [f"{r['latency_ms']:.2f}", f"{r['latency_p90_ms']:.2f}"]
         if paper:
@@ -136,11 +147,10 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     text = [fmt.format(*header).rstrip(), "  ".join("-" * w for w in widths).rstrip()]
     text += [fmt.format(*cells).rstrip() for cells in lines]
     if rows:
-        r = rows[0]
-        size = "x".join(str(s) for s in r["img_size"])
-        note = f"input {r['batch_size']}x3x{size}; MACs counted as torchprofile counts them (the paper's convention)"
+        note = f"input {inputs.pop()}; " if len(inputs) == 1 else ""
+        note += "MACs counted as torchprofile counts them (the paper's convention)"
         if timed:
-            note += f"; latency on {r['threads']} thread(s)"
+            note += f"; latency on {rows[0]['threads']} thread(s)"
         text.append(note)
     return "\n".join(text)
 
@@ -148,14 +158,15 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 def run_profile_command(
     models: list[str],
     as_json: bool = False,
-    img_size: int = 224,
+    img_size: int | None = None,
     batch_size: int = 1,
     latency: bool = False,
     threads: int = 1,
 ) -> int:
-    """Print the paper table (no ``models``) or the named models' measurements; 1 if a paper row is off."""
+    """Print the paper table (no ``models``; at 224px) or the named models' measurements, each on its own input
+    (channels and size; ``img_size`` replaces the size); 1 if a paper row is off."""
     if not models:
-        if img_size != 224:
+        if img_size not in (None, 224):
             raise ParameterNetError(
                 f"the paper's table is measured at 224px, got --img-size {img_size}; "
                 "name the models to profile them at another size."

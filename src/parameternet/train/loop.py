@@ -5,8 +5,9 @@ A *task* (:class:`TrainTask`: image classification in :mod:`parameternet.train.t
 validate, checkpoint and summarise. The loop owns everything around that, the same for both:
 
 - the run directory: resume discovery (``resume=auto``, a checkpoint file or a directory), the refusal to write
-  over another run's checkpoints, ``config.yaml`` and ``metrics.jsonl`` (rows after the checkpoint resumed
-  from are dropped, so a resumed file reads like an unbroken one);
+  over another run's checkpoints or to resume one with another recipe (:data:`RESUME_MAY_CHANGE` lists the keys
+  that may change), ``config.yaml`` and ``metrics.jsonl`` (rows after the checkpoint resumed from are dropped, so
+  a resumed file reads like an unbroken one);
 - the steps: data wait and step time (:class:`Timing`), the train rows' window (:class:`Window`), the NaN
   guard, the progress bar, the cadence of rows, validations and checkpoints (:class:`Cadence`);
 - stopping: SIGINT / SIGTERM on any rank finish the step, write a checkpoint and raise
@@ -35,15 +36,18 @@ from parameternet.errors import ParameterNetError
 from parameternet.runs import RunInterrupted, RunLock, StopSignal, atomic_write, fs_error
 from parameternet.toolkit import seed_all
 from parameternet.train import distributed as D
-from parameternet.train.checkpoint import CheckpointManager, state_path_for
+from parameternet.train.checkpoint import CheckpointManager, read_metadata, state_path_for
+from parameternet.train.recipe import recipe_keys
 
 __all__ = [
     "Cadence",
     "Metrics",
+    "RESUME_MAY_CHANGE",
     "RunLoop",
     "Timing",
     "TrainTask",
     "Window",
+    "check_resume_recipe",
     "decay_groups",
     "discover_resume",
     "peak_lr",
@@ -226,6 +230,60 @@ def discover_resume(resume: str | None, ckpt: CheckpointManager) -> Path | None:
     return found
 
 
+# The recipe keys a resumed run may change: where it writes, how often it reports, validates and checkpoints, how it
+# loads data and how many threads it runs; none of them changes the weights it ends with. Any other key is the run's.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "output_dir",
+        "resume",
+        "progress",
+        "tensorboard",
+        "log_every",
+        "eval_every_steps",
+        "eval_every_epochs",
+        "ckpt_every_steps",
+        "ckpt_every_epochs",
+        "keep_last",
+        "eval_batch_size",
+        "data.num_workers",
+        "threads",
+    }
+)
+
+
+def check_resume_recipe(cfg: Any, state_path: Path) -> None:
+    """Refuse to resume from the checkpoint whose ``.state.pt`` is ``state_path`` with a recipe ``cfg`` (a recipe
+    dataclass) that differs from the one the checkpoint records in a key outside :data:`RESUME_MAY_CHANGE`: the
+    restored optimizer and scheduler would go on with the old values while ``config.yaml`` said the new ones.
+
+    Keys the checkpoint does not record (written before they existed) are not compared. Raises ParameterNetError
+    naming each changed key with its old and new value.
+    """
+    weights = state_path.with_name(state_path.name.replace(".state.pt", ".safetensors"))
+    saved = read_metadata(weights)["config"]
+    if not saved:
+        return
+    changes = []
+    for key in recipe_keys(type(cfg)):
+        if key in RESUME_MAY_CHANGE:
+            continue
+        old, new = saved, cfg
+        for part in key.split("."):
+            old = old.get(part, _UNSET) if isinstance(old, dict) else _UNSET
+            new = getattr(new, part)
+        new = json.loads(json.dumps(new))  # as the checkpoint holds it: lists, not tuples
+        if old is not _UNSET and old != new:
+            changes.append(f"{key} {old!r} -> {new!r}")
+    if changes:
+        raise ParameterNetError(
+            f"resuming from {str(weights)!r} would change the run's recipe ({', '.join(changes)}); resume without "
+            f"changing them, or start a new output_dir (init_from= starts from its weights)"
+        )
+
+
+_UNSET = object()
+
+
 def _resume_path(r: str | None, ckpt: CheckpointManager) -> Path | None:
     if r is None:
         return None
@@ -264,7 +322,8 @@ class TrainTask:
     ``step`` (optimizer steps done), ``total_steps``, ``epoch``, ``window``, ``cadence``, ``ddp`` (the module
     the steps run), ``optimizer`` and ``progress_desc``, and calls the methods below. ``window`` names the loss
     values :meth:`train_step` returns; ``tensorboard`` mirrors the rows to TensorBoard when it is installed.
-    Raises ParameterNetError (one sentence) for a resume that cannot be honoured (:func:`discover_resume`).
+    Raises ParameterNetError (one sentence) for a resume that cannot be honoured (:func:`discover_resume`) or
+    that would change the run's recipe (:func:`check_resume_recipe`).
     """
 
     progress_desc = "train"
@@ -275,6 +334,8 @@ class TrainTask:
         self.out = Path(cfg.output_dir)
         self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.keep_last)
         resume_from = discover_resume(cfg.resume, self.ckpt)
+        if resume_from is not None:
+            check_resume_recipe(cfg, resume_from)
         self.window = window
         self.step = 0
         self.build()
