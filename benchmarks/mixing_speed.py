@@ -7,7 +7,8 @@ the runtime mixes them at the same speed per byte. One thread, medians of interl
 - ONNX Runtime: fp32 ``MatMul``; fp16 experts (``Cast`` of alpha, fp16 ``MatMul``, ``Cast`` back); int8 experts
   (``MatMulInteger`` of alpha scaled to uint8, ``Cast`` back). Each layer's product is reduced to one number so that
   the graph's outputs cost nothing. Numbers, not accuracy: the int8 experts are not calibrated.
-- PyTorch: ``torch.mm`` in fp32 and bf16.
+- PyTorch: ``torch.mm`` in fp32 and bf16, and other fp32 formulations of the same product (``mv`` of the
+  transposed bank, a broadcast multiply and sum, one scaled add per expert): is any faster than ``mm``?
 
     python benchmarks/mixing_speed.py [--model parameternet_600m] [--rounds 40]
 """
@@ -106,8 +107,24 @@ def main() -> None:
             for b in banks:
                 a @ b
 
+    def each(banks, formula):
+        with torch.inference_mode():
+            for b in banks:
+                formula(b)
+
+    a_vec, a_col, a_list = a32[0], a32.view(-1, 1), a32[0].tolist()
+
+    def scaled_adds(b):
+        out = b[0] * a_list[0]
+        for i in range(1, len(a_list)):
+            out.add_(b[i], alpha=a_list[i])
+        return out
+
     fns["PyTorch fp32"] = lambda: torch_mix(t32, a32)
     fns["PyTorch bf16"] = lambda: torch_mix(t16, a16)
+    fns["PyTorch fp32 mv(bank.T, alpha)"] = lambda: each(t32, lambda b: torch.mv(b.t(), a_vec))
+    fns["PyTorch fp32 (alpha.T * bank).sum(0)"] = lambda: each(t32, lambda b: (a_col * b).sum(0))
+    fns["PyTorch fp32 scaled adds"] = lambda: each(t32, scaled_adds)
     times = interleaved(fns, args.rounds, warmup=5)
     med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
     print(f"{args.model}: {len(experts)} dynamic convs, {mb:.0f} MB of fp32 experts; mixing at batch 1, 1 thread")
