@@ -260,6 +260,19 @@ def test_benchmark_modes_refuses_to_time_a_compile_that_fell_back_to_eager(monke
         modes.run_modes(["ghostnet_mini"], modes=["compile-static"], batch_sizes=[1], rounds=1, warmup=0)
 
 
+@pytest.mark.parametrize(
+    "mode, dynamic", [("compile-static", False), ("compile-dynamic", True), ("compile-auto", None)]
+)
+def test_benchmark_modes_compile_settings(mode, dynamic, monkeypatch):
+    """Each compile mode is torch.compile with its own `dynamic` (None: PyTorch's default, automatic dynamic)."""
+    from parameternet.profile import modes
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(kw) or model)
+    modes._runner(mode, nn.Identity(), None, "m", (8, 8), 1)
+    assert seen == [{"dynamic": dynamic}]
+
+
 def test_benchmark_modes_raises_dynamos_recompile_limit(monkeypatch):
     """Several models of one class in one process compile into one frame; the limit covers them all."""
     from parameternet.profile import modes

@@ -435,8 +435,8 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
         nargs="*",
         metavar="MODE",
         help="instead: time each model in these execution modes (none named: eager, compile-static, "
-        "compile-dynamic, onnx-portable, onnx-per-image, onnx-ort) at --batch-sizes and write OUTPUT/modes.csv and "
-        "modes.json (default models: ghostnet_600m parameternet_600m)",
+        "compile-dynamic, compile-auto, onnx-portable, onnx-per-image, onnx-ort) at --batch-sizes and write "
+        "OUTPUT/modes.csv and modes.json (default models: ghostnet_600m parameternet_600m)",
     )
     p.add_argument("--batch-sizes", nargs="+", type=int, help="with --modes only (default: 1 8)")
     p.set_defaults(func=_run_benchmark)

@@ -6,7 +6,9 @@ the ``deploy()`` model:
 - ``eager``: eager PyTorch;
 - ``compile-static``: ``torch.compile(model, dynamic=False)`` (inductor; one graph per batch size);
 - ``compile-dynamic``: ``torch.compile(model, dynamic=True)`` (one graph for every batch size above 1; PyTorch
-  specialises a batch of one into its own graph);
+  specialises a batch of one into its own graph); every dimension is symbolic, the image size too;
+- ``compile-auto``: ``torch.compile(model)``, PyTorch's default: a static graph for the first batch size, then, once
+  the batch size changes, one graph with a symbolic batch (and a static image size) for every other;
 - ``onnx-portable``: the portable dynamic-batch graph of :func:`~parameternet.profile.export.export_onnx`, in ONNX
   Runtime with its own optimisations only;
 - ``onnx-per-image``: ``export_onnx(..., per_image=True)``, the portable graph for one image in a ``Scan`` over the
@@ -42,7 +44,7 @@ __all__ = ["MODES", "ModeRow", "format_modes", "run_modes", "write_modes"]
 
 log = logging.getLogger(__name__)
 
-MODES = ("eager", "compile-static", "compile-dynamic", "onnx-portable", "onnx-per-image", "onnx-ort")
+MODES = ("eager", "compile-static", "compile-dynamic", "compile-auto", "onnx-portable", "onnx-per-image", "onnx-ort")
 
 
 @dataclass
@@ -63,7 +65,7 @@ def _runner(mode: str, model: torch.nn.Module, root: Path, name: str, img_size, 
     if mode == "eager":
         return lambda x: lambda: model(x)
     if mode.startswith("compile"):
-        compiled = torch.compile(model, dynamic=mode == "compile-dynamic")
+        compiled = torch.compile(model, dynamic={"compile-static": False, "compile-dynamic": True}.get(mode))
         return lambda x: lambda: compiled(x)
     from parameternet.profile.export import export_onnx, onnx_session
 
