@@ -282,8 +282,9 @@ def test_benchmark_modes_raises_dynamos_recompile_limit(monkeypatch):
         torch, "compile", lambda model, **kw: seen.append(torch._dynamo.config.recompile_limit) or model
     )
     with pytest.raises(ParameterNetError):
-        modes.run_modes(["ghostnet_mini"] * 5, modes=["compile-static"], batch_sizes=[1, 8], rounds=1, warmup=0)
-    assert seen and seen[0] >= 2 * 5 * 2
+        modes.run_modes(["ghostnet_mini"] * 5, modes=["compile-static", "compile-dynamic", "compile-auto"],
+                        batch_sizes=[1, 8], rounds=1, warmup=0)  # fmt: skip
+    assert seen and seen[0] >= 3 * 5 * 2
 
 
 @pytest.mark.parametrize(

@@ -140,9 +140,10 @@ def run_modes(
     graphs: dict[tuple[str, str], int] = {}
     times: dict[tuple[str, str, int], list[float]] = {}
     tmp = tempfile.TemporaryDirectory()
-    # Every model of one class compiles into the same frame, twice per batch size: past dynamo's recompile limit
-    # (8) it would run the rest eagerly, unannounced.
-    limit = max(torch._dynamo.config.recompile_limit, 2 * len(models) * len(batch_sizes) + 4)
+    # Every model of one class compiles into the same frame, once per compile mode and batch size: past dynamo's
+    # recompile limit (8) it would run the rest eagerly, unannounced.
+    compiles = sum(mode.startswith("compile") for mode in modes) * len(models) * len(batch_sizes)
+    limit = max(torch._dynamo.config.recompile_limit, compiles + 4)
     try:
         with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=limit):
             for name in models:
