@@ -14,6 +14,11 @@
     python benchmarks/compile_speed.py                         # the table (600M pair; about 10 minutes)
     python benchmarks/compile_speed.py --models ghostnet_300m parameternet_300m ghostnet_600m parameternet_600m
     python benchmarks/compile_speed.py --choices --skip-modes  # the depthwise formulation per runtime
+    python benchmarks/compile_speed.py --profile 8 --skip-modes  # where ParameterNet's compiled graphs spend time
+
+3. ``--profile BATCH``: ``torch.profiler`` of ParameterNet-600M compiled static, ``dynamic=True`` and by default (a
+   symbolic batch after a first call at batch 1) at that batch size, with inductor's kernels named
+   (``torch._inductor.config.cpp.enable_kernel_profile``): the time in the generated kernels and the top entries.
 """
 
 from __future__ import annotations
@@ -96,6 +101,39 @@ def choices(batch_sizes: list[int], rounds: int, img: int) -> list[str]:
     return lines
 
 
+def profile_compiled(batch: int, img: int, top: int = 8) -> list[str]:
+    """Profile ParameterNet-600M's compiled graphs at ``batch`` (3 calls after 2 warm-up calls each)."""
+    import torch._inductor.config as inductor_config
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(1)
+    inductor_config.cpp.enable_kernel_profile = True
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(0))
+    model = parameternet.deploy(parameternet.create_model("parameternet_600m").eval(), example_input=x[:1])
+    lines = []
+    with torch.no_grad():
+        for label, dynamic in (("static", False), ("dynamic=True", True), ("default", None)):
+            torch._dynamo.reset()
+            compiled = torch.compile(model, dynamic=dynamic)
+            if dynamic is None:
+                compiled(x[:1])  # the first batch size is static; the second makes the batch symbolic
+            for _ in range(2):
+                compiled(x)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    compiled(x)
+            events = prof.key_averages()
+            kernels = sum(e.self_cpu_time_total for e in events if e.key.startswith("graph_")) / 3e3
+            total = sum(e.self_cpu_time_total for e in events) / 3e3
+            lines.append(f"ParameterNet-600M, {label}, batch {batch}: {total:.1f} ms per call, {kernels:.1f} ms in "
+                         "inductor's generated kernels; top entries (ms per call):")  # fmt: skip
+            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
+                lines.append(f"  {e.self_cpu_time_total / 3e3:8.1f}  {e.key[:90]}")
+    lines.append(f"load average {os.getloadavg()[0]:.2f}")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["ghostnet_600m", "parameternet_600m"])
@@ -106,6 +144,7 @@ def main() -> None:
     ap.add_argument("--output", help="also write modes.csv / modes.json here")
     ap.add_argument("--choices", action="store_true", help="time the depthwise candidates per runtime")
     ap.add_argument("--skip-modes", action="store_true")
+    ap.add_argument("--profile", type=int, metavar="BATCH", help="profile ParameterNet-600M's compiled graphs")
     args = ap.parse_args()
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     if not args.skip_modes:
@@ -117,6 +156,8 @@ def main() -> None:
             write_modes(rows, meta, args.output)
     if args.choices:
         print("\n".join(choices(args.batch_sizes, args.rounds, args.img_size)))
+    if args.profile:
+        print("\n".join(profile_compiled(args.profile, args.img_size)))
 
 
 if __name__ == "__main__":
