@@ -247,7 +247,7 @@ def eager_breakdown(name: str, rounds: int, img: int) -> list[str]:
                 elif what == "mixing":
                     alpha @ layer.weight.view(layer.num_experts, -1)
                 elif what == "conv":
-                    layer._conv(x, weight, layer.static_bias, layer.groups)
+                    layer.geometry.conv(x, weight, layer.static_bias, layer.groups)
                 elif what == "whole layer":
                     layer(x)
                 else:
@@ -264,16 +264,19 @@ def eager_breakdown(name: str, rounds: int, img: int) -> list[str]:
 
 
 def onnx_breakdown(names: tuple[str, str], rounds: int, img: int) -> list[str]:
-    """ONNX Runtime's own per-node profile of the batch-1 graphs (the dynamic one as exported and with its convs in
-    NCHWc kernels, and the static one), summed by kind of node (ms per image)."""
+    """ONNX Runtime's own per-node profile at batch 1 of the batch-1 graphs (the dynamic one as exported and with
+    its convs in NCHWc kernels, and the static one) and of both portable dynamic-batch graphs, summed by kind of node
+    (ms per image)."""
     import onnxruntime as ort
 
     lines = []
     x = np.random.default_rng(0).standard_normal((1, 3, img, img)).astype(np.float32)
+    graphs = [(names[0], False, False), (names[0], True, False), (names[1], False, False), (names[1], True, False)]
+    graphs += [(names[0], False, True), (names[1], False, True)]
     with tempfile.TemporaryDirectory() as tmp:
-        for name, nchwc in ((names[0], False), (names[0], True), (names[1], False), (names[1], True)):
+        for name, nchwc, dynamic in graphs:
             path = Path(tmp) / f"{name}.onnx"
-            export_onnx(timm.create_model(name), path, dynamic_batch=False, img_size=img)
+            export_onnx(timm.create_model(name), path, dynamic_batch=dynamic, img_size=img)
             source = optimize_for_onnxruntime(path, static_convs=True)[0].SerializeToString() if nchwc else str(path)
             options = ort.SessionOptions()
             options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
@@ -293,12 +296,16 @@ def onnx_breakdown(names: tuple[str, str], rounds: int, img: int) -> list[str]:
                     op = "MatMul (kernel mixing)"
                 elif op == "Conv" and len(shapes) > 1 and shapes[1][1] == 1:
                     generic = name == names[0] and not nchwc
-                    op = "Conv (depthwise, kernel an input)" if generic else "Conv (depthwise)"
+                    if generic and dynamic:  # the batch-agnostic graph: one constant conv, experts stacked
+                        op = "Conv (depthwise, experts stacked)"
+                    else:
+                        op = "Conv (depthwise, kernel an input)" if generic else "Conv (depthwise)"
                 kinds[op] = kinds.get(op, 0.0) + e["dur"] / 1e3 / rounds
             total = sum(kinds.values())
             top = sorted(kinds.items(), key=lambda kv: -kv[1])[:8]
             lines.append(
-                f"  ONNX Runtime profile of {name} (batch-1 graph{', NCHWc kernels' if nchwc else ''}, "
+                f"  ONNX Runtime profile of {name} ({'dynamic-batch graph at batch 1' if dynamic else 'batch-1 graph'}"
+                f"{', NCHWc kernels' if nchwc else ''}, "
                 f"{total:.1f} ms of node time): " + ", ".join(f"{k} {v:.2f}" for k, v in top)
             )
     return lines
