@@ -215,6 +215,14 @@ def test_portable_per_image_graph(tmp_path):
         assert_close_relative(run(str(path), x), model(x))
 
 
+@pytest.mark.parametrize("opset", [11, 12, 13])
+def test_per_image_graphs_below_opset_13(opset, tmp_path):
+    """Before opset 13, Unsqueeze / Squeeze take their axes as an attribute; the Scan wrapper writes either form."""
+    for kwargs in (dict(per_image=True), dict(runtime="onnxruntime-cpu")):
+        report = parameternet.export_onnx(tiny_parameternet(), tmp_path / "o.onnx", img_size=IMG, opset=opset, **kwargs)
+        assert max(report.max_rel_error.values()) < 1e-4
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -223,6 +231,8 @@ def test_portable_per_image_graph(tmp_path):
         (dict(per_image=True, dynamic_batch=False, batch_size=2), "a per-image graph takes one image or any batch"),
         (dict(runtime="onnxruntime-cpu", per_image=False), "always runs image by image"),
         (dict(per_image="yes"), "per_image must be True, False or None"),
+        (dict(opset=9), "opset must be an integer from 11 to 20 for the torchscript exporter, got 9"),
+        (dict(opset=100, exporter="dynamo"), "opset must be an integer from 18 to 23 for the dynamo exporter"),
     ],
 )
 def test_bad_runtime_arguments(kwargs, message, tmp_path):

@@ -38,6 +38,9 @@ __all__ = ["EXPORTERS", "RUNTIMES", "ExportReport", "export_onnx", "onnx_session
 log = logging.getLogger(__name__)
 
 EXPORTERS = ("torchscript", "dynamo")
+# The opsets each exporter writes for these graphs (torch 2.14: the TorchScript exporter stops at 20, torch.export's
+# starts at 18); below 11 the one-image graph's body does not load in ONNX Runtime's Scan (tested from 11 on).
+OPSETS = {"torchscript": (11, 20), "dynamo": (18, 23)}
 # "any": a portable ONNX graph; "onnxruntime-cpu": for ONNX Runtime's CPU provider on this CPU (NCHWc kernels).
 RUNTIMES = ("any", "onnxruntime-cpu")
 
@@ -185,7 +188,8 @@ def export_onnx(
     because a one-image graph mixes each dynamic conv's kernel once and runs one plain conv, where the batch-agnostic
     depthwise conv runs one conv per expert; a runtime that batches images across a device (a GPU) loses that
     parallelism. Default: ``True`` for ``runtime="onnxruntime-cpu"`` (whose graph is always per image), else
-    ``False``.
+    ``False``. A per-image graph takes batches of one image or more: ONNX Runtime's ``Scan`` refuses an empty one,
+    which the batch-agnostic graph returns as an empty output.
 
     ``in_chans``: the input's channel count, for a model that does not say (timm models have ``in_chans``; default
     3). The input is ``(batch, in_chans, H, W)`` float32; the graph's output is the model's first output.
@@ -199,6 +203,11 @@ def export_onnx(
         raise ParameterNetError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}.")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ParameterNetError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    low, high = OPSETS[exporter]
+    if not isinstance(opset, int) or isinstance(opset, bool) or not low <= opset <= high:
+        raise ParameterNetError(
+            f"opset must be an integer from {low} to {high} for the {exporter} exporter, got {opset!r}."
+        )
     if runtime not in RUNTIMES:
         raise ParameterNetError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}.")
     if per_image not in (None, True, False):
@@ -274,7 +283,16 @@ def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, 
     errors: dict[int, float] = {}
     nchwc_error = None
     if check:
-        session = onnx_session(path, nchwc=False)
+        try:
+            session = onnx_session(path, nchwc=False)
+        except ParameterNetError:
+            raise
+        except Exception as e:  # ONNX Runtime's message can quote the whole node: its first line is enough
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise ParameterNetError(
+                f"ONNX Runtime cannot load the graph exported for {model_name(model)} at opset {opset}: {first}; "
+                "export at the default opset 18, or please report this model."
+            ) from e
         nchwc_session = None
         if not dynamic_batch and runtime != "onnxruntime-cpu":
             from parameternet.profile.ort_nchwc import optimize_for_onnxruntime

@@ -510,10 +510,19 @@ def scan_over_batch(model):
     image, logits = f"{x.name}_one", f"{y.name}_one"
     body.input.append(helper.make_tensor_value_info(image, elem, [d.dim_value for d in dims[0][1:]]))
     body.output.append(helper.make_tensor_value_info(logits, y.type.tensor_type.elem_type, None))
-    axes = f"{x.name}_batch_axis"
-    body.initializer.append(helper.make_tensor(axes, onnx.TensorProto.INT64, [1], [0]))
-    body.node.insert(0, helper.make_node("Unsqueeze", [image, axes], [inner[x.name]]))
-    body.node.append(helper.make_node("Squeeze", [inner[y.name], axes], [logits]))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 9:
+        raise ParameterNetError(
+            f"scan_over_batch() needs opset 9 or later (ONNX's Scan), got a graph of opset {opset}."
+        )
+    if opset >= 13:  # the axes are an input from opset 13 on, an attribute before
+        axes = f"{x.name}_batch_axis"
+        body.initializer.append(helper.make_tensor(axes, onnx.TensorProto.INT64, [1], [0]))
+        body.node.insert(0, helper.make_node("Unsqueeze", [image, axes], [inner[x.name]]))
+        body.node.append(helper.make_node("Squeeze", [inner[y.name], axes], [logits]))
+    else:
+        body.node.insert(0, helper.make_node("Unsqueeze", [image], [inner[x.name]], axes=[0]))
+        body.node.append(helper.make_node("Squeeze", [inner[y.name]], [logits], axes=[0]))
 
     batch = "batch"
     outer_x = helper.make_tensor_value_info(x.name, elem, [batch, *[d.dim_value for d in dims[0][1:]]])
