@@ -155,6 +155,15 @@ def test_profile_measures_and_prints_the_models_own_input():
     assert lines[-1].startswith("MACs counted")
 
 
+def test_profile_of_a_converted_module_uses_the_conversions_input():
+    """A plain nn.Module that parameterize() converted on 1-channel 16 x 16 images is profiled on that input."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    model = parameternet.parameterize(dense, 2, init="random", example_input=torch.randn(2, 1, 16, 16))
+    result = parameternet.profile(model)
+    assert (result.in_chans, tuple(result.img_size)) == (1, (16, 16))
+
+
 def test_cli_named_model_table():
     rc, out, _ = run_cli("parameternet_300m", "--img-size", "32")
     assert rc == 0

@@ -157,11 +157,15 @@ def image_input_shape(
     model: nn.Module, img_size: int | Sequence[int] | None = None, in_chans: int | None = None
 ) -> tuple[int, int, int]:
     """``(channels, height, width)`` of one image for ``model``: ``in_chans``, else the model's ``in_chans``, else
-    timm's ``pretrained_cfg["input_size"]``, else 3 channels; ``img_size`` (an int or ``(height, width)``), else
-    the ``input_size``'s, else 224 x 224.
+    timm's ``pretrained_cfg["input_size"]``, else the image the model was converted on (its
+    ``parameterize_report.input_shape``), else 3 channels; ``img_size`` (an int or ``(height, width)``), else the
+    ``input_size``'s (or the conversion's), else 224 x 224.
 
     Raises ParameterNetError for an ``in_chans`` or ``img_size`` that is not positive."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
+    converted = getattr(getattr(model, "parameterize_report", None), "input_shape", None)
+    if not cfg.get("input_size") and isinstance(converted, (list, tuple)) and len(converted) == 4:
+        cfg = {"input_size": tuple(converted[1:])}  # (B, C, H, W) of the example the conversion traced
     chans, *size = cfg.get("input_size") or (3, 224, 224)
     chans = getattr(model, "in_chans", None) or chans
     if in_chans is not None:
