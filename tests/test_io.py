@@ -169,3 +169,12 @@ def test_an_unknown_recipe_format_is_refused(converted, tmp_path):
 def test_metadata_that_is_not_json_is_refused(tmp_path):
     with pytest.raises(ParameterNetError, match="must be JSON values"):
         save_weights(tmp_path / "x.safetensors", {"w": torch.zeros(1)}, {"model_kwargs": {"f": object()}})
+
+
+def test_save_and_load_refuse_what_is_not_a_module(tmp_path):
+    with pytest.raises(ParameterNetError, match="save\\(\\) takes an nn.Module, got dict"):
+        parameternet.save({"a": 1}, tmp_path / "d.safetensors")
+    with pytest.raises(ParameterNetError, match="got the class Linear; pass an instance, Linear\\(\\)"):
+        parameternet.load(tmp_path / "d.safetensors", model=torch.nn.Linear)
+    with pytest.raises(ParameterNetError, match="got int; pass the nn.Module as you built it"):
+        parameternet.load(tmp_path / "d.safetensors", model=3)

@@ -222,6 +222,8 @@ def save(
     model's ``num_classes`` and ``in_chans`` are recorded; pass any other argument it was built with in
     ``model_kwargs``. Raises ParameterNetError for another suffix, a deployed model or arguments that are not JSON.
     """
+    if not isinstance(model, nn.Module):
+        raise ParameterNetError(f"save() takes an nn.Module, got {type(model).__name__}.")
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ParameterNetError(f"the output must be a .safetensors file, got {str(path)!r}.")
@@ -279,6 +281,13 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
     finished), a file that does not name its model when no ``model`` is given, a ``model`` converted with other
     steps than the file's, or weights that do not fit.
     """
+    if model is not None and not isinstance(model, nn.Module):
+        what = (
+            f"the class {model.__name__}; pass an instance, {model.__name__}()"
+            if isinstance(model, type)
+            else (f"{type(model).__name__}; pass the nn.Module as you built it")
+        )
+        raise ParameterNetError(f"load(model=) takes an nn.Module, got {what}.")
     path = Path(path)
     if path.is_dir():
         found = _run_model(path)
