@@ -425,3 +425,13 @@ def test_lm_experiment_keeps_the_overrides(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(exp, "run_lm_experiment", fake)
     assert main(["lm-experiment", "--output", str(tmp_path), "--preset", "quick", "--jobs", "2", "max_steps=4"]) == 0
     assert seen == {"preset": "quick", "overrides": ["max_steps=4"], "jobs": 2}
+
+
+def test_a_write_the_os_refuses_is_named_in_its_own_words(tmp_path):
+    """A failed write under a virtual filesystem is not a "full disk" (its size is 0); the OS's reason is given."""
+    import errno
+
+    from parameternet.runs import fs_error
+
+    err = fs_error("/proc/x.onnx", FileNotFoundError(errno.ENOENT, "No such file or directory"))
+    assert "no such file or directory; choose another directory" in str(err) and "disk is full" not in str(err)

@@ -78,7 +78,8 @@ def fs_error(path: str | Path, exc: BaseException) -> ParameterNetError | None:
 
     Besides an ``OSError`` with errno ENOSPC / EDQUOT / EACCES / EPERM / EROFS, a library error raised while the
     directory has under 1 MiB free (torch.save and the ONNX exporter report a full disk as ``RuntimeError``) or
-    cannot be written to is recognised.
+    cannot be written to is recognised, and any other ``OSError`` is given in its own words (a path under ``/proc``:
+    "no such file or directory").
     """
     reason = _REASONS.get(getattr(exc, "errno", None))
     if reason is None:
@@ -86,12 +87,15 @@ def fs_error(path: str | Path, exc: BaseException) -> ParameterNetError | None:
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
         try:
+            usage = shutil.disk_usage(parent)
             if not os.access(parent, os.W_OK):
                 reason = _REASONS[errno.EACCES]
-            elif shutil.disk_usage(parent).free < _MIN_FREE:
+            elif usage.total > 0 and usage.free < _MIN_FREE:  # a virtual filesystem (/proc) has no size at all
                 reason = _REASONS[errno.ENOSPC]
         except OSError:
             return None
+    if reason is None and isinstance(exc, OSError) and exc.strerror:  # any other OS refusal, in its own words
+        reason = f"{exc.strerror[0].lower()}{exc.strerror[1:]}; choose another directory"
     if reason is None:
         return None
     return ParameterNetError(f"cannot write {str(path)!r}: {reason}")
