@@ -418,3 +418,11 @@ def test_export_cli_per_image(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "(image by image)" in printed and "batch 3:" in printed
     assert [n.op_type for n in onnx.load(str(path)).graph.node] == ["Scan"]
+
+
+def test_an_image_larger_than_memory_is_one_sentence(tmp_path, capsys):
+    args = ["export", "parameternet_mini_025", "--onnx", str(tmp_path / "big.onnx"), "--img-size", "1000000"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "one 1-channel float32 image needs 3725 GiB" in err and "use a smaller img_size" in err
+    assert "Traceback" not in err and not (tmp_path / "big.onnx").exists()

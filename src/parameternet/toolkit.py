@@ -8,6 +8,7 @@ It imports only torch, numpy and :mod:`parameternet.errors` (the bottom of the i
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -161,7 +162,8 @@ def image_input_shape(
     ``parameterize_report.input_shape``), else 3 channels; ``img_size`` (an int or ``(height, width)``), else the
     ``input_size``'s (or the conversion's), else 224 x 224.
 
-    Raises ParameterNetError for an ``in_chans`` or ``img_size`` that is not positive."""
+    Raises ParameterNetError for an ``in_chans`` or ``img_size`` that is not positive, or an image larger than the
+    machine's memory."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     converted = getattr(getattr(model, "parameterize_report", None), "input_shape", None)
     if not cfg.get("input_size") and isinstance(converted, (list, tuple)) and len(converted) == 4:
@@ -176,7 +178,14 @@ def image_input_shape(
         size = [img_size, img_size] if isinstance(img_size, int) else list(img_size)
         if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
             raise ParameterNetError(f"img_size must be a positive int or (height, width), got {img_size!r}.")
-    return int(chans), int(size[0]), int(size[1])
+    chans, height, width = int(chans), int(size[0]), int(size[1])
+    need, memory = 4 * chans * height * width, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > memory:
+        raise ParameterNetError(
+            f"img_size {height}x{width}: one {chans}-channel float32 image needs {need / 2**30:.0f} GiB, more than "
+            f"this machine's {memory / 2**30:.0f} GiB of memory; use a smaller img_size."
+        )
+    return chans, height, width
 
 
 # ---------------------------------------------------------------------------------------------------------------
