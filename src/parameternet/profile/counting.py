@@ -94,7 +94,8 @@ def profile(
     The model runs in eval mode on a seeded random batch ``(batch_size, in_chans, H, W)`` on its own device and
     dtype; every module's train/eval mode is restored afterwards and nothing else is changed. ``in_chans`` and
     ``img_size`` (an int or ``(H, W)``) default to the model's own input: its ``in_chans`` and timm's
-    ``pretrained_cfg["input_size"]``, else 3 x 224 x 224 (:func:`parameternet.toolkit.image_input_shape`).
+    ``pretrained_cfg["input_size"]``, else the image a converted module was traced on, else 3 x 224 x 224
+    (:func:`parameternet.toolkit.image_input_shape`).
     """
     size = None
     if img_size is not None:
