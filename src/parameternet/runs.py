@@ -122,9 +122,6 @@ def make_dir(directory: str | Path) -> Path:
     return directory
 
 
-_mkdir = make_dir
-
-
 def clean_stale_temps(directory: str | Path) -> list[Path]:
     """Remove this library's temporary files in ``directory`` whose writer (same host) is gone; return them."""
     removed = []
@@ -159,7 +156,7 @@ def atomic_path(path: str | Path, keep_suffix: bool = False) -> Iterator[str]:
     ``ParameterNetError`` (see :func:`fs_error`); other errors propagate as they are.
     """
     path = Path(path)
-    _mkdir(path.parent)
+    make_dir(path.parent)
     clean_stale_temps(path.parent)
     try:
         fd, tmp = tempfile.mkstemp(
@@ -230,7 +227,7 @@ class RunLock:
             return None
 
     def acquire(self) -> RunLock:
-        _mkdir(self.dir)
+        make_dir(self.dir)
         for _ in range(5):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -154,6 +154,14 @@ def example_input_for(model: nn.Module, example_input: torch.Tensor | Sequence[i
 MIN_IMG_SIZE = 8  # the smallest input height / width the commands that build an image model accept
 
 
+def _physical_memory() -> int | None:
+    """This machine's physical memory in bytes, or None where the OS does not say (no ``os.sysconf``)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def image_input_shape(
     model: nn.Module, img_size: int | Sequence[int] | None = None, in_chans: int | None = None
 ) -> tuple[int, int, int]:
@@ -179,8 +187,8 @@ def image_input_shape(
         if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
             raise ParameterNetError(f"img_size must be a positive int or (height, width), got {img_size!r}.")
     chans, height, width = int(chans), int(size[0]), int(size[1])
-    need, memory = 4 * chans * height * width, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > memory:
+    need, memory = 4 * chans * height * width, _physical_memory()
+    if memory is not None and need > memory:
         raise ParameterNetError(
             f"img_size {height}x{width}: one {chans}-channel float32 image needs {need / 2**30:.0f} GiB, more than "
             f"this machine's {memory / 2**30:.0f} GiB of memory; use a smaller img_size."

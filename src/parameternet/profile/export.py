@@ -31,7 +31,7 @@ from torch import nn
 
 from parameternet.errors import ParameterNetError
 from parameternet.layers.kernels import fixed_batch_trace
-from parameternet.toolkit import eval_mode, image_input_shape, model_name
+from parameternet.toolkit import eval_mode, first_line, image_input_shape, model_name
 
 __all__ = ["EXPORTERS", "RUNTIMES", "ExportReport", "export_onnx", "onnx_session"]
 
@@ -184,7 +184,7 @@ def export_onnx(
     ``per_image``: with a symbolic batch, the graph for one image run on each image in turn (an ONNX ``Scan``,
     :func:`~parameternet.profile.ort_nchwc.scan_over_batch`) rather than the batch-agnostic formulations. Still
     standard ONNX; in ONNX Runtime on a CPU it is the faster portable graph (ParameterNet-600M / GhostNet-600M, one
-    thread: 1.41x against 1.79x at batch 1, 1.34x against 1.74x at batch 8, ``parameternet benchmark --modes``),
+    thread: 1.47x against 1.83x at batch 1, 1.48x against 1.73x at batch 8, ``parameternet benchmark --modes``),
     because a one-image graph mixes each dynamic conv's kernel once and runs one plain conv, where the batch-agnostic
     depthwise conv runs one conv per expert; a runtime that batches images across a device (a GPU) loses that
     parallelism. Default: ``True`` for ``runtime="onnxruntime-cpu"`` (whose graph is always per image), else
@@ -260,7 +260,7 @@ def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, 
         with contextlib.nullcontext() if fixed_batch is None else fixed_batch_trace(fixed_batch):
             _run_export(graph, example, path, dynamic_batch=fixed_batch is None, opset=opset, exporter=exporter)
     except Exception as e:  # the exporters' messages can hold a whole IR dump: one line is what a user can act on
-        first = (str(e).strip().splitlines() or [""])[0][:200]
+        first = first_line(e)[:200]
         raise ParameterNetError(
             f"ONNX export of {model_name(model)} ({_mode(dynamic_batch, batch_size, runtime)}, input "
             f"{chans}x{height}x{width}) failed: {type(e).__name__}: {first}"
@@ -288,9 +288,9 @@ def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, 
         except ParameterNetError:
             raise
         except Exception as e:  # ONNX Runtime's message can quote the whole node: its first line is enough
-            first = (str(e).strip().splitlines() or [""])[0][:300]
             raise ParameterNetError(
-                f"ONNX Runtime cannot load the graph exported for {model_name(model)} at opset {opset}: {first}; "
+                f"ONNX Runtime cannot load the graph exported for {model_name(model)} at opset {opset}: "
+                f"{first_line(e)[:300]}; "
                 "export at the default opset 18, or please report this model."
             ) from e
         nchwc_session = None

@@ -251,6 +251,9 @@ RESUME_MAY_CHANGE = frozenset(
 )
 
 
+_UNSET = object()  # a key the checkpoint does not record
+
+
 def check_resume_recipe(cfg: Any, state_path: Path) -> None:
     """Refuse to resume from the checkpoint whose ``.state.pt`` is ``state_path`` with a recipe ``cfg`` (a recipe
     dataclass) that differs from the one the checkpoint records in a key outside :data:`RESUME_MAY_CHANGE`: the
@@ -279,9 +282,6 @@ def check_resume_recipe(cfg: Any, state_path: Path) -> None:
             f"resuming from {str(weights)!r} would change the run's recipe ({', '.join(changes)}); resume without "
             f"changing them, or start a new output_dir (init_from= starts from its weights)"
         )
-
-
-_UNSET = object()
 
 
 def _resume_path(r: str | None, ckpt: CheckpointManager) -> Path | None:
