@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from parameternet.cli import main
 from parameternet.experiments import lm
-from parameternet.experiments.lm import choose_lrs, crossing, verdict
+from parameternet.experiments.lm import choose_lrs, crossing, crossing_text, verdict
 from parameternet.train.lm import load_lm_config
 from parameternet.train.lm_branch import train_experiment_lm
 from test_lm_text import make_fake_corpora
@@ -98,6 +98,15 @@ def test_crossing_point_is_where_moe_goes_below_dense_for_good():
     assert crossing([(0, -0.1), (100, -0.02), (200, 0.02), (300, 0.05)]) == pytest.approx(150)
     assert crossing([(0, -0.1), (100, 0.02), (200, -0.01)]) is None  # crossed back
     assert crossing([(0, 0.1), (100, 0.2)]) is None  # never behind
+
+
+def test_crossing_text_says_why_there_is_no_crossing():
+    assert crossing_text([(0, -0.1), (100, -0.02), (200, 0.02), (300, 0.05)], 10) == "1,500 tokens"
+    assert crossing_text([(250, 0.04), (500, 0.1)], 2048) == (
+        "none, the MoE is below dense at every evaluation (the first at 512,000 tokens)"
+    )
+    assert crossing_text([(0, 0.1), (100, -0.02)], 10) == "none, the MoE is not below dense at the end"
+    assert crossing_text([], 10) == "none, the MoE is not below dense at the end"
 
 
 # ----- runs -----

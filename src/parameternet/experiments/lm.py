@@ -864,6 +864,17 @@ def crossing(gap: Sequence[tuple[int, float]]) -> float | None:
     return out
 
 
+def crossing_text(gap: Sequence[tuple[int, float]], tokens_per_step: int) -> str:
+    """The crossing point of ``gap`` (dense - MoE per step) in words: where the MoE goes below dense for good, in
+    training tokens, or why there is none (below at every evaluation, or not below at the end)."""
+    cross = crossing(gap)
+    if cross is not None:
+        return f"{cross * tokens_per_step:,.0f} tokens"
+    if gap and all(g > 0 for _, g in gap):
+        return f"none, the MoE is below dense at every evaluation (the first at {gap[0][0] * tokens_per_step:,} tokens)"
+    return "none, the MoE is not below dense at the end"
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     main = [r for r in rows if r["kind"] == "main"]
     cls = [r for r in rows if r["kind"] == "cls"]
@@ -980,12 +991,11 @@ def report(output: str | Path, preset: str | None = "full", pool_commits: bool =
         if dense and moe:
             gap = _gap(curves, "main", DENSE, "main", moe_name)
             v = verdict([r["val_loss"] for r in dense], [r["val_loss"] for r in moe], gap, dense[0]["steps"])
-            cross = crossing(gap)
             parts += _verdict_lines(f"Verdict, dense vs {moe_name} (criteria stated before the runs)", v)
             per_step = dense[0]["tokens"] // dense[0]["steps"]
             parts += [
-                f"Crossing point (MoE's mean validation loss goes below dense's for good): "
-                f"{f'{cross * per_step:,.0f} tokens' if cross is not None else 'none'}.",
+                "Crossing point (MoE's mean validation loss goes below dense's for good): "
+                f"{crossing_text(gap, per_step)}.",
                 "",
             ]
     up = [r for r in rows if r["kind"] == "upcycle"]
