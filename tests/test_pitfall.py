@@ -227,7 +227,23 @@ def _last_step(metrics) -> int:
     return max((r.get("step", 0) for r in rows), default=0)
 
 
-def test_sigterm_stops_the_grid_after_the_running_runs_save_and_the_same_command_resumes(packaged_data, tmp_path):
+def _worker_pids() -> list[int]:
+    """This process's pool workers (spawned children running ``spawn_main``; not the resource tracker)."""
+    import os
+    from pathlib import Path
+
+    pids = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        pids += [int(x) for x in (task / "children").read_text().split()]
+    return [p for p in pids if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+@pytest.mark.parametrize("to", ["parent", "group"])
+def test_sigterm_stops_the_grid_after_the_running_runs_save_and_the_same_command_resumes(
+    packaged_data, tmp_path, capfd, to
+):
+    """``kill PID`` reaches the parent alone, which passes the stop on; ``kill -TERM -PGID`` or coreutils'
+    ``timeout`` reaches the workers too, and the parent's copy must not count as their second signal."""
     import dataclasses
     import os
     import signal
@@ -249,6 +265,9 @@ def test_sigterm_stops_the_grid_after_the_running_runs_save_and_the_same_command
                 break
             time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGTERM)
+        if to == "group":  # as a signal to the process group delivers it, without signalling pytest's own group
+            for pid in _worker_pids():
+                os.kill(pid, signal.SIGTERM)
 
     timer = threading.Thread(target=signal_once_training, daemon=True)
     timer.start()
@@ -258,6 +277,8 @@ def test_sigterm_stops_the_grid_after_the_running_runs_save_and_the_same_command
     finally:
         timer.join()
     assert info.value.exit_code == 128 + signal.SIGTERM
+    assert "a checkpoint of every run in progress" in str(info.value) and "except" not in str(info.value)
     saved = sorted(p.name for p in (tmp_path / "runs").rglob("step_*.safetensors"))
-    assert saved, "the interrupted runs saved no checkpoint"
+    assert len(saved) == 2, f"the interrupted runs saved {saved}"
+    assert "exiting now without saving" not in capfd.readouterr().err
     assert not list((tmp_path / "runs").rglob("*.tmp")) and not read_rows(tmp_path / "out" / "results.csv")

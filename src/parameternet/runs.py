@@ -322,22 +322,31 @@ class StopSignal:
     """Context manager: the first SIGINT / SIGTERM sets :attr:`signum` (the loop finishes its step, saves and
     raises :class:`RunInterrupted`); a second one exits the process at once with 128 + the signal number.
 
-    Outside the main thread (where handlers cannot be set) it does nothing.
+    SIGUSR1 (:data:`REQUEST`) asks for the same stop but never exits at once: the experiments' parent process
+    passes a stop on to its workers with it, so a worker that also got the user's signal directly (``kill`` of
+    the process group, coreutils' ``timeout``, a terminal's Ctrl-C) still saves instead of taking the parent's
+    copy for a second signal. Outside the main thread (where handlers cannot be set) it does nothing.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REQUEST = signal.SIGUSR1
 
     def __init__(self):
         self.signum: int | None = None
+        self._user = False  # a SIGINT / SIGTERM has come (a second one exits at once)
         self._old: dict[int, object] = {}
 
     def _handler(self, signum, frame) -> None:
-        if self.signum is not None:
+        user = signum != self.REQUEST
+        if user and self._user:
             sys.stderr.write(f"\n{signal.Signals(signum).name} again: exiting now without saving\n")
             sys.stderr.flush()
             for lock in list(_LOCKS):
                 lock.release()
             os._exit(128 + signum)
+        self._user = self._user or user
+        if self.signum is not None:  # already stopping: a request and a user's signal, in either order
+            return
         self.signum = signum
         sys.stderr.write(
             f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
@@ -353,7 +362,7 @@ class StopSignal:
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
+            for s in (*self.SIGNALS, self.REQUEST):
                 self._old[s] = signal.signal(s, self._handler)
         return self
 

@@ -29,7 +29,6 @@ each (``jobs`` of them side by side).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -38,7 +37,6 @@ import logging
 import math
 import os
 import re
-import signal
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -51,7 +49,7 @@ from typing import Any
 from parameternet.errors import ParameterNetError
 from parameternet.experiments.provenance import code_id, provenance, rows_of_this_code
 from parameternet.experiments.rows import append_rows
-from parameternet.experiments.workers import init_worker
+from parameternet.experiments.workers import forward_stop, init_worker, interrupted
 
 __all__ = [
     "COLUMNS",
@@ -614,9 +612,10 @@ class _Runner:
     def _execute(self, tasks: list[_Task]) -> None:
         """Run ``tasks`` in the worker pool, writing each row as it lands.
 
-        On SIGINT / SIGTERM no new run starts, the running ones save a checkpoint (a SIGTERM sent to this process
-        alone is passed on to them; a terminal's Ctrl-C reaches them by itself) and :class:`RunInterrupted` is
-        raised once they have; the same command resumes. A second signal exits at once.
+        On SIGINT / SIGTERM no new run starts, the running ones save a checkpoint (the stop is passed on to them
+        with :func:`~parameternet.experiments.workers.forward_stop`, whether or not they got the signal too) and
+        :class:`RunInterrupted` is raised once they have, naming any run that could not save; the same command
+        resumes. A second signal exits at once.
         """
         from tqdm.auto import tqdm
 
@@ -626,6 +625,7 @@ class _Runner:
         for t in pending:  # runs that finished before the CSV row was written (a crash in between)
             t.summary = _finished_summary(t.run_dir)
         failures: list[str] = []
+        unsaved: list[str] = []  # runs that ended without saving after a stop
         start = time.perf_counter()
         for t in [t for t in pending if t.summary is not None]:
             if t.stage == "pretrain" or t.after is None or t.after.summary is not None:
@@ -644,10 +644,8 @@ class _Runner:
             while pending or running:
                 if stop.requested:
                     pending.clear()
-                    if stop.signum == signal.SIGTERM and not forwarded:
-                        for proc in list(getattr(pool, "_processes", {}).values()):
-                            with contextlib.suppress(OSError):
-                                os.kill(proc.pid, signal.SIGTERM)
+                    if not forwarded:
+                        forward_stop(pool)
                         forwarded = True
                 while len(running) < self.jobs and not stop.requested:
                     ready = next((t for t in pending if t.after is None or t.after.summary is not None), None)
@@ -678,7 +676,9 @@ class _Runner:
                         continue
                     except Exception as e:  # one broken run must not stop the grid; it is reported at the end
                         if stop.requested:  # a worker stopped before its trainer could take the signal
-                            log.warning("  %s %s seed %d stopped: %s", task.cell.name, task.stage, task.seed, e)
+                            name = f"{task.cell.name} {task.stage} seed {task.seed}"
+                            log.warning("  %s stopped without saving: %s", name, e)
+                            unsaved.append(name)
                             continue
                         failures.append(f"{task.cell.name} {task.stage} seed {task.seed}: {e}")
                         log.error("  FAILED %s %s seed %d: %s", task.cell.name, task.stage, task.seed, e)
@@ -687,7 +687,7 @@ class _Runner:
                     self._finish(task)
         log.info("pitfall %s: %.1f min", self.preset.name, (time.perf_counter() - start) / 60)
         if stop.requested:
-            raise RunInterrupted(stop.signum, None, "a checkpoint of every run in progress")
+            raise interrupted(stop.signum, unsaved)
         if failures:
             raise ParameterNetError(
                 f"{len(failures)} run(s) failed, first: {failures[0]}; fix the cause and run the command again"
