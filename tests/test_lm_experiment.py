@@ -4,6 +4,7 @@ choice, upcycled branches, thread-count determinism, the classifier command, and
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 
@@ -170,6 +171,22 @@ def test_lm_finetune_cls_command(corpora, capsys):
     assert main(["lm-finetune-cls", str(run / "model"), "--task", "sentiment"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "'sentiment'" in err and "brown-genre" in err
+
+
+def test_preset_eval_tokens_cap_the_validation_and_the_estimate(tmp_path):
+    # the full preset validates on the whole split (the committed grid's recipe); smoke on a few windows
+    assert lm.PRESETS["full"].eval_tokens is None and lm.PRESETS["smoke"].eval_tokens == 4096
+    speed = {"dense": 1000.0, "moe": 1000.0}
+    smoke = lm.PRESETS["smoke"]
+    capped = lm.estimate_wall_s(smoke, speed, train_tokens=10**6, val_tokens=10**7, per_step=128)
+    assert capped == lm.estimate_wall_s(smoke, speed, train_tokens=10**6, val_tokens=4096, per_step=128)
+    uncapped = lm.estimate_wall_s(
+        dataclasses.replace(smoke, eval_tokens=None), speed, train_tokens=10**6, val_tokens=10**7, per_step=128
+    )
+    assert uncapped["total"] > 10 * capped["total"]
+    task = lm._Task("lr", "dense", 0, 0.004, [], tmp_path, "r")
+    assert task.name == "lr dense seed 0 lr 0.004"
+    assert dataclasses.replace(task, kind="main").name == "main dense seed 0"
 
 
 def test_brown_genre_labels():

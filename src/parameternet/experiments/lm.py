@@ -30,15 +30,12 @@ checkpoint and skips only rows made by the same code; the report never pools row
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import hashlib
 import json
 import logging
 import math
-import os
-import signal
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -50,7 +47,7 @@ from typing import Any
 from parameternet.errors import ParameterNetError
 from parameternet.experiments.provenance import code_id, provenance, rows_of_this_code
 from parameternet.experiments.rows import append_rows
-from parameternet.experiments.workers import init_worker
+from parameternet.experiments.workers import forward_stop, init_worker, interrupted
 from parameternet.runs import atomic_write
 
 __all__ = [
@@ -145,6 +142,7 @@ class Preset:
     main_tokens: int | None = None
     main: tuple[tuple[str, tuple[int, ...]], ...] = field(default_factory=_main_grid)
     eval_every: int = 250
+    eval_tokens: int | None = None  # validation tokens per evaluation; None = the full validation split
     upcycle_seeds: tuple[int, ...] = (0, 1, 2)
     upcycle_variant: str = MOE8
     cls_variants: tuple[str, ...] = (DENSE, MOE8)
@@ -192,6 +190,7 @@ PRESETS = {
         main_tokens=8 * 4 * 32,
         main=((DENSE, (0, 1)), ("down_proj-4", (0, 1)), ("up_proj-2", (0,))),
         eval_every=3,
+        eval_tokens=4096,  # the validation split (20% of the corpora) would take most of the smoke run's time
         upcycle_seeds=(0, 1),
         upcycle_variant="down_proj-4",
         cls_variants=(DENSE, "down_proj-4"),
@@ -235,6 +234,11 @@ class _Task:
     @property
     def key(self) -> tuple[str, str, int, str]:
         return (self.kind, self.variant, self.seed, self.recipe)
+
+    @property
+    def name(self) -> str:
+        """The run in the log: kind, variant, seed, and the learning rate of a learning-rate check run."""
+        return f"{self.kind} {self.variant} seed {self.seed}" + (f" lr {self.lr:g}" if self.kind == "lr" else "")
 
 
 def _hash(obj: Any) -> str:
@@ -496,9 +500,14 @@ class _Runner:
         _, per_step = self.train_windows()
         common = [
             f"max_tokens={p.lr_tokens}", f"schedule.warmup_steps={self.warmup(p.lr_tokens // per_step)}",
-            "eval_tokens=null", "eval_every_steps=0", "zero_shot_items=0",
+            self.eval_tokens, "eval_every_steps=0", "zero_shot_items=0",
         ]  # fmt: skip
         return [self.task("lr", v, 0, lr, common) for v in p.lr_variants for lr in p.lrs]
+
+    @property
+    def eval_tokens(self) -> str:
+        """The override that sets every language-model run's validation tokens per evaluation."""
+        return f"eval_tokens={self.preset.eval_tokens or 'null'}"
 
     def warmup(self, steps: int) -> int:
         return max(1, round(self.preset.warmup_fraction * steps))
@@ -510,7 +519,7 @@ class _Runner:
         steps = tokens // per_step
         mid = steps // 2
         common = [
-            f"max_tokens={tokens}", f"eval_every_steps={p.eval_every}", "eval_tokens=null",
+            f"max_tokens={tokens}", f"eval_every_steps={p.eval_every}", self.eval_tokens,
             f"schedule.warmup_steps={self.warmup(steps)}",
         ]  # fmt: skip
         tasks, dense_by_seed = [], {}
@@ -565,6 +574,7 @@ class _Runner:
         from parameternet.runs import RunInterrupted, StopSignal
 
         failures: list[str] = []
+        unsaved: list[str] = []  # runs that ended without saving after a stop
         running: dict[Future, _Task] = {}
         ctx = get_context("spawn")
         forwarded = False
@@ -576,10 +586,8 @@ class _Runner:
             while pending or running:
                 if stop.requested:  # no new run; the running ones save a checkpoint and stop
                     pending.clear()
-                    if stop.signum == signal.SIGTERM and not forwarded:
-                        for proc in list(getattr(pool, "_processes", {}).values()):
-                            with contextlib.suppress(OSError):
-                                os.kill(proc.pid, signal.SIGTERM)
+                    if not forwarded:
+                        forward_stop(pool)
                         forwarded = True
                 while len(running) < self.jobs and not stop.requested:
                     ready = next((t for t in pending if all(a.result is not None for a in t.after)), None)
@@ -587,7 +595,7 @@ class _Runner:
                         break
                     pending.remove(ready)
                     ready.started = time.perf_counter()
-                    log.info("  start %s %s seed %d -> %s", ready.kind, ready.variant, ready.seed, ready.run_dir)
+                    log.info("  start %s -> %s", ready.name, ready.run_dir)
                     if ready.kind == "cls":
                         src = ready.after[0]
                         model_dir = str(src.run_dir / "model")
@@ -600,20 +608,21 @@ class _Runner:
                 finished, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
                 if not finished and time.perf_counter() - heartbeat >= 300:
                     heartbeat = time.perf_counter()
-                    log.info("  running: %s", "; ".join(f"{t.kind} {t.variant} s{t.seed}" for t in running.values()))
+                    log.info("  running: %s", "; ".join(t.name for t in running.values()))
                 for fut in finished:
                     t = running.pop(fut)
                     try:
                         t.result = fut.result()
                     except RunInterrupted as e:
-                        log.warning("  %s %s seed %d: %s", t.kind, t.variant, t.seed, e)
+                        log.warning("  %s: %s", t.name, e)
                         continue
                     except Exception as e:  # one broken run must not stop the grid; it is reported at the end
                         if stop.requested:  # a worker stopped before its trainer could take the signal
-                            log.warning("  %s %s seed %d stopped: %s", t.kind, t.variant, t.seed, e)
+                            log.warning("  %s stopped without saving: %s", t.name, e)
+                            unsaved.append(t.name)
                             continue
-                        failures.append(f"{t.kind} {t.variant} seed {t.seed}: {e}")
-                        log.error("  FAILED %s %s seed %d: %s", t.kind, t.variant, t.seed, e)
+                        failures.append(f"{t.name}: {e}")
+                        log.error("  FAILED %s: %s", t.name, e)
                         dropped = {id(t)}
                         for other in list(pending):
                             if any(id(a) in dropped for a in other.after):
@@ -622,7 +631,7 @@ class _Runner:
                         continue
                     self.finish(t)
         if stop.requested:
-            raise RunInterrupted(stop.signum, None, "a checkpoint of every run in progress")
+            raise interrupted(stop.signum, unsaved)
         if failures:
             raise ParameterNetError(
                 f"{len(failures)} run(s) failed, first: {failures[0]}; fix the cause and run the command again"
@@ -676,7 +685,7 @@ class _Runner:
         self.rows.append(_parse({k: row.get(k, "") for k in COLUMNS}))
         t.result = {**res, "row": self.rows[-1]}
         log.info(
-            "[%d rows] %s %s seed %d: %s (%.0f s)", len(self.rows), t.kind, t.variant, t.seed,
+            "[%d rows] %s: %s (%.0f s)", len(self.rows), t.name,
             f"accuracy {row['cls_acc']}" if t.kind == "cls" else f"val loss {row['val_loss']}", row["wall_s"] or 0,
         )  # fmt: skip
 
@@ -734,6 +743,7 @@ def estimate_wall_s(
     ``moe``): training tokens at that speed, evaluations (forward only) at three times it, classifier steps at it.
     Returns the total and the part of each kind; a lower bound when runs cannot pair up at the end."""
     p = preset
+    val_tokens = min(val_tokens, p.eval_tokens) if p.eval_tokens else val_tokens
     tokens = p.main_tokens or int(train_tokens * p.corpus_fraction) // per_step * per_step
     steps = tokens // per_step
     evals = steps // p.eval_every + 1
@@ -1142,8 +1152,9 @@ def _plot_router(router: list[dict[str, Any]], path: Path) -> None:
                 float(next(r for r in rs if r["layer"] == layer and r["tokens"] == last)["shares"].split()[e])
                 for layer in layers
             ]
-            axes[2][j].bar([str(x) for x in layers], shares, bottom=bottom, label=f"expert {e}")
+            axes[2][j].bar(layers, shares, bottom=bottom, label=f"expert {e}")
             bottom = [b + x for b, x in zip(bottom, shares)]
+        axes[2][j].set_xticks(layers)
         for row in (0, 1):
             axes[row][j].axhline(1 / m, color="gray", linewidth=0.8, linestyle=":")
             axes[row][j].grid(alpha=0.3)
