@@ -114,6 +114,40 @@ def test_lm_recipe_errors(tmp_path):
     assert load_lm_config("configs/lm-1b-moe-down.yaml").total_steps == 21457
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("max_steps=-5", "max_steps=-5 is invalid; it must be a positive integer or null"),
+        ("max_steps=0", "max_steps=0 is invalid"),
+        ("max_tokens=-1", "max_tokens=-1 is invalid"),
+        ("max_tokens=10", "max_tokens=10 is invalid; it must be at least one batch, batch_size x data.seq_len = 2048"),
+        ("max_tokens=null", "max_tokens=None is invalid; it must be set (or set max_steps)"),
+        ("threads=-2", "threads=-2 is invalid"),
+        ("threads=0", "threads=0 is invalid"),
+        ("eval_batch_size=0", "eval_batch_size=0 is invalid"),
+        ("eval_tokens=0", "eval_tokens=0 is invalid; it must be null (the whole validation split) or at least"),
+        ("eval_tokens=127", "data.seq_len=128"),
+        ("zero_shot_items=-1", "zero_shot_items=-1 is invalid"),
+        ("eval_every_steps=-1", "eval_every_steps=-1 is invalid"),
+        ("ckpt_every_steps=-1", "ckpt_every_steps=-1 is invalid"),
+        ("model.num_hidden_layers=0", "model.num_hidden_layers=0 is invalid"),
+        ("model.intermediate_size=0", "model.intermediate_size=0 is invalid"),
+        ("device=gpu", "device='gpu' is invalid; it must be auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_lm_recipe_values_out_of_range_are_one_sentence(override, message):
+    with pytest.raises(ParameterNetError) as e:
+        load_lm_config("configs/lm-small.yaml", [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_lm_recipe_values_the_experiment_uses_stay_valid():
+    ok = ["eval_tokens=null", "eval_every_steps=0", "zero_shot_items=0", "ckpt_every_steps=0", "threads=null"]
+    cfg = load_lm_config("configs/lm-small.yaml", [*ok, "max_tokens=2048", "device=cuda:1"])
+    assert cfg.total_steps == 1 and cfg.eval_tokens is None
+    assert load_lm_config("configs/lm-small.yaml", ["max_tokens=null", "max_steps=3"]).total_steps == 3
+
+
 def test_cli_lm_train_reports_bad_input_in_one_line(capsys):
     assert main(["lm-train", "configs/lm-small.yaml", "model.num_experts_per_tok=9", "max_steps=1"]) == 2
     err = capsys.readouterr().err.strip()

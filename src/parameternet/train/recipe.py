@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -21,7 +22,16 @@ import yaml
 
 from parameternet.errors import ParameterNetError
 
-__all__ = ["apply_overrides", "check_fields", "coerce", "from_dict", "load_recipe", "recipe_keys"]
+__all__ = [
+    "DEVICE_WORDS",
+    "apply_overrides",
+    "check_fields",
+    "coerce",
+    "device_ok",
+    "from_dict",
+    "load_recipe",
+    "recipe_keys",
+]
 
 R = TypeVar("R")
 
@@ -38,6 +48,14 @@ def check_fields(cfg: Any, checks: list[tuple[bool, str, str]]) -> None:
     for ok, key, what in checks:
         if not ok:
             raise ParameterNetError(f"{key}={_get(cfg, key)!r} is invalid; it must be {what}")
+
+
+DEVICE_WORDS = "auto, cpu, cuda or cuda:N"  # what :func:`device_ok` accepts, for check_fields' messages
+
+
+def device_ok(device: str) -> bool:
+    """Whether ``device`` is a recipe's ``device`` value: auto, cpu, cuda or cuda:N (N a device index)."""
+    return device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device) is not None
 
 
 def recipe_keys(cls: type, prefix: str = "") -> list[str]:
