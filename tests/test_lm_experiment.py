@@ -192,11 +192,48 @@ def test_first_version_csv_is_kept_aside_and_a_foreign_one_refused(tmp_path):
         lm._check_header(out / "curves.csv", lm.CURVE_COLUMNS)
 
 
-def test_lm_experiment_bad_input_in_one_line(capsys):
-    assert main(["lm-experiment", "--preset", "smoke", "--jobs", "0"]) == 2
-    assert "jobs=0" in capsys.readouterr().err
+def test_lm_experiment_bad_input_in_one_line(capsys, tmp_path):
+    for extra in ([], ["--estimate"], ["--report-only"]):
+        assert main(["lm-experiment", "--preset", "smoke", "--jobs", "0", *extra]) == 2
+        assert "--jobs must be an integer >= 1, got 0" in capsys.readouterr().err
+    out = tmp_path / "out"
+    for override, message in (
+        ("max_steps=-1", "max_steps=-1 is invalid"),
+        ("eval_batch_size=0", "eval_batch_size=0 is invalid"),
+        ("max_steps=5", "override 'max_steps=5' sets max_steps, which lm-experiment sets for each run"),
+        ("optim.lr=1", "sets optim.lr"),
+    ):
+        args = ["lm-experiment", "--preset", "smoke", "--output", str(out), "--runs", str(tmp_path / "runs")]
+        assert main([*args, override]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err
+        assert not out.exists() and not (tmp_path / "runs").exists()  # refused before anything was made
     with pytest.raises(ValueError, match="variant 'down-8' is unknown"):
         lm.Variant.parse("down-8")
+
+
+def test_estimate_uses_the_jobs_given(corpora, monkeypatch):
+    monkeypatch.setattr(lm, "measure_tokens_per_s", lambda *a, **k: {"dense": 1000.0, "moe": 800.0})
+    one = lm.estimate_text("configs/lm-small.yaml", lm.PRESETS["smoke"], jobs=1)
+    assert "on 1 core (one one-thread run at a time)" in one
+    three = lm.estimate_text("configs/lm-small.yaml", lm.PRESETS["smoke"], jobs=3)
+    assert "on 3 cores (3 one-thread runs side by side)" in three
+
+
+def test_report_only_names_what_the_output_directory_holds(tmp_path, capsys):
+    missing = tmp_path / "nonexistent"
+    assert main(["lm-experiment", "--report-only", "--output", str(missing)]) == 2
+    assert f"'{missing}' does not exist" in capsys.readouterr().err and not missing.exists()
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["lm-experiment", "--report-only", "--output", str(out)]) == 2
+    assert f"'{out / 'runs.csv'}' does not exist" in capsys.readouterr().err
+    row = {c: "" for c in lm.COLUMNS} | {"kind": "main", "preset": "smoke", "variant": "dense", "seed": "0"}
+    lm.append_rows(out / "runs.csv", [row], lm.COLUMNS)
+    assert main(["lm-experiment", "--report-only", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds no rows of preset 'full', only of 'smoke'; pass --preset NAME, e.g. --preset smoke" in err
+    assert err.count("\n") == 0
 
 
 # ----- the grid end to end -----

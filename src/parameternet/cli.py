@@ -263,8 +263,9 @@ def _run_lm_experiment(args: argparse.Namespace) -> int:
     from parameternet.experiments import lm
 
     output = args.output or lm.default_output(args.preset)
+    _check_flags(("--jobs", args.jobs, 1))
     if args.estimate:
-        print(lm.estimate_text(args.recipe, lm.PRESETS[args.preset], args.overrides, jobs=max(args.jobs, 2)))
+        print(lm.estimate_text(args.recipe, lm.PRESETS[args.preset], args.overrides, jobs=args.jobs))
         return 0
     if args.report_only:
         print(lm.report(output, preset=args.preset, pool_commits=args.pool_commits))
