@@ -339,6 +339,7 @@ def _add_pitfall(sub: argparse._SubParsersAction) -> None:
 def _run_pitfall(args: argparse.Namespace) -> int:
     from parameternet.experiments.pitfall import default_output, report, run_pitfall
 
+    _check_flags(("--jobs", args.jobs, 1))
     if args.report_only:
         print(report(args.output or default_output(args.preset), preset=args.preset, pool_commits=args.pool_commits))
         return 0
