@@ -291,7 +291,7 @@ def _add_lm_cls(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-len", type=int, default=128, help="tokens per passage at most")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    p.add_argument("--output", help="directory for cls.json and the fine-tuned classifier/")
+    p.add_argument("--output", help="directory for cls.json and the fine-tuned classifier/ (with its tokenizer)")
     p.set_defaults(func=_run_lm_cls)
 
 
