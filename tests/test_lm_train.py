@@ -134,6 +134,7 @@ def test_lm_recipe_errors(tmp_path):
         ("model.num_hidden_layers=0", "model.num_hidden_layers=0 is invalid"),
         ("model.intermediate_size=0", "model.intermediate_size=0 is invalid"),
         ("device=gpu", "device='gpu' is invalid; it must be auto, cpu, cuda or cuda:N"),
+        ("data.corpora=[brown,mnist]", "unknown text corpus 'mnist'; choose from gutenberg, sotu, brown"),
     ],
 )
 def test_lm_recipe_values_out_of_range_are_one_sentence(override, message):

@@ -106,6 +106,7 @@ class LMTrainConfig:
     def validate(self) -> LMTrainConfig:
         """Check the values one type annotation cannot (ranges, cross-field rules, the model config's own checks)
         and return the recipe; ParameterNetError names the first bad key, its value and what it must be."""
+        from parameternet.data.text import check_corpus_names
         from parameternet.models.llama_moe import MOE_PROJECTIONS, ParameterNetLlamaConfig
 
         one_batch = self.batch_size * self.data.seq_len
@@ -145,6 +146,7 @@ class LMTrainConfig:
             (self.model.num_hidden_layers > 0, "model.num_hidden_layers", "a positive integer"),
         ]
         check_fields(self, checks)
+        check_corpus_names(self.data.corpora)
         if self.data.dir is not None and not Path(self.data.dir).expanduser().is_dir():
             raise ParameterNetError(
                 f"data.dir={self.data.dir!r} does not exist; prepare it with `parameternet lm-data --out "
