@@ -154,3 +154,7 @@ def test_cli_lm_train_reports_bad_input_in_one_line(capsys):
     assert main(["lm-train", "configs/lm-small.yaml", "model.num_experts_per_tok=9", "max_steps=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "num_experts_per_tok=9" in err
+    assert main(["lm-train", "configs/smoke.yaml"]) == 2  # a vision recipe
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "must be a mapping of its keys, not 'test_resnet'" in err
+    assert "a recipe for another command (`parameternet train` takes image-classification recipes" in err

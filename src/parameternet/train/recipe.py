@@ -142,15 +142,32 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     return _bad(value, tp, key)
 
 
+# A section where a plain value belongs, or the reverse, most often means a recipe of the other trainer.
+_ANOTHER_COMMAND = (
+    "the file may be a recipe for another command (`parameternet train` takes image-classification recipes such "
+    "as configs/smoke.yaml, `parameternet lm-train` language-model recipes such as configs/lm-small.yaml)"
+)
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _bad(value: Any, tp: Any, key: str):
     origin = typing.get_origin(tp)
     what = _TYPE_WORDS.get(tp) or ("a list" if origin is list else "a mapping" if origin is dict else str(tp))
-    raise ParameterNetError(f"recipe key {key}={value!r} has the wrong type; it must be {what}")
+    hint = f"; {_ANOTHER_COMMAND}" if isinstance(value, dict) else ""
+    raise ParameterNetError(f"recipe key {key}={_shown(value)} has the wrong type; it must be {what}{hint}")
 
 
 def _fill(root: type, obj: Any, data: dict, prefix: str, where: str) -> None:
     if not isinstance(data, dict):
-        raise ParameterNetError(f"recipe section {prefix.rstrip('.') or 'top level'}{where} must be a mapping")
+        raise ParameterNetError(
+            f"recipe section {prefix.rstrip('.') or 'top level'}{where} must be a mapping of its keys, not "
+            f"{_shown(data)}; {_ANOTHER_COMMAND}"
+        )
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for k, v in data.items():
