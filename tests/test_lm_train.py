@@ -1,6 +1,7 @@
 """lm-train end to end on a tiny model and fake corpora: outputs, Auto-class loading, resume, recipes, experiment."""
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -40,14 +41,16 @@ def corpora(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_lm_train_outputs_load_with_auto_classes(corpora):
+def test_lm_train_outputs_load_with_auto_classes(corpora, caplog):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = corpora / "run"
-    summary = train_lm(
-        load_lm_config("configs/lm-small.yaml", [*TINY, "model.moe_projections=[up_proj]", f"output_dir={out}"])
-    )
+    with caplog.at_level(logging.INFO):
+        summary = train_lm(
+            load_lm_config("configs/lm-small.yaml", [*TINY, "model.moe_projections=[up_proj]", f"output_dir={out}"])
+        )
     assert summary["steps"] == 4 and summary["tokens"] == 4 * 4 * 32
+    assert "-parameter LLaMA (4 experts on up_proj) for 4 steps" in caplog.text
     assert set(summary["zero_shot"]) == {"next_sentence", "last_word"}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["split"] == "train"]
@@ -61,9 +64,11 @@ def test_lm_train_outputs_load_with_auto_classes(corpora):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
-def test_lm_train_lr_schedule_ends_at_a_tenth_of_the_peak(corpora):
+def test_lm_train_lr_schedule_ends_at_a_tenth_of_the_peak(corpora, caplog):
     out = corpora / "run"
-    train_lm(load_lm_config("configs/lm-small.yaml", [*TINY, "zero_shot_items=0", f"output_dir={out}"]))
+    with caplog.at_level(logging.INFO):
+        train_lm(load_lm_config("configs/lm-small.yaml", [*TINY, "zero_shot_items=0", f"output_dir={out}"]))
+    assert "-parameter LLaMA (dense) for 4 steps" in caplog.text  # the start line names what trains
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in rows if r["split"] == "train"]
     peak = 1e-3  # configs/lm-small.yaml
