@@ -216,7 +216,8 @@ def test_lm_eval_and_finetune_cls_refuse_models_and_data_they_cannot_use(corpora
         (vision, "has no config.json"),
         (corpora / "nowhere", "does not exist or is not a directory"),
     ]  # fmt: skip
-    capsys.readouterr()  # the progress bars of the saves above
+    assert main(["lm-eval", str(run / "model"), "--data", str(data), "--items", "0", "--val-tokens", "64"]) == 0
+    assert json.loads(capsys.readouterr().out)["val"]["tokens"] == 2 * 31  # the run's own text passes the checks
     for model, message in cases:
         for command in (["lm-eval", "--items", "0"], ["lm-finetune-cls", "--steps", "1"]):
             assert main([*command, str(model), "--data", str(data)]) == 2

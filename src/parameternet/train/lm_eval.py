@@ -272,11 +272,11 @@ def evaluate_saved_lm(
     import parameternet.models.llama_moe  # noqa: F401  (registers the model with the Auto classes)
     from parameternet.data.zero_shot import build_tasks
 
-    model_dir = check_saved_lm(model_dir)
     if items < 0:
         raise ParameterNetError(f"--items {items} is negative; pass 0 (no zero-shot tasks) or a positive count")
     if val_tokens is not None and val_tokens < 1:
         raise ParameterNetError(f"--val-tokens {val_tokens} is not positive; pass a positive count or leave it out")
+    model_dir = check_saved_lm(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = text_data_for(model_dir, data_dir, tokenizer)  # before the weights load: bad --data is refused at once
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
