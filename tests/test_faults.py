@@ -403,6 +403,8 @@ def test_lm_bad_inputs_are_one_sentence(tmp_path, capsys, monkeypatch):
     assert "--items -1 is negative" in _one_line(capsys)
     assert main(["lm-eval", str(model), "--val-tokens", "0"]) == 2
     assert "--val-tokens 0 is not positive" in _one_line(capsys)
+    assert main(["lm-eval", str(model)]) == 2  # a parameternet_llama config.json without its tokenizer
+    assert "has no tokenizer (tokenizer.json); pass the model/ directory an lm-train run wrote" in _one_line(capsys)
 
     monkeypatch.setenv("PARAMETERNET_DATA", str(tmp_path / "empty-cache"))
     from parameternet.data.text import load_corpus
@@ -423,8 +425,9 @@ def test_lm_experiment_keeps_the_overrides(monkeypatch, tmp_path, capsys):
         return "t"
 
     monkeypatch.setattr(exp, "run_lm_experiment", fake)
-    assert main(["lm-experiment", "--output", str(tmp_path), "--preset", "quick", "--jobs", "2", "max_steps=4"]) == 0
-    assert seen == {"preset": "quick", "overrides": ["max_steps=4"], "jobs": 2}
+    args = ["lm-experiment", "--output", str(tmp_path), "--preset", "quick", "--jobs", "2", "zero_shot_items=4"]
+    assert main(args) == 0
+    assert seen == {"preset": "quick", "overrides": ["zero_shot_items=4"], "jobs": 2}
 
 
 def test_a_write_the_os_refuses_is_named_in_its_own_words(tmp_path):

@@ -265,6 +265,17 @@ def test_from_dense_reproduces_dense_logits(projection, num_experts, ids):
     assert not torch.equal(experts[0], experts[1])
 
 
+def test_from_dense_takes_a_loaded_llama_not_a_path(tmp_path):
+    with pytest.raises(ParameterNetError, match=r"from_dense takes a loaded model, not str 'some/path'; load it first"):
+        ParameterNetLlamaForCausalLM.from_dense("some/path", num_experts=4)
+    with pytest.raises(ParameterNetError, match="takes a loaded model, not PosixPath"):
+        ParameterNetLlamaForCausalLM.from_dense(tmp_path, num_experts=4)
+    with pytest.raises(ParameterNetError, match="needs a LLaMA causal LM, not a Linear"):
+        linear = torch.nn.Linear(2, 2)
+        linear.config = object()
+        ParameterNetLlamaForCausalLM.from_dense(linear, num_experts=4)
+
+
 def test_from_dense_rejects_a_converted_model():
     with pytest.raises(ParameterNetError, match="already has experts"):
         ParameterNetLlamaForCausalLM.from_dense(tiny_model(), num_experts=4)

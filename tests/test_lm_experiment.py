@@ -168,9 +168,75 @@ def test_lm_finetune_cls_command(corpora, capsys):
     assert result["labels"] == ["gutenberg", "sotu", "brown"] and 0 <= result["acc"] <= 1 and result["steps"] == 2
     assert result["test_items"] % 3 == 0  # balanced
     assert json.loads((corpora / "cls" / "cls.json").read_text())["acc"] == result["acc"]
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(corpora / "cls" / "classifier")) == 300  # saved beside the classifier
     assert main(["lm-finetune-cls", str(run / "model"), "--task", "sentiment"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "'sentiment'" in err and "brown-genre" in err
+    for flags, message in (
+        (["--lr", "-1"], "lr=-1.0 is invalid"),
+        (["--lr", "0"], "lr=0.0 is invalid"),
+        (["--lr", "nan"], "lr=nan is invalid"),
+        (["--threads", "0"], "threads=0 is invalid"),
+        (["--threads", "-1"], "threads=-1 is invalid"),
+    ):
+        assert main(["lm-finetune-cls", str(run / "model"), "--steps", "1", *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err
+
+    # the classifier/ it wrote is not a language model: lm-eval and lm-finetune-cls say so in one line
+    for command in (["lm-eval"], ["lm-finetune-cls", "--steps", "1"]):
+        assert main([*command, str(corpora / "cls" / "classifier"), "--data", str(run / "model")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "(a fine-tuned classifier), not a language model" in err
+
+
+def test_lm_eval_and_finetune_cls_refuse_models_and_data_they_cannot_use(corpora, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from parameternet.data.text import prepare_text_data
+    from parameternet.models.llama_moe import ParameterNetLlamaForCausalLM
+
+    run = corpora / "run"
+    train_experiment_lm(load_lm_config("configs/lm-small.yaml", [*TINY, "max_steps=1", "zero_shot_items=0",
+                                                                 f"output_dir={run}"]))  # fmt: skip
+    data = load_lm_config("configs/lm-small.yaml", TINY).data.prepare().root
+    api = corpora / "api"  # a ParameterNet model saved through the Python API: no tokenizer
+    ParameterNetLlamaForCausalLM.from_pretrained(run / "model").save_pretrained(api)
+    llama = corpora / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(llama)  # fmt: skip
+    vision = corpora / "vision"
+    vision.mkdir()
+    (vision / "final.safetensors").write_bytes(b"")
+    cases = [
+        (api, "has no tokenizer (tokenizer.json); pass the model/ directory an lm-train run wrote, or save the "
+              "tokenizer beside the model"),
+        (llama, "has model_type 'llama', not 'parameternet_llama'"),
+        (vision, "has no config.json"),
+        (corpora / "nowhere", "does not exist or is not a directory"),
+    ]  # fmt: skip
+    assert main(["lm-eval", str(run / "model"), "--data", str(data), "--items", "0", "--val-tokens", "64"]) == 0
+    assert json.loads(capsys.readouterr().out)["val"]["tokens"] == 2 * 31  # the run's own text passes the checks
+    for model, message in cases:
+        for command in (["lm-eval", "--items", "0"], ["lm-finetune-cls", "--steps", "1"]):
+            assert main([*command, str(model), "--data", str(data)]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.count("\n") == 0 and message in err, (command, model, err)
+
+    # prepared text other than the run's: another vocabulary, or other splits (held-out documents it trained on)
+    other_vocab = prepare_text_data(corpora / "v320", vocab_size=320, val_fraction=0.2, eval_fraction=0.2).root
+    other_split = prepare_text_data(corpora / "split", vocab_size=300, val_fraction=0.1, eval_fraction=0.2).root
+    capsys.readouterr()
+    for other, message in (
+        (other_vocab, "uses a 320-token vocabulary"),
+        (other_split, "val_fraction=0.1 (the run: 0.2)"),
+    ):
+        for command in (["lm-eval", "--items", "0"], ["lm-finetune-cls", "--steps", "1"]):
+            assert main([*command, str(run / "model"), "--data", str(other)]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.count("\n") == 0 and message in err, (command, other, err)
 
 
 def test_preset_eval_tokens_cap_the_validation_and_the_estimate(tmp_path):
@@ -209,11 +275,48 @@ def test_first_version_csv_is_kept_aside_and_a_foreign_one_refused(tmp_path):
         lm._check_header(out / "curves.csv", lm.CURVE_COLUMNS)
 
 
-def test_lm_experiment_bad_input_in_one_line(capsys):
-    assert main(["lm-experiment", "--preset", "smoke", "--jobs", "0"]) == 2
-    assert "jobs=0" in capsys.readouterr().err
+def test_lm_experiment_bad_input_in_one_line(capsys, tmp_path):
+    for extra in ([], ["--estimate"], ["--report-only"]):
+        assert main(["lm-experiment", "--preset", "smoke", "--jobs", "0", *extra]) == 2
+        assert "--jobs must be an integer >= 1, got 0" in capsys.readouterr().err
+    out = tmp_path / "out"
+    for override, message in (
+        ("max_steps=-1", "max_steps=-1 is invalid"),
+        ("eval_batch_size=0", "eval_batch_size=0 is invalid"),
+        ("max_steps=5", "override 'max_steps=5' sets max_steps, which lm-experiment sets for each run"),
+        ("optim.lr=1", "sets optim.lr"),
+    ):
+        args = ["lm-experiment", "--preset", "smoke", "--output", str(out), "--runs", str(tmp_path / "runs")]
+        assert main([*args, override]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err
+        assert not out.exists() and not (tmp_path / "runs").exists()  # refused before anything was made
     with pytest.raises(ValueError, match="variant 'down-8' is unknown"):
         lm.Variant.parse("down-8")
+
+
+def test_estimate_uses_the_jobs_given(corpora, monkeypatch):
+    monkeypatch.setattr(lm, "measure_tokens_per_s", lambda *a, **k: {"dense": 1000.0, "moe": 800.0})
+    one = lm.estimate_text("configs/lm-small.yaml", lm.PRESETS["smoke"], jobs=1)
+    assert "on 1 core (one one-thread run at a time)" in one
+    three = lm.estimate_text("configs/lm-small.yaml", lm.PRESETS["smoke"], jobs=3)
+    assert "on 3 cores (3 one-thread runs side by side)" in three
+
+
+def test_report_only_names_what_the_output_directory_holds(tmp_path, capsys):
+    missing = tmp_path / "nonexistent"
+    assert main(["lm-experiment", "--report-only", "--output", str(missing)]) == 2
+    assert f"'{missing}' does not exist" in capsys.readouterr().err and not missing.exists()
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["lm-experiment", "--report-only", "--output", str(out)]) == 2
+    assert f"'{out / 'runs.csv'}' does not exist" in capsys.readouterr().err
+    row = {c: "" for c in lm.COLUMNS} | {"kind": "main", "preset": "smoke", "variant": "dense", "seed": "0"}
+    lm.append_rows(out / "runs.csv", [row], lm.COLUMNS)
+    assert main(["lm-experiment", "--report-only", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds no rows of preset 'full', only of 'smoke'; pass --preset NAME, e.g. --preset smoke" in err
+    assert err.count("\n") == 0
 
 
 # ----- the grid end to end -----

@@ -84,6 +84,15 @@ def test_missing_corpus_names_the_fetch_command(tmp_path, monkeypatch):
         load_corpus(["brown"])
     with pytest.raises(ParameterNetError, match="unknown text corpus"):
         load_corpus(["wikipedia"])
+    from parameternet.cli import main
+
+    for name in ("foo", "mnist"):  # an image dataset is not a text corpus: only the text corpora are offered
+        with pytest.raises(
+            ParameterNetError, match=f"unknown text corpus '{name}'; choose from gutenberg, sotu, brown$"
+        ):
+            prepare_text_data(tmp_path / "out", corpora=[name])
+    assert main(["lm-data", "--out", str(tmp_path / "out"), "--corpora", "brown"]) == 2  # not fetched: the command
+    assert not (tmp_path / "out").exists()
 
 
 def test_split_is_by_whole_documents_and_reproducible(fake_corpora):

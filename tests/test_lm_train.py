@@ -1,6 +1,7 @@
 """lm-train end to end on a tiny model and fake corpora: outputs, Auto-class loading, resume, recipes, experiment."""
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -40,14 +41,16 @@ def corpora(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_lm_train_outputs_load_with_auto_classes(corpora):
+def test_lm_train_outputs_load_with_auto_classes(corpora, caplog):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = corpora / "run"
-    summary = train_lm(
-        load_lm_config("configs/lm-small.yaml", [*TINY, "model.moe_projections=[up_proj]", f"output_dir={out}"])
-    )
+    with caplog.at_level(logging.INFO):
+        summary = train_lm(
+            load_lm_config("configs/lm-small.yaml", [*TINY, "model.moe_projections=[up_proj]", f"output_dir={out}"])
+        )
     assert summary["steps"] == 4 and summary["tokens"] == 4 * 4 * 32
+    assert "-parameter LLaMA (4 experts on up_proj) for 4 steps" in caplog.text
     assert set(summary["zero_shot"]) == {"next_sentence", "last_word"}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["split"] == "train"]
@@ -61,9 +64,11 @@ def test_lm_train_outputs_load_with_auto_classes(corpora):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
-def test_lm_train_lr_schedule_ends_at_a_tenth_of_the_peak(corpora):
+def test_lm_train_lr_schedule_ends_at_a_tenth_of_the_peak(corpora, caplog):
     out = corpora / "run"
-    train_lm(load_lm_config("configs/lm-small.yaml", [*TINY, "zero_shot_items=0", f"output_dir={out}"]))
+    with caplog.at_level(logging.INFO):
+        train_lm(load_lm_config("configs/lm-small.yaml", [*TINY, "zero_shot_items=0", f"output_dir={out}"]))
+    assert "-parameter LLaMA (dense) for 4 steps" in caplog.text  # the start line names what trains
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in rows if r["split"] == "train"]
     peak = 1e-3  # configs/lm-small.yaml
@@ -84,8 +89,9 @@ def test_lm_train_resume_ends_with_the_same_weights(corpora):
         train_lm(load_lm_config("configs/lm-small.yaml", [*common, f"output_dir={b}"]))
     changed = ["optim.lr=2e-3", "max_steps=8"]  # the restored optimizer and schedule would keep the old ones
     refused = r"would change the run's recipe \(optim.lr 0.001 -> 0.002, max_steps 6 -> 8\); resume without changing"
-    with pytest.raises(ParameterNetError, match=refused):
+    with pytest.raises(ParameterNetError, match=refused) as e:
         train_lm(load_lm_config("configs/lm-small.yaml", [*common, f"output_dir={b}", "resume=auto", *changed]))
+    assert str(e.value).endswith("or start a new output_dir")  # no init_from=: the LM recipe has no such key
     # where and how often the run checkpoints may change: same weights and rows
     train_lm(load_lm_config("configs/lm-small.yaml", [*common, f"output_dir={b}", "resume=auto", "keep_last=3"]))
     wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
@@ -114,7 +120,46 @@ def test_lm_recipe_errors(tmp_path):
     assert load_lm_config("configs/lm-1b-moe-down.yaml").total_steps == 21457
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("max_steps=-5", "max_steps=-5 is invalid; it must be a positive integer or null"),
+        ("max_steps=0", "max_steps=0 is invalid"),
+        ("max_tokens=-1", "max_tokens=-1 is invalid"),
+        ("max_tokens=10", "max_tokens=10 is invalid; it must be at least one batch, batch_size x data.seq_len = 2048"),
+        ("max_tokens=null", "max_tokens=None is invalid; it must be set (or set max_steps)"),
+        ("threads=-2", "threads=-2 is invalid"),
+        ("threads=0", "threads=0 is invalid"),
+        ("eval_batch_size=0", "eval_batch_size=0 is invalid"),
+        ("eval_tokens=0", "eval_tokens=0 is invalid; it must be null (the whole validation split) or at least"),
+        ("eval_tokens=127", "data.seq_len=128"),
+        ("zero_shot_items=-1", "zero_shot_items=-1 is invalid"),
+        ("eval_every_steps=-1", "eval_every_steps=-1 is invalid"),
+        ("ckpt_every_steps=-1", "ckpt_every_steps=-1 is invalid"),
+        ("model.num_hidden_layers=0", "model.num_hidden_layers=0 is invalid"),
+        ("model.intermediate_size=0", "model.intermediate_size=0 is invalid"),
+        ("device=gpu", "device='gpu' is invalid; it must be auto, cpu, cuda or cuda:N"),
+        ("data.corpora=[brown,mnist]", "unknown text corpus 'mnist'; choose from gutenberg, sotu, brown"),
+    ],
+)
+def test_lm_recipe_values_out_of_range_are_one_sentence(override, message):
+    with pytest.raises(ParameterNetError) as e:
+        load_lm_config("configs/lm-small.yaml", [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_lm_recipe_values_the_experiment_uses_stay_valid():
+    ok = ["eval_tokens=null", "eval_every_steps=0", "zero_shot_items=0", "ckpt_every_steps=0", "threads=null"]
+    cfg = load_lm_config("configs/lm-small.yaml", [*ok, "max_tokens=2048", "device=cuda:1"])
+    assert cfg.total_steps == 1 and cfg.eval_tokens is None
+    assert load_lm_config("configs/lm-small.yaml", ["max_tokens=null", "max_steps=3"]).total_steps == 3
+
+
 def test_cli_lm_train_reports_bad_input_in_one_line(capsys):
     assert main(["lm-train", "configs/lm-small.yaml", "model.num_experts_per_tok=9", "max_steps=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "num_experts_per_tok=9" in err
+    assert main(["lm-train", "configs/smoke.yaml"]) == 2  # a vision recipe
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "must be a mapping of its keys, not 'test_resnet'" in err
+    assert "a recipe for another command (`parameternet train` takes image-classification recipes" in err

@@ -203,8 +203,8 @@ def test_resume_refuses_another_recipe_but_not_another_cadence(tmp_path):
     latest = tmp_path / "checkpoints" / "step_0000004.safetensors"
     assert str(e.value) == (
         f"resuming from {str(latest)!r} would change the run's recipe (total_steps 4 -> 8); "
-        f"resume without changing them, or start a new output_dir (init_from= starts from its weights)"
-    )
+        f"resume without changing them, or start a new output_dir"
+    )  # the task's own restart_hint: the vision trainer adds init_from=, which the LM recipe does not have
     assert (tmp_path / "config.yaml").read_text() == config  # the refused recipe is not recorded
     # where and how often it reports may change (RESUME_MAY_CHANGE)
     assert FakeTask(FakeConfig(str(tmp_path), total_steps=4, log_every=1, keep_last=3, resume="auto")).step == 4

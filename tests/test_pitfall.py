@@ -198,6 +198,8 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "empty").exists()  # a report reads; it creates nothing
     assert main(["pitfall", "--models", "not-a-cell", "--output", str(tmp_path)]) == 2
     assert "must start with ghostnet- or parameternet-" in capsys.readouterr().err
+    assert main(["pitfall", "--jobs", "0", "--output", str(tmp_path / "empty"), "--report-only"]) == 2
+    assert "--jobs must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", [m for f in ("ghostnet", "parameternet") for m in timm.list_models(f"{f}_mini*")])

@@ -42,6 +42,14 @@ def test_yaml_then_overrides_into_the_dataclass(tmp_path):
         ("", ["width=3"], "did you mean 'part.width'?"),
         ("", ["lr=fast"], "recipe key lr='fast' has the wrong type; it must be a number"),
         ("part: 3\n", [], "recipe section part in "),
+        (
+            "part: some_model\n",
+            [],
+            "must be a mapping of its keys, not 'some_model'; the file may be a recipe for "
+            "another command (`parameternet train`",
+        ),
+        ("part: " + "x" * 100 + "\n", [], "not '" + "x" * 56 + "...; the file"),  # the value, cut short
+        ("lr:\n  a: 1\n", [], "recipe key lr={'a': 1} has the wrong type; it must be a number; the file may be"),
         ("", ["part=3"], "override 'part' names a section"),
         ("", ["part.width=0"], "part.width=0 is invalid; it must be positive"),
         ("lr: [1\n", [], "is not valid YAML at line 2; fix the syntax"),

@@ -34,6 +34,15 @@ def test_overrides_are_typed():
         ("lr", "is not key=value"),
         ("data.train=imagenet:train", "unknown source"),
         ("amp=fp8", "amp='fp8' is invalid"),
+        ("device=gpu", "device='gpu' is invalid; it must be auto, cpu, cuda or cuda:N"),
+        ("device=cuda:x", "device='cuda:x' is invalid"),
+        ("eval_batch_size=0", "eval_batch_size=0 is invalid"),
+        ("eval_every_epochs=-1", "eval_every_epochs=-1 is invalid"),
+        ("eval_every_steps=-1", "eval_every_steps=-1 is invalid"),
+        ("data.num_workers=-1", "data.num_workers=-1 is invalid"),
+        ("aug.hflip=2", "aug.hflip=2.0 is invalid; it must be a probability in [0, 1]"),
+        ("aug.label_smoothing=1", "aug.label_smoothing=1.0 is invalid"),
+        ("schedule.warmup_steps=-1", "schedule.warmup_steps=-1 is invalid"),
     ],
 )
 def test_bad_overrides_say_one_thing(override, message):

@@ -263,8 +263,9 @@ def _run_lm_experiment(args: argparse.Namespace) -> int:
     from parameternet.experiments import lm
 
     output = args.output or lm.default_output(args.preset)
+    _check_flags(("--jobs", args.jobs, 1))
     if args.estimate:
-        print(lm.estimate_text(args.recipe, lm.PRESETS[args.preset], args.overrides, jobs=max(args.jobs, 2)))
+        print(lm.estimate_text(args.recipe, lm.PRESETS[args.preset], args.overrides, jobs=args.jobs))
         return 0
     if args.report_only:
         print(lm.report(output, preset=args.preset, pool_commits=args.pool_commits))
@@ -290,7 +291,7 @@ def _add_lm_cls(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-len", type=int, default=128, help="tokens per passage at most")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    p.add_argument("--output", help="directory for cls.json and the fine-tuned classifier/")
+    p.add_argument("--output", help="directory for cls.json and the fine-tuned classifier/ (with its tokenizer)")
     p.set_defaults(func=_run_lm_cls)
 
 
@@ -338,6 +339,7 @@ def _add_pitfall(sub: argparse._SubParsersAction) -> None:
 def _run_pitfall(args: argparse.Namespace) -> int:
     from parameternet.experiments.pitfall import default_output, report, run_pitfall
 
+    _check_flags(("--jobs", args.jobs, 1))
     if args.report_only:
         print(report(args.output or default_output(args.preset), preset=args.preset, pool_commits=args.pool_commits))
         return 0

@@ -41,6 +41,8 @@ __all__ = [
     "SPECIAL_TOKENS",
     "Document",
     "TextData",
+    "check_corpora",
+    "check_corpus_names",
     "load_corpus",
     "load_text_data",
     "prepare_text_data",
@@ -130,20 +132,33 @@ def _brown(root: Path) -> list[Document]:
 _READERS = {"gutenberg": _gutenberg, "sotu": _sotu, "brown": _brown}
 
 
-def load_corpus(names: Sequence[str] = CORPORA) -> list[Document]:
-    """The documents of the named corpora (fetched beforehand with ``parameternet data fetch``)."""
-    from parameternet.data.fetch import is_fetched
-
-    docs = []
+def check_corpus_names(names: Sequence[str]) -> None:
+    """ParameterNetError naming the first of ``names`` that is not a text corpus (the image datasets are not),
+    with the text corpora to choose from."""
     unknown = [n for n in names if n not in _READERS]
     if unknown:
         raise ParameterNetError(f"unknown text corpus {unknown[0]!r}; choose from {', '.join(CORPORA)}")
+
+
+def check_corpora(names: Sequence[str]) -> None:
+    """ParameterNetError unless every one of ``names`` is a text corpus (:func:`check_corpus_names`) fetched into
+    the data cache (else the message names the ``parameternet data fetch`` command for all the missing ones)."""
+    from parameternet.data.fetch import is_fetched
+
+    check_corpus_names(names)
     missing = [n for n in names if not is_fetched(n)]
     if missing:  # all of them at once, so one command fetches everything
         raise ParameterNetError(
             f"text corpora {', '.join(missing)} are not in {cache_dir()}; run `parameternet data fetch "
             f"{' '.join(missing)}`"
         )
+
+
+def load_corpus(names: Sequence[str] = CORPORA) -> list[Document]:
+    """The documents of the named corpora (fetched beforehand with ``parameternet data fetch``); ParameterNetError
+    for a name that is not a text corpus or one not fetched (:func:`check_corpora`)."""
+    docs = []
+    check_corpora(names)
     for name in names:
         found = _READERS[name](dataset_path(name))
         if not found:
@@ -260,9 +275,11 @@ def prepare_text_data(
 ) -> TextData:
     """Split the corpus, train the tokenizer, tokenize; reuse ``out_dir`` when it holds the same settings.
 
-    ``out_dir`` defaults to ``<data cache>/lm-text-<hash of the settings>``.
+    ``out_dir`` defaults to ``<data cache>/lm-text-<hash of the settings>``. Raises ParameterNetError for a name
+    that is not a text corpus or one not fetched (:func:`check_corpora`), or settings that leave a split empty.
     """
     corpora = list(corpora)
+    check_corpora(corpora)  # before reading their sources: the image datasets are not text corpora
     settings = dict(
         format=FORMAT,
         corpora=corpora,

@@ -216,6 +216,35 @@ PRESETS = {
 
 # ----- runs -----
 
+# Recipe keys the grid sets for each run (variant, seed, learning rate, token budget, schedule, evaluation, run
+# directory), after the user's overrides: an override of one would be ignored or, for max_steps, replace the budget.
+GRID_KEYS = (
+    "max_steps", "max_tokens", "seed", "optim.lr", "model.moe_projections", "model.num_experts",
+    "schedule.warmup_steps", "eval_every_steps", "eval_tokens", "output_dir", "resume",
+)  # fmt: skip
+
+
+def base_overrides(preset: Preset, extra: Sequence[str] = ()) -> list[str]:
+    """The overrides every language-model run of ``preset`` starts from: the preset's, then the user's ``extra``."""
+    p = preset
+    return [*p.overrides, f"zero_shot_items={p.zero_shot_items}", "threads=1", "progress=false", *extra]
+
+
+def check_inputs(preset: Preset, recipe: str | Path, overrides: Sequence[str] = ()):
+    """The base recipe with the preset's and the user's ``overrides``, validated once before anything starts;
+    returns it. Raises ParameterNetError naming the key of a bad override, or of one the grid sets for each run."""
+    from parameternet.train.lm_config import load_lm_config
+
+    cfg = load_lm_config(recipe, base_overrides(preset, overrides))
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in GRID_KEYS:
+            raise ParameterNetError(
+                f"override {item!r} sets {key}, which lm-experiment sets for each run of the grid (variants, seeds, "
+                f"learning rates, token budgets, evaluation); drop it"
+            )
+    return cfg
+
 
 @dataclass
 class _Task:
@@ -459,8 +488,7 @@ class _Runner:
 
     # --- configs
     def base_overrides(self) -> list[str]:
-        p = self.preset
-        return [*p.overrides, f"zero_shot_items={p.zero_shot_items}", "threads=1", "progress=false", *self.extra]
+        return base_overrides(self.preset, self.extra)
 
     def cfg(self, overrides: list[str]):
         from parameternet.train.lm import load_lm_config
@@ -764,11 +792,13 @@ def estimate_wall_s(
 
 
 def estimate_text(recipe: str, preset: Preset, overrides: Sequence[str] = (), jobs: int = 2) -> str:
-    """Measure 1-thread tokens/s here and estimate the preset's wall time at its corpus share and at the whole."""
+    """Measure 1-thread tokens/s here and estimate the preset's wall time with ``jobs`` one-thread runs side by side,
+    at its corpus share and at the whole. Raises ParameterNetError for ``jobs`` below 1 or a bad override (as
+    :func:`run_lm_experiment` does)."""
     from parameternet.data.text import prepare_text_data
-    from parameternet.train.lm import load_lm_config
 
-    cfg = load_lm_config(recipe, [*preset.overrides, *overrides])
+    check_jobs(jobs)
+    cfg = check_inputs(preset, recipe, overrides)
     d = cfg.data
     data = prepare_text_data(
         d.dir, corpora=d.corpora, vocab_size=d.vocab_size, val_fraction=d.val_fraction, eval_fraction=d.eval_fraction
@@ -783,12 +813,15 @@ def estimate_text(recipe: str, preset: Preset, overrides: Sequence[str] = (), jo
     variants = [(preset, preset.main_tokens is None and preset.corpus_fraction)]
     if preset.main_tokens is None and preset.corpus_fraction != 1.0:
         variants.append((dataclasses.replace(preset, corpus_fraction=1.0), 1.0))
+    cores = (
+        "1 core (one one-thread run at a time)" if jobs == 1 else f"{jobs} cores ({jobs} one-thread runs side by side)"
+    )
     for p, fraction in variants:
         est = estimate_wall_s(p, speed, train, val, per_step, jobs)
         share = f"{fraction:g} of the training split" if fraction else "fixed token budget"
         lines.append(
             f"preset {preset.name} with {share} ({est['main_tokens']:,} tokens per main run): about "
-            f"{est['total'] / 3600:.1f} h on {jobs} cores ({jobs} one-thread runs side by side): lr check "
+            f"{est['total'] / 3600:.1f} h on {cores}: lr check "
             f"{est['lr'] / 3600:.1f} h, main {est['main'] / 3600:.1f} h, upcycling {est['upcycle'] / 3600:.1f} h, "
             f"classifier {est['cls'] / 3600:.1f} h"
         )
@@ -796,6 +829,12 @@ def estimate_text(recipe: str, preset: Preset, overrides: Sequence[str] = (), jo
 
 
 # ----- the command -----
+
+
+def check_jobs(jobs: int) -> None:
+    """ParameterNetError unless ``jobs`` (runs side by side) is at least 1."""
+    if jobs < 1:
+        raise ParameterNetError(f"jobs={jobs} is invalid; use 1 or more parallel runs")
 
 
 def default_output(preset: str) -> Path:
@@ -812,15 +851,16 @@ def run_lm_experiment(
     jobs: int = 1,
 ) -> str:
     """Run the learning-rate check, then the main runs, upcycling and classifiers of ``preset`` (skipping rows this
-    code already made), and write and return the report. Raises :class:`ParameterNetError` on bad input or failed
-    runs."""
+    code already made), and write and return the report. Raises :class:`ParameterNetError` on bad input (an unknown
+    preset, ``jobs`` below 1, a bad override or one of :data:`GRID_KEYS`: all checked before anything starts or the
+    output directory is made) or on failed runs."""
     if preset not in PRESETS:
         raise ParameterNetError(f"preset {preset!r} is unknown; use one of {', '.join(PRESETS)}")
-    if jobs < 1:
-        raise ParameterNetError(f"jobs={jobs} is invalid; use 1 or more parallel runs")
+    check_jobs(jobs)
     from parameternet.runs import RunLock
 
     p = PRESETS[preset]
+    check_inputs(p, recipe, overrides).data.prepare()  # bad input stops here, before the output directory exists
     output = Path(output) if output is not None else default_output(preset)
     with RunLock(output, "experiment results"):  # one writer of the CSVs; each run also locks its own directory
         runner = _Runner(p, str(recipe), overrides, output, Path(runs_dir), jobs)
@@ -930,12 +970,27 @@ def report(output: str | Path, preset: str | None = "full", pool_commits: bool =
     """Write ``table7.md``, ``loss_curves.png`` and ``router.png`` from the CSVs in ``output``; return the text.
 
     Rows made by different code are not pooled: the report uses the code version with the most rows of the
-    preset and says how many it left out, unless ``pool_commits``. Raises when there is no row of ``preset``.
+    preset and says how many it left out, unless ``pool_commits``. Raises ParameterNetError when ``output`` or its
+    ``runs.csv`` does not exist, or when it holds no row of ``preset`` (naming the presets it holds).
     """
     output = Path(output)
-    rows = [r for r in read_rows(output / "runs.csv") if "kind" in r and (preset is None or r["preset"] == preset)]
+    csv_path = output / "runs.csv"
+    if not csv_path.is_file():
+        missing = output if not output.is_dir() else csv_path
+        raise ParameterNetError(
+            f"{str(missing)!r} does not exist; pass the --output directory an lm-experiment run wrote its runs.csv to, "
+            f"or run the grid first"
+        )
+    everything = [r for r in read_rows(csv_path) if "kind" in r]
+    rows = [r for r in everything if preset is None or r["preset"] == preset]
     if not rows:
-        raise ParameterNetError(f"{str(output / 'runs.csv')!r} holds no rows of preset {preset!r}; run the grid first")
+        held = sorted({r["preset"] for r in everything if r.get("preset")})
+        if held:
+            raise ParameterNetError(
+                f"{str(csv_path)!r} holds no rows of preset {preset!r}, only of {', '.join(map(repr, held))}; pass "
+                f"--preset NAME, e.g. --preset {held[0]}"
+            )
+        raise ParameterNetError(f"{str(csv_path)!r} holds no rows; run the grid first")
     codes: dict[str, int] = {}
     for r in rows:
         codes[code_id(r)] = codes.get(code_id(r), 0) + 1

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from parameternet.train.recipe import apply_overrides, check_fields, from_dict, load_recipe
+from parameternet.train.recipe import DEVICE_WORDS, apply_overrides, check_fields, device_ok, from_dict, load_recipe
 from parameternet.train.recipe import coerce as _coerce  # noqa: F401  (the name before the loader was shared)
 
 __all__ = [
@@ -122,7 +122,8 @@ class TrainConfig:
         return d
 
     def validate(self) -> TrainConfig:
-        """Cross-field checks that one type annotation cannot express."""
+        """Cross-field checks that one type annotation cannot express; ParameterNetError names the first bad key,
+        its value and what it must be."""
         from parameternet.data.images import parse_spec
 
         checks = [
@@ -132,13 +133,32 @@ class TrainConfig:
             (self.img_size > 0, "img_size", "a positive integer"),
             (self.in_chans in (1, 3), "in_chans", "1 or 3"),
             (self.amp in ("auto", "none", "bf16", "fp16"), "amp", "one of auto, none, bf16, fp16"),
-            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", "auto, cpu or cuda"),
+            (device_ok(self.device), "device", DEVICE_WORDS),
             (self.data.pipeline in ("auto", "tensor", "pil"), "data.pipeline", "one of auto, tensor, pil"),
             (self.ema is None or 0 < self.ema < 1, "ema", "a decay in (0, 1) or null"),
             (self.keep_last >= 1, "keep_last", "at least 1"),
             (self.ckpt_every_epochs >= 0, "ckpt_every_epochs", "0 (no periodic checkpoints) or more"),
             (self.ckpt_every_steps is None or self.ckpt_every_steps >= 0, "ckpt_every_steps", "0 (none) or more"),
             (self.log_every >= 1, "log_every", "at least 1"),
+            (self.eval_batch_size is None or self.eval_batch_size > 0, "eval_batch_size", "a positive integer or null"),
+            (self.eval_every_epochs >= 0, "eval_every_epochs", "0 (at the end only) or more"),
+            (self.eval_every_steps is None or self.eval_every_steps >= 0, "eval_every_steps", "0 (none) or more"),
+            (self.data.num_workers >= 0, "data.num_workers", "0 (load in the main process) or more"),
+            (0 < self.data.crop_pct <= 1, "data.crop_pct", "in (0, 1]"),
+            (0 <= self.drop_path < 1, "drop_path", "in [0, 1)"),
+            (0 <= self.aug.hflip <= 1, "aug.hflip", "a probability in [0, 1]"),
+            (0 <= self.aug.random_erasing <= 1, "aug.random_erasing", "a probability in [0, 1]"),
+            (0 <= self.aug.mixup_prob <= 1, "aug.mixup_prob", "a probability in [0, 1]"),
+            (self.aug.mixup >= 0, "aug.mixup", "0 (off) or a positive alpha"),
+            (self.aug.cutmix >= 0, "aug.cutmix", "0 (off) or a positive alpha"),
+            (0 <= self.aug.label_smoothing < 1, "aug.label_smoothing", "in [0, 1)"),
+            (self.aug.crop_padding >= 0, "aug.crop_padding", "0 or more"),
+            (self.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", "0 or more"),
+            (
+                self.schedule.warmup_steps is None or self.schedule.warmup_steps >= 0,
+                "schedule.warmup_steps",
+                "0 or more, or null (use warmup_epochs)",
+            ),
             (self.optim.lr > 0, "optim.lr", "positive"),
             (self.num_classes is None or self.num_classes > 0, "num_classes", "a positive integer or null"),
             (len(self.aug.scale) == 2, "aug.scale", "two numbers [min, max]"),

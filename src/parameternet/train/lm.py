@@ -285,12 +285,12 @@ class LMTrainer(TrainTask):
         )  # fmt: skip
 
     def log_start(self) -> None:
-        cfg = self.cfg
+        cfg, m = self.cfg, self.cfg.model
+        kind = f"{m.num_experts} experts on {', '.join(m.moe_projections)}" if m.moe_projections else "dense"
         if self.dist.is_main:
             log.info(
-                "training %.2fM-parameter LLaMA (experts on %s) for %d steps of %d x %d tokens on %s",
-                self.params / 1e6, cfg.model.moe_projections or "nothing", self.total_steps, cfg.batch_size,
-                cfg.data.seq_len, self.device,
+                "training %.2fM-parameter LLaMA (%s) for %d steps of %d x %d tokens on %s",
+                self.params / 1e6, kind, self.total_steps, cfg.batch_size, cfg.data.seq_len, self.device,
             )  # fmt: skip
 
     # ----- the end -----

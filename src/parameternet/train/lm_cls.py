@@ -174,27 +174,39 @@ def finetune_classifier(
 
     ``steps`` optimizer steps of ``batch_size`` passages (each at most ``max_len`` tokens), cycling through the
     training passages in a seeded order. ``output``, when given, receives ``cls.json`` with the result (written
-    last, atomically) and the fine-tuned model in ``classifier/``.
+    last, atomically) and the fine-tuned model with its tokenizer in ``classifier/``.
+
+    Raises ParameterNetError, before anything trains, for ``steps``, ``batch_size``, ``max_len``,
+    ``train_per_class``, ``test_per_class`` or ``threads`` below 1, an ``lr`` that is not a positive number, a
+    negative ``weight_decay``, an unknown ``amp`` or ``task``, a ``model_dir``
+    :func:`~parameternet.train.lm_eval.check_saved_lm` refuses, or text
+    :func:`~parameternet.train.lm_eval.text_data_for` refuses (another vocabulary, or other splits than the run's).
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     import parameternet.models.llama_moe  # noqa: F401  (registers the Auto classes)
-    from parameternet.train.lm_eval import check_vocab, text_data_for
+    from parameternet.train.lm_eval import check_saved_lm, check_vocab, text_data_for
     from parameternet.train.loop import decay_groups
 
-    for key, value in (("steps", steps), ("batch_size", batch_size), ("max_len", max_len)):
-        if value < 1:
+    counts = (("steps", steps), ("batch_size", batch_size), ("max_len", max_len), ("train_per_class", train_per_class),
+              ("test_per_class", test_per_class), ("threads", threads))  # fmt: skip
+    for key, value in counts:
+        if value is not None and value < 1:
             raise ParameterNetError(f"{key}={value} is invalid; use 1 or more")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ParameterNetError(f"lr={lr} is invalid; use a positive learning rate such as 1e-4")
+    if not weight_decay >= 0:
+        raise ParameterNetError(f"weight_decay={weight_decay} is invalid; use 0 or more")
     if amp not in ("none", "bf16"):
         raise ParameterNetError(f"amp={amp!r} is invalid; use none or bf16")
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ParameterNetError(f"{model_dir} has no config.json; pass the model/ directory an lm-train run wrote")
+    if task not in CLS_TASKS:
+        raise ParameterNetError(f"unknown classification task {task!r}; choose from {', '.join(CLS_TASKS)}")
+    model_dir = check_saved_lm(model_dir)
     if threads:
         torch.set_num_threads(threads)
-    data = text_data_for(model_dir, data_dir)
-    cls_task = build_cls_task(data, task, train_per_class=train_per_class, test_per_class=test_per_class, seed=0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = text_data_for(model_dir, data_dir, tokenizer)
+    cls_task = build_cls_task(data, task, train_per_class=train_per_class, test_per_class=test_per_class, seed=0)
     torch.manual_seed(seed)
     from transformers.utils import logging as hf_logging
 
@@ -267,5 +279,6 @@ def finetune_classifier(
         from parameternet.runs import atomic_write
 
         model.save_pretrained(out_dir / "classifier")
+        tokenizer.save_pretrained(out_dir / "classifier")  # so AutoTokenizer, lm-finetune-cls, ... load it
         atomic_write(out_dir / "cls.json", json.dumps(result, indent=1) + "\n")
     return result

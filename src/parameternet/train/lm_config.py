@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from parameternet.errors import ParameterNetError
-from parameternet.train.recipe import check_fields, load_recipe
+from parameternet.train.recipe import DEVICE_WORDS, check_fields, device_ok, load_recipe
 
 __all__ = ["LMDataConfig", "LMModelConfig", "LMOptimConfig", "LMScheduleConfig", "LMTrainConfig", "load_lm_config"]
 
@@ -104,13 +104,35 @@ class LMTrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> LMTrainConfig:
+        """Check the values one type annotation cannot (ranges, cross-field rules, the model config's own checks)
+        and return the recipe; ParameterNetError names the first bad key, its value and what it must be."""
+        from parameternet.data.text import check_corpus_names
         from parameternet.models.llama_moe import MOE_PROJECTIONS, ParameterNetLlamaConfig
 
+        one_batch = self.batch_size * self.data.seq_len
         checks = [
             (self.batch_size > 0, "batch_size", "a positive integer"),
             (self.grad_accum > 0 and self.batch_size % self.grad_accum == 0, "grad_accum", "a divisor of batch_size"),
-            ((self.max_steps or 0) > 0 or (self.max_tokens or 0) > 0, "max_tokens", "positive (or set max_steps)"),
             (self.data.seq_len > 1, "data.seq_len", "at least 2"),
+            (self.max_steps is None or self.max_steps > 0, "max_steps", "a positive integer or null"),
+            (self.max_tokens is None or self.max_tokens > 0, "max_tokens", "a positive integer or null"),
+            (self.max_steps is not None or self.max_tokens is not None, "max_tokens", "set (or set max_steps)"),
+            (
+                self.max_steps is not None or (self.max_tokens or 0) >= one_batch,
+                "max_tokens",
+                f"at least one batch, batch_size x data.seq_len = {one_batch} tokens (or set max_steps)",
+            ),
+            (self.eval_batch_size > 0, "eval_batch_size", "a positive integer"),
+            (self.eval_every_steps >= 0, "eval_every_steps", "0 (at the end only) or more"),
+            (
+                self.eval_tokens is None or self.eval_tokens >= self.data.seq_len,
+                "eval_tokens",
+                f"null (the whole validation split) or at least data.seq_len={self.data.seq_len}",
+            ),
+            (self.zero_shot_items >= 0, "zero_shot_items", "0 (skip the zero-shot tasks) or more"),
+            (self.ckpt_every_steps >= 0, "ckpt_every_steps", "0 (at the end only) or more"),
+            (self.threads is None or self.threads > 0, "threads", "a positive integer or null (torch's default)"),
+            (device_ok(self.device), "device", DEVICE_WORDS),
             (self.optim.lr > 0, "optim.lr", "positive"),
             (len(self.optim.betas) == 2, "optim.betas", "two numbers"),
             (0 <= self.schedule.min_lr_ratio <= 1, "schedule.min_lr_ratio", "between 0 and 1"),
@@ -120,8 +142,11 @@ class LMTrainConfig:
             (self.keep_last >= 1, "keep_last", "at least 1"),
             (self.model.num_attention_heads > 0, "model.num_attention_heads", "a positive integer"),
             (self.model.hidden_size > 0, "model.hidden_size", "a positive integer"),
+            (self.model.intermediate_size > 0, "model.intermediate_size", "a positive integer"),
+            (self.model.num_hidden_layers > 0, "model.num_hidden_layers", "a positive integer"),
         ]
         check_fields(self, checks)
+        check_corpus_names(self.data.corpora)
         if self.data.dir is not None and not Path(self.data.dir).expanduser().is_dir():
             raise ParameterNetError(
                 f"data.dir={self.data.dir!r} does not exist; prepare it with `parameternet lm-data --out "
@@ -150,7 +175,7 @@ class LMTrainConfig:
 
     @property
     def total_steps(self) -> int:
-        if self.max_steps:
+        if self.max_steps is not None:
             return self.max_steps
         return max(1, self.max_tokens // (self.batch_size * self.data.seq_len))
 

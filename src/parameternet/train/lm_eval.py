@@ -22,7 +22,51 @@ from tqdm.auto import tqdm
 from parameternet.errors import ParameterNetError
 from parameternet.train import distributed as D
 
-__all__ = ["check_vocab", "evaluate_saved_lm", "export_tasks", "score_choices", "text_data_for", "validation_loss"]
+__all__ = [
+    "check_saved_lm",
+    "check_vocab",
+    "evaluate_saved_lm",
+    "export_tasks",
+    "score_choices",
+    "text_data_for",
+    "validation_loss",
+]
+
+_GET_ONE = (
+    "pass the model/ directory an lm-train run wrote, or save the tokenizer beside the model "
+    "(tokenizer.save_pretrained(DIR))"
+)
+
+
+def check_saved_lm(model_dir: str | Path) -> Path:
+    """``model_dir`` as a Path once it is a saved ParameterNet language model that the Auto classes and
+    ``AutoTokenizer`` load (what ``lm-eval`` and ``lm-finetune-cls`` take): ``config.json`` present, ``model_type``
+    ``parameternet_llama``, a causal LM (not a classifier ``lm-finetune-cls`` wrote) and the tokenizer's files
+    beside it. Raises ParameterNetError in one sentence saying what is wrong and how to get a directory that fits."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ParameterNetError(f"{str(model_dir)!r} does not exist or is not a directory; {_GET_ONE}")
+    config = model_dir / "config.json"
+    if not config.is_file():
+        raise ParameterNetError(f"{model_dir} has no config.json; pass the model/ directory an lm-train run wrote")
+    try:
+        fields = json.loads(config.read_text())
+        model_type, architectures = fields.get("model_type"), fields.get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        model_type, architectures = None, []
+    if model_type != "parameternet_llama":
+        raise ParameterNetError(
+            f"{config} has model_type {model_type!r}, not 'parameternet_llama'; pass the model/ directory an "
+            f"lm-train run wrote"
+        )
+    if architectures and not any(a.endswith("ForCausalLM") for a in architectures):
+        raise ParameterNetError(
+            f"{model_dir} holds a {architectures[0]} (a fine-tuned classifier), not a language model; pass the model/ "
+            f"directory of the lm-train run it was fine-tuned from"
+        )
+    if not (model_dir / "tokenizer.json").is_file():
+        raise ParameterNetError(f"{model_dir} has no tokenizer (tokenizer.json); {_GET_ONE}")
+    return model_dir
 
 
 def check_vocab(model, tokenizer) -> None:
@@ -154,13 +198,52 @@ def export_tasks(tasks: dict, directory: str | Path) -> list[Path]:
     return written
 
 
-def text_data_for(model_dir: Path, data_dir: str | None):
+_SETTINGS = ("corpora", "vocab_size", "val_fraction", "eval_fraction")  # what decides the split and the tokenizer
+
+
+def _check_data(model_dir: Path, data, tokenizer) -> None:
+    """ParameterNetError unless ``data`` (a TextData passed with --data) is text the model was trained on: the
+    vocabulary of ``tokenizer`` (when given) and, for a model inside an lm-train run, the run's corpora, vocabulary
+    and split fractions (else the held-out documents are not held out)."""
+    if tokenizer is not None and data.vocab_size != len(tokenizer):
+        raise ParameterNetError(
+            f"the prepared text in {data.root} uses a {data.vocab_size}-token vocabulary, the model's tokenizer "
+            f"{len(tokenizer)}; pass the --data directory the model was trained on"
+        )
+    recipe = model_dir.parent / "config.yaml"
+    if not recipe.is_file():
+        return
+    from parameternet.train.lm_config import LMTrainConfig
+    from parameternet.train.recipe import from_dict, read_yaml
+
+    try:
+        run = from_dict(LMTrainConfig, read_yaml(recipe, "config.yaml")).data
+    except ParameterNetError:  # not an lm-train recipe: nothing recorded to compare with
+        return
+    saved = data.manifest.get("settings", {})
+    diffs = [
+        f"{k}={saved.get(k)!r} (the run: {getattr(run, k)!r})" for k in _SETTINGS if saved.get(k) != getattr(run, k)
+    ]
+    if diffs:
+        raise ParameterNetError(
+            f"the prepared text in {data.root} has {', '.join(diffs)}, so its held-out documents are not the ones the "
+            f"run in {model_dir.parent} held out; pass the --data directory the model was trained on, or leave --data "
+            f"out"
+        )
+
+
+def text_data_for(model_dir: Path, data_dir: str | None, tokenizer=None):
     """The prepared text of ``data_dir``, else that of the lm-train run holding ``model_dir`` (its
-    ``config.yaml``); ParameterNetError when there is neither."""
+    ``config.yaml``). Raises ParameterNetError when there is neither, or when ``data_dir`` does not match the model:
+    another vocabulary than ``tokenizer``'s or, for a model inside an lm-train run, other corpora, vocabulary or
+    split fractions than the run's."""
     from parameternet.data.text import load_text_data
 
+    model_dir = Path(model_dir)
     if data_dir is not None:
-        return load_text_data(data_dir)
+        data = load_text_data(data_dir)
+        _check_data(model_dir, data, tokenizer)
+        return data
     recipe = model_dir.parent / "config.yaml"
     if not recipe.is_file():
         raise ParameterNetError(
@@ -180,37 +263,24 @@ def evaluate_saved_lm(
     val_tokens: int | None = None,
     export: str | Path | None = None,
 ) -> dict:
-    """Validation loss / perplexity and zero-shot accuracy of a ``save_pretrained`` directory (with tokenizer)."""
+    """Validation loss / perplexity and zero-shot accuracy of a ``save_pretrained`` directory (with tokenizer).
+
+    Raises ParameterNetError for a directory :func:`check_saved_lm` refuses, a negative ``items``, a
+    ``val_tokens`` below 1, or text :func:`text_data_for` refuses."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import parameternet.models.llama_moe  # noqa: F401  (registers the model with the Auto classes)
     from parameternet.data.zero_shot import build_tasks
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ParameterNetError(f"{model_dir} has no config.json; pass the model/ directory an lm-train run wrote")
     if items < 0:
         raise ParameterNetError(f"--items {items} is negative; pass 0 (no zero-shot tasks) or a positive count")
     if val_tokens is not None and val_tokens < 1:
         raise ParameterNetError(f"--val-tokens {val_tokens} is not positive; pass a positive count or leave it out")
-    try:
-        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        model_type = None
-    if model_type != "parameternet_llama":
-        raise ParameterNetError(
-            f"{model_dir / 'config.json'} has model_type {model_type!r}, not 'parameternet_llama'; pass the model/ "
-            f"directory an lm-train run wrote"
-        )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model_dir = check_saved_lm(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = text_data_for(model_dir, data_dir, tokenizer)  # before the weights load: bad --data is refused at once
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     check_vocab(model, tokenizer)
-    data = text_data_for(model_dir, data_dir)
-    if data.vocab_size != len(tokenizer):
-        raise ParameterNetError(
-            f"the prepared text in {data.root} uses a {data.vocab_size}-token vocabulary, the model's tokenizer "
-            f"{len(tokenizer)}; pass the --data directory the model was trained on"
-        )
     seq_len = seq_len or model.config.max_position_embeddings
     result = {"model": str(model_dir), "params": model.num_parameters()}
     result["val"] = validation_loss(model, data.tokens("val"), seq_len, batch_size, val_tokens, progress=True)

@@ -254,13 +254,13 @@ RESUME_MAY_CHANGE = frozenset(
 _UNSET = object()  # a key the checkpoint does not record
 
 
-def check_resume_recipe(cfg: Any, state_path: Path) -> None:
+def check_resume_recipe(cfg: Any, state_path: Path, restart: str = "start a new output_dir") -> None:
     """Refuse to resume from the checkpoint whose ``.state.pt`` is ``state_path`` with a recipe ``cfg`` (a recipe
     dataclass) that differs from the one the checkpoint records in a key outside :data:`RESUME_MAY_CHANGE`: the
     restored optimizer and scheduler would go on with the old values while ``config.yaml`` said the new ones.
 
     Keys the checkpoint does not record (written before they existed) are not compared. Raises ParameterNetError
-    naming each changed key with its old and new value.
+    naming each changed key with its old and new value, ending with ``restart`` (how the task starts afresh).
     """
     weights = state_path.with_name(state_path.name.replace(".state.pt", ".safetensors"))
     saved = read_metadata(weights)["config"]
@@ -280,7 +280,7 @@ def check_resume_recipe(cfg: Any, state_path: Path) -> None:
     if changes:
         raise ParameterNetError(
             f"resuming from {str(weights)!r} would change the run's recipe ({', '.join(changes)}); resume without "
-            f"changing them, or start a new output_dir (init_from= starts from its weights)"
+            f"changing them, or {restart}"
         )
 
 
@@ -327,6 +327,7 @@ class TrainTask:
     """
 
     progress_desc = "train"
+    restart_hint = "start a new output_dir"  # the end of check_resume_recipe's refusal: how this task starts afresh
     epoch = 0  # tasks without epochs stay at 0; their Cadence has no epoch intervals
 
     def __init__(self, cfg: Any, dist: D.DistInfo, stop: StopSignal | None, window: Window, tensorboard: bool = False):
@@ -335,7 +336,7 @@ class TrainTask:
         self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.keep_last)
         resume_from = discover_resume(cfg.resume, self.ckpt)
         if resume_from is not None:
-            check_resume_recipe(cfg, resume_from)
+            check_resume_recipe(cfg, resume_from, self.restart_hint)
         self.window = window
         self.step = 0
         self.build()

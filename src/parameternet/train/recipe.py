@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -21,7 +22,16 @@ import yaml
 
 from parameternet.errors import ParameterNetError
 
-__all__ = ["apply_overrides", "check_fields", "coerce", "from_dict", "load_recipe", "recipe_keys"]
+__all__ = [
+    "DEVICE_WORDS",
+    "apply_overrides",
+    "check_fields",
+    "coerce",
+    "device_ok",
+    "from_dict",
+    "load_recipe",
+    "recipe_keys",
+]
 
 R = TypeVar("R")
 
@@ -38,6 +48,14 @@ def check_fields(cfg: Any, checks: list[tuple[bool, str, str]]) -> None:
     for ok, key, what in checks:
         if not ok:
             raise ParameterNetError(f"{key}={_get(cfg, key)!r} is invalid; it must be {what}")
+
+
+DEVICE_WORDS = "auto, cpu, cuda or cuda:N"  # what :func:`device_ok` accepts, for check_fields' messages
+
+
+def device_ok(device: str) -> bool:
+    """Whether ``device`` is a recipe's ``device`` value: auto, cpu, cuda or cuda:N (N a device index)."""
+    return device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device) is not None
 
 
 def recipe_keys(cls: type, prefix: str = "") -> list[str]:
@@ -124,15 +142,32 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     return _bad(value, tp, key)
 
 
+# A section where a plain value belongs, or the reverse, most often means a recipe of the other trainer.
+_ANOTHER_COMMAND = (
+    "the file may be a recipe for another command (`parameternet train` takes image-classification recipes such "
+    "as configs/smoke.yaml, `parameternet lm-train` language-model recipes such as configs/lm-small.yaml)"
+)
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _bad(value: Any, tp: Any, key: str):
     origin = typing.get_origin(tp)
     what = _TYPE_WORDS.get(tp) or ("a list" if origin is list else "a mapping" if origin is dict else str(tp))
-    raise ParameterNetError(f"recipe key {key}={value!r} has the wrong type; it must be {what}")
+    hint = f"; {_ANOTHER_COMMAND}" if isinstance(value, dict) else ""
+    raise ParameterNetError(f"recipe key {key}={_shown(value)} has the wrong type; it must be {what}{hint}")
 
 
 def _fill(root: type, obj: Any, data: dict, prefix: str, where: str) -> None:
     if not isinstance(data, dict):
-        raise ParameterNetError(f"recipe section {prefix.rstrip('.') or 'top level'}{where} must be a mapping")
+        raise ParameterNetError(
+            f"recipe section {prefix.rstrip('.') or 'top level'}{where} must be a mapping of its keys, not "
+            f"{_shown(data)}; {_ANOTHER_COMMAND}"
+        )
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for k, v in data.items():

@@ -233,6 +233,8 @@ class Trainer(TrainTask):
     """Image classification as a :class:`~parameternet.train.loop.TrainTask`: builds everything a recipe names;
     ``run()`` trains and returns the summary dict."""
 
+    restart_hint = "start a new output_dir (init_from= starts from its weights)"
+
     def __init__(self, cfg: TrainConfig, dist: D.DistInfo, stop: StopSignal | None = None):
         super().__init__(cfg, dist, stop, Window(("loss",)), tensorboard=cfg.tensorboard)
 

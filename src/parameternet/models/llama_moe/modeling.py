@@ -239,8 +239,21 @@ class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, LlamaForCau
         experts diverge once trained (see :meth:`TopKMoELinear.from_linear`). ``config_overrides`` set the other
         mixture-of-experts fields (``num_experts_per_tok``, ``router_aux_loss_coef``, ``capacity_factor``, ...);
         ``expert_bias`` follows the dense model's ``mlp_bias`` unless given. ``seed`` fixes the router noise.
+
+        Raises ParameterNetError for anything but a loaded LLaMA causal LM (a path, a string, another
+        architecture) and for a model that already has experts.
         """
-        dense_config = model.config
+        dense_config = getattr(model, "config", None) if isinstance(model, nn.Module) else None
+        if dense_config is None:
+            raise ParameterNetError(
+                f"from_dense takes a loaded model, not {type(model).__name__} {str(model)[:80]!r}; load it first, e.g. "
+                f"ParameterNetLlamaForCausalLM.from_dense(LlamaForCausalLM.from_pretrained(path), num_experts=8)"
+            )
+        if getattr(dense_config, "model_type", None) not in ("llama", "parameternet_llama"):
+            raise ParameterNetError(
+                f"from_dense needs a LLaMA causal LM, not a {type(model).__name__} (model_type "
+                f"{getattr(dense_config, 'model_type', None)!r}); pass a LlamaForCausalLM or a dense ParameterNet LLaMA"
+            )
         if getattr(dense_config, "moe_projections", None):
             raise ParameterNetError(
                 f"from_dense needs a dense model, but this one already has experts on {dense_config.moe_projections}."
