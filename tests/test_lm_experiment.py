@@ -239,6 +239,28 @@ def test_lm_eval_and_finetune_cls_refuse_models_and_data_they_cannot_use(corpora
             assert err.count("\n") == 0 and message in err, (command, other, err)
 
 
+def test_report_lines_for_the_gap_and_the_routers():
+    assert lm.gap_text([(250, 0.0164), (500, -0.1)], 2048) == "512,000 tokens +0.016; 1,024,000 tokens -0.100"
+    assert lm.gap_text([], 2048) == "no shared evaluation"
+
+    def row(kind, variant, seed, step, layer, top1, hi, lo):
+        return dict(kind=kind, variant=variant, seed=seed, step=step, tokens=step * 10, layer=layer,
+                    top1_prob=top1, max_share=hi, min_share=lo)  # fmt: skip
+
+    router = [
+        row("main", "down_proj-4", 0, 5, 0, 0.4, 0.5, 0.1), row("main", "down_proj-4", 0, 5, 1, 0.6, 0.4, 0.2),
+        row("main", "down_proj-4", 0, 9, 0, 0.99, 0.97, 0.0), row("main", "down_proj-4", 0, 9, 1, 0.7, 0.3, 0.2),
+        row("lr", "down_proj-4", 0, 9, 0, 0.1, 0.99, 0.0),  # learning-rate runs are left out
+    ]  # fmt: skip
+    first, dead = lm.router_summary(router)
+    assert first == (
+        "Routers of down_proj-4 (1 seed x 2 layers; balanced share 0.250): mean top-1 probability 0.40-0.60 at 50 "
+        "tokens, 0.70-0.99 at 90; largest expert share 0.40-0.50 -> 0.30-0.97; smallest 0.10-0.20 -> 0.00-0.20."
+    )
+    assert dead.endswith(": down_proj-4 seed 0 layer 0 (0.97).")
+    assert lm.router_summary(router[:2])[-1].endswith(": none.")
+
+
 def test_preset_eval_tokens_cap_the_validation_and_the_estimate(tmp_path):
     # the full preset validates on the whole split (the committed grid's recipe); smoke on a few windows
     assert lm.PRESETS["full"].eval_tokens is None and lm.PRESETS["smoke"].eval_tokens == 4096

@@ -925,6 +925,44 @@ def crossing_text(gap: Sequence[tuple[int, float]], tokens_per_step: int) -> str
     return "none, the MoE is not below dense at the end"
 
 
+def gap_text(gap: Sequence[tuple[int, float]], tokens_per_step: int) -> str:
+    """``gap`` (dense - MoE per step) as ``tokens: nats`` pairs, for the report."""
+    return "; ".join(f"{s * tokens_per_step:,} tokens {g:+.3f}" for s, g in gap) or "no shared evaluation"
+
+
+def router_summary(router: Sequence[dict[str, Any]], collapsed: float = 0.9) -> list[str]:
+    """One line per MoE variant of the main and upcycled runs in ``router`` rows: over its seeds and layers, the
+    range of the mean top-1 router probability and of the largest and smallest expert shares at the first and the
+    last evaluation; then every layer whose largest share at the last evaluation is above ``collapsed``."""
+    lines, dead = [], []
+    for kind, name in sorted({(r["kind"], r["variant"]) for r in router if r["kind"] in ("main", "upcycle")},
+                             key=lambda g: (g[0] == "upcycle", _variant_order(g[1]))):  # fmt: skip
+        rs = [r for r in router if r["kind"] == kind and r["variant"] == name]
+        first, last = min(r["step"] for r in rs), max(r["step"] for r in rs)
+
+        def span(key: str, step: int, rs: list[dict[str, Any]] = rs) -> str:
+            xs = [r[key] for r in rs if r["step"] == step]
+            return f"{min(xs):.2f}-{max(xs):.2f}"
+
+        seeds, layers = len({r["seed"] for r in rs}), len({r["layer"] for r in rs})
+        at = {s: f"{rs[0]['tokens'] * s // max(1, rs[0]['step']):,}" for s in (first, last)}
+        label = f"{name}{' upcycled' if kind == 'upcycle' else ''}"
+        lines.append(
+            f"Routers of {label} ({seeds} seed{'s' if seeds > 1 else ''} x {layers} layers; balanced share "
+            f"{1 / Variant.parse(name).num_experts:.3f}): mean top-1 probability {span('top1_prob', first)} at "
+            f"{at[first]} tokens, {span('top1_prob', last)} at {at[last]}; largest expert share "
+            f"{span('max_share', first)} -> {span('max_share', last)}; smallest {span('min_share', first)} -> "
+            f"{span('min_share', last)}."
+        )
+        dead += [f"{label} seed {r['seed']} layer {r['layer']} ({r['max_share']:.2f})" for r in rs
+                 if r["step"] == last and r["max_share"] > collapsed]  # fmt: skip
+    lines.append(
+        f"Layers where one expert takes more than {collapsed:.0%} of the tokens at the last evaluation: "
+        f"{', '.join(dead) or 'none'}."
+    )
+    return lines
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     main = [r for r in rows if r["kind"] == "main"]
     cls = [r for r in rows if r["kind"] == "cls"]
@@ -1061,6 +1099,7 @@ def report(output: str | Path, preset: str | None = "full", pool_commits: bool =
             parts += [
                 "Crossing point (MoE's mean validation loss goes below dense's for good): "
                 f"{crossing_text(gap, per_step)}.",
+                f"Gap at each evaluation: {gap_text(gap, per_step)}.",
                 "",
             ]
     up = [r for r in rows if r["kind"] == "upcycle"]
@@ -1085,7 +1124,13 @@ def report(output: str | Path, preset: str | None = "full", pool_commits: bool =
             [d["val_loss"] for d, _ in pairs], [u["val_loss"] for _, u in pairs], gap, up[0]["steps"],
             start_step=up[0]["start_step"], paired=True,
         )  # fmt: skip
-        parts += [*lines, "", *_verdict_lines("Verdict, upcycled vs dense (paired by seed)", v), ""]
+        per_step = up[0]["tokens"] // max(1, up[0]["steps"] - up[0]["start_step"])
+        parts += [
+            *lines, "", *_verdict_lines("Verdict, upcycled vs dense (paired by seed)", v),
+            f"Gap dense - upcycled at each evaluation: {gap_text(gap, per_step)}.", "",
+        ]  # fmt: skip
+    if router:
+        parts += [*router_summary(router), ""]
     cls = [r for r in rows if r["kind"] == "cls"]
     if cls:
         from parameternet.train.lm_cls import CLS_TASKS
