@@ -438,3 +438,25 @@ def test_a_write_the_os_refuses_is_named_in_its_own_words(tmp_path):
 
     err = fs_error("/proc/x.onnx", FileNotFoundError(errno.ENOENT, "No such file or directory"))
     assert "no such file or directory; choose another directory" in str(err) and "disk is full" not in str(err)
+
+
+def test_stop_signal_counts_a_signal_sent_twice_at_once_as_one(monkeypatch):
+    """coreutils' timeout signals its child and then the child's process group: one stop, not a second signal; a
+    request (SIGUSR1, the experiments' forwarded stop) never counts as a second signal."""
+    from parameternet.runs import StopSignal
+
+    exits = []
+    monkeypatch.setattr("parameternet.runs.os._exit", exits.append)
+    stop = StopSignal()
+    stop._handler(signal.SIGTERM, None)
+    stop._handler(signal.SIGTERM, None)  # the group's copy, microseconds later
+    stop._handler(signal.SIGUSR1, None)
+    assert stop.signum == signal.SIGTERM and exits == []
+    time.sleep(StopSignal.DUPLICATE_S * 1.5)
+    stop._handler(signal.SIGINT, None)  # a user's second signal
+    assert exits == [128 + signal.SIGINT]
+    request_first = StopSignal()
+    request_first._handler(signal.SIGUSR1, None)
+    time.sleep(StopSignal.DUPLICATE_S * 1.5)
+    request_first._handler(signal.SIGTERM, None)  # the user's first signal after the parent's request
+    assert request_first.signum == signal.SIGUSR1 and exits == [128 + signal.SIGINT]

@@ -219,6 +219,8 @@ def test_lm_eval_and_finetune_cls_refuse_models_and_data_they_cannot_use(corpora
     ]  # fmt: skip
     assert main(["lm-eval", str(run / "model"), "--data", str(data), "--items", "0", "--val-tokens", "64"]) == 0
     assert json.loads(capsys.readouterr().out)["val"]["tokens"] == 2 * 31  # the run's own text passes the checks
+    assert main(["lm-eval", str(run / "model"), "--data", str(data), "--items", "0", "--val-tokens", "5"]) == 2
+    assert "--val-tokens 5 is less than one window of the model's" in capsys.readouterr().err
     for model, message in cases:
         for command in (["lm-eval", "--items", "0"], ["lm-finetune-cls", "--steps", "1"]):
             assert main([*command, str(model), "--data", str(data)]) == 2
@@ -307,6 +309,7 @@ def test_lm_experiment_bad_input_in_one_line(capsys, tmp_path):
         ("eval_batch_size=0", "eval_batch_size=0 is invalid"),
         ("max_steps=5", "override 'max_steps=5' sets max_steps, which lm-experiment sets for each run"),
         ("optim.lr=1", "sets optim.lr"),
+        ("threads=2", "sets threads"),
     ):
         args = ["lm-experiment", "--preset", "smoke", "--output", str(out), "--runs", str(tmp_path / "runs")]
         assert main([*args, override]) == 2
@@ -315,6 +318,17 @@ def test_lm_experiment_bad_input_in_one_line(capsys, tmp_path):
         assert not out.exists() and not (tmp_path / "runs").exists()  # refused before anything was made
     with pytest.raises(ValueError, match="variant 'down-8' is unknown"):
         lm.Variant.parse("down-8")
+
+
+def test_a_grid_of_another_base_recipe_is_refused_in_the_same_output(tmp_path):
+    small = lm.check_inputs(lm.PRESETS["smoke"], "configs/lm-small.yaml")
+    lm.check_grid(tmp_path, "smoke", small)
+    lm.check_grid(tmp_path, "smoke", small)  # the same grid resumes
+    wider = lm.check_inputs(lm.PRESETS["smoke"], "configs/lm-small.yaml", ["model.hidden_size=64"])
+    with pytest.raises(ValueError, match=r"holds the smoke grid of another base recipe \(model.hidden_size=32 there"):
+        lm.check_grid(tmp_path, "smoke", wider)
+    lm.check_grid(tmp_path, "quick", wider)  # each preset records its own
+    assert set(json.loads((tmp_path / "grid.json").read_text())) == {"smoke", "quick"}
 
 
 def test_estimate_uses_the_jobs_given(corpora, monkeypatch):

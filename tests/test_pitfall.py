@@ -229,6 +229,30 @@ def _last_step(metrics) -> int:
     return max((r.get("step", 0) for r in rows), default=0)
 
 
+def test_worker_stops_raise_in_a_task_once_and_are_ignored_while_idle(monkeypatch):
+    import os
+    import signal
+
+    from parameternet.experiments import workers
+    from parameternet.runs import RunInterrupted
+
+    monkeypatch.setattr(workers, "_parent", os.getppid())
+    monkeypatch.setattr(workers, "_stopping", False)
+    workers._stop(signal.SIGUSR1, None)  # idle, parent alive: ignored (no traceback in the pool's queue read)
+
+    @workers.worker_task
+    def task():
+        with pytest.raises(RunInterrupted, match="stopped by SIGTERM; nothing to save yet"):
+            workers._stop(signal.SIGTERM, None)
+        workers._stop(signal.SIGUSR1, None)  # the parent's copy of the same stop: ignored
+        return "done"
+
+    assert task() == "done" and not workers._busy
+    text = str(workers.interrupted(signal.SIGTERM, ["a seed 0"], ["b seed 1"]))
+    assert "except a seed 0, which resume from their last periodic checkpoint; b seed 1, stopped before" in text
+    assert "except" not in str(workers.interrupted(signal.SIGTERM, [], []))
+
+
 def _worker_pids() -> list[int]:
     """This process's pool workers (spawned children running ``spawn_main``; not the resource tracker)."""
     import os

@@ -325,26 +325,32 @@ class StopSignal:
     SIGUSR1 (:data:`REQUEST`) asks for the same stop but never exits at once: the experiments' parent process
     passes a stop on to its workers with it, so a worker that also got the user's signal directly (``kill`` of
     the process group, coreutils' ``timeout``, a terminal's Ctrl-C) still saves instead of taking the parent's
-    copy for a second signal. Outside the main thread (where handlers cannot be set) it does nothing.
+    copy for a second signal. A second SIGINT / SIGTERM within :data:`DUPLICATE_S` seconds of the first is the
+    same stop delivered twice (coreutils' ``timeout`` signals its child and then the child's process group) and is
+    ignored. Outside the main thread (where handlers cannot be set) it does nothing.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
     REQUEST = signal.SIGUSR1
+    DUPLICATE_S = 0.1  # a second signal this soon is one signal delivered twice, not a user's second one
 
     def __init__(self):
         self.signum: int | None = None
-        self._user = False  # a SIGINT / SIGTERM has come (a second one exits at once)
+        self._user: float | None = None  # when the first SIGINT / SIGTERM came (a second one exits at once)
         self._old: dict[int, object] = {}
 
     def _handler(self, signum, frame) -> None:
         user = signum != self.REQUEST
-        if user and self._user:
+        if user and self._user is not None and time.monotonic() - self._user < self.DUPLICATE_S:
+            return  # coreutils' timeout signals the process and then its process group: one stop, sent twice
+        if user and self._user is not None:
             sys.stderr.write(f"\n{signal.Signals(signum).name} again: exiting now without saving\n")
             sys.stderr.flush()
             for lock in list(_LOCKS):
                 lock.release()
             os._exit(128 + signum)
-        self._user = self._user or user
+        if user and self._user is None:
+            self._user = time.monotonic()
         if self.signum is not None:  # already stopping: a request and a user's signal, in either order
             return
         self.signum = signum

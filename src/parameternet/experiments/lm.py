@@ -47,7 +47,7 @@ from typing import Any
 from parameternet.errors import ParameterNetError
 from parameternet.experiments.provenance import code_id, provenance, rows_of_this_code
 from parameternet.experiments.rows import append_rows
-from parameternet.experiments.workers import forward_stop, init_worker, interrupted
+from parameternet.experiments.workers import forward_stop, init_worker, interrupted, worker_task
 from parameternet.runs import atomic_write
 
 __all__ = [
@@ -217,10 +217,11 @@ PRESETS = {
 # ----- runs -----
 
 # Recipe keys the grid sets for each run (variant, seed, learning rate, token budget, schedule, evaluation, run
-# directory), after the user's overrides: an override of one would be ignored or, for max_steps, replace the budget.
+# directory, one thread), after the user's overrides: an override of one would be ignored or, for max_steps and
+# threads, change what every run does.
 GRID_KEYS = (
     "max_steps", "max_tokens", "seed", "optim.lr", "model.moe_projections", "model.num_experts",
-    "schedule.warmup_steps", "eval_every_steps", "eval_tokens", "output_dir", "resume",
+    "schedule.warmup_steps", "eval_every_steps", "eval_tokens", "output_dir", "resume", "threads",
 )  # fmt: skip
 
 
@@ -274,6 +275,7 @@ def _hash(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+@worker_task
 def _lm_worker(recipe: str, overrides: list[str], options: dict[str, Any]) -> dict[str, Any]:
     """One language-model run in a worker process (one torch thread); its summary plus curves and router rows."""
     from parameternet.train.lm import load_lm_config
@@ -285,6 +287,7 @@ def _lm_worker(recipe: str, overrides: list[str], options: dict[str, Any]) -> di
     return {**summary, **_read_metrics(Path(cfg.output_dir))}
 
 
+@worker_task
 def _cls_worker(model_dir: str, output: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     from parameternet.train.lm_cls import finetune_classifier
 
@@ -603,6 +606,7 @@ class _Runner:
 
         failures: list[str] = []
         unsaved: list[str] = []  # runs that ended without saving after a stop
+        fresh: list[str] = []  # runs stopped before their first step
         running: dict[Future, _Task] = {}
         ctx = get_context("spawn")
         forwarded = False
@@ -643,6 +647,8 @@ class _Runner:
                         t.result = fut.result()
                     except RunInterrupted as e:
                         log.warning("  %s: %s", t.name, e)
+                        if e.checkpoint is None:
+                            fresh.append(t.name)
                         continue
                     except Exception as e:  # one broken run must not stop the grid; it is reported at the end
                         if stop.requested:  # a worker stopped before its trainer could take the signal
@@ -659,7 +665,7 @@ class _Runner:
                         continue
                     self.finish(t)
         if stop.requested:
-            raise interrupted(stop.signum, unsaved)
+            raise interrupted(stop.signum, unsaved, fresh)
         if failures:
             raise ParameterNetError(
                 f"{len(failures)} run(s) failed, first: {failures[0]}; fix the cause and run the command again"
@@ -831,6 +837,35 @@ def estimate_text(recipe: str, preset: Preset, overrides: Sequence[str] = (), jo
 # ----- the command -----
 
 
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_grid(output: Path, preset: str, base) -> None:
+    """Record in ``output/grid.json`` the base recipe (an LMTrainConfig: the recipe file with the preset's and the
+    user's overrides) of ``preset``'s grid the first time, and refuse a later run whose base recipe differs: its rows
+    would land in the same tables as rows of another model or setting. Raises ParameterNetError naming the keys
+    that differ."""
+    path = output / "grid.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    now = {k: v for k, v in _flat(base.to_dict()).items() if k not in ("output_dir", "resume", "progress")}
+    then = record.get(preset)
+    if then is None:
+        atomic_write(path, json.dumps({**record, preset: now}, indent=1, sort_keys=True, default=str) + "\n")
+        return
+    now = json.loads(json.dumps(now, default=str))  # as it would read back
+    keys = sorted(k for k in {*then, *now} if then.get(k) != now.get(k))
+    diffs = [f"{k}={then.get(k)!r} there, {now.get(k)!r} now" for k in keys]
+    if diffs:
+        raise ParameterNetError(
+            f"{str(output)!r} holds the {preset} grid of another base recipe ({'; '.join(diffs[:3])}"
+            f"{'; ...' if len(diffs) > 3 else ''}); pass another --output, or the recipe and overrides it was run with"
+        )
+
+
 def check_jobs(jobs: int) -> None:
     """ParameterNetError unless ``jobs`` (runs side by side) is at least 1."""
     if jobs < 1:
@@ -860,9 +895,11 @@ def run_lm_experiment(
     from parameternet.runs import RunLock
 
     p = PRESETS[preset]
-    check_inputs(p, recipe, overrides).data.prepare()  # bad input stops here, before the output directory exists
+    base = check_inputs(p, recipe, overrides)
+    base.data.prepare()  # bad input stops here, before the output directory exists
     output = Path(output) if output is not None else default_output(preset)
     with RunLock(output, "experiment results"):  # one writer of the CSVs; each run also locks its own directory
+        check_grid(output, p.name, base)
         runner = _Runner(p, str(recipe), overrides, output, Path(runs_dir), jobs)
         lr_tasks = runner.lr_tasks()
         runner.execute(lr_tasks)

@@ -49,7 +49,7 @@ from typing import Any
 from parameternet.errors import ParameterNetError
 from parameternet.experiments.provenance import code_id, provenance, rows_of_this_code
 from parameternet.experiments.rows import append_rows
-from parameternet.experiments.workers import forward_stop, init_worker, interrupted
+from parameternet.experiments.workers import forward_stop, init_worker, interrupted, worker_task
 
 __all__ = [
     "COLUMNS",
@@ -444,6 +444,7 @@ def _routing(cfg_dict: dict[str, Any]) -> list[dict[str, Any]]:
     return stats
 
 
+@worker_task
 def _train_worker(cfg_dict: dict[str, Any], diagnose: bool) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
     """Run one recipe in a worker process (one torch thread); return its summary and routing diagnostics."""
     from parameternet.train.config import config_from_dict
@@ -626,6 +627,7 @@ class _Runner:
             t.summary = _finished_summary(t.run_dir)
         failures: list[str] = []
         unsaved: list[str] = []  # runs that ended without saving after a stop
+        fresh: list[str] = []  # runs stopped before their first step
         start = time.perf_counter()
         for t in [t for t in pending if t.summary is not None]:
             if t.stage == "pretrain" or t.after is None or t.after.summary is not None:
@@ -673,6 +675,8 @@ class _Runner:
                         task.summary, task.routing = fut.result()
                     except RunInterrupted as e:
                         log.warning("  %s %s seed %d: %s", task.cell.name, task.stage, task.seed, e)
+                        if e.checkpoint is None:
+                            fresh.append(f"{task.cell.name} {task.stage} seed {task.seed}")
                         continue
                     except Exception as e:  # one broken run must not stop the grid; it is reported at the end
                         if stop.requested:  # a worker stopped before its trainer could take the signal
@@ -687,7 +691,7 @@ class _Runner:
                     self._finish(task)
         log.info("pitfall %s: %.1f min", self.preset.name, (time.perf_counter() - start) / 60)
         if stop.requested:
-            raise interrupted(stop.signum, unsaved)
+            raise interrupted(stop.signum, unsaved, fresh)
         if failures:
             raise ParameterNetError(
                 f"{len(failures)} run(s) failed, first: {failures[0]}; fix the cause and run the command again"

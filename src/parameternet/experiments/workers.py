@@ -9,25 +9,51 @@ worker outlives the experiment that started it. The parent passes a stop on with
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
-__all__ = ["forward_stop", "init_worker", "interrupted"]
+__all__ = ["forward_stop", "init_worker", "interrupted", "worker_task"]
+
+R = TypeVar("R")
 
 _stopping = False
+_busy = False  # a task is running in this worker
+_parent: int | None = None
 
 
 def _stop(signum: int, frame: Any) -> None:
-    """Before a trainer's own handler: stop the worker's task at once (nothing is trained yet), once."""
+    """Before a trainer's own handler: stop the worker's task at once (nothing is trained yet), once. An idle
+    worker ignores the stop (its parent shuts the pool down), unless the parent is gone: then it exits."""
     global _stopping
     from parameternet.runs import RunInterrupted
 
+    if not _busy:
+        if os.getppid() != _parent:
+            os._exit(128 + signum)
+        return
     if _stopping:  # the parent's request and the user's signal, in either order
         return
     _stopping = True
     raise RunInterrupted(signum, None, None)
+
+
+def worker_task(fn: Callable[..., R]) -> Callable[..., R]:
+    """Decorate a function the pool runs: while it runs, a stop raises in it; while the worker waits for the next
+    task, a stop is ignored (raising in the pool's queue read would print a traceback)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> R:
+        global _busy
+        _busy = True
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _busy = False
+
+    return run
 
 
 def forward_stop(pool: Any) -> None:
@@ -44,16 +70,24 @@ def forward_stop(pool: Any) -> None:
             os.kill(proc.pid, StopSignal.REQUEST)
 
 
-def interrupted(signum: int, unsaved: Sequence[str]):
+def interrupted(signum: int, unsaved: Sequence[str], fresh: Sequence[str] = ()):
     """The :class:`~parameternet.runs.RunInterrupted` a grid raises after a stop: it says a checkpoint of every
     run in progress was saved, or names the ``unsaved`` runs (a worker that ended without saving), which resume
-    from their last periodic checkpoint."""
+    from their last periodic checkpoint, and the ``fresh`` ones, stopped before their first step, which start
+    over."""
     from parameternet.runs import RunInterrupted
 
-    what = "a checkpoint of every run in progress"
-    if unsaved:
-        what += f" except {', '.join(unsaved)}, which resume from their last periodic checkpoint"
-    return RunInterrupted(signum, None, what)
+    saved = "a checkpoint of every run in progress"
+    if unsaved or fresh:
+        saved = "a checkpoint of every run in progress except " + "; ".join(
+            part
+            for part in (
+                f"{', '.join(unsaved)}, which resume from their last periodic checkpoint" if unsaved else "",
+                f"{', '.join(fresh)}, stopped before their first step, which start over" if fresh else "",
+            )
+            if part
+        )
+    return RunInterrupted(signum, None, saved)
 
 
 def init_worker() -> None:
@@ -62,6 +96,8 @@ def init_worker() -> None:
 
     from parameternet.runs import die_with_parent
 
+    global _parent
+    _parent = os.getppid()
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGUSR1, _stop)

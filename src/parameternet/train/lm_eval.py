@@ -45,7 +45,9 @@ def check_saved_lm(model_dir: str | Path) -> Path:
     beside it. Raises ParameterNetError in one sentence saying what is wrong and how to get a directory that fits."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise ParameterNetError(f"{str(model_dir)!r} does not exist or is not a directory; {_GET_ONE}")
+        raise ParameterNetError(
+            f"{str(model_dir)!r} does not exist or is not a directory; pass the model/ directory an lm-train run wrote"
+        )
     config = model_dir / "config.json"
     if not config.is_file():
         raise ParameterNetError(f"{model_dir} has no config.json; pass the model/ directory an lm-train run wrote")
@@ -266,7 +268,8 @@ def evaluate_saved_lm(
     """Validation loss / perplexity and zero-shot accuracy of a ``save_pretrained`` directory (with tokenizer).
 
     Raises ParameterNetError for a directory :func:`check_saved_lm` refuses, a negative ``items``, a
-    ``val_tokens`` below 1, or text :func:`text_data_for` refuses."""
+    ``val_tokens`` below 1 or below one window of ``seq_len`` tokens (whole windows are scored), or text
+    :func:`text_data_for` refuses."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import parameternet.models.llama_moe  # noqa: F401  (registers the model with the Auto classes)
@@ -282,6 +285,11 @@ def evaluate_saved_lm(
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     check_vocab(model, tokenizer)
     seq_len = seq_len or model.config.max_position_embeddings
+    if val_tokens is not None and val_tokens < seq_len:
+        raise ParameterNetError(
+            f"--val-tokens {val_tokens} is less than one window of the model's {seq_len} tokens; pass at least "
+            f"{seq_len} (whole windows are scored: the result's 'tokens' says how many)"
+        )
     result = {"model": str(model_dir), "params": model.num_parameters()}
     result["val"] = validation_loss(model, data.tokens("val"), seq_len, batch_size, val_tokens, progress=True)
     tasks = build_tasks(data.documents("eval"), items) if items else {}
