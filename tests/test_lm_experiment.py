@@ -329,6 +329,9 @@ def test_a_grid_of_another_base_recipe_is_refused_in_the_same_output(tmp_path):
         lm.check_grid(tmp_path, "smoke", wider)
     lm.check_grid(tmp_path, "quick", wider)  # each preset records its own
     assert set(json.loads((tmp_path / "grid.json").read_text())) == {"smoke", "quick"}
+    (tmp_path / "grid.json").write_text("{not json")
+    with pytest.raises(ValueError, match="grid.json' is not valid JSON; delete it"):
+        lm.check_grid(tmp_path, "smoke", small)
 
 
 def test_estimate_uses_the_jobs_given(corpora, monkeypatch):

@@ -340,17 +340,17 @@ class StopSignal:
         self._old: dict[int, object] = {}
 
     def _handler(self, signum, frame) -> None:
-        user = signum != self.REQUEST
-        if user and self._user is not None and time.monotonic() - self._user < self.DUPLICATE_S:
-            return  # coreutils' timeout signals the process and then its process group: one stop, sent twice
-        if user and self._user is not None:
-            sys.stderr.write(f"\n{signal.Signals(signum).name} again: exiting now without saving\n")
-            sys.stderr.flush()
-            for lock in list(_LOCKS):
-                lock.release()
-            os._exit(128 + signum)
-        if user and self._user is None:
-            self._user = time.monotonic()
+        if signum != self.REQUEST:  # the user's SIGINT / SIGTERM
+            now = time.monotonic()
+            if self._user is not None:
+                if now - self._user < self.DUPLICATE_S:
+                    return  # coreutils' timeout signals the process and then its process group: one stop, twice
+                sys.stderr.write(f"\n{signal.Signals(signum).name} again: exiting now without saving\n")
+                sys.stderr.flush()
+                for lock in list(_LOCKS):
+                    lock.release()
+                os._exit(128 + signum)
+            self._user = now
         if self.signum is not None:  # already stopping: a request and a user's signal, in either order
             return
         self.signum = signum

@@ -837,21 +837,19 @@ def estimate_text(recipe: str, preset: Preset, overrides: Sequence[str] = (), jo
 # ----- the command -----
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def check_grid(output: Path, preset: str, base) -> None:
     """Record in ``output/grid.json`` the base recipe (an LMTrainConfig: the recipe file with the preset's and the
     user's overrides) of ``preset``'s grid the first time, and refuse a later run whose base recipe differs: its rows
     would land in the same tables as rows of another model or setting. Raises ParameterNetError naming the keys
     that differ."""
+    from parameternet.train.recipe import recipe_values
+
     path = output / "grid.json"
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    now = {k: v for k, v in _flat(base.to_dict()).items() if k not in ("output_dir", "resume", "progress")}
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        raise ParameterNetError(f"{str(path)!r} is not valid JSON; delete it to record this grid afresh") from None
+    now = {k: v for k, v in recipe_values(base).items() if k not in ("output_dir", "resume", "progress")}
     then = record.get(preset)
     if then is None:
         atomic_write(path, json.dumps({**record, preset: now}, indent=1, sort_keys=True, default=str) + "\n")

@@ -351,6 +351,11 @@ class _Task:
     def regime(self) -> str:
         return "target-only" if self.stage == "target" else "pretrain-finetune"
 
+    @property
+    def name(self) -> str:
+        """The run in the log: cell, stage and seed."""
+        return f"{self.cell.name} {self.stage} seed {self.seed}"
+
 
 def _recipe_hash(cfg: dict[str, Any]) -> str:
     cfg = {k: v for k, v in cfg.items() if k not in ("output_dir", "resume", "progress")}
@@ -658,7 +663,7 @@ class _Runner:
                         self._finish(ready)
                         continue
                     ready.started = time.perf_counter()
-                    log.info("  start %s %s seed %d -> %s", ready.cell.name, ready.stage, ready.seed, ready.run_dir)
+                    log.info("  start %s -> %s", ready.name, ready.run_dir)
                     diagnose = ready.cell.method == "dynamic" and ready.stage != "pretrain"
                     running[pool.submit(_train_worker, ready.cfg, diagnose)] = ready
                 if not running:
@@ -674,18 +679,17 @@ class _Runner:
                     try:
                         task.summary, task.routing = fut.result()
                     except RunInterrupted as e:
-                        log.warning("  %s %s seed %d: %s", task.cell.name, task.stage, task.seed, e)
+                        log.warning("  %s: %s", task.name, e)
                         if e.checkpoint is None:
-                            fresh.append(f"{task.cell.name} {task.stage} seed {task.seed}")
+                            fresh.append(task.name)
                         continue
                     except Exception as e:  # one broken run must not stop the grid; it is reported at the end
                         if stop.requested:  # a worker stopped before its trainer could take the signal
-                            name = f"{task.cell.name} {task.stage} seed {task.seed}"
-                            log.warning("  %s stopped without saving: %s", name, e)
-                            unsaved.append(name)
+                            log.warning("  %s stopped without saving: %s", task.name, e)
+                            unsaved.append(task.name)
                             continue
-                        failures.append(f"{task.cell.name} {task.stage} seed {task.seed}: {e}")
-                        log.error("  FAILED %s %s seed %d: %s", task.cell.name, task.stage, task.seed, e)
+                        failures.append(f"{task.name}: {e}")
+                        log.error("  FAILED %s: %s", task.name, e)
                         pending = [t for t in pending if t.after is not task]
                         continue
                     self._finish(task)

@@ -77,16 +77,9 @@ def interrupted(signum: int, unsaved: Sequence[str], fresh: Sequence[str] = ()):
     over."""
     from parameternet.runs import RunInterrupted
 
-    saved = "a checkpoint of every run in progress"
-    if unsaved or fresh:
-        saved = "a checkpoint of every run in progress except " + "; ".join(
-            part
-            for part in (
-                f"{', '.join(unsaved)}, which resume from their last periodic checkpoint" if unsaved else "",
-                f"{', '.join(fresh)}, stopped before their first step, which start over" if fresh else "",
-            )
-            if part
-        )
+    parts = [f"{', '.join(unsaved)}, which resume from their last periodic checkpoint"] if unsaved else []
+    parts += [f"{', '.join(fresh)}, stopped before their first step, which start over"] if fresh else []
+    saved = "a checkpoint of every run in progress" + (f" except {'; '.join(parts)}" if parts else "")
     return RunInterrupted(signum, None, saved)
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "from_dict",
     "load_recipe",
     "recipe_keys",
+    "recipe_values",
 ]
 
 R = TypeVar("R")
@@ -69,6 +70,11 @@ def recipe_keys(cls: type, prefix: str = "") -> list[str]:
         else:
             out.append(prefix + f.name)
     return out
+
+
+def recipe_values(cfg: Any) -> dict[str, Any]:
+    """Every dotted leaf key of the recipe ``cfg`` (a recipe dataclass instance) with its value, in field order."""
+    return {key: _get(cfg, key) for key in recipe_keys(type(cfg))}
 
 
 def _unknown_key(cls: type, key: str, where: str) -> ParameterNetError:
