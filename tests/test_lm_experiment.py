@@ -386,7 +386,7 @@ def test_smoke_grid_runs_resumes_and_reports(corpora, caplog):
     assert {r["kind"] for r in lm.read_rows(out / "router.csv")} >= {"main", "upcycle"}
     table = (out / "table7.md").read_text()
     for text in ("| LLaMA (dense) | - |", "| MoE on down | 4 |", "Verdict, dense vs down_proj-4", "Upcycling",
-                 "Fine-tuned classifier (source", "Learning-rate check"):  # fmt: skip
+                 "Fine-tuned classifier (source", "Learning-rate check", "runs (lr ", ", main ", ", cls "):  # fmt: skip
         assert text in table
 
     # a rerun trains nothing; the report-only path redraws the plots from the CSVs alone

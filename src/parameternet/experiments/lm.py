@@ -1182,8 +1182,10 @@ def report(output: str | Path, preset: str | None = "full", pool_commits: bool =
         )
         parts.append("")
     wall = sum(r["wall_s"] or 0 for r in rows)
+    kinds = dict.fromkeys(r["kind"] for r in rows)
+    by_kind = ", ".join(f"{k} {sum(r['wall_s'] or 0 for r in rows if r['kind'] == k) / 3600:.1f} h" for k in kinds)
     parts.append(
-        f"Compute: {wall / 3600:.1f} h of run time over {len(rows)} runs, torch threads per run: "
+        f"Compute: {wall / 3600:.1f} h of run time over {len(rows)} runs ({by_kind}), torch threads per run: "
         f"{', '.join(str(t) for t in threads) or '-'}. Zero-shot tasks near chance (0.25) are reported, not used as a "
         f"criterion. {note}"
     )
