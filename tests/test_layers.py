@@ -101,6 +101,7 @@ def applies(name: str, layer: DynamicConv2d, batch: int) -> bool:
         "per_sample_matmul": kind == "pointwise",
         "bmm": kind == "pointwise",
         "stacked": layer.in_channels == layer.groups,
+        "triton": functional.triton_eligible(layer.geometry),
     }.get(name, True)
 
 

@@ -7,6 +7,7 @@ function it points to imports what it needs lazily so `parameternet --help` stay
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import logging
 import sys
 
@@ -441,7 +442,28 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
         "OUTPUT/modes.csv and modes.json (default models: ghostnet_600m parameternet_600m)",
     )
     p.add_argument("--batch-sizes", nargs="+", type=int, help="with --modes only (default: 1 8)")
+    p.add_argument(
+        "--gpu",
+        action="store_true",
+        help="instead: ParameterNet-600M against GhostNet-600M (training, memory, inference) and a LLaMA with 8 "
+        "experts on down_proj against the dense one, side by side on one CUDA GPU; prints the ratio table and "
+        "appends OUTPUT/gpu.csv",
+    )
+    p.add_argument("--smoke", action="store_true", help="with --gpu: the same code on a CPU at tiny sizes, in "
+                   "seconds (a test, not a measurement; writes OUTPUT/gpu_smoke.csv)")  # fmt: skip
+    p.add_argument("--rows", nargs="+", metavar="ROW", help="with --gpu: only these rows (default: all)")
     p.set_defaults(func=_run_benchmark)
+
+
+def _run_gpu(args: argparse.Namespace) -> int:
+    from parameternet.experiments.provenance import provenance
+    from parameternet.profile.gpu_benchmark import format_gpu_table, run_gpu_benchmark, write_gpu_csv
+
+    rows, meta = run_gpu_benchmark(smoke=args.smoke, rows=tuple(args.rows) if args.rows else None)
+    path = write_gpu_csv(rows, meta, Path(args.output) / ("gpu_smoke.csv" if args.smoke else "gpu.csv"), provenance())
+    print(format_gpu_table(rows, meta))
+    print(f"wrote {path}")
+    return 0
 
 
 def _run_modes(args: argparse.Namespace) -> int:
@@ -472,6 +494,14 @@ def _run_benchmark(args: argparse.Namespace) -> int:
         ("--runs", args.runs, 1),
         ("--batch-sizes", args.batch_sizes, 1),
     )
+    if args.gpu:
+        for flag, given in (("--models", args.models), ("--modes", args.modes is not None), ("--img-size", args.img_size),
+                            ("--no-eager", args.no_eager), ("--batch-sizes", args.batch_sizes)):  # fmt: skip
+            _refuse(flag, bool(given), "to the ONNX benchmark, not to --gpu (whose models and sizes are fixed)")
+        make_dir(args.output)
+        return _run_gpu(args)
+    _refuse("--smoke", args.smoke, "only with --gpu")
+    _refuse("--rows", bool(args.rows), "only with --gpu")
     if args.modes is not None:
         _refuse("--no-eager", args.no_eager, "to the plain benchmark, not to --modes (which times the modes it names)")
     else:

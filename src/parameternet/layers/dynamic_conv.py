@@ -120,6 +120,22 @@ class DynamicConv2d(nn.Module):
     def reset_parameters(self) -> None:
         init_experts_(self.weight, self.bias)
 
+    def _apply(self, fn, recurse=True):
+        """``nn.Module._apply`` (``to``, ``cuda``, ``half``, ...) with the 5-d expert bank kept contiguous.
+
+        ``model.to(memory_format=torch.channels_last)`` converts every 4-d and 5-d tensor and refuses a 5-d one
+        (``channels_last`` is a 4-d format): the bank ``(M, O, C/g, kh, kw)`` goes through ``fn`` as its 4-d view
+        ``(M * O, C/g, kh, kw)`` and comes back contiguous, since the layer's activations, not its experts, carry
+        the memory format (the per-sample kernels are formed from the flat bank)."""
+
+        def apply(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() != 5:
+                return fn(t)
+            out = fn(t.flatten(0, 1))
+            return out.contiguous().view(t.shape)
+
+        return super()._apply(apply, recurse)
+
     def extra_repr(self) -> str:
         s = (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -184,7 +200,7 @@ class DynamicConv2d(nn.Module):
         """The plain router, then the implementation :func:`~parameternet.layers.functional.select` names."""
         alpha = self.router(x.mean((2, 3)))  # (B, M)
         bias = self._mixed_bias(alpha, per_sample=False)  # (B, O), (O,) or None
-        name = select(context, self.geometry, batch_size)
+        name = select(context, self.geometry, batch_size, x=x if isinstance(x, torch.Tensor) else None)
         return dynamic_conv2d(x, alpha, self.weight, bias, self.geometry, name, batch_size)
 
     def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,5 +209,5 @@ class DynamicConv2d(nn.Module):
         if B == 1:
             return dynamic_conv2d(x, alpha, self.weight, self._mixed_bias(alpha, per_sample=False), self.geometry,
                                   "single")  # fmt: skip
-        name = select(Context.EAGER, self.geometry)
+        name = select(Context.EAGER, self.geometry, x=x)
         return dynamic_conv2d(x, alpha, self.weight, self._mixed_bias(alpha), self.geometry, name)

@@ -50,7 +50,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from parameternet.layers import triton_depthwise as _triton
 from parameternet.layers.kernels import _autocast_dtype, per_sample_matmul
+from parameternet.layers.triton_depthwise import per_sample_depthwise
 
 __all__ = ["IMPLEMENTATIONS", "Context", "ConvGeometry", "dynamic_conv2d", "select"]
 
@@ -304,6 +306,28 @@ def unfold(x, alpha, experts, bias, geo: ConvGeometry, batch_size=None):
     return _add_bias(y.view(-1, c_out, H, W), bias)
 
 
+def triton_depthwise(x, alpha, experts, bias, geo: ConvGeometry, batch_size=None):
+    """A depthwise layer (one input and one output channel per group, zero padding) by the Triton kernels of
+    :mod:`~parameternet.layers.triton_depthwise`: per-sample kernels ``(B, C, kh, kw)`` mixed first, then one
+    kernel that reads and writes through the strides (channels_last in, channels_last out, no copy). Under autocast
+    every operand takes the autocast dtype, as the conv would."""
+    weight = _mix(alpha, experts, geo).view(-1, geo.out_channels, *geo.kernel_size)  # (B, C, kh, kw)
+    dtype = _autocast_dtype(x)
+    if dtype is not None or x.dtype != weight.dtype:
+        dtype = dtype or torch.promote_types(x.dtype, weight.dtype)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    if bias is not None and bias.dim() == 1:
+        bias = bias.expand(x.shape[0], -1)
+    return per_sample_depthwise(x, weight, bias, geo.stride, geo.pad, geo.dilation)
+
+
+def triton_eligible(geo: ConvGeometry) -> bool:
+    """Whether :func:`triton_depthwise` computes this geometry: depthwise with one output channel per group and zero
+    padding."""
+    return geo.kind == "depthwise" and geo.out_channels == geo.groups and geo.padding_mode == "zeros"
+
+
 _FUNCTIONS = {
     "single": single,
     "per_sample_matmul": per_sample_matmul_conv,
@@ -313,6 +337,7 @@ _FUNCTIONS = {
     "shifted": shifted,
     "stacked": stacked,
     "unfold": unfold,
+    "triton": triton_depthwise,
 }
 
 # context -> kind -> implementation. The graph contexts' depthwise choices come from benchmarks/compile_speed.py.
@@ -324,12 +349,21 @@ IMPLEMENTATIONS: dict[Context, dict[str, str]] = {
 }
 
 
-def select(context: Context, geo: ConvGeometry, batch_size: int | None = None) -> str:
+def select(context: Context, geo: ConvGeometry, batch_size: int | None = None, x: torch.Tensor | None = None) -> str:
     """The implementation's name for a layer of this geometry in ``context``; ``batch_size`` is the batch size
-    when it is known (an int) and None when it is symbolic. A known batch of one is ``single`` everywhere."""
+    when it is known (an int) and None when it is symbolic. A known batch of one is ``single`` everywhere. On a
+    CUDA input ``x`` a depthwise layer runs the Triton kernels where Triton is installed."""
     if batch_size == 1:
         return "single"
     name = IMPLEMENTATIONS[context][geo.kind]
+    if (
+        x is not None
+        and context in (Context.EAGER, Context.INDUCTOR, Context.PLAIN)
+        and x.device.type == "cuda"
+        and triton_eligible(geo)
+        and _triton.available(x)
+    ):
+        return "triton"
     if name == "shifted" and geo.in_channels // geo.groups * geo.kernel_size[0] * geo.kernel_size[1] > SHIFTED_MAX_TAPS:
         return "unfold"
     return name
