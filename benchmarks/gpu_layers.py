@@ -61,6 +61,37 @@ def candidates(geo: functional.ConvGeometry, x: torch.Tensor) -> list[str]:
     return names
 
 
+def static_step(conv, x, autocast: bool):
+    def run():
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
+            y = conv(x)
+        y.float().sum().backward()
+
+    return run
+
+
+def dynamic_step(layer: DynamicConv2d, x, autocast: bool, impl: str):
+    """Forward + backward of the layer by one implementation, with the release's router (linear, sigmoid)."""
+
+    def run():
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
+            alpha = torch.sigmoid(layer.router.fc(x.mean((2, 3))))
+            bias = None if layer.bias is None else alpha @ layer.bias
+            y = functional.dynamic_conv2d(x, alpha, layer.weight, bias, layer.geometry, impl)
+        y.float().sum().backward()
+
+    return run
+
+
+def train_step(model, x, y):
+    def step():
+        with torch.autocast(x.device.type, torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+
+    return step
+
+
 def timed(fn, steps: int, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -86,6 +117,12 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
+    from parameternet.experiments.provenance import provenance
+
+    prov = provenance()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    facts = dict(device=name, torch=torch.__version__, cuda=torch.version.cuda or "", commit=prov["commit"],
+                 dirty=prov["dirty"], batch=args.batch)  # fmt: skip
     rows = []
     for layer, (C, H, W) in [] if args.no_layers else geometries(args.model, args.img):
         layer = layer.to(device)
@@ -101,22 +138,9 @@ def main() -> None:
                 x.requires_grad_(True)
                 ac = prec == "bf16"
 
-                def run_static():
-                    with torch.autocast(device.type, torch.bfloat16, enabled=ac):
-                        y = static(x)
-                    y.float().sum().backward()
-
-                fns = {"static": run_static}
-                for name in candidates(geo, x):
-
-                    def run(name=name):
-                        with torch.autocast(device.type, torch.bfloat16, enabled=ac):
-                            alpha = torch.sigmoid(layer.router.fc(x.mean((2, 3))))
-                            bias = None if layer.bias is None else alpha @ layer.bias
-                            y = functional.dynamic_conv2d(x, alpha, layer.weight, bias, geo, name)
-                        y.float().sum().backward()
-
-                    fns[name] = run
+                fns = {"static": static_step(static, x, ac)}
+                for impl in candidates(geo, x):
+                    fns[impl] = dynamic_step(layer, x, ac, impl)
                 times = {n: [] for n in fns}
                 for fn in fns.values():
                     fn()
@@ -128,7 +152,7 @@ def main() -> None:
                     med = statistics.median(t)
                     row = dict(kind=geo.kind, C=C, O=geo.out_channels, k=geo.kernel_size[0], stride=geo.stride[0],
                                groups=geo.groups, H=H, W=W, layout=fmt, precision=prec, impl=n, ms=round(med, 4),
-                               vs_static=round(med / base, 3))  # fmt: skip
+                               vs_static=round(med / base, 3), **facts)  # fmt: skip
                     rows.append(row)
                     print(",".join(str(v) for v in row.values()), flush=True)
     with open(args.csv, "w", newline="") if rows else open("/dev/null", "w") as f:
@@ -148,11 +172,7 @@ def main() -> None:
                     x = x.contiguous(memory_format=torch.channels_last)
                 y = torch.randint(0, 1000, (args.batch,), device=device)
 
-                def step():
-                    with torch.autocast(device.type, torch.bfloat16):
-                        loss = F.cross_entropy(model(x), y)
-                    loss.backward()
-
+                step = train_step(model, x, y)
                 for _ in range(3):
                     step()
                 acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parameternet import DynamicConv2d, DynamicLinear, ParameterNetError
-from parameternet.layers import ROUTERS, functional, kernels
+from parameternet.layers import ROUTERS, functional, kernels, set_implementation
 
 DW_ONNX = functional.IMPLEMENTATIONS[functional.Context.ONNX]["depthwise"]  # chosen by measurement
 
@@ -93,16 +93,10 @@ def run_implementation(name: str):
 
 
 def applies(name: str, layer: DynamicConv2d, batch: int) -> bool:
-    """Whether an implementation computes this layer: ``single`` needs one image, the matmuls a pointwise layer,
-    ``stacked`` one input channel per group; ``grouped``, ``shifted`` and ``unfold`` take any geometry."""
-    kind = layer.geometry.kind
-    return {
-        "single": batch == 1,
-        "per_sample_matmul": kind == "pointwise",
-        "bmm": kind == "pointwise",
-        "stacked": layer.in_channels == layer.groups,
-        "triton": functional.triton_eligible(layer.geometry),
-    }.get(name, True)
+    """Whether an implementation computes this layer (the functional core's own rule): ``single`` needs one image,
+    the matmuls a pointwise layer, ``stacked`` one input channel per group, ``triton`` a depthwise layer with zero
+    padding; ``grouped``, ``shifted`` and ``unfold`` take any geometry."""
+    return functional.applies(name, layer.geometry, batch)
 
 
 # How the layer is run: eager PyTorch (the public call), and every named implementation of the functional core
@@ -117,8 +111,8 @@ def conv_layer(case: str, static_bias: bool = False) -> DynamicConv2d:
     cin, cout, k, kwargs, picks = CONV_CASES[case]
     layer = DynamicConv2d(cin, cout, k, num_experts=3, **kwargs)
     contexts = (functional.Context.EAGER, functional.Context.INDUCTOR, functional.Context.ONNX)
-    assert tuple(functional.select(c, layer.geometry) for c in contexts) == picks
-    assert all(functional.select(c, layer.geometry, 1) == "single" for c in contexts)
+    assert tuple(functional.table_choice(c, layer.geometry) for c in contexts) == picks
+    assert all(functional.table_choice(c, layer.geometry, 1) == "single" for c in contexts)
     if static_bias:  # what parameternet.deploy() leaves after folding a BatchNorm
         layer.static_bias = nn.Parameter(torch.randn(cout))
     return layer
@@ -289,3 +283,94 @@ def test_per_sample_conv2d_is_a_well_formed_custom_op():
     y = functional.per_sample_conv2d(x, weight, [2, 1], [1, 2], 3)
     expected = torch.cat([F.conv2d(xb, wb, None, (2, 1), 0, (1, 2), 3) for xb, wb in zip(x.split(1), weight)])
     torch.testing.assert_close(y, expected)
+
+
+def test_triton_depthwise_is_a_well_formed_custom_op():
+    """The Triton kernels (run by Triton's interpreter here): schema, fake tensor (channels_last kept), autograd."""
+    from parameternet.layers import triton_depthwise
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, 6).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    weight = torch.randn(2, 5, 3, 3, requires_grad=True)
+    bias = torch.randn(2, 5, requires_grad=True)
+    args = (x, weight, bias, [2, 1], [1, 1, 1, 1], [1, 1])
+    torch.library.opcheck(triton_depthwise._depthwise_op, args, test_utils=("test_schema", "test_faketensor"))
+    y = triton_depthwise.per_sample_depthwise(x, weight, bias, (2, 1), (1, 1, 1, 1), (1, 1))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("case", ["depthwise", "depthwise-5x5-stride2"])
+def test_triton_depthwise_under_bf16_autocast_matches_the_reference(case):
+    """Under autocast the kernels take bf16 operands, as the conv would, and accumulate in float32."""
+    layer = conv_layer(case)
+    x = torch.randn(3, layer.in_channels, 9, 11).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = run_implementation("triton")(layer, x)
+        ref = run_implementation("grouped")(layer, x)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32
+
+
+def _layout_copies(fn) -> list[str]:
+    """The ATen ops in ``fn`` that copy a 4-d tensor (an activation or its gradient, never a router's ``(B, M)``):
+    ``contiguous``, ``clone``, ``copy_``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    copies = ("aten::contiguous", "aten::clone", "aten::copy_")
+    return [f"{e.name}{e.input_shapes}" for e in prof.events() if e.name in copies and len(e.input_shapes[0]) == 4]
+
+
+@pytest.mark.parametrize(
+    "case,impl",
+    [("pointwise", "per_sample_matmul"), ("pointwise", "bmm"), ("depthwise", "triton"),
+     ("depthwise-5x5-stride2", "triton")],
+)  # fmt: skip
+def test_layout_preserving_implementations_keep_channels_last_without_a_copy(case, impl):
+    """The CPU proxy for layout copies: with a channels_last input these implementations give a channels_last output
+    and copy nothing, forward or backward."""
+    layer = conv_layer(case)
+    set_implementation(layer, impl)
+    x = torch.randn(3, layer.in_channels, 9, 11).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    y = layer(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(y)
+    assert _layout_copies(lambda: layer(x)) == []
+    y = layer(x)
+    assert _layout_copies(lambda: torch.autograd.grad(y, [x, layer.weight], g)) == []
+
+
+def test_set_implementation_forces_a_name_and_refuses_what_cannot_run():
+    torch.manual_seed(0)
+    model = nn.Sequential(DynamicConv2d(4, 8, 1), DynamicConv2d(8, 8, 3, padding=1, groups=8))
+    x = torch.randn(3, 4, 6, 6)
+    expected = model(x)
+    assert set_implementation(model, "grouped") == 2
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    set_implementation(model, "bmm")  # a pointwise-only implementation on a depthwise layer: refused at forward
+    with pytest.raises(ParameterNetError, match="implementation 'bmm' does not compute a depthwise layer"):
+        model(x)
+    with pytest.raises(ParameterNetError, match="unknown dynamic-conv implementation 'fast'; choose 'auto' or one"):
+        set_implementation(model, "fast")
+    set_implementation(model, "auto")
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_conversion_keeps_the_expert_bank_and_the_function():
+    """model.to(memory_format=torch.channels_last) converts 4-d and 5-d tensors, and channels_last is a 4-d format:
+    the 5-d expert bank stays contiguous and the layer computes the same function, in channels_last."""
+    torch.manual_seed(0)
+    layer = DynamicConv2d(6, 6, 3, padding=1, groups=6)
+    x = torch.randn(3, 6, 8, 8)
+    expected = layer(x)
+    layer.weight.grad = torch.randn_like(layer.weight)
+    layer.to(memory_format=torch.channels_last)
+    assert layer.weight.is_contiguous() and layer.weight.shape == (4, 6, 1, 3, 3)
+    assert isinstance(layer.weight, nn.Parameter) and layer.weight.grad.shape == layer.weight.shape
+    y = layer(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    layer.to(torch.float64)
+    assert layer.weight.dtype == torch.float64 and layer.weight.is_contiguous()

@@ -94,6 +94,25 @@ def test_dispatch_matches_per_token_reference(monkeypatch, grouped, top_k, capac
     assert bool(calls) == grouped, "grouped_mm ran" if calls else "grouped_mm did not run"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("top_k,capacity_factor", [(1, None), (1, 0.5), (2, 0.6)])
+def test_dispatch_compiles_whole_and_reads_nothing_on_the_host(monkeypatch, dtype, top_k, capacity_factor):
+    """fullgraph=True fails on any host read (.tolist(), int(tensor), a data-dependent shape): the dispatch compiles
+    as one graph in fp32 (every expert, gathered) and bf16 (grouped_mm), forward and backward, and matches eager."""
+    for name in ("bincount", "nonzero"):  # host reads on CUDA: the dispatch must not call them
+        monkeypatch.setattr(torch, name, lambda *a, _name=name, **k: pytest.fail(f"the dispatch called torch.{_name}"))
+    torch.manual_seed(0)
+    layer = TopKMoELinear(16, 32, bias=True, num_experts=4, top_k=top_k, capacity_factor=capacity_factor).to(dtype)
+    x = torch.randn(2, 9, 16, dtype=dtype)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y_eager, y_comp = layer(x1), compiled(x2)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y_comp, y_eager, **tol)
+    g = torch.randn_like(y_eager)
+    torch.testing.assert_close(torch.autograd.grad(y_comp, x2, g)[0], torch.autograd.grad(y_eager, x1, g)[0], **tol)
+
+
 def test_capacity_drops_tokens_and_none_drops_nothing():
     torch.manual_seed(0)
     layer = TopKMoELinear(8, 8, num_experts=4, capacity_factor=0.25)  # one token per expert at most

@@ -88,6 +88,19 @@ def test_batch_equals_samples_one_by_one(model):
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
 
 
+def test_channels_last_model_computes_the_same_function(model):
+    """timm's --channels-last: model.to(memory_format=channels_last) works on every model (the 5-d expert banks
+    included) and computes what the NCHW model computes, forward and backward."""
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x = images(3)
+    with torch.no_grad():
+        expected = model(x)
+        got = cl(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    cl.train()(x.contiguous(memory_format=torch.channels_last)).square().mean().backward()
+    assert all(p.grad is not None for p in cl.parameters() if p.requires_grad)
+
+
 def test_features_only(name):
     m = build(name, features_only=True).eval()
     with torch.no_grad():

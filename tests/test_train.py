@@ -3,6 +3,7 @@ pretrain -> fine-tune, eval, and bad input (exit 2, one line)."""
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -69,6 +70,16 @@ def test_smoke_recipe_trains_checkpoints_and_evaluates(packaged_data, tmp_path, 
     assert train(load_config(SMOKE, [f"output_dir={out}", "resume=auto"]))["steps"] == 16
     assert main(["train", SMOKE, f"output_dir={out}"]) == 2
     assert "already holds checkpoints; pass resume=auto" in capsys.readouterr().err
+
+
+def test_channels_last_recipe_key_trains_a_parameternet(packaged_data, tmp_path):
+    """channels_last=true converts the model (its 5-d expert banks included) and the batches; it trains."""
+    out = tmp_path / "cl"
+    overrides = [f"output_dir={out}", "progress=false", "model=parameternet_300m", "channels_last=true",
+                 "max_steps=2", "batch_size=4", "ckpt_every_steps=0", "log_every=1"]  # fmt: skip
+    summary = train(load_config(SMOKE, overrides))
+    assert summary["steps"] == 2
+    assert all(math.isfinite(r["loss"]) for r in _rows(out, "train"))
 
 
 def test_load_takes_a_run_directory(packaged_data, tmp_path):

@@ -7,9 +7,9 @@ function it points to imports what it needs lazily so `parameternet --help` stay
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import logging
 import sys
+from pathlib import Path
 
 from parameternet.errors import ParameterNetError
 
@@ -495,8 +495,9 @@ def _run_benchmark(args: argparse.Namespace) -> int:
         ("--batch-sizes", args.batch_sizes, 1),
     )
     if args.gpu:
-        for flag, given in (("--models", args.models), ("--modes", args.modes is not None), ("--img-size", args.img_size),
-                            ("--no-eager", args.no_eager), ("--batch-sizes", args.batch_sizes)):  # fmt: skip
+        onnx_only = (("--models", args.models), ("--modes", args.modes is not None), ("--img-size", args.img_size),
+                     ("--no-eager", args.no_eager), ("--batch-sizes", args.batch_sizes))  # fmt: skip
+        for flag, given in onnx_only:
             _refuse(flag, bool(given), "to the ONNX benchmark, not to --gpu (whose models and sizes are fixed)")
         make_dir(args.output)
         return _run_gpu(args)

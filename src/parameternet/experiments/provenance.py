@@ -29,19 +29,20 @@ def provenance() -> dict[str, str | bool]:
     """``{"commit", "dirty", "version"}`` of the imported ``parameternet`` package.
 
     ``commit`` is the HEAD of the git checkout that holds the imported source (``""`` for an installed wheel, which
-    has none, or ``$PARAMETERNET_COMMIT`` for a checkout copied without ``.git``, then ``dirty`` is ``"unknown"``);
+    has none; ``$PARAMETERNET_COMMIT``, when set, names the commit of a source tree copied to another machine, and
+    then ``dirty`` is ``"unknown"``);
     ``dirty`` is True when a tracked file of that checkout's ``src/`` differs from the commit (result
     files written by the run itself do not count); ``version`` is the package version.
     """
     import parameternet
 
     pkg = Path(parameternet.__file__).resolve().parent
+    if os.environ.get("PARAMETERNET_COMMIT"):
+        # A source tree copied to another machine (with no .git, or a stale one): the commit as the copier names it,
+        # and "unknown" for whether it had changes, which nothing there can check.
+        return {"commit": os.environ["PARAMETERNET_COMMIT"], "dirty": "unknown", "version": parameternet.__version__}
     commit = _git(["rev-parse", "HEAD"], pkg) or ""
     dirty: bool | str = False
-    if not commit and os.environ.get("PARAMETERNET_COMMIT"):
-        # A source tree copied without its .git (a remote machine, a CI artifact): the commit as the copier names
-        # it, and "unknown" for whether it had changes, which nothing here can check.
-        return {"commit": os.environ["PARAMETERNET_COMMIT"], "dirty": "unknown", "version": parameternet.__version__}
     if commit:
         top = _git(["rev-parse", "--show-toplevel"], pkg)
         status = _git(["status", "--porcelain", "--untracked-files=no", "--", str(pkg)], Path(top or pkg))

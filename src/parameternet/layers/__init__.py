@@ -26,6 +26,7 @@ __all__ = [
     "load_balancing_loss",
     "mix_experts",
     "router_z_loss",
+    "set_implementation",
 ]
 
 
@@ -36,3 +37,22 @@ def is_parameternet_layer(module: nn.Module) -> bool:
     return isinstance(module, (DynamicConv2d, DynamicLinear, RepConv2d)) or type(module).__module__.startswith(
         "parameternet.layers"
     )
+
+
+def set_implementation(model: nn.Module, implementation: str = "auto") -> int:
+    """Set how every :class:`DynamicConv2d` in ``model`` computes its formula: ``"auto"`` (the functional core's
+    table, chosen per runtime, device and geometry by measurement) or a name from
+    :data:`parameternet.layers.functional.NAMES` (``"grouped"``, ``"bmm"``, ``"triton"``, ...), which each layer then
+    uses wherever it computes that layer (an inapplicable name raises ``ParameterNetError`` at the layer's forward).
+    Returns how many layers were set; raises ``ParameterNetError`` for an unknown name."""
+    from parameternet.errors import ParameterNetError
+    from parameternet.layers.functional import NAMES
+
+    if implementation != "auto" and implementation not in NAMES:
+        raise ParameterNetError(
+            f"unknown dynamic-conv implementation {implementation!r}; choose 'auto' or one of {', '.join(NAMES)}."
+        )
+    layers = [m for m in model.modules() if isinstance(m, DynamicConv2d)]
+    for layer in layers:
+        layer.implementation = implementation
+    return len(layers)

@@ -26,7 +26,7 @@ from torch.nn.modules.utils import _pair
 from parameternet.errors import ParameterNetError
 from parameternet.layers.experts import check_num_experts, init_experts_
 from parameternet.layers.functional import Context, ConvGeometry, dynamic_conv2d, select
-from parameternet.layers.kernels import route_mean, static_batch_size, traced_batch_size
+from parameternet.layers.kernels import route_mean
 from parameternet.layers.router import create_router
 
 __all__ = ["DynamicConv2d"]
@@ -102,6 +102,9 @@ class DynamicConv2d(nn.Module):
         )
         # The formula's geometry, for the functional core (layers/functional.py), which picks the implementation.
         self.geometry = self._geometry()
+        # "auto" (the functional core's table, by runtime and geometry) or a name from functional.NAMES;
+        # parameternet.layers.set_implementation sets it for a whole model.
+        self.implementation = "auto"
         self.reset_parameters()
 
     def _explicit_padding(self) -> tuple[int, int, int, int]:
@@ -165,20 +168,16 @@ class DynamicConv2d(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if type(x) is not torch.Tensor:  # torch.fx symbolic tracing (a Proxy), or a tensor subclass
-            if isinstance(x, torch.fx.Proxy):
-                return self._run(x, Context.ONNX, None)
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
+        if isinstance(x, torch.Tensor) and (x.dim() != 4 or x.shape[1] != self.in_channels):
             self._check_input(x)
-        if torch.compiler.is_compiling():  # torch.compile or torch.export: the batch size may be symbolic
-            batch = static_batch_size(x)
-            if batch is not None:
-                return self._run(x, Context.PLAIN, batch)
-            return self._run(x, Context.ONNX if torch.compiler.is_exporting() else Context.INDUCTOR, None)
-        if torch.jit.is_tracing():  # the MAC counter, ONNX's TorchScript exporter, any other trace
-            batch = traced_batch_size(x)
-            return self._run(x, Context.ONNX if batch is None else Context.PLAIN, batch)
-        return self._forward_eager(x)
+        context, name, batch = select(self.geometry, x, self.implementation)
+        if context is Context.EAGER:
+            alpha = route_mean(self.router, x, (2, 3))  # (B, M): the pooling folded into the router's linear
+        else:
+            alpha = self.router(x.mean((2, 3)))  # (B, M): plain ops every graph format holds
+        # per_sample_matmul takes a per-sample bias (B, O); the others let a lone folded bias (O,) broadcast.
+        bias = self._mixed_bias(alpha, per_sample=name == "per_sample_matmul")
+        return dynamic_conv2d(x, alpha, self.weight, bias, self.geometry, name, batch)
 
     def _geometry(self) -> ConvGeometry:
         return ConvGeometry(
@@ -195,19 +194,3 @@ class DynamicConv2d(nn.Module):
             return self.static_bias.expand(alpha.shape[0], -1)
         bias = alpha @ self.bias
         return bias if self.static_bias is None else bias + self.static_bias
-
-    def _run(self, x: torch.Tensor, context: Context, batch_size: int | None) -> torch.Tensor:
-        """The plain router, then the implementation :func:`~parameternet.layers.functional.select` names."""
-        alpha = self.router(x.mean((2, 3)))  # (B, M)
-        bias = self._mixed_bias(alpha, per_sample=False)  # (B, O), (O,) or None
-        name = select(context, self.geometry, batch_size, x=x if isinstance(x, torch.Tensor) else None)
-        return dynamic_conv2d(x, alpha, self.weight, bias, self.geometry, name, batch_size)
-
-    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
-        alpha = route_mean(self.router, x, (2, 3))  # (B, M)
-        B = x.shape[0]
-        if B == 1:
-            return dynamic_conv2d(x, alpha, self.weight, self._mixed_bias(alpha, per_sample=False), self.geometry,
-                                  "single")  # fmt: skip
-        name = select(Context.EAGER, self.geometry, x=x)
-        return dynamic_conv2d(x, alpha, self.weight, self._mixed_bias(alpha), self.geometry, name)

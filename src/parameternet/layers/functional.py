@@ -33,6 +33,14 @@ onnx           ``bmm``                     ``stacked``                 ``unfold`
   the M outputs mixed; M times the conv's work, but a constant kernel, which runtimes optimise.
 - ``unfold``: image patches by a depthwise conv with constant one-hot kernels, then a batched matmul with the mixed
   kernels (the conv's own multiply-adds; ``kh * kw`` times the input's memory).
+- ``triton``: a depthwise layer (one output channel per group, zero padding) by the Triton kernels of
+  :mod:`~parameternet.layers.triton_depthwise`, which read and write through strides (channels_last stays
+  channels_last, no copy). Not in the table: on an H200 cuDNN's grouped conv over the batch ran faster
+  (``benchmarks/gpu_layers.py``, ``results/benchmark/gpu_layers.csv``); a layer runs it when its ``implementation``
+  names it.
+
+:func:`select` is the only code that looks at the runtime (:func:`runtime`): it returns the table's choice, or
+the layer's own ``implementation`` setting when that names one (``parameternet.layers.set_implementation``).
 
 The graph contexts' depthwise choice is measured (``python benchmarks/compile_speed.py --choices``, ParameterNet-600M
 against GhostNet-600M, one thread): in ONNX Runtime the portable graph ran at 1.81x with ``stacked`` and 2.21x with
@@ -50,11 +58,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from parameternet.errors import ParameterNetError
 from parameternet.layers import triton_depthwise as _triton
-from parameternet.layers.kernels import _autocast_dtype, per_sample_matmul
+from parameternet.layers.kernels import _autocast_dtype, per_sample_matmul, static_batch_size, traced_batch_size
 from parameternet.layers.triton_depthwise import per_sample_depthwise
 
-__all__ = ["IMPLEMENTATIONS", "Context", "ConvGeometry", "dynamic_conv2d", "select"]
+__all__ = [
+    "IMPLEMENTATIONS", "NAMES", "Context", "ConvGeometry", "applies", "dynamic_conv2d", "runtime", "select",
+    "table_choice",
+]  # fmt: skip
 
 # ``shifted`` unrolls C/g * kh * kw taps into the graph; above this many, ``unfold`` (one conv and one matmul).
 SHIFTED_MAX_TAPS = 32
@@ -328,7 +340,7 @@ def triton_eligible(geo: ConvGeometry) -> bool:
     return geo.kind == "depthwise" and geo.out_channels == geo.groups and geo.padding_mode == "zeros"
 
 
-_FUNCTIONS = {
+_FUNCTIONS: dict = {
     "single": single,
     "per_sample_matmul": per_sample_matmul_conv,
     "bmm": bmm,
@@ -340,6 +352,8 @@ _FUNCTIONS = {
     "triton": triton_depthwise,
 }
 
+NAMES = tuple(_FUNCTIONS)
+
 # context -> kind -> implementation. The graph contexts' depthwise choices come from benchmarks/compile_speed.py.
 IMPLEMENTATIONS: dict[Context, dict[str, str]] = {
     Context.EAGER: {"pointwise": "per_sample_matmul", "depthwise": "grouped", "other": "grouped"},
@@ -349,24 +363,74 @@ IMPLEMENTATIONS: dict[Context, dict[str, str]] = {
 }
 
 
-def select(context: Context, geo: ConvGeometry, batch_size: int | None = None, x: torch.Tensor | None = None) -> str:
-    """The implementation's name for a layer of this geometry in ``context``; ``batch_size`` is the batch size
-    when it is known (an int) and None when it is symbolic. A known batch of one is ``single`` everywhere. On a
-    CUDA input ``x`` a depthwise layer runs the Triton kernels where Triton is installed."""
+def table_choice(context: Context, geo: ConvGeometry, batch_size: int | None = None) -> str:
+    """The table's implementation for a layer of this geometry in ``context``; ``batch_size`` is the batch size
+    when it is known (an int) and None when it is symbolic. A known batch of one is ``single`` everywhere."""
     if batch_size == 1:
         return "single"
     name = IMPLEMENTATIONS[context][geo.kind]
-    if (
-        x is not None
-        and context in (Context.EAGER, Context.INDUCTOR, Context.PLAIN)
-        and x.device.type == "cuda"
-        and triton_eligible(geo)
-        and _triton.available(x)
-    ):
-        return "triton"
     if name == "shifted" and geo.in_channels // geo.groups * geo.kernel_size[0] * geo.kernel_size[1] > SHIFTED_MAX_TAPS:
         return "unfold"
     return name
+
+
+def runtime(x) -> tuple[Context, int | None]:
+    """Where a dynamic layer's input ``x`` is being computed, and the batch size known there (None: symbolic).
+
+    The only code that looks at the runtime: a ``torch.fx`` Proxy is a symbolic graph; inside ``torch.compile`` /
+    ``torch.export`` a batch size the compiler holds as a number gets the plain formulas, a symbolic one inductor's
+    (or, exporting, the portable ones); inside ``torch.jit.trace`` the trace mode decides
+    (:class:`~parameternet.layers.kernels.counting_trace`, :class:`~parameternet.layers.kernels.fixed_batch_trace`);
+    anything else is eager."""
+    if type(x) is not torch.Tensor and isinstance(x, torch.fx.Proxy):
+        return Context.ONNX, None
+    if torch.compiler.is_compiling():
+        batch = static_batch_size(x)
+        if batch is not None:
+            return Context.PLAIN, batch
+        return (Context.ONNX if torch.compiler.is_exporting() else Context.INDUCTOR), None
+    if torch.jit.is_tracing():
+        batch = traced_batch_size(x)
+        return (Context.ONNX if batch is None else Context.PLAIN), batch
+    return Context.EAGER, int(x.shape[0])
+
+
+def applies(name: str, geo: ConvGeometry, batch_size: int | None) -> bool:
+    """Whether the implementation ``name`` computes a layer of this geometry at this batch size (None: any)."""
+    return {
+        "single": batch_size == 1,
+        "per_sample_matmul": geo.kind == "pointwise",
+        "bmm": geo.kind == "pointwise",
+        "stacked": geo.in_channels == geo.groups,
+        "triton": triton_eligible(geo),
+    }.get(name, True)
+
+
+def select(geo: ConvGeometry, x, implementation: str = "auto") -> tuple[Context, str, int | None]:
+    """``(context, implementation, batch size)`` for a layer of this geometry on input ``x``.
+
+    ``implementation`` is the layer's setting: ``"auto"`` takes the table's choice for the runtime (:func:`runtime`,
+    :func:`table_choice`); a name from :data:`NAMES` forces that implementation wherever it computes the layer.
+    Raises ``ParameterNetError`` for an unknown name, or a name that cannot compute this layer or run here.
+    """
+    context, batch = runtime(x)
+    if implementation == "auto":
+        return context, table_choice(context, geo, batch), batch
+    if implementation not in _FUNCTIONS:
+        raise ParameterNetError(
+            f"unknown dynamic-conv implementation {implementation!r}; choose 'auto' or one of {', '.join(NAMES)}."
+        )
+    if not applies(implementation, geo, batch):
+        raise ParameterNetError(
+            f"implementation {implementation!r} does not compute a {geo.kind} layer "
+            f"({geo.in_channels}->{geo.out_channels}, kernel {geo.kernel_size}, groups {geo.groups}) at batch "
+            f"{'symbolic' if batch is None else batch}; set 'auto' for this layer."
+        )
+    if implementation == "triton" and isinstance(x, torch.Tensor) and not _triton.available(x):
+        raise ParameterNetError(
+            f"implementation 'triton' needs Triton and a CUDA input (got a {x.device.type} tensor); set 'auto'."
+        )
+    return context, implementation, batch
 
 
 def dynamic_conv2d(

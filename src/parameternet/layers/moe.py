@@ -13,12 +13,14 @@ expert's probability, which is what gives the router a gradient from the languag
 
 Dispatch has no per-token Python: the ``N * k`` (token, expert) assignments are sorted by expert, every expert
 runs once on its contiguous block, and the results go back to token order through an index permutation (or an
-``index_add`` when a token has several experts or some were dropped). The per-expert matmuls run as one
+``index_add`` when a token has several experts). The per-expert matmuls run as one
 ``torch.nn.functional.grouped_mm`` where torch has it for the dtype and device, otherwise as a loop over experts.
+Nothing reads a tensor's value on the host where the graph must stay whole (compiled, exported, captured by CUDA
+graphs): the counts per expert are a scatter-add, not ``bincount``, and :func:`expert_matmul` has a path for that.
 
 ``capacity_factor`` (None = no token dropped, the paper's setting) caps every expert at
 ``ceil(capacity_factor * N * k / M)`` assignments; first choices of all tokens come before second choices, and
-within a choice rank earlier tokens win. A dropped assignment contributes zero.
+within a choice rank earlier tokens win. A dropped assignment contributes zero (it is computed and scaled by zero).
 
 Auxiliary losses, computed from the router logits by :func:`load_balancing_loss` and :func:`router_z_loss`:
 
@@ -119,17 +121,43 @@ def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return False
 
 
+def _sync_free() -> bool:
+    """Whether the dispatch must not read a tensor's value on the host: inside ``torch.compile`` / ``torch.export``
+    (a graph break, or a failed ``fullgraph``) or while a CUDA graph is being captured (an error)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def expert_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """``x`` ``(A, in)`` sorted by expert, ``counts`` ``(M,)`` rows per expert -> ``(A, out)``, row block ``e``
-    multiplied by ``weight[e].T``."""
+    multiplied by ``weight[e].T``.
+
+    One ``grouped_mm`` where torch has it for the dtype and device (and, compiled, where its tracing accepts the
+    dtype: bfloat16 / float16); otherwise, in eager PyTorch, a loop over the experts' row blocks (their sizes read
+    on the host); otherwise (compiled or captured, float32) every row through every expert and each row's own result
+    gathered: ``M`` times the multiply-adds, but no host read, so the graph stays whole."""
     if torch.is_autocast_enabled(x.device.type):  # autocast does not cover grouped_mm: cast as it would
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
-    if _grouped_mm_ok(x, weight):
+    sync_free = _sync_free()
+    if _grouped_mm_ok(x, weight) and not (sync_free and x.dtype == torch.float32):
         offs = counts.cumsum(0).to(torch.int32)
         return F.grouped_mm(x, weight.transpose(1, 2), offs=offs)
-    blocks = x.split(counts.tolist())
-    return torch.cat([F.linear(block, w) for block, w in zip(blocks, weight)])
+    if not sync_free:
+        blocks = x.split(counts.tolist())
+        return torch.cat([F.linear(block, w) for block, w in zip(blocks, weight)])
+    m = weight.shape[0]
+    row_expert = torch.repeat_interleave(torch.arange(m, device=x.device), counts, output_size=x.shape[0])
+    every = torch.matmul(x.unsqueeze(0), weight.transpose(1, 2))  # (M, A, out)
+    return every.gather(0, row_expert.view(1, -1, 1).expand(1, -1, every.shape[2])).squeeze(0)
+
+
+def expert_counts(expert: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert, ``(M,)`` int64, without a host read (``torch.bincount`` reads the maximum on CUDA)."""
+    return torch.zeros(num_experts, dtype=torch.long, device=expert.device).scatter_add_(
+        0, expert, torch.ones_like(expert)
+    )
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -267,30 +295,27 @@ class TopKMoELinear(nn.Module):
         # of second choices and earlier tokens ahead of later ones, which is the capacity priority.
         expert = top_e.t().reshape(-1)  # (k*N,)
         order = torch.argsort(expert, stable=True)  # (k*N,) assignments grouped by expert
-        counts = torch.bincount(expert, minlength=m)  # (M,)
-        dropped = False
+        counts = expert_counts(expert, m)  # (M,)
+        scale = top_p.t().reshape(-1).index_select(0, order)  # (k*N,) each sorted assignment's probability
         if self.capacity_factor is not None:
+            # Every assignment is computed; one past its expert's capacity is scaled by zero, which drops it with
+            # no host read (the number kept would be one) and no data-dependent shape.
             capacity = math.ceil(self.capacity_factor * n * k / m)
-            if int(counts.max()) > capacity:
-                start = counts.cumsum(0) - counts
-                sorted_expert = expert[order]
-                rank = torch.arange(order.numel(), device=order.device) - start[sorted_expert]
-                order = order[rank < capacity]
-                counts = counts.clamp(max=capacity)
-                dropped = True
-        permutation = k == 1 and not dropped  # every token exactly once: sorting is a permutation of the rows
-        if permutation:
+            start = counts.cumsum(0) - counts
+            rank = torch.arange(order.numel(), device=order.device) - start[expert.index_select(0, order)]
+            scale = torch.where(rank < capacity, scale, torch.zeros_like(scale))
+        if k == 1:  # every token exactly once: sorting is a permutation of the rows
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(n, device=order.device)
             xs = _PermuteRows.apply(flat, order, inverse)
         else:
-            token = order % n  # (A,) the token of each kept assignment
+            token = order % n  # (k*N,) the token of each assignment
             xs = flat.index_select(0, token)
-        y = expert_matmul(xs, self.weight, counts)  # (A, out), grouped by expert
+        y = expert_matmul(xs, self.weight, counts)  # (k*N, out), grouped by expert
         if self.bias is not None:
             y = y + self.bias.to(y.dtype).repeat_interleave(counts, dim=0, output_size=y.shape[0])  # autocast's dtype
-        y = y * top_p.t().reshape(-1).index_select(0, order).to(y.dtype)[:, None]
-        if permutation:
+        y = y * scale.to(y.dtype)[:, None]
+        if k == 1:
             out = _PermuteRows.apply(y, inverse, order)
         else:
             out = y.new_zeros(n, self.out_features).index_add_(0, token, y)

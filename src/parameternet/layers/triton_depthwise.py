@@ -233,8 +233,7 @@ def _(x, weight, bias, stride, pad, dilation):
     KH, KW = weight.shape[2], weight.shape[3]
     OH = _out_size(H, KH, stride[0], pad[2] + pad[3], dilation[0])
     OW = _out_size(W, KW, stride[1], pad[0] + pad[1], dilation[1])
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else None
-    return x.new_empty((B, C, OH, OW), memory_format=fmt or torch.contiguous_format)
+    return _like(x, (B, C, OH, OW), x.dtype)
 
 
 @torch.library.custom_op("parameternet::per_sample_depthwise_backward", mutates_args=())
@@ -255,8 +254,7 @@ def _depthwise_backward_op(
 
 @_depthwise_backward_op.register_fake
 def _(grad, x, weight, stride, pad, dilation, need_x, need_w):
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else None
-    gx = x.new_empty(x.shape, memory_format=fmt or torch.contiguous_format) if need_x else x.new_empty(0)
+    gx = _like(x, tuple(x.shape), x.dtype) if need_x else x.new_empty(0)
     return gx, (weight.new_empty(weight.shape) if need_w else weight.new_empty(0))
 
 

@@ -237,7 +237,11 @@ def run_gpu_benchmark(
             f"{row.candidate_value:,.2f} {row.unit}, {row.ratio:.3f}x  ({time.perf_counter() - started:.0f} s)"
         )
 
-    for name, autocast, cl in (("train_fp32", False, False), ("train_bf16", True, False), ("train_bf16_cl", True, True)):
+    for name, autocast, cl in (
+        ("train_fp32", False, False),
+        ("train_bf16", True, False),
+        ("train_bf16_cl", True, True),
+    ):
         if name not in rows:
             continue
         models = [_vision_model(n, device, channels_last=cl) for n in PAIR]
@@ -277,7 +281,9 @@ def run_gpu_benchmark(
         fns = (_llama_step(spec, False, device), _llama_step(spec, True, device))
         tokens = spec["batch"] * spec["seq"]
         # Reported as tokens/s; the ratio is candidate time / baseline time like every other row.
-        done(_row(name, ("llama_dense", "llama_moe8_down_proj"), "tok/s", _interleave(fns, sizes, device), sizes, tokens))
+        done(
+            _row(name, ("llama_dense", "llama_moe8_down_proj"), "tok/s", _interleave(fns, sizes, device), sizes, tokens)
+        )
         del fns
         gc.collect()
 
