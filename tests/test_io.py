@@ -178,3 +178,135 @@ def test_save_and_load_refuse_what_is_not_a_module(tmp_path):
         parameternet.load(tmp_path / "d.safetensors", model=torch.nn.Linear)
     with pytest.raises(ParameterNetError, match="got int; pass the nn.Module as you built it"):
         parameternet.load(tmp_path / "d.safetensors", model=3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Wrapped models: torch.compile, DDP / DataParallel, FSDP2
+
+
+def _exactly(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_compiled_model_saves_under_its_own_names_and_loads_back_exactly(converted, tmp_path):
+    compiled = torch.compile(converted, backend="eager")  # never run: only its state dict's names matter
+    assert next(iter(compiled.state_dict())).startswith("_orig_mod.")
+    path = parameternet.save(compiled, tmp_path / "c.safetensors")
+    state, meta = load_weights(path)
+    assert state.keys() == converted.state_dict().keys()  # no _orig_mod.
+    assert meta["model"] == "resnet10t" and meta["parameterize"] == [converted.parameterize_report.recipe()]
+    _exactly(parameternet.load(path), converted)
+    # nested wrappers, and a wrapped model passed as model=: the model inside it is loaded and returned
+    mine = parameterize(_my_net(), 3, init="random", example_input=(1, 3, 16, 16), count_macs=False).eval()
+    path = parameternet.save(torch.compile(torch.nn.DataParallel(mine), backend="eager"), tmp_path / "n.safetensors")
+    loaded = parameternet.load(path, model=torch.compile(_my_net(1), backend="eager"))
+    assert not isinstance(loaded, torch._dynamo.eval_frame.OptimizedModule)
+    _exactly(loaded, mine)
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod.", "_orig_mod.module._orig_mod.", "module.module."])
+def test_weights_saved_from_a_wrapped_model_load(converted, tmp_path, prefix):
+    path = tmp_path / "w.safetensors"
+    meta = {"kind": "convert", "model": "resnet10t", "parameterize": [converted.parameterize_report.recipe()]}
+    save_weights(path, {prefix + k: v for k, v in converted.state_dict().items()}, {**meta, "num_classes": 5})
+    _exactly(parameternet.load(path), converted)
+    model, name, _ = load_source_model(str(path))
+    assert name == "resnet10t"
+    _exactly(model, converted)
+
+
+def test_a_model_whose_child_is_called_module_keeps_its_names(tmp_path):
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = torch.nn.Linear(3, 2)
+
+    torch.manual_seed(0)
+    holder = Holder()
+    path = parameternet.save(torch.compile(holder, backend="eager"), tmp_path / "h.safetensors")
+    assert set(load_weights(path)[0]) == {"module.weight", "module.bias"}
+    _exactly(parameternet.load(path, model=Holder()), holder)
+    both = {"fc.weight": torch.zeros(1), "module.fc.weight": torch.zeros(1)}
+    with pytest.raises(ParameterNetError, match="holds both 'fc.weight' and 'module.fc.weight'"):
+        load_source_model(_torch_file(tmp_path, both), arch="resnet10t")
+
+
+def _torch_file(tmp_path, state):
+    path = tmp_path / "sd.pth"
+    torch.save(state, path)
+    return str(path)
+
+
+def test_an_fsdp2_model_saves_whole(tmp_path):
+    """fully_shard on a one-process gloo group: save gathers the DTensor shards into plain tensors."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mine = _my_net()
+        reference = {k: v.clone() for k, v in mine.state_dict().items()}
+        fully_shard(mine, mesh=init_device_mesh("cpu", (1,)))
+        assert type(next(iter(mine.state_dict().values()))).__name__ == "DTensor"
+        path = parameternet.save(mine, tmp_path / "f.safetensors")
+    finally:
+        dist.destroy_process_group()
+    state, _ = load_weights(path)
+    assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metadata this version does not know: a newer format, a conversion step it cannot redo
+
+
+def _convert_cli(path, tmp_path, capsys):
+    from parameternet.cli import main
+
+    assert main(["convert", str(path), "--experts", "2", "-o", str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_an_unknown_format_version_is_refused(converted, tmp_path, capsys):
+    path = tmp_path / "newer.safetensors"
+    parameternet.save(converted, path)
+    raw = dict(__import__("safetensors").safe_open(str(path), "pt").metadata())
+    save_file(_tensors(converted), str(path), metadata={**raw, "format": json.dumps("parameternet-3")})
+    message = r"has metadata format 'parameternet-3', which this version of parameternet does not read .*; upgrade"
+    with pytest.raises(ParameterNetError, match=message):
+        read_metadata(path)
+    with pytest.raises(ParameterNetError, match=message):
+        parameternet.load(path)
+    assert "metadata format 'parameternet-3'" in _convert_cli(path, tmp_path, capsys)
+
+
+_DROP = object()  # a key the step leaves out
+
+
+@pytest.mark.parametrize(
+    "change, found",
+    [
+        ({"method": "prune"}, "the method 'prune'; this version knows dynamic, repconv"),
+        ({"router": "hash"}, "the router 'hash'"),
+        ({"sparsity": 0.5}, "the key 'sparsity'"),
+        ({"modules": _DROP}, "no 'modules'"),
+        ("lowrank", "'lowrank', not a recipe dict"),
+    ],
+)
+def test_an_unknown_conversion_step_is_refused(converted, tmp_path, capsys, change, found):
+    step = converted.parameterize_report.recipe()
+    if isinstance(change, dict):
+        step = {k: v for k, v in {**step, **change}.items() if v is not _DROP}
+    else:
+        step = change
+    path = tmp_path / "step.safetensors"
+    raw = {"format": json.dumps(FORMAT), "kind": json.dumps("convert"), "model": json.dumps("resnet10t")}
+    save_file(_tensors(converted), str(path), metadata={**raw, "parameterize": json.dumps([step])})
+    message = f"records a conversion step this version of parameternet cannot redo (step 1: {found}"
+    with pytest.raises(ParameterNetError) as e:
+        parameternet.load(path)
+    assert message in str(e.value) and "upgrade parameternet" in str(e.value)
+    assert message in _convert_cli(path, tmp_path, capsys)

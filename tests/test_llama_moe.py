@@ -284,6 +284,14 @@ def test_from_dense_reproduces_dense_logits(projection, num_experts, ids):
     assert not torch.equal(experts[0], experts[1])
 
 
+def test_from_dense_upcycles_the_model_inside_torch_compile(ids):
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    model = ParameterNetLlamaForCausalLM.from_dense(torch.compile(dense, backend="eager"), num_experts=4)
+    ref = dense(ids).logits
+    torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 def test_from_dense_takes_a_loaded_llama_not_a_path(tmp_path):
     with pytest.raises(ParameterNetError, match=r"from_dense takes a loaded model, not str 'some/path'; load it first"):
         ParameterNetLlamaForCausalLM.from_dense("some/path", num_experts=4)

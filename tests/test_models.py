@@ -182,6 +182,61 @@ def test_pretrained_cfg_overlay_loads_a_torch_checkpoint(tmp_path):
     assert narrow.classifier.out_features == NUM_CLASSES
 
 
+def test_pretrained_cfg_overlay_loads_the_weights_of_a_wrapped_model(tmp_path):
+    """Keys under nested wrapper prefixes (DDP around torch.compile around DDP), which timm's own cleaning leaves."""
+    src = shared("parameternet_300m")
+    path = tmp_path / "wrapped.pth"
+    torch.save({f"module._orig_mod.module.{k}": v for k, v in src.state_dict().items()}, path)
+    loaded = build("parameternet_300m", pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10))
+    torch.testing.assert_close(loaded.state_dict(), src.state_dict(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "static, dynamic", [("ghostnet_300m", "parameternet_300m"), ("swin_300m", "parameternet_swin_300m")]
+)
+def test_a_static_checkpoint_for_a_parameternet_names_the_convert_command(static, dynamic, tmp_path):
+    path = tmp_path / f"{static}.safetensors"
+    save_file({k: v.contiguous() for k, v in shared(static).state_dict().items()}, path)
+    overlay = dict(file=str(path), num_classes=NUM_CLASSES)
+    with pytest.raises(ParameterNetError) as e:
+        build(dynamic, pretrained=True, pretrained_cfg_overlay=overlay)
+    message = str(e.value)
+    assert message.startswith(f"{str(path)!r} is a static checkpoint (") and message.count(". ") == 0
+    assert f"`parameternet convert {path} --arch {static} --experts 4 " in message
+
+
+def test_the_named_convert_command_upcycles_a_static_ghostnet_exactly(tmp_path):
+    """Following the message: the ParameterNet timm then loads computes the static model's logits."""
+    import re
+    import shlex
+
+    from parameternet.cli import main
+
+    static = shared("ghostnet_300m")
+    path = tmp_path / "ghostnet_300m.pth"
+    torch.save(static.state_dict(), path)
+    with pytest.raises(ParameterNetError) as e:
+        build("parameternet_300m", pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10))
+    args = shlex.split(re.search(r"`parameternet (convert [^`]+)`", str(e.value)).group(1))
+    out = tmp_path / "p300.safetensors"
+    args[args.index("OUT.safetensors")] = str(out)
+    assert main([*args, "--img-size", str(IMG)]) == 0
+    upcycled = build("parameternet_300m", pretrained=True, pretrained_cfg_overlay=dict(file=str(out), num_classes=10))
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(upcycled.eval()(x), static(x), atol=1e-5, rtol=0)
+
+
+def test_a_checkpoint_of_another_layout_is_refused_in_one_sentence(tmp_path):
+    path = tmp_path / "p300.pth"
+    torch.save(shared("parameternet_300m").state_dict(), path)
+    overlay = dict(file=str(path), num_classes=NUM_CLASSES)
+    with pytest.raises(ParameterNetError, match=r"has 4 experts per dynamic layer .* pass num_experts=4 to timm"):
+        build("parameternet_300m", num_experts=2, pretrained=True, pretrained_cfg_overlay=overlay)
+    with pytest.raises(ParameterNetError, match=r"holds dynamic layers .* build parameternet_300m with num_experts=4"):
+        build("ghostnet_300m", pretrained=True, pretrained_cfg_overlay=overlay)
+
+
 @pytest.mark.parametrize("router", ["linear-sigmoid", "mlp-softmax"])
 def test_rgb_checkpoint_into_a_one_channel_parameternet(router, tmp_path):
     """The dynamic stem's experts and router are adapted as timm adapts a static stem: channels summed."""

@@ -390,6 +390,25 @@ def test_convert_cli_round_trip(tmp_path, capsys):
         close(loaded(x), dense(x))
 
 
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod."])
+def test_convert_reads_state_dicts_saved_from_wrapped_models(tmp_path, capsys, prefix):
+    """torch.compile (``_orig_mod.``) and DDP around it (``module._orig_mod.``), from torch.save and safetensors."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    dense = timm.create_model("resnet10t", num_classes=7).eval()
+    wrapped = {prefix + k: v.contiguous() for k, v in dense.state_dict().items()}
+    pth, st = tmp_path / "dense.pth", tmp_path / "dense.safetensors"
+    torch.save({"arch": "resnet10t", "state_dict": wrapped}, pth)
+    save_file(wrapped, str(st))
+    x = torch.randn(2, 3, 32, 32)
+    for source, arch in ((pth, []), (st, ["--arch", "resnet10t"])):
+        out = tmp_path / f"{source.suffix[1:]}.safetensors"
+        assert main(["convert", str(source), *arch, "--experts", "2", "--img-size", "32", "-o", str(out)]) == 0
+        with torch.no_grad():
+            close(parameternet.load(out).eval()(x), dense(x))
+
+
 def test_convert_cli_reads_training_checkpoints(tmp_path, capsys):
     from parameternet.train.checkpoint import save_weights
 
@@ -489,7 +508,7 @@ class Bypassing(nn.Module):
 
     def forward(self, x):
         h = torch.nn.functional.linear(x, self.fc.weight, self.fc.bias) if not torch.is_grad_enabled() else self.fc(x)
-        return self.out(h.relu())
+        return self.out(h.relu()).log_softmax(-1)  # the linear's own output is not the model's: no output head
 
 
 class Tied(nn.Module):
@@ -501,7 +520,7 @@ class Tied(nn.Module):
         self.head.weight = self.embed.weight
 
     def forward(self, tokens):
-        return self.head(self.mid(self.embed(tokens)))
+        return self.head(self.mid(self.embed(tokens))).log_softmax(-1)
 
 
 def test_layers_a_parent_bypasses_or_whose_weight_is_tied_stay_static_with_the_reason():
@@ -515,6 +534,11 @@ def test_layers_a_parent_bypasses_or_whose_weight_is_tied_stay_static_with_the_r
     assert model.parameterize_report.converted == ["mid"]
     assert model.parameterize_report.static["head"].startswith("weight tied")
     assert model.head.weight is model.embed.weight
+    # the same head giving the model's output: static as the output head, whatever else it is
+    plain = Tied()
+    plain.forward = lambda tokens: plain.head(plain.mid(plain.embed(tokens)))
+    model = parameterize(plain, 4, example_input=torch.randint(0, 10, (2, 7)), count_macs=False)
+    assert model.parameterize_report.static["head"].startswith("output head")
 
 
 class TwoInputs(nn.Module):

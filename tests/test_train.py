@@ -185,6 +185,28 @@ def test_pretrain_on_union_then_finetune_on_ten_classes(packaged_data, tmp_path,
     assert all(torch.equal(own[k], v) for k, v in src.items() if not k.startswith("fc."))
 
 
+def test_init_from_and_resume_take_the_weights_of_a_wrapped_model(tmp_path):
+    """A checkpoint written from a torch.compile'd DDP model (keys under module._orig_mod.): init_from finds its
+    classifier size and loads every other weight; resume's strict load takes it too."""
+    import timm
+
+    from parameternet.train.checkpoint import load_into, save_weights
+    from parameternet.train.trainer import init_from_checkpoint
+
+    torch.manual_seed(0)
+    src = timm.create_model("resnet10t", num_classes=20)
+    path = tmp_path / "wrapped.safetensors"
+    save_weights(path, {f"module._orig_mod.{k}": v for k, v in src.state_dict().items()}, {"model": "resnet10t"})
+    model = timm.create_model("resnet10t", num_classes=10)
+    init_from_checkpoint(model, str(path), 10)
+    own = model.state_dict()
+    assert own["fc.weight"].shape[0] == 10
+    assert all(torch.equal(own[k], v) for k, v in src.state_dict().items() if not k.startswith("fc."))
+    same = timm.create_model("resnet10t", num_classes=20)
+    load_into(same, load_weights(path)[0], str(path), strict=True)
+    assert all(torch.equal(same.state_dict()[k], v) for k, v in src.state_dict().items())
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

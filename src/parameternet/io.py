@@ -17,11 +17,18 @@ Files of the two earlier schemas read into the same dict: ``parameternet-checkpo
 the same keys without the normalisation) and the first ``parameterize.save`` files, whose only metadata is the
 recipe ``{"format": 1, "model", "model_kwargs", "parameterize"}`` as a JSON string under the key
 ``"parameternet"``. :func:`load_source_model` also reads foreign checkpoints (timm's, ``torch.save`` files) for
-``parameternet convert``.
+``parameternet convert``. A file whose ``format`` names a parameternet schema this version does not know, or whose
+conversion steps hold a key, method or router it does not know (a file of a newer version), is refused with
+ParameterNetError instead of being read as something else.
+
+:func:`save` writes a wrapped model (torch.compile, DDP, FSDP2) under its own names; every reader here (and
+``train``'s) removes the ``module.`` / ``_orig_mod.`` prefixes such wrappers add, as timm does.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -32,10 +39,11 @@ from safetensors import SafetensorError
 from torch import nn
 
 from parameternet.errors import ParameterNetError
+from parameternet.layers import ROUTERS
 from parameternet.models import check_model_name, create_model
-from parameternet.parameterize import ParameterizeReport, apply_recipe
+from parameternet.parameterize import METHODS, ParameterizeReport, apply_recipe
 from parameternet.runs import atomic_write
-from parameternet.toolkit import timm_name
+from parameternet.toolkit import full_state_dict, strip_wrapper_prefixes, timm_name, unwrap_model
 
 __all__ = [
     "FORMAT",
@@ -61,8 +69,18 @@ RECIPE_FORMAT = 1  # ... with this "format" inside it
 
 
 def _normalize(meta: dict[str, Any], source: str) -> dict[str, Any]:
-    """Decoded metadata of any schema, old or new, as the one schema (see the module docstring)."""
+    """Decoded metadata of any schema, old or new, as the one schema (see the module docstring).
+
+    Raises ParameterNetError for a parameternet format or a conversion step this version does not know (a file
+    written by a newer one), rather than loading it as something else."""
     meta = dict(meta)
+    fmt = meta.get("format")
+    if isinstance(fmt, str) and fmt.startswith("parameternet") and fmt not in (FORMAT, *OLD_FORMATS):
+        known = ", ".join(repr(f) for f in (FORMAT, *OLD_FORMATS))
+        raise ParameterNetError(
+            f"{source!r} has metadata format {fmt!r}, which this version of parameternet does not read (it reads "
+            f"{known}); upgrade parameternet to the version that wrote the file."
+        )
     recipe = meta.pop(RECIPE_KEY, None)
     if isinstance(recipe, str):
         recipe = json.loads(recipe)
@@ -85,10 +103,46 @@ def _normalize(meta: dict[str, Any], source: str) -> dict[str, Any]:
     meta.setdefault("in_chans", None)
     meta.setdefault("img_size", (cfg or {}).get("img_size"))
     meta["parameterize"] = meta.get("parameterize") or []
+    _check_steps(meta["parameterize"], source)
     meta["config"] = cfg
     kind = meta.get("kind")
     meta["kind"] = "lm" if kind == "parameternet-lm" else kind if kind in KINDS else "train" if cfg else "plain"
     return meta
+
+
+_STEP_REQUIRED = ("method", "num_experts", "router", "router_temperature", "router_hidden", "modules")
+
+
+@functools.cache
+def _step_keys() -> frozenset[str]:
+    """The keys a conversion step may have: those :meth:`ParameterizeReport.recipe` writes."""
+    missing = dataclasses.MISSING
+    fields = dataclasses.fields(ParameterizeReport)
+    blank = {f.name: None for f in fields if f.default is missing and f.default_factory is missing}
+    return frozenset(ParameterizeReport(**blank).recipe())
+
+
+def _check_steps(steps: Any, source: str) -> None:
+    """Raise ParameterNetError, naming it, for a conversion step that :func:`apply_recipe` cannot redo as written:
+    one that is not a dict, lacks a key every step has (:data:`_STEP_REQUIRED`; files of older versions may lack
+    the others) or has a key, method or router this version does not know."""
+    for i, step in enumerate(steps if isinstance(steps, list) else [steps], 1):
+        what = None
+        if not isinstance(steps, list) or not isinstance(step, dict):
+            what = f"{step!r}, not a recipe dict"
+        elif unknown := sorted(set(step) - _step_keys()):
+            what = f"the key {unknown[0]!r}"
+        elif missing := [k for k in _STEP_REQUIRED if k not in step]:
+            what = f"no {missing[0]!r}"
+        elif step["method"] not in METHODS:
+            what = f"the method {step['method']!r}; this version knows {', '.join(METHODS)}"
+        elif step["router"] not in ROUTERS:
+            what = f"the router {step['router']!r}; this version knows {', '.join(ROUTERS)}"
+        if what is not None:
+            raise ParameterNetError(
+                f"{source!r} records a conversion step this version of parameternet cannot redo (step {i}: "
+                f"{what}); upgrade parameternet to the version that wrote the file, or convert the model again."
+            )
 
 
 def _decode(raw: dict[str, str]) -> dict[str, Any]:
@@ -217,13 +271,18 @@ def save(
     """Write ``model``'s weights and what rebuilds it (timm name, build arguments, conversion steps) to a
     ``.safetensors`` file that :func:`load` reads back; atomically. Returns the path.
 
-    ``model`` is any ``nn.Module``. ``model_name`` defaults to timm's ``pretrained_cfg["architecture"]``; a model
-    timm did not build is saved without one, and :func:`load` then takes the model to load into (``model=``). The
-    model's ``num_classes`` and ``in_chans`` are recorded; pass any other argument it was built with in
-    ``model_kwargs``. Raises ParameterNetError for another suffix, a deployed model or arguments that are not JSON.
+    ``model`` is any ``nn.Module``. A wrapped model is saved as the model inside it, under its own names:
+    ``torch.compile``'s output, ``DistributedDataParallel`` / ``DataParallel`` (see
+    :func:`parameternet.toolkit.unwrap_model`); an FSDP2 (``fully_shard``) model's sharded tensors are gathered
+    whole, so every rank calls ``save`` and rank 0 writes the file. ``model_name`` defaults to timm's
+    ``pretrained_cfg["architecture"]``; a model timm did not build is saved without one, and :func:`load` then
+    takes the model to load into (``model=``). The model's ``num_classes`` and ``in_chans`` are recorded; pass any
+    other argument it was built with in ``model_kwargs``. Raises ParameterNetError for another suffix, a deployed
+    model or arguments that are not JSON.
     """
     if not isinstance(model, nn.Module):
         raise ParameterNetError(f"save() takes an nn.Module, got {type(model).__name__}.")
+    model = unwrap_model(model)
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ParameterNetError(f"the output must be a .safetensors file, got {str(path)!r}.")
@@ -237,7 +296,10 @@ def save(
     except TypeError as e:
         raise ParameterNetError(f"model_kwargs must be JSON values, got {kwargs!r}.") from e
     meta = {"kind": "convert", "model": name, "model_kwargs": kwargs, "parameterize": _steps_of(model)}
-    save_weights(path, model.state_dict(), meta)
+    state, gathered = full_state_dict(model)
+    if gathered and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return path  # every rank gathered the shards; rank 0 writes
+    save_weights(path, state, meta)
     return path
 
 
@@ -275,11 +337,14 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
     ``lm-train`` run's ``model/`` (transformers' ``save_pretrained`` output, loaded with its Auto classes). A file
     that names its timm model is rebuilt from it. For a model timm did not build (an ``nn.Module`` of your own),
     pass ``model``: that model built as it was before ``parameterize()``; the conversion steps the file records are
-    redone on it (steps it has already been through are not), its weights are loaded and it is returned.
+    redone on it (steps it has already been through are not), its weights are loaded and it is returned (a wrapped
+    ``model``, ``torch.compile``'s output or ``DistributedDataParallel``, is unwrapped: the model inside it is
+    loaded and returned). Weights saved from a wrapped model (keys under ``module.`` / ``_orig_mod.``) load too.
 
     Raises ParameterNetError for a missing file, a run directory without a final model (a run that has not
-    finished), a file that does not name its model when no ``model`` is given, a ``model`` converted with other
-    steps than the file's, or weights that do not fit.
+    finished), a file of a metadata format or with a conversion step this version does not know, a file that does
+    not name its model when no ``model`` is given, a ``model`` converted with other steps than the file's, or
+    weights that do not fit.
     """
     if model is not None and not isinstance(model, nn.Module):
         what = (
@@ -288,6 +353,8 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
             else (f"{type(model).__name__}; pass the nn.Module as you built it")
         )
         raise ParameterNetError(f"load(model=) takes an nn.Module, got {what}.")
+    if model is not None:
+        model = unwrap_model(model)
     path = Path(path)
     if path.is_dir():
         found = _run_model(path)
@@ -342,6 +409,8 @@ def _steps_to_redo(model: nn.Module, steps: list[dict[str, Any]], source: str) -
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model`` strictly, wrapper prefixes (``module.``, ``_orig_mod.``) removed."""
+    state = strip_wrapper_prefixes(state, model.state_dict(), repr(source))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -389,10 +458,11 @@ def load_source_model(
 
     ``source`` is a timm model name (built with ``pretrained``) or a local checkpoint: a file written by
     :func:`save` or ``parameternet train`` (or a train run directory: its final weights), a ``.safetensors`` state
-    dict, or a ``torch.save`` file holding a state dict (plain or under ``state_dict`` / ``model`` / ...). A
-    checkpoint names its architecture under ``arch`` / ``model_name`` (timm's train script does) or takes it from
-    ``arch``; a checkpoint that names another model than ``arch`` raises ParameterNetError, as do a missing or
-    unreadable file and an unknown model.
+    dict, or a ``torch.save`` file holding a state dict (plain or under ``state_dict`` / ``model`` / ...); the keys
+    of a wrapped model (under ``module.`` / ``_orig_mod.``: DDP, torch.compile) are unwrapped. A checkpoint names its
+    architecture under ``arch`` / ``model_name`` (timm's train script does) or takes it from ``arch``; a checkpoint
+    that names another model than ``arch`` raises ParameterNetError, as do a missing or unreadable file, a file of
+    a metadata format or with a conversion step this version does not know, and an unknown model.
     """
     from timm.models import get_pretrained_cfg_value
 
@@ -431,7 +501,7 @@ def load_source_model(
     if not name:
         raise ParameterNetError(f"checkpoint {source!r} does not name its architecture; pass --arch TIMM_NAME.")
     check_model_name(name)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = strip_wrapper_prefixes(state, source=repr(source))  # saved from torch.compile / DDP: module., _orig_mod.
     clf = get_pretrained_cfg_value(name, "classifier")
     clf_weight = state.get(f"{clf}.weight") if isinstance(clf, str) else None
     if clf_weight is not None and "num_classes" not in kwargs:

@@ -1,5 +1,6 @@
-"""The module-tree toolkit every other part of parameternet builds on: walking and rewriting a model, running it in
-eval mode, counting its parameters, naming it, making an example input and seeding.
+"""The module-tree toolkit every other part of parameternet builds on: walking and rewriting a model, unwrapping it
+from its training wrappers, running it in eval mode, counting its parameters, naming it, making an example input and
+seeding.
 
 It imports only torch, numpy and :mod:`parameternet.errors` (the bottom of the import diagram in the README), so
 ``parameterize``, ``deploy``, ``profile`` and ``train`` share these helpers instead of each other's privates.
@@ -10,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,9 +23,11 @@ from parameternet.errors import ParameterNetError
 
 __all__ = [
     "MIN_IMG_SIZE",
+    "WRAPPER_PREFIXES",
     "eval_mode",
     "example_input_for",
     "first_line",
+    "full_state_dict",
     "image_input_shape",
     "model_name",
     "num_params",
@@ -31,7 +35,9 @@ __all__ = [
     "references",
     "replace",
     "seed_all",
+    "strip_wrapper_prefixes",
     "timm_name",
+    "unwrap_model",
     "walk",
 ]
 
@@ -77,6 +83,69 @@ def replace(refs: References, old: nn.Module, new: nn.Module) -> None:
     """Put ``new`` wherever ``old`` is held (``refs`` from :func:`references`, taken before any replacement)."""
     for parent, attr in refs[id(old)]:
         setattr(parent, attr, new)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training wrappers: torch.compile, DistributedDataParallel / DataParallel, FSDP2
+
+# The key prefixes wrappers put before a model's own names: DistributedDataParallel / DataParallel (``module.``) and
+# torch.compile's OptimizedModule (``_orig_mod.``).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside its training wrappers, in any nesting: torch.compile's ``OptimizedModule`` (its
+    ``_orig_mod``), ``DistributedDataParallel`` and ``DataParallel`` (their ``module``); ``model`` itself when it is
+    not wrapped. An FSDP2 model (``fully_shard``) is not wrapped: it is the model, with sharded parameters (see
+    :func:`full_state_dict`)."""
+    while True:
+        dynamo = sys.modules.get("torch._dynamo.eval_frame")  # imported by torch.compile, so present for its output
+        if dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def full_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
+    """``model``'s state dict with whole tensors, and whether any was sharded: a ``DTensor`` (an FSDP2 /
+    ``fully_shard`` parameter, a tensor-parallel one) is gathered with ``full_tensor()``, a collective that every
+    rank of its mesh must run."""
+    state = model.state_dict()
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is None or not any(isinstance(v, dtensor) for v in state.values()):
+        return state, False
+    return {k: v.full_tensor() if isinstance(v, dtensor) else v for k, v in state.items()}, True
+
+
+def strip_wrapper_prefixes(
+    state_dict: dict[str, torch.Tensor], own: Iterable[str] | None = None, source: str = "the state dict"
+) -> dict[str, torch.Tensor]:
+    """``state_dict`` with the prefixes of :data:`WRAPPER_PREFIXES` removed from its keys, in any order and nesting
+    (``_orig_mod.module._orig_mod.x`` -> ``x``), as timm's ``clean_state_dict`` does.
+
+    ``own``, the keys of the model the state dict goes into, keeps a key the model has as it is and stops removing
+    prefixes at the first name the model has, so a model whose child is really called ``module`` keeps its names.
+
+    Raises ParameterNetError, naming ``source``, when two keys become one (a state dict that holds a model both
+    wrapped and not).
+    """
+    own = set(own or ())
+    out: dict[str, torch.Tensor] = {}
+    first: dict[str, str] = {}
+    for key, value in state_dict.items():
+        name = key
+        while name not in own and name.startswith(WRAPPER_PREFIXES):
+            name = name.split(".", 1)[1]
+        if name in first:
+            raise ParameterNetError(
+                f"{source} holds both {first[name]!r} and {key!r}, the same weight with and without a wrapper "
+                f"prefix; save the model itself, unwrapped, and load that."
+            )
+        first[name] = key
+        out[name] = value
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

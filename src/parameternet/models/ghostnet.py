@@ -38,7 +38,7 @@ from torch import nn
 
 from parameternet.errors import ParameterNetError
 from parameternet.layers import DynamicConv2d, RepConv2d
-from parameternet.models._pretrained import check_pretrained_source
+from parameternet.models._pretrained import check_checkpoint_layout, check_pretrained_source, clean_checkpoint
 
 __all__ = [
     "GhostBottleneck",
@@ -434,9 +434,19 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: GhostNet) -
     """Fit a checkpoint's dynamic stem to the model's ``in_chans`` (timm adapts only a static first conv).
 
     Each expert kernel is adapted as timm adapts a conv (summed for one channel, else repeated and rescaled), and
-    so is the first router layer, whose inputs are the per-channel means of the image.
+    so is the first router layer, whose inputs are the per-channel means of the image. The keys of a wrapped model
+    (``module.``, ``_orig_mod.``) are unwrapped first.
+
+    Raises ParameterNetError for a checkpoint whose layers have another layout than the model's: a static GhostNet's
+    for a ParameterNet (the message gives the ``parameternet convert`` command that upcycles it exactly), a
+    ParameterNet's for a static GhostNet, or another number of experts.
     """
-    state_dict = state_dict.get("state_dict", state_dict)
+    state_dict = clean_checkpoint(state_dict, model)
+    variant = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or ""
+    static = variant.replace("parameternet", "ghostnet", 1)
+    dynamic = static.replace("ghostnet", "parameternet", 1)
+    # parameterize's defaults leave the release's static layers static but for the stride-2 depthwise conv
+    check_checkpoint_layout(state_dict, model, static, dynamic, " --exclude '*.conv_dw'")
     stem = model.stem.conv
     if not isinstance(stem, DynamicConv2d):
         return state_dict

@@ -22,12 +22,13 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer import checkpoint_filter_fn as _timm_filter
 from torch import nn
 
 from parameternet.errors import ParameterNetError
 from parameternet.layers import DynamicLinear
-from parameternet.models._pretrained import check_pretrained_source
+from parameternet.models._pretrained import check_checkpoint_layout, check_pretrained_source, clean_checkpoint
 
 __all__ = ["ATTN_ROUTINGS", "DynamicSwinTransformer", "SwinDynamicLinear"]
 
@@ -146,6 +147,22 @@ class DynamicSwinTransformer(SwinTransformer):
                 if per_image:
                     block.register_forward_pre_hook(_record_images)
                     block.register_forward_hook(_forget_images)
+
+
+# The ``parameternet convert`` options that turn a swin_300m into exactly parameternet_swin_300m's layout.
+_CONVERT_FLAGS = " --include 'layers.*.attn.qkv' 'layers.*.attn.proj' 'layers.*.mlp.fc1' 'layers.*.mlp.fc2'"
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: SwinTransformer) -> dict[str, torch.Tensor]:
+    """timm's Swin checkpoint filter, after unwrapping the keys of a wrapped model (``module.``, ``_orig_mod.``).
+
+    Raises ParameterNetError for a checkpoint whose layers have another layout than the model's: a swin_300m's for
+    parameternet_swin_300m (the message gives the ``parameternet convert`` command that upcycles it exactly), a
+    ParameterNet's for swin_300m, or another number of experts.
+    """
+    state_dict = _timm_filter(clean_checkpoint(state_dict, model), model)
+    check_checkpoint_layout(state_dict, model, "swin_300m", "parameternet_swin_300m", _CONVERT_FLAGS)
+    return state_dict
 
 
 def _create_swin(variant: str, model_cls: type[SwinTransformer], pretrained: bool = False, **kwargs: Any):

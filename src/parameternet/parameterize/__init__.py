@@ -149,7 +149,18 @@ def parameterize(
     sel = _select(model, method, include_p, exclude_p, example_input, verify)
     selected, candidates, static, example, notes = sel.selected, sel.candidates, sel.static, sel.example, sel.notes
     probe = sel.probe
-    batch_dims = {n: d for n in selected if (d := ((probe.batch_dims or {}) if probe else {}).get(n))}
+    rule = probe.positions_rule if probe is not None else None
+    token_routed = [n for n in selected if rule is not None and sel.candidates[n].__class__ is not nn.Conv2d]
+    if token_routed and method == "dynamic":
+        notes.append(
+            f"the model keeps positions apart ({rule.describe()}): its linears route every position on its own, as "
+            "top-1 mixtures of experts (TopKMoELinear); the router options do not apply to them"
+        )
+    else:
+        token_routed = []
+    batch_dims = {
+        n: d for n in selected if n not in token_routed and (d := ((probe.batch_dims or {}) if probe else {}).get(n))
+    }
     x = None
     if example is not None and len(example.args) == 1 and not example.kwargs:
         x = example.args[0] if isinstance(example.args[0], torch.Tensor) else None
@@ -163,7 +174,7 @@ def parameterize(
         macs_before = _try_macs(model, x, notes)
     previous = getattr(model, "parameterize_report", None)
     router_kwargs = dict(router=router, router_temperature=router_temperature, router_hidden=router_hidden)
-    model = _convert(model, selected, method, num_experts, router_kwargs, init, noise, batch_dims)
+    model = _convert(model, selected, method, num_experts, router_kwargs, init, noise, batch_dims, token_routed)
     lookup = dict(_walk(model))
     converted_after = sum(num_params(lookup[n] if n else model) for n in selected)
     macs_after = _try_macs(model, x, notes) if macs_before is not None else None
@@ -198,6 +209,8 @@ def parameterize(
         input_shape=list(example.shape) if example is not None and example.shape is not None else None,
         notes=notes,
         batch_dims=batch_dims,
+        token_routed=token_routed,
+        positions=None if rule is None else rule.describe(),
         history=[*previous.history, previous.recipe()] if isinstance(previous, ParameterizeReport) else [],
     )
     model.parameterize_report = report

@@ -18,6 +18,8 @@ REASON_LINEAR_REPCONV = "repconv converts convolutions only"
 REASON_BYPASSED = "bypassed"
 REASON_TIED = "weight tied"
 REASON_BATCH = "batch dimension"
+REASON_HEAD = "output head"
+REASON_POSITIONS = "positions kept apart"
 
 
 @dataclass
@@ -45,6 +47,10 @@ class ParameterizeReport:
     notes: list[str] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)  # recipes of earlier conversions of this model
     batch_dims: dict[str, int] = field(default_factory=dict)  # converted linears whose batch is not dimension 0
+    # converted linears that route every position on its own (a top-1 mixture of experts, TopKMoELinear), since
+    # the model keeps positions apart (causal, masked or position-wise); ``positions`` says how the probe found it
+    token_routed: list[str] = field(default_factory=list)
+    positions: str | None = None
 
     def recipe(self) -> dict[str, Any]:
         """What :func:`load` needs to rebuild the architecture on the same base model."""
@@ -58,6 +64,7 @@ class ParameterizeReport:
             exclude=self.exclude,
             modules=self.converted,
             batch_dims=self.batch_dims,
+            token_routed=self.token_routed,
         )
 
     def as_dict(self) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from timm.layers import Conv2dSame
 from torch import nn
 
 from parameternet.errors import ParameterNetError
-from parameternet.layers import DynamicConv2d, DynamicLinear, RepConv2d
+from parameternet.layers import DynamicConv2d, DynamicLinear, RepConv2d, TopKMoELinear
 from parameternet.parameterize.probe import FAST_PATH_SWITCHES, _batched, _leaves, _Probe, _run
 from parameternet.parameterize.report import ParameterizeReport
 from parameternet.parameterize.select import _convertible, _walk
@@ -21,6 +21,10 @@ from parameternet.toolkit import num_params, references, replace
 
 def _new_layer(dense: nn.Module, kind: str, method: str, num_experts: int, router_kwargs: dict[str, Any]) -> nn.Module:
     dd = dict(device=dense.weight.device, dtype=dense.weight.dtype)
+    if kind == "token":  # a linear that routes every position on its own: a top-1 mixture of experts
+        return TopKMoELinear(
+            dense.in_features, dense.out_features, dense.bias is not None, num_experts=num_experts, **dd
+        )
     if kind == "linear":
         return DynamicLinear(
             dense.in_features,
@@ -86,9 +90,12 @@ def _convert(
     init: str,
     noise: float,
     batch_dims: dict[str, int] | None = None,
+    token_routed: Sequence[str] = (),
 ) -> nn.Module:
     """Replace the modules called ``names`` (all convertible) and return the model (a new one when the model
-    itself is the layer to convert). A parent with a fused fast path (:data:`FAST_PATH_SWITCHES`) gets it off."""
+    itself is the layer to convert). Linears in ``token_routed`` become top-1 mixtures of experts
+    (:class:`~parameternet.layers.TopKMoELinear`, upcycled by its ``from_linear``). A parent with a fused fast path
+    (:data:`FAST_PATH_SWITCHES`) gets it off."""
     refs = references(model)
     lookup = dict(_walk(model))
     for name in names:
@@ -96,10 +103,17 @@ def _convert(
         kind, reason = _convertible(dense, method) if dense is not None else (None, "no such module")
         if kind is None:
             raise ParameterNetError(f"cannot convert module {name!r}: {reason}.")
-        layer = _new_layer(dense, kind, method, num_experts, router_kwargs)
-        if (batch_dims or {}).get(name):
+        if name in token_routed:
+            if kind != "linear":
+                raise ParameterNetError(f"cannot route module {name!r} per token: only linears can ({reason}).")
+            kind = "token"
+        if kind == "token" and init == "upcycle":
+            layer = TopKMoELinear.from_linear(dense, num_experts=num_experts)
+        else:
+            layer = _new_layer(dense, kind, method, num_experts, router_kwargs)
+        if (batch_dims or {}).get(name) and kind != "token":
             layer.batch_dim = batch_dims[name]
-        if init == "upcycle":
+        if init == "upcycle" and kind != "token":
             _upcycle_(layer, dense, noise)
         if name == "":
             return layer
@@ -126,8 +140,8 @@ def _verify(model: nn.Module, converted: dict[str, nn.Module], probe: _Probe, up
             "parameterize() self-check failed: the upcycled model's output differs from the dense model's in eval "
             "mode under no_grad; please report this model."
         )
-    routers = [m.router for m in converted.values() if isinstance(m, (DynamicConv2d, DynamicLinear))]
-    if not routers or probe.pair is None:  # no batch dimension found: nothing to split
+    routers = [m.router for m in converted.values() if isinstance(m, (DynamicConv2d, DynamicLinear, TopKMoELinear))]
+    if not routers or (probe.pair is None and probe.positions_rule is None):  # nothing to split
         return
     saved = {id(p): p.detach().clone() for r in routers for p in r.parameters()}
     generator = torch.Generator().manual_seed(2)
@@ -136,13 +150,19 @@ def _verify(model: nn.Module, converted: dict[str, nn.Module], probe: _Probe, up
             for r in routers:
                 for p in r.parameters():
                     p.add_(torch.randn(p.shape, generator=generator).to(p) * 2.0 / math.sqrt(max(1, p.shape[-1])))
-        outs = [_run(model, converted, ex)[0] for ex in probe.pair]
+        outs = [_run(model, converted, ex)[0] for ex in probe.pair] if probe.pair is not None else None
+        positions_hold = probe.positions_rule is None or probe.positions_rule.holds(model, converted)
     finally:
         with torch.no_grad():
             for r in routers:
                 for p in r.parameters():
                     p.copy_(saved[id(p)])
-    if not _batched(outs[2], outs[0], outs[1]):
+    if not positions_hold:
+        raise ParameterNetError(
+            "parameterize() self-check failed: with random routers the converted model no longer keeps positions "
+            f"apart as the dense model does ({probe.positions_rule.describe()}); please report this model."
+        )
+    if outs is not None and not _batched(outs[2], outs[0], outs[1]):
         raise ParameterNetError(
             "parameterize() self-check failed: with random routers a sample's output depends on the other samples "
             f"of its batch (batch dimension {probe.model_batch_dim} of the input); please report this model."
@@ -181,6 +201,7 @@ def apply_recipe(model: nn.Module, steps: Sequence[dict[str, Any]]) -> nn.Module
             "random",
             0.0,
             step.get("batch_dims"),
+            step.get("token_routed", ()),
         )
         n = num_params(model)
         model.parameterize_report = ParameterizeReport(
@@ -198,6 +219,7 @@ def apply_recipe(model: nn.Module, steps: Sequence[dict[str, Any]]) -> nn.Module
             converted_params_after=0,
             history=list(steps[:i]),
             batch_dims=dict(step.get("batch_dims") or {}),
+            token_routed=list(step.get("token_routed", [])),
             **router_kwargs,
         )
     return model

@@ -22,9 +22,11 @@ from parameternet.parameterize.report import (
     REASON_BYPASSED,
     REASON_CLASSIFIER,
     REASON_GATE_NAME,
+    REASON_HEAD,
     REASON_LINEAR_REPCONV,
     REASON_NOT_INCLUDED,
     REASON_ONE_POSITION,
+    REASON_POSITIONS,
     REASON_TIED,
     _reason_kind,
 )
@@ -140,6 +142,11 @@ def _unsafe(
                 reason = f"{REASON_BATCH}: its input did not grow along one dimension with the model's batch"
             elif dim != 0 and isinstance(layer, nn.Conv2d):
                 reason = f"{REASON_BATCH}: the batch is dimension {dim} of its input, a conv needs it first"
+        if reason is None and probe.positions_rule is not None and isinstance(layer, nn.Conv2d):
+            reason = (
+                f"{REASON_POSITIONS}: the model keeps positions apart ({probe.positions_rule.describe()}) and a "
+                "dynamic conv routes on the mean over all of them; only linears route per token"
+            )
         if reason is not None:
             selected.remove(n)
             static[n] = reason
@@ -214,13 +221,22 @@ def _select(
         if positions is not None:
             rule += f" at input {'x'.join(map(str, example.shape or ()))}"
         selected = []
+        vocab = {(m.embedding_dim, m.num_embeddings) for _, m in modules if isinstance(m, nn.Embedding)}
+        heads = probe.heads if probe is not None else set()
         for n in candidates:
+            layer = candidates[n]
             if any(_matches(n, c) for c in classifier):
                 static[n] = REASON_CLASSIFIER
             elif positions is not None and positions.get(n, 2) <= 1:
                 static[n] = REASON_ONE_POSITION
             elif positions is None and any(part in GATE_NAMES for part in n.split(".")):
                 static[n] = REASON_GATE_NAME
+            elif n in heads and isinstance(layer, nn.Linear):
+                static[n] = f"{REASON_HEAD}: its output is the model's output (the logits)"
+            elif isinstance(layer, nn.Linear) and layer.out_features in vocab:
+                static[n] = (
+                    f"{REASON_HEAD}: a projection to the vocabulary ({layer.out_features} = an embedding's size)"
+                )
             else:
                 selected.append(n)
     for n in list(selected):

@@ -31,6 +31,7 @@ import torch
 from parameternet.errors import ParameterNetError
 from parameternet.io import load_weights, read_metadata, save_weights
 from parameternet.runs import atomic_write
+from parameternet.toolkit import strip_wrapper_prefixes
 
 __all__ = [
     "CheckpointManager",
@@ -115,11 +116,13 @@ def load_into(
     model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str, strict: bool, min_match: float = 0.0
 ) -> None:
     """Load weights; shape mismatches always fail, missing / unexpected keys fail when ``strict``, else are logged.
+    Keys saved from a wrapped model (``module.``, ``_orig_mod.``: DDP, torch.compile) are unwrapped first.
 
     With ``min_match`` > 0 a checkpoint that fits fewer than that share of the model's tensors (another
     architecture) raises ParameterNetError instead of leaving the model mostly as initialised.
     """
     own = model.state_dict()
+    state_dict = strip_wrapper_prefixes(state_dict, own, f"checkpoint {source}")
     if min_match > 0:
         share = match_fraction(model, state_dict)
         if share < min_match:

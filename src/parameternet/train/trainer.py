@@ -32,6 +32,7 @@ from parameternet.data.images import build_dataset
 from parameternet.data.pipeline import BatchTransform, LoaderDataset, collate, pil_transform
 from parameternet.errors import ParameterNetError
 from parameternet.runs import StopSignal, atomic_write
+from parameternet.toolkit import strip_wrapper_prefixes
 from parameternet.train import distributed as D
 from parameternet.train.checkpoint import (
     MIN_MATCH,
@@ -109,7 +110,7 @@ def router_param_groups(
 
 def _classifier_classes(model: nn.Module, state_dict: dict) -> int | None:
     name = getattr(model, "pretrained_cfg", {}).get("classifier")
-    w = state_dict.get(f"{name}.weight") if name else None
+    w = strip_wrapper_prefixes(state_dict, model.state_dict()).get(f"{name}.weight") if name else None
     return int(w.shape[0]) if w is not None else None
 
 
@@ -121,6 +122,7 @@ def init_from_checkpoint(model: nn.Module, path: str, num_classes: int, strict: 
     """
     weights = resolve_weights(path)
     sd, meta = load_weights(weights)
+    sd = strip_wrapper_prefixes(sd, model.state_dict(), f"checkpoint {weights}")  # saved from DDP / torch.compile
     min_match = MIN_MATCH if strict else 0.0
     if not strict:  # load what fits: tensors of another shape are left as initialised
         own = model.state_dict()

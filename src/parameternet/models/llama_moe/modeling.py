@@ -38,6 +38,7 @@ from transformers.utils.output_capturing import OutputRecorder
 from parameternet.errors import ParameterNetError
 from parameternet.layers.moe import MoERouter, TopKMoELinear, load_balancing_loss, router_z_loss
 from parameternet.models.llama_moe.configuration import ParameterNetLlamaConfig
+from parameternet.toolkit import unwrap_model
 
 __all__ = [
     "ParameterNetCausalLMOutput",
@@ -238,11 +239,13 @@ class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, LlamaForCau
         random weights far below float32 softmax resolution, so tokens already spread over the experts and the
         experts diverge once trained (see :meth:`TopKMoELinear.from_linear`). ``config_overrides`` set the other
         mixture-of-experts fields (``num_experts_per_tok``, ``router_aux_loss_coef``, ``capacity_factor``, ...);
-        ``expert_bias`` follows the dense model's ``mlp_bias`` unless given. ``seed`` fixes the router noise.
+        ``expert_bias`` follows the dense model's ``mlp_bias`` unless given. ``seed`` fixes the router noise. A
+        wrapped model (``torch.compile``'s output, DDP) is upcycled from the model inside it.
 
         Raises ParameterNetError for anything but a loaded LLaMA causal LM (a path, a string, another
         architecture) and for a model that already has experts.
         """
+        model = unwrap_model(model) if isinstance(model, nn.Module) else model
         dense_config = getattr(model, "config", None) if isinstance(model, nn.Module) else None
         if dense_config is None:
             raise ParameterNetError(
