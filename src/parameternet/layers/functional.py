@@ -26,6 +26,7 @@ onnx           ``bmm``                     ``stacked``                 ``unfold`
   batch, an ONNX graph exported for one batch size).
 - ``grouped_op``: ``grouped`` inside an opaque custom op, :func:`per_sample_conv2d` (with its backward), which
   computes the group count when it runs: what inductor gets for a symbolic batch, so it calls the eager kernel.
+  Custom ops do not enter ``torch.func`` transforms: under one (eager) it is ``grouped`` itself.
 - ``shifted``: for few input channels per group (depthwise): the sum over the ``kh * kw`` kernel taps of the
   shifted input times that tap of the per-sample kernel, broadcast as ``(B, O, 1, 1)``. The work of one depthwise
   conv, plain elementwise ops that inductor fuses into one loop, and no batch size anywhere.
@@ -60,7 +61,14 @@ import torch.nn.functional as F
 
 from parameternet.errors import ParameterNetError
 from parameternet.layers import triton_depthwise as _triton
-from parameternet.layers.kernels import _autocast_dtype, per_sample_matmul, static_batch_size, traced_batch_size
+from parameternet.layers.kernels import (
+    _autocast_dtype,
+    _differentiable_backward,
+    per_sample_matmul,
+    static_batch_size,
+    traced_batch_size,
+    transforms_active,
+)
 from parameternet.layers.triton_depthwise import per_sample_depthwise
 
 __all__ = [
@@ -149,7 +157,8 @@ def per_sample_matmul_conv(x, alpha, experts, bias, geo: ConvGeometry, batch_siz
         x = x[:, :, :: geo.stride[0], :: geo.stride[1]]
     B, _, H, W = x.shape
     bank = experts.view(geo.num_experts, geo.out_channels, geo.in_channels)
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    # vmap cannot query a memory format: under a function transform the layout is not kept.
+    if not transforms_active() and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         xs = x.permute(0, 2, 3, 1).reshape(B, H * W, geo.in_channels)  # (B, HW, C), a view
         y = per_sample_matmul(xs, alpha, bank, bias, channels_first=False)  # (B, HW, O)
         return y.view(B, H, W, geo.out_channels).permute(0, 3, 1, 2)  # channels_last (B, O, H, W)
@@ -165,7 +174,8 @@ def bmm(x, alpha, experts, bias, geo: ConvGeometry, batch_size=None):
     H, W = x.shape[2], x.shape[3]
     c_in, c_out = geo.in_channels, geo.out_channels
     weight = _mix(alpha, experts, geo).view(-1, c_out, c_in)  # (B, O, C)
-    if type(x) is torch.Tensor and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    channels_last = type(x) is torch.Tensor and not transforms_active()  # vmap cannot query a memory format
+    if channels_last and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         xs = x.permute(0, 2, 3, 1).reshape(-1, H * W, c_in)  # (B, HW, C), a view
         y = xs @ weight.transpose(1, 2)  # (B, HW, O)
         if bias is not None:
@@ -220,10 +230,9 @@ def _(x, weight, stride, dilation, groups):
     return x.new_empty(x.shape[0], weight.shape[1], H, W)
 
 
-@torch.library.custom_op("parameternet::per_sample_conv2d_backward", mutates_args=())
-def _per_sample_conv2d_backward(
-    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: list[int], dilation: list[int], groups: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _grouped_conv_backward(grad, x, weight, stride, dilation, groups):
+    """``per_sample_conv2d``'s input and weight gradients: ``convolution_backward`` of the grouped conv over the batch.
+    Plain ATen ops, so differentiable (double backward) and batched under ``vmap``; the custom op below wraps it."""
     B = x.shape[0]
     if B == 0:
         return torch.zeros_like(x), torch.zeros_like(weight)
@@ -234,6 +243,13 @@ def _per_sample_conv2d_backward(
         None, stride, [0, 0], dilation, False, [0, 0], B * groups, [True, True, False],
     )  # fmt: skip
     return gx.view(x.shape), gw.view(weight.shape)
+
+
+@torch.library.custom_op("parameternet::per_sample_conv2d_backward", mutates_args=())
+def _per_sample_conv2d_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: list[int], dilation: list[int], groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _grouped_conv_backward(grad, x, weight, stride, dilation, groups)
 
 
 @_per_sample_conv2d_backward.register_fake
@@ -249,7 +265,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
-    gx, gw = _per_sample_conv2d_backward(grad.contiguous(), x, weight, *ctx.conv)
+    if _differentiable_backward(grad):  # create_graph=True or is_grads_batched: the op's formula as plain ATen ops
+        gx, gw = _grouped_conv_backward(grad, x, weight, *ctx.conv)
+    else:
+        gx, gw = _per_sample_conv2d_backward(grad.contiguous(), x, weight, *ctx.conv)
     return gx, gw, None, None, None
 
 
@@ -259,7 +278,10 @@ per_sample_conv2d.register_autograd(_backward, setup_context=_setup_context)
 def grouped_op(x, alpha, experts, bias, geo: ConvGeometry, batch_size=None):
     """``grouped``'s conv as :func:`per_sample_conv2d`, an opaque custom op: what inductor runs for a symbolic batch
     (its group count is computed at run time). Padding is applied first (any padding mode); under autocast both
-    operands take the autocast dtype, as the conv would."""
+    operands take the autocast dtype, as the conv would. Under a function transform (``torch.func``, forward-mode
+    AD), which custom ops do not enter, it is ``grouped``: the same conv as plain ops."""
+    if transforms_active():
+        return grouped(x, alpha, experts, bias, geo, batch_size)
     xp = _padded(x, geo)
     weight = _mix(alpha, experts, geo)
     dtype = _autocast_dtype(xp)
@@ -322,7 +344,10 @@ def triton_depthwise(x, alpha, experts, bias, geo: ConvGeometry, batch_size=None
     """A depthwise layer (one input and one output channel per group, zero padding) by the Triton kernels of
     :mod:`~parameternet.layers.triton_depthwise`: per-sample kernels ``(B, C, kh, kw)`` mixed first, then one
     kernel that reads and writes through the strides (channels_last in, channels_last out, no copy). Under autocast
-    every operand takes the autocast dtype, as the conv would."""
+    every operand takes the autocast dtype, as the conv would. Under a function transform (``torch.func``,
+    forward-mode AD), which the custom op does not enter, it is ``grouped``."""
+    if transforms_active():
+        return grouped(x, alpha, experts, bias, geo, batch_size)
     weight = _mix(alpha, experts, geo).view(-1, geo.out_channels, *geo.kernel_size)  # (B, C, kh, kw)
     dtype = _autocast_dtype(x)
     if dtype is not None or x.dtype != weight.dtype:

@@ -12,11 +12,19 @@
   every step, while a chunk that stays in the cache is written and read back at cache speed.
 
 Both equal the plain formulas (``x.mean``, ``torch.bmm`` of the mixed kernels); ``tests/test_layers.py`` checks.
+
+Function transforms: under a ``torch.func`` transform (``grad``, ``vjp``, ``jvp``, ``vmap``, ``jacrev``, ...) or a
+forward-mode AD level (:func:`transforms_active`) both step aside for the plain formulas, on either side of every size
+threshold, since functorch takes only autograd functions with a ``setup_context``, a vmap rule and a jvp, which
+``out=`` writes into chunks cannot have. Their backwards are differentiable: with ``create_graph=True`` (a gradient
+penalty, a Hessian-vector product) or under ``vmap`` (``torch.autograd.grad(..., is_grads_batched=True)``) the
+chunked matmul's backward is the plain formula of the full per-sample kernels. ``tests/test_transforms.py`` checks.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 from torch import nn
 
@@ -36,6 +44,7 @@ __all__ = [
     "spatial_mean",
     "static_batch_size",
     "traced_batch_size",
+    "transforms_active",
 ]
 
 # Per-sample kernels built at once: small enough for the cache and for the heap (glibc maps anything over 32 MB
@@ -116,6 +125,29 @@ def static_batch_size(x: torch.Tensor) -> int | None:
     return None
 
 
+def transforms_active() -> bool:
+    """Whether eager PyTorch runs under a ``torch.func`` transform (``grad``, ``vjp``, ``jvp``, ``vmap``, ``jacrev``,
+    ``hessian``, ...) or inside ``torch.autograd.forward_ad.dual_level``: the dynamic layers then compute their plain
+    formulas, without custom autograd functions or custom ops (functorch takes only ``setup_context``-style functions
+    with a vmap rule and a jvp; the chunked kernels write into ``out=`` chunks and the custom op has no vmap rule).
+    False inside ``torch.compile``, which traces the same code paths as before."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
+
+
+def _differentiable_backward(grad: torch.Tensor) -> bool:
+    """In an autograd function's backward of ``grad``: whether the gradient must itself be differentiable or batched,
+    i.e. built from plain ops: ``create_graph=True`` turns grad mode on, a ``torch.func`` transform may be active,
+    and ``is_grads_batched=True`` (``torch.autograd.functional.jacobian(vectorize=True)``) runs the backward under
+    the legacy ``vmap``, whose batched gradients carry no functorch level."""
+    if torch.is_grad_enabled():
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active() or torch._C._functorch.is_legacy_batchedtensor(grad)
+
+
 def _plain_linear(router: nn.Module) -> nn.Linear | None:
     """The linear layer of a ``linear-sigmoid`` router that no hook watches, else None."""
     if type(router) is LinearSigmoidRouter and not (router._forward_hooks or router._forward_pre_hooks):
@@ -147,6 +179,7 @@ def route_mean(router: nn.Module, x: torch.Tensor, dims: tuple[int, ...]) -> tor
 
 
 class _SpatialMean(torch.autograd.Function):
+    # The backward is plain broadcasting ops: differentiable (double backward) and batched under vmap as it stands.
     @staticmethod
     def forward(ctx, x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
         ctx.shape = x.shape
@@ -164,8 +197,9 @@ class _SpatialMean(torch.autograd.Function):
 
 
 def spatial_mean(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """``x.mean(dims)`` whose backward is a broadcast view rather than a full-size tensor."""
-    if x.requires_grad and torch.is_grad_enabled() and x.numel() >= MEAN_MIN_NUMEL:
+    """``x.mean(dims)`` whose backward is a broadcast view rather than a full-size tensor (``x.mean`` itself under a
+    function transform)."""
+    if x.requires_grad and torch.is_grad_enabled() and x.numel() >= MEAN_MIN_NUMEL and not transforms_active():
         return _SpatialMean.apply(x, dims)
     return x.mean(dims)
 
@@ -205,6 +239,10 @@ class _PerSampleMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, alpha, bank = ctx.saved_tensors
+        if _differentiable_backward(gy):
+            return _per_sample_matmul_backward(
+                gy, x, alpha, bank, ctx.channels_first, ctx.has_bias, ctx.needs_input_grad
+            )
         gy = gy.contiguous()
         cf = ctx.channels_first
         M, n_out, n_in = bank.shape
@@ -236,6 +274,27 @@ class _PerSampleMatmul(torch.autograd.Function):
         return gx, g_alpha, None if g_bank is None else g_bank.view(M, n_out, n_in), g_bias, None
 
 
+def _per_sample_matmul_backward(gy, x, alpha, bank, channels_first, has_bias, needs_input_grad):
+    """``_PerSampleMatmul``'s gradients by the plain formulas of the full per-sample kernels ``(B, O, I)``, without
+    ``out=``: differentiable in every operand (``x``, ``alpha`` and ``bank`` are the function's saved inputs, so a
+    second backward reaches the graph before them), and batched under ``vmap``."""
+    M, n_out, n_in = bank.shape
+    flat = bank.reshape(M, n_out * n_in)
+    need_x, need_alpha, need_bank, need_bias, _ = needs_input_grad
+    gx = g_alpha = g_bank = g_bias = None
+    if need_x:
+        w = _mix(alpha, flat, (n_out, n_in))  # (B, O, I)
+        gx = torch.bmm(w.transpose(1, 2), gy) if channels_first else torch.bmm(gy, w)
+    if need_alpha or need_bank:
+        gw = torch.bmm(gy, x.transpose(1, 2)) if channels_first else torch.bmm(gy.transpose(1, 2), x)  # (B, O, I)
+        gw = gw.reshape(gw.shape[0], n_out * n_in)
+        g_alpha = gw @ flat.t() if need_alpha else None
+        g_bank = (alpha.t() @ gw).view(M, n_out, n_in) if need_bank else None
+    if need_bias and has_bias:
+        g_bias = gy.sum(2 if channels_first else 1)
+    return gx, g_alpha, g_bank, g_bias, None
+
+
 def per_sample_matmul(
     x: torch.Tensor, alpha: torch.Tensor, bank: torch.Tensor, bias: torch.Tensor | None, channels_first: bool
 ) -> torch.Tensor:
@@ -245,7 +304,8 @@ def per_sample_matmul(
     the per-sample kernels fit in one chunk they are built at once and autograd keeps them, which is cheaper.
     Under ``torch.autocast`` every operand is cast to the autocast dtype (on both sides of the size threshold) and
     the output has that dtype; gradients come back in each operand's own dtype. Mixed dtypes without autocast are
-    refused by ``torch.bmm``, as ``nn.Linear`` refuses them.
+    refused by ``torch.bmm``, as ``nn.Linear`` refuses them. Under a function transform (:func:`transforms_active`)
+    the kernels are built at once whatever their size, with plain ops.
     """
     dtype = _autocast_dtype(x)
     if dtype is not None:
@@ -269,7 +329,8 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 def _per_sample_matmul(x, alpha, bank, bias, channels_first):
     B, (M, n_out, n_in) = x.shape[0], bank.shape
-    if B * n_out * n_in * bank.element_size() <= (KEEP_BYTES if x.device.type == "cpu" else KEEP_BYTES_GPU):
+    keep = B * n_out * n_in * bank.element_size() <= (KEEP_BYTES if x.device.type == "cpu" else KEEP_BYTES_GPU)
+    if keep or transforms_active():
         w = _mix(alpha, bank.reshape(M, n_out * n_in), (n_out, n_in))  # (B, O, I)
         y = torch.bmm(w, x) if channels_first else torch.bmm(x, w.transpose(1, 2))
         return y if bias is None else y + bias.unsqueeze(2 if channels_first else 1)

@@ -17,6 +17,9 @@ runs once on its contiguous block, and the results go back to token order throug
 ``torch.nn.functional.grouped_mm`` where torch has it for the dtype and device, otherwise as a loop over experts.
 Nothing reads a tensor's value on the host where the graph must stay whole (compiled, exported, captured by CUDA
 graphs): the counts per expert are a scatter-add, not ``bincount``, and :func:`expert_matmul` has a path for that.
+Under a function transform (``torch.func.grad`` / ``jvp`` / ``vmap``, forward-mode AD), whose per-sample expert
+counts would be data-dependent shapes, every token goes through every expert and each output is weighted by its gate
+(zero for experts not chosen or over capacity): ``M`` times the multiply-adds, plain ops only.
 
 ``capacity_factor`` (None = no token dropped, the paper's setting) caps every expert at
 ``ceil(capacity_factor * N * k / M)`` assignments; first choices of all tokens come before second choices, and
@@ -40,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parameternet.errors import ParameterNetError
+from parameternet.layers.kernels import transforms_active
 
 __all__ = ["MoERouter", "TopKMoELinear", "load_balancing_loss", "route", "router_z_loss"]
 
@@ -162,7 +166,9 @@ def expert_counts(expert: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 class _PermuteRows(torch.autograd.Function):
     """``x[index]`` for a permutation ``index`` whose inverse is known: the backward is a gather as well, not the
-    zero-fill and scatter-add that ``index_select`` needs in general."""
+    zero-fill and scatter-add that ``index_select`` needs in general. The backward is a plain ``index_select``:
+    differentiable (double backward) and batched under ``vmap``; under a function transform the layer does not call
+    it (:meth:`TopKMoELinear._forward_dense`)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
@@ -288,6 +294,8 @@ class TopKMoELinear(nn.Module):
                 f"{type(self).__name__} expects inputs (..., {self.in_features}), got shape {tuple(x.shape)}."
             )
         flat = x.reshape(-1, self.in_features)  # (N, in)
+        if transforms_active():
+            return self._forward_dense(flat).view(*x.shape[:-1], self.out_features)
         n, k, m = flat.shape[0], self.top_k, self.num_experts
         logits = self.router(flat)  # (N, M)
         _, top_p, top_e = route(logits, k)
@@ -320,3 +328,27 @@ class TopKMoELinear(nn.Module):
         else:
             out = y.new_zeros(n, self.out_features).index_add_(0, token, y)
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _forward_dense(self, flat: torch.Tensor) -> torch.Tensor:
+        """``(N, in) -> (N, out)``: every token through every expert, ``sum_e gate_te (W_e x_t + b_e)`` with the gate
+        ``p_te`` for a chosen expert within its capacity and 0 otherwise. The same function as :meth:`forward`'s
+        dispatch, with no host read, no data-dependent shape and no custom autograd function: what ``torch.func``
+        transforms take (``vmap`` over samples, ``grad``, ``jvp``)."""
+        n, k, m = flat.shape[0], self.top_k, self.num_experts
+        _, top_p, top_e = route(self.router(flat), k)
+        # Assignment (j, t): token t's j-th choice, one-hot over the experts; (j, t) in that order is the priority.
+        chosen = (top_e.t().unsqueeze(-1) == torch.arange(m, device=flat.device)).to(top_p.dtype)  # (k, N, M)
+        gate = top_p.t().unsqueeze(-1) * chosen  # (k, N, M)
+        if self.capacity_factor is not None:
+            capacity = math.ceil(self.capacity_factor * n * k / m)
+            ahead = chosen.reshape(k * n, m).cumsum(0).reshape(k, n, m) - chosen  # assignments of that expert before
+            gate = torch.where(ahead < capacity, gate, torch.zeros_like(gate))
+        gate = gate.sum(0)  # (N, M): a token chooses an expert at most once
+        weight = self.weight
+        if torch.is_autocast_enabled(flat.device.type):  # as expert_matmul casts
+            dtype = torch.get_autocast_dtype(flat.device.type)
+            flat, weight = flat.to(dtype), weight.to(dtype)
+        y = torch.matmul(flat.unsqueeze(0), weight.transpose(1, 2))  # (M, N, out)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype).unsqueeze(1)
+        return (y * gate.t().to(y.dtype).unsqueeze(-1)).sum(0)
