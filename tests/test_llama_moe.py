@@ -379,3 +379,46 @@ def test_sequence_classifier_from_a_causal_lm_keeps_the_body(tmp_path):
     dense.save_pretrained(tmp_path / "dense")
     quiet = AutoModelForSequenceClassification.from_pretrained(tmp_path / "dense", num_labels=2)
     assert quiet(ids, labels=torch.tensor([0, 1])).aux_loss is None  # no experts, no router loss
+
+
+def test_routers_decide_in_float32_under_autocast():
+    """Selective precision: under bf16 autocast every router's logits are the float32 ones, so no token changes
+    expert and no sample changes coefficients for the autocast alone."""
+    from parameternet.layers import DynamicConv2d, DynamicLinear
+
+    torch.manual_seed(0)
+    moe = TopKMoELinear(64, 32, num_experts=8)
+    x = torch.randn(512, 64)
+    with torch.autocast("cpu", torch.bfloat16):
+        logits_bf16 = moe.router(x)
+    assert logits_bf16.dtype == torch.float32
+    torch.testing.assert_close(logits_bf16, moe.router(x), rtol=0, atol=0)
+    conv, lin = DynamicConv2d(16, 16, 3, padding=1), DynamicLinear(16, 8, router="mlp-softmax")
+    xc, xl = torch.randn(4, 16, 8, 8), torch.randn(4, 5, 16)
+    captured = {}
+    conv.router.register_forward_hook(lambda m, a, out: captured.setdefault("conv", out))  # the module path
+    with torch.autocast("cpu", torch.bfloat16):
+        from parameternet.layers.kernels import route_mean
+
+        fast = route_mean(conv.router, xc, (2, 3))
+        lin(xl)
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, conv.router(xc.mean((2, 3))), rtol=1e-6, atol=1e-7)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = lin.router(xl.mean(1))
+    torch.testing.assert_close(out, lin.router(xl.mean(1)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_from_linear_breaks_symmetry_in_every_dtype(dtype):
+    """A float16 router cannot hold 1e-12: the noise is raised to what the dtype keeps, tokens still spread over
+    the experts, and the upcycled layer still computes the dense one to the dtype's rounding."""
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 48).to(dtype)
+    layer = TopKMoELinear.from_linear(dense, num_experts=4)
+    assert (layer.router.weight != 0).float().mean() > 0.9  # a few draws near zero may round to it
+    x = torch.randn(256, 64).to(dtype)
+    chosen = layer.router(x).argmax(-1)
+    assert chosen.unique().numel() == 4
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(layer(x).float(), dense(x).float(), rtol=tol, atol=tol)

@@ -28,7 +28,7 @@ import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 from torch import nn
 
-from parameternet.layers.router import LinearSigmoidRouter
+from parameternet.layers.router import LinearSigmoidRouter, router_precision
 
 __all__ = [
     "CHUNK_BYTES",
@@ -161,7 +161,8 @@ def route(router: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
     """``router(pooled)``: coefficients ``(B, M)``."""
     fc = _plain_linear(router)
     if fc is not None:
-        return torch.sigmoid(F.linear(pooled, fc.weight, fc.bias))
+        with router_precision(pooled) as p:
+            return torch.sigmoid(F.linear(p.cast(pooled), p.cast(fc.weight), p.cast(fc.bias)))
     return router(pooled)
 
 
@@ -175,7 +176,9 @@ def route_mean(router: nn.Module, x: torch.Tensor, dims: tuple[int, ...]) -> tor
     n = 1
     for d in dims:
         n *= x.shape[d]
-    return torch.addmm(fc.bias, x.sum(dims), fc.weight.t(), alpha=1.0 / n).sigmoid_()
+    with router_precision(x) as p:  # float32 under autocast (the sum accumulates in float32 either way)
+        pooled = x.sum(dims, dtype=torch.float32) if p.active else x.sum(dims)
+        return torch.addmm(p.cast(fc.bias), pooled, p.cast(fc.weight).t(), alpha=1.0 / n).sigmoid_()
 
 
 class _SpatialMean(torch.autograd.Function):

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parameternet.errors import ParameterNetError
+from parameternet.layers.router import router_precision
 from parameternet.layers.kernels import transforms_active
 
 __all__ = ["MoERouter", "TopKMoELinear", "load_balancing_loss", "route", "router_z_loss"]
@@ -59,6 +60,12 @@ class MoERouter(nn.Linear):
 
     def __init__(self, in_features: int, num_experts: int, device=None, dtype=None):
         super().__init__(in_features, num_experts, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, M)``; under ``torch.autocast`` in float32 (selective precision, as Switch Transformer:
+        a bf16 router sends a fraction of tokens elsewhere than the float32 one and breaks ties to expert 0)."""
+        with router_precision(x) as p:
+            return F.linear(p.cast(x), p.cast(self.weight))
 
 
 def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -277,8 +284,13 @@ class TopKMoELinear(nn.Module):
                     layer.bias.zero_()
                 else:
                     layer.bias.copy_((linear.bias * scale).unsqueeze(0).expand_as(layer.bias))
+            # The noise must survive the router's dtype: float16 flushes 1e-12 to zero (every token would go to
+            # expert 0, for ever), so it is raised to 64 of that dtype's smallest subnormals (about 4e-6); the
+            # logits stay far below float16's resolution, so the upcycled layer still computes the dense one.
+            tiny = torch.finfo(layer.router.weight.dtype).smallest_normal * torch.finfo(layer.router.weight.dtype).eps
+            std = max(router_init_std, 64 * tiny)
             noise = torch.randn(layer.router.weight.shape, generator=generator, dtype=torch.float32)
-            layer.router.weight.copy_(noise * router_init_std)
+            layer.router.weight.copy_(noise * std)
         return layer
 
     def extra_repr(self) -> str:

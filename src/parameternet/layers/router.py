@@ -8,11 +8,41 @@ imply: ``sigmoid(Linear(C_in, M))``, so coefficients are independent gates that 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from parameternet.errors import ParameterNetError
 
-__all__ = ["ROUTERS", "LinearSigmoidRouter", "MlpSoftmaxRouter", "create_router"]
+__all__ = ["ROUTERS", "LinearSigmoidRouter", "MlpSoftmaxRouter", "create_router", "router_precision"]
+
+
+class router_precision:
+    """Inside: autocast off on the input's device, and the input cast to float32 when autocast was on there.
+
+    Routers decide which experts a sample (or token) gets; computed in bf16 / fp16 their logits round, near-ties
+    flip and exact ties go to the first expert. As Switch Transformer's "selective precision", under
+    ``torch.autocast`` every router runs in float32 (its weights are float32 unless the model itself was cast);
+    without autocast it runs in its own dtype. ``cast(t)`` gives a tensor in the router's compute dtype."""
+
+    def __init__(self, x: torch.Tensor):
+        # A torch.fx Proxy holds no device: a symbolic graph records the router's own ops.
+        device = x.device.type if isinstance(x, torch.Tensor) else None
+        self.active = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
+        self._off = torch.autocast(device, enabled=False) if self.active else None
+
+    def cast(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or not self.active or t.dtype == torch.float64:
+            return t
+        return t.float()
+
+    def __enter__(self) -> router_precision:
+        if self._off is not None:
+            self._off.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._off is not None:
+            self._off.__exit__(*exc)
 
 
 class LinearSigmoidRouter(nn.Module):
@@ -23,7 +53,8 @@ class LinearSigmoidRouter(nn.Module):
         self.fc = nn.Linear(in_features, num_experts, device=device, dtype=dtype)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.fc(pooled))
+        with router_precision(pooled) as p:
+            return torch.sigmoid(F.linear(p.cast(pooled), p.cast(self.fc.weight), p.cast(self.fc.bias)))
 
 
 class MlpSoftmaxRouter(nn.Module):
@@ -48,7 +79,10 @@ class MlpSoftmaxRouter(nn.Module):
         self.fc2 = nn.Linear(hidden_features, num_experts, device=device, dtype=dtype)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.fc2(self.act(self.fc1(pooled))) / self.temperature, dim=-1)
+        with router_precision(pooled) as p:
+            h = self.act(F.linear(p.cast(pooled), p.cast(self.fc1.weight), p.cast(self.fc1.bias)))
+            logits = F.linear(h, p.cast(self.fc2.weight), p.cast(self.fc2.bias))
+            return torch.softmax(logits / self.temperature, dim=-1)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
