@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from parameternet.errors import ParameterNetError
-from parameternet.layers.router import router_precision
 from parameternet.layers.kernels import transforms_active
+from parameternet.layers.router import router_precision
 
 __all__ = ["MoERouter", "TopKMoELinear", "load_balancing_loss", "route", "router_z_loss"]
 
