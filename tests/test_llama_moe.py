@@ -422,3 +422,39 @@ def test_from_linear_breaks_symmetry_in_every_dtype(dtype):
     assert chosen.unique().numel() == 4
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(layer(x).float(), dense(x).float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_padding_never_takes_capacity_from_real_tokens(top_k):
+    """With a capacity, masked pads anywhere in the batch leave every real token's output as it is without them:
+    they neither count towards the capacity nor take a slot (the dispatch and the transform path alike)."""
+    torch.manual_seed(0)
+    layer = TopKMoELinear(8, 12, bias=True, num_experts=4, top_k=top_k, capacity_factor=0.5)
+    with torch.no_grad():
+        layer.router.weight.mul_(5.0)  # uneven routing: capacity binds
+    real = torch.randn(10, 8)
+    mixed = torch.cat([torch.randn(3, 8), real[:6], torch.randn(2, 8), real[6:]])
+    mask = torch.tensor([0] * 3 + [1] * 6 + [0] * 2 + [1] * 4)
+    alone = layer(real)
+    got = layer(mixed, token_mask=mask)[mask.bool()]
+    torch.testing.assert_close(got, alone)
+    assert not torch.allclose(layer(mixed)[mask.bool()], alone)  # unmasked, the pads did take slots
+    dense_path = torch.func.vmap(lambda t: layer(t, token_mask=mask), randomness="same")(mixed.unsqueeze(0))[0]
+    torch.testing.assert_close(dense_path[mask.bool()], alone)
+    with pytest.raises(ParameterNetError, match="the token mask has 5 entries"):
+        layer(mixed, token_mask=torch.ones(5))
+
+
+def test_llama_moe_right_padding_leaves_real_tokens_alone_with_a_capacity(ids):
+    model = tiny_model(capacity_factor=0.5).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, TopKMoELinear):
+                m.router.weight.normal_(0.0, 1.0)  # uneven routing: capacity binds
+        short = ids[:1, :6]
+        alone = model(short, attention_mask=torch.ones(1, 6, dtype=torch.long)).logits
+        padded = torch.cat([short, ids[1:, :5]], 1)
+        mask = torch.tensor([[1] * 6 + [0] * 5])
+        got = model(padded, attention_mask=mask).logits[:, :6]
+    torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+    assert all(m.token_mask is None for m in model.modules() if isinstance(m, TopKMoELinear))  # cleared after

@@ -46,7 +46,7 @@ from parameternet.errors import ParameterNetError
 from parameternet.layers.kernels import transforms_active
 from parameternet.layers.router import router_precision
 
-__all__ = ["MoERouter", "TopKMoELinear", "load_balancing_loss", "route", "router_z_loss"]
+__all__ = ["MoERouter", "TopKMoELinear", "load_balancing_loss", "padding_mask", "route", "router_z_loss"]
 
 # Dtypes torch's CPU grouped matmul takes; on CUDA it needs bfloat16 on compute capability >= 8.0.
 _GROUPED_MM_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -171,6 +171,40 @@ def expert_counts(expert: torch.Tensor, num_experts: int) -> torch.Tensor:
     )
 
 
+def _real_tokens(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """``(N,)`` bool, True for a real token, from a mask with one entry per token or an attention mask ``(B, L)``
+    whose last ``N / B`` columns are the tokens of this call (a cache adds the past ones before them)."""
+    if mask is None:
+        return None
+    if mask.dim() == 2 and mask.numel() != n and n % mask.shape[0] == 0 and n // mask.shape[0] <= mask.shape[1]:
+        mask = mask[:, mask.shape[1] - n // mask.shape[0] :]
+    if mask.numel() != n:
+        raise ParameterNetError(
+            f"the token mask has {mask.numel()} entries (shape {tuple(mask.shape)}) for {n} tokens; pass one per "
+            "token, or the attention mask (batch, length)."
+        )
+    return mask.reshape(-1) != 0
+
+
+class padding_mask:
+    """``with padding_mask(model, attention_mask):`` every :class:`TopKMoELinear` in ``model`` leaves the tokens the
+    mask marks as padding (0 / False) out of its capacity for the forward passes inside (see
+    :meth:`TopKMoELinear.forward`). ``None`` clears nothing and sets nothing."""
+
+    def __init__(self, model: nn.Module, mask: torch.Tensor | None):
+        self.layers = [m for m in model.modules() if isinstance(m, TopKMoELinear)] if mask is not None else []
+        self.mask = mask
+
+    def __enter__(self) -> padding_mask:
+        for layer in self.layers:
+            layer.token_mask = self.mask
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer in self.layers:
+            layer.token_mask = None
+
+
 class _PermuteRows(torch.autograd.Function):
     """``x[index]`` for a permutation ``index`` whose inverse is known: the backward is a gather as well, not the
     zero-fill and scatter-add that ``index_select`` needs in general. The backward is a plain ``index_select``:
@@ -223,6 +257,7 @@ class TopKMoELinear(nn.Module):
         self.num_experts = num_experts
         self.top_k = top_k
         self.capacity_factor = capacity_factor
+        self.token_mask: torch.Tensor | None = None  # set by padding_mask() for the duration of a forward
         kw = dict(device=device, dtype=dtype)
         self.router = MoERouter(in_features, num_experts, **kw)
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, **kw))
@@ -300,14 +335,21 @@ class TopKMoELinear(nn.Module):
             f"num_experts={self.num_experts}, top_k={self.top_k}{cap}"
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` ``(..., in)`` -> ``(..., out)``. ``token_mask`` (1 / True = a real token, 0 / False = padding; one
+        entry per token, or ``(B, L)`` whose last ``N / B`` columns are this call's tokens, as an attention mask with
+        a cache) leaves padding out of the capacity: a pad neither takes an expert's slot nor loses its own. Without
+        it, the mask :class:`padding_mask` set applies."""
         if x.shape[-1] != self.in_features:
             raise ParameterNetError(
                 f"{type(self).__name__} expects inputs (..., {self.in_features}), got shape {tuple(x.shape)}."
             )
         flat = x.reshape(-1, self.in_features)  # (N, in)
+        real = None
+        if self.capacity_factor is not None:
+            real = _real_tokens(token_mask if token_mask is not None else self.token_mask, flat.shape[0])
         if transforms_active():
-            return self._forward_dense(flat).view(*x.shape[:-1], self.out_features)
+            return self._forward_dense(flat, real).view(*x.shape[:-1], self.out_features)
         n, k, m = flat.shape[0], self.top_k, self.num_experts
         logits = self.router(flat)  # (N, M)
         _, top_p, top_e = route(logits, k)
@@ -320,10 +362,18 @@ class TopKMoELinear(nn.Module):
         if self.capacity_factor is not None:
             # Every assignment is computed; one past its expert's capacity is scaled by zero, which drops it with
             # no host read (the number kept would be one) and no data-dependent shape.
-            capacity = math.ceil(self.capacity_factor * n * k / m)
             start = counts.cumsum(0) - counts
-            rank = torch.arange(order.numel(), device=order.device) - start[expert.index_select(0, order)]
-            scale = torch.where(rank < capacity, scale, torch.zeros_like(scale))
+            first = start[expert.index_select(0, order)]  # where each sorted assignment's expert block starts
+            if real is None:
+                capacity = math.ceil(self.capacity_factor * n * k / m)
+                rank = torch.arange(order.numel(), device=order.device) - first
+                scale = torch.where(rank < capacity, scale, torch.zeros_like(scale))
+            else:  # only real tokens count, and only real tokens can be dropped
+                taken = real.repeat(k).index_select(0, order)  # assignment a is token a % N's
+                before = taken.long().cumsum(0) - taken.long()
+                rank = before - before.index_select(0, first)  # real assignments of its expert ahead of it
+                capacity = torch.ceil(self.capacity_factor * taken.sum() / m)
+                scale = torch.where((rank < capacity) | ~taken, scale, torch.zeros_like(scale))
         if k == 1:  # every token exactly once: sorting is a permutation of the rows
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(n, device=order.device)
@@ -341,7 +391,7 @@ class TopKMoELinear(nn.Module):
             out = y.new_zeros(n, self.out_features).index_add_(0, token, y)
         return out.view(*x.shape[:-1], self.out_features)
 
-    def _forward_dense(self, flat: torch.Tensor) -> torch.Tensor:
+    def _forward_dense(self, flat: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
         """``(N, in) -> (N, out)``: every token through every expert, ``sum_e gate_te (W_e x_t + b_e)`` with the gate
         ``p_te`` for a chosen expert within its capacity and 0 otherwise. The same function as :meth:`forward`'s
         dispatch, with no host read, no data-dependent shape and no custom autograd function: what ``torch.func``
@@ -352,9 +402,13 @@ class TopKMoELinear(nn.Module):
         chosen = (top_e.t().unsqueeze(-1) == torch.arange(m, device=flat.device)).to(top_p.dtype)  # (k, N, M)
         gate = top_p.t().unsqueeze(-1) * chosen  # (k, N, M)
         if self.capacity_factor is not None:
-            capacity = math.ceil(self.capacity_factor * n * k / m)
-            ahead = chosen.reshape(k * n, m).cumsum(0).reshape(k, n, m) - chosen  # assignments of that expert before
-            gate = torch.where(ahead < capacity, gate, torch.zeros_like(gate))
+            counted = chosen if real is None else chosen * real.view(1, n, 1).to(chosen.dtype)
+            ahead = counted.reshape(k * n, m).cumsum(0).reshape(k, n, m) - counted  # that expert's, ahead of it
+            if real is None:
+                gate = torch.where(ahead < math.ceil(self.capacity_factor * n * k / m), gate, torch.zeros_like(gate))
+            else:
+                capacity = torch.ceil(self.capacity_factor * real.sum() * k / m)
+                gate = torch.where((ahead < capacity) | ~real.view(1, n, 1), gate, torch.zeros_like(gate))
         gate = gate.sum(0)  # (N, M): a token chooses an expert at most once
         weight = self.weight
         if torch.is_autocast_enabled(flat.device.type):  # as expert_matmul casts

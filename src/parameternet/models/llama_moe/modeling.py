@@ -36,7 +36,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder
 
 from parameternet.errors import ParameterNetError
-from parameternet.layers.moe import MoERouter, TopKMoELinear, load_balancing_loss, router_z_loss
+from parameternet.layers.moe import MoERouter, TopKMoELinear, load_balancing_loss, padding_mask, router_z_loss
 from parameternet.models.llama_moe.configuration import ParameterNetLlamaConfig
 from parameternet.toolkit import unwrap_model
 
@@ -153,7 +153,11 @@ class ParameterNetLlamaModel(ParameterNetLlamaPreTrainedModel, LlamaModel):
         self.post_init()  # initialises the new modules only: the others are marked initialised
 
     def forward(self, *args, **kwargs) -> MoeModelOutputWithPast:
-        out = super().forward(*args, **kwargs)  # LLaMA's, with router logits captured when asked
+        # With a capacity, padding must not take experts' slots from real tokens: the MoE layers see the mask.
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        mask = mask if self.config.capacity_factor is not None and isinstance(mask, torch.Tensor) else None
+        with padding_mask(self, mask if mask is not None and mask.dim() == 2 else None):
+            out = super().forward(*args, **kwargs)  # LLaMA's, with router logits captured when asked
         return MoeModelOutputWithPast(**out) if isinstance(out, dict) else out  # a tuple for return_dict=False
 
 
