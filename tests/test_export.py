@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import onnx
 import pytest
@@ -134,6 +135,44 @@ def test_export_cli_with_a_checkpoint(tmp_path, capsys):
     x = images(2)
     with torch.no_grad():
         assert_close_relative(ort_outputs(out, x), model(x))
+
+
+def test_export_hint_for_a_checkpoint_without_metadata_names_a_flag_export_has(tmp_path, capsys):
+    """A state dict that does not name its model: the error's hint names a flag of `export`, and following it works."""
+    from safetensors.torch import save_file
+
+    from parameternet.cli import build_parser
+
+    torch.manual_seed(0)
+    ckpt, out = tmp_path / "bare.safetensors", tmp_path / "bare.onnx"
+    save_file(timm.create_model("parameternet_mini_025").state_dict(), str(ckpt))
+    assert main(["export", "--checkpoint", str(ckpt), "--onnx", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not name its architecture" in err
+    export = build_parser()._subparsers._group_actions[0].choices["export"]
+    flags = re.findall(r"(?<![\w-])--[a-z][a-z-]*", err.split("error: ", 1)[1])
+    assert flags and all(flag in export._option_string_actions for flag in flags), flags
+    assert main(["export", "--checkpoint", str(ckpt), "--onnx", str(out), flags[0], "parameternet_mini_025"]) == 0
+    assert "parameternet_mini_025, input batchx1x28x28" in capsys.readouterr().out
+    assert main(["export", "ghostnet_mini", "--arch", "parameternet_mini_025", "--onnx", str(out)]) == 2
+    assert "the model is named twice, 'ghostnet_mini' and --arch 'parameternet_mini_025'" in capsys.readouterr().err
+
+
+def test_profile_and_export_take_the_same_swin_sizes(tmp_path, capsys):
+    """A Swin builds its attention masks for one input size: both commands build a named one for --img-size; a
+    checkpoint's model takes the size it was built for, and another --img-size is one sentence."""
+    assert main(["profile", "swin_300m", "--img-size", "40", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["img_size"] == [40, 40]
+    assert main(["export", "swin_300m", "--onnx", str(tmp_path / "s40.onnx"), "--img-size", "40"]) == 0
+    assert "swin_300m, input batchx3x40x40" in capsys.readouterr().out
+
+    ckpt = tmp_path / "swin.pth"
+    torch.save(timm.create_model("swin_300m").state_dict(), ckpt)
+    args = ["export", "swin_300m", "--checkpoint", str(ckpt), "--onnx", str(tmp_path / "c.onnx"), "--img-size", "40"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--img-size 40: this checkpoint's swin_300m was built for 224x224 images" in err
+    assert not (tmp_path / "c.onnx").exists()
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,9 @@ __all__ = ["MoERouter", "TopKMoELinear", "load_balancing_loss", "padding_mask", 
 
 # Dtypes torch's CPU grouped matmul takes; on CUDA it needs bfloat16 on compute capability >= 8.0.
 _GROUPED_MM_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Dtypes torch's fake (meta) grouped_mm takes everywhere, so that torch.compile / torch.export can trace it: float32
+# never, float16 only on CUDA with cuBLASLt's grouped GEMM (CUDA >= 13.3, compute capability 9 to 11).
+_GROUPED_MM_TRACED_DTYPES = (torch.bfloat16,)
 
 
 class MoERouter(nn.Linear):
@@ -144,15 +147,16 @@ def expert_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -
     """``x`` ``(A, in)`` sorted by expert, ``counts`` ``(M,)`` rows per expert -> ``(A, out)``, row block ``e``
     multiplied by ``weight[e].T``.
 
-    One ``grouped_mm`` where torch has it for the dtype and device (and, compiled, where its tracing accepts the
-    dtype: bfloat16 / float16); otherwise, in eager PyTorch, a loop over the experts' row blocks (their sizes read
-    on the host); otherwise (compiled or captured, float32) every row through every expert and each row's own result
+    One ``grouped_mm`` where torch has it for the dtype and device (and, compiled or exported, where its tracing
+    accepts the dtype: bfloat16; torch's fake kernel refuses float32, and float16 off CUDA's cuBLASLt grouped GEMM);
+    otherwise, in eager PyTorch, a loop over the experts' row blocks (their sizes read on the host); otherwise
+    (compiled, exported or captured, float32 / float16) every row through every expert and each row's own result
     gathered: ``M`` times the multiply-adds, but no host read, so the graph stays whole."""
     if torch.is_autocast_enabled(x.device.type):  # autocast does not cover grouped_mm: cast as it would
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
     sync_free = _sync_free()
-    if _grouped_mm_ok(x, weight) and not (sync_free and x.dtype == torch.float32):
+    if _grouped_mm_ok(x, weight) and not (sync_free and x.dtype not in _GROUPED_MM_TRACED_DTYPES):
         offs = counts.cumsum(0).to(torch.int32)
         return F.grouped_mm(x, weight.transpose(1, 2), offs=offs)
     if not sync_free:

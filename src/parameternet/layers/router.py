@@ -7,6 +7,8 @@ imply: ``sigmoid(Linear(C_in, M))``, so coefficients are independent gates that 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,33 +18,52 @@ from parameternet.errors import ParameterNetError
 __all__ = ["ROUTERS", "LinearSigmoidRouter", "MlpSoftmaxRouter", "create_router", "router_precision"]
 
 
-class router_precision:
-    """Inside: autocast off on the input's device, and the input cast to float32 when autocast was on there.
+class _Precision:
+    """What ``with router_precision(x) as p`` gives: ``p.active`` (autocast was on, and is off inside) and
+    ``p.cast(t)``, ``t`` in the router's compute dtype (float32 when active, else ``t`` itself)."""
 
-    Routers decide which experts a sample (or token) gets; computed in bf16 / fp16 their logits round, near-ties
-    flip and exact ties go to the first expert. As Switch Transformer's "selective precision", under
-    ``torch.autocast`` every router runs in float32 (its weights are float32 unless the model itself was cast);
-    without autocast it runs in its own dtype. ``cast(t)`` gives a tensor in the router's compute dtype."""
+    __slots__ = ("active",)
 
-    def __init__(self, x: torch.Tensor):
-        # A torch.fx Proxy holds no device: a symbolic graph records the router's own ops.
-        device = x.device.type if isinstance(x, torch.Tensor) else None
-        self.active = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
-        self._off = torch.autocast(device, enabled=False) if self.active else None
+    def __init__(self, active: bool):
+        self.active = active
 
     def cast(self, t: torch.Tensor | None) -> torch.Tensor | None:
         if t is None or not self.active or t.dtype == torch.float64:
             return t
         return t.float()
 
-    def __enter__(self) -> router_precision:
-        if self._off is not None:
-            self._off.__enter__()
+    def __enter__(self) -> _Precision:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._off is not None:
-            self._off.__exit__(*exc)
+        return None
+
+
+_AS_IS = _Precision(False)
+
+
+@contextlib.contextmanager
+def _autocast_off(device: str):
+    # A ``with torch.autocast`` statement in a generator: what dynamo traces (``torch.compile(fullgraph=True)``
+    # refuses an autocast object entered by hand, ``setattr() on unsupported type``).
+    with torch.autocast(device, enabled=False):
+        yield _Precision(True)
+
+
+def router_precision(x: torch.Tensor):
+    """``with router_precision(x) as p:`` inside, autocast off on the input's device, and the input cast to float32
+    when autocast was on there.
+
+    Routers decide which experts a sample (or token) gets; computed in bf16 / fp16 their logits round, near-ties
+    flip and exact ties go to the first expert. As Switch Transformer's "selective precision", under
+    ``torch.autocast`` every router runs in float32 (its weights are float32 unless the model itself was cast);
+    without autocast it runs in its own dtype. ``p.cast(t)`` gives a tensor in the router's compute dtype,
+    ``p.active`` says whether autocast was on. Traceable by ``torch.compile(fullgraph=True)``, ``torch.export``,
+    ``torch.jit.trace`` and ``torch.fx`` (a Proxy holds no device: a symbolic graph records the router's own ops)."""
+    device = x.device.type if isinstance(x, torch.Tensor) else None
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return _autocast_off(device)
+    return _AS_IS
 
 
 class LinearSigmoidRouter(nn.Module):

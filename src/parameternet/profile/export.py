@@ -67,12 +67,14 @@ class ExportReport:
     # Checked too: the graph with its dynamic convs in ONNX Runtime's NCHWc kernels (a batch-1 graph on a CPU
     # that has them), as ``onnx_session`` and ``parameternet benchmark`` run it; None when not applicable.
     nchwc_rel_error: float | None = None
+    # the images' and the graph's dtype: the model's ("float32", "float16" or "bfloat16")
+    dtype: str = "float32"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def __str__(self) -> str:
-        shape = "x".join(map(str, self.input_shape))
+        shape = "x".join(map(str, self.input_shape)) + ("" if self.dtype == "float32" else f" {self.dtype}")
         checked = ", ".join(f"batch {b}: {e:.1e}" for b, e in self.max_rel_error.items()) or "not checked"
         return (
             f"{self.path}: {self.model}, input {shape}{' (image by image)' if self.per_image else ''}, "
@@ -130,6 +132,28 @@ def _run_export(model, x, path, *, dynamic_batch, opset, exporter) -> None:
             program.save(str(path), external_data=False)
 
 
+def _image_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the images a model takes: its first floating-point parameter's (float32 without one)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _check_bfloat16_graph(path: Path, opset: int, exporter: str) -> None:
+    """Raise ``ParameterNetError`` unless ``onnx.checker`` (with shape inference) accepts the bfloat16 graph."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:  # the checker names the node and its type: one line of it is enough
+        raise ParameterNetError(
+            f"the bfloat16 graph ({exporter} exporter, opset {opset}) is not valid ONNX: {first_line(e)[:200]}; "
+            "ONNX's Conv takes bfloat16 from opset 22, which only the dynamo exporter writes (exporter='dynamo', "
+            "opset=22)."
+        ) from e
+
+
 def _mode(dynamic_batch: bool, batch_size: int, runtime: str) -> str:
     batch = "symbolic batch" if dynamic_batch else f"batch {batch_size}"
     return batch if runtime == "any" else f"{batch}, runtime {runtime}"
@@ -163,7 +187,7 @@ def export_onnx(
     img_size: int | tuple[int, int] | None = None,
     exporter: str = "torchscript",
     check: bool = True,
-    rtol: float = 1e-4,
+    rtol: float | None = None,
     runtime: str = "any",
     in_chans: int | None = None,
     per_image: bool | None = None,
@@ -174,7 +198,10 @@ def export_onnx(
     graph takes exactly ``batch_size`` images. ``deploy``: export :func:`parameternet.deploy`'s graph (the default)
     rather than the model as given. ``img_size`` defaults to timm's ``pretrained_cfg["input_size"]``. With
     ``check`` the ONNX outputs must match the model's (eval mode) within ``rtol`` relative to the largest output, at
-    batch 1 and 3 (dynamic) or ``batch_size``; a larger error raises ``RuntimeError``. The model is not changed.
+    batch 1 and 3 (dynamic) or ``batch_size``; a larger error raises ``RuntimeError``. ``rtol`` defaults to 1e-4,
+    1e-2 for a float16 model (ten of its rounding steps: the graph's formulations round intermediate results to
+    float16 at other points than eager PyTorch does; a static conv's graph matches exactly). The model is not
+    changed.
 
     ``runtime="onnxruntime-cpu"`` writes the graph for ONNX Runtime's CPU provider on this CPU rather than a portable
     one: the graph for one image with its dynamic convs in ONNX Runtime's NCHWc kernels
@@ -192,7 +219,13 @@ def export_onnx(
     which the batch-agnostic graph returns as an empty output.
 
     ``in_chans``: the input's channel count, for a model that does not say (timm models have ``in_chans``; default
-    3). The input is ``(batch, in_chans, H, W)`` float32; the graph's output is the model's first output.
+    3). The input is ``(batch, in_chans, H, W)`` in the model's dtype (its first floating-point parameter's: a model
+    cast by ``.half()`` takes and returns float16); the graph's output is the model's first output.
+
+    A bfloat16 model: ONNX's ``Conv`` takes bfloat16 from opset 22 on, which only the dynamo exporter writes, and
+    ONNX Runtime's CPU provider has no bfloat16 kernels (``Conv``, ``ReduceMean``; a plain ``nn.Conv2d``'s graph fails
+    to load as well), so such a graph is written with ``check=False`` and ``exporter="dynamo"``, ``opset`` >= 22,
+    checked by ``onnx.checker`` only (a graph ONNX does not accept raises ``ParameterNetError``).
 
     Raises ``ParameterNetError`` (one sentence) for bad arguments and for a model the exporter cannot trace;
     ``RuntimeError`` when ONNX Runtime's output differs from PyTorch's by more than ``rtol``.
@@ -222,6 +255,14 @@ def export_onnx(
         raise ParameterNetError(
             f"{what} takes one image or any batch, not batch_size={batch_size}; use batch_size=1 or dynamic_batch=True."
         )
+    if rtol is not None and not (isinstance(rtol, (int, float)) and not isinstance(rtol, bool) and rtol > 0):
+        raise ParameterNetError(f"rtol must be a positive number or None (the dtype's default), got {rtol!r}.")
+    if check and _image_dtype(model) == torch.bfloat16:
+        raise ParameterNetError(
+            "ONNX Runtime's CPU provider has no bfloat16 kernels (a plain nn.Conv2d's bfloat16 graph does not load "
+            "either), so a bfloat16 graph cannot be checked; pass check=False with exporter='dynamo' and opset=22 "
+            "(ONNX's Conv takes bfloat16 from opset 22), or export the model in float32 or float16."
+        )
     path = Path(path)
     if path.suffix != ".onnx":
         raise ParameterNetError(f"the output path must end in .onnx, got {str(path)!r}.")
@@ -241,10 +282,11 @@ def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, 
     chans, height, width = image_input_shape(model, img_size, in_chans)
     ref = next(iter(model.parameters()), None)
     device = ref.device if ref is not None else torch.device("cpu")
+    dtype = _image_dtype(model)
     generator = torch.Generator().manual_seed(0)
 
     def images(n: int) -> torch.Tensor:
-        return torch.randn(n, chans, height, width, generator=generator).to(device)
+        return torch.randn(n, chans, height, width, generator=generator).to(device, dtype)
 
     # torch.export would fix a symbolic size traced at 1, so a dynamic graph is traced at batch 2.
     example = images(1 if per_image else max(batch_size, 2) if dynamic_batch else batch_size)
@@ -265,6 +307,8 @@ def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, 
             f"ONNX export of {model_name(model)} ({_mode(dynamic_batch, batch_size, runtime)}, input "
             f"{chans}x{height}x{width}) failed: {type(e).__name__}: {first}"
         ) from e
+    if dtype == torch.bfloat16:  # never loaded by ONNX Runtime here: ONNX's own checker says whether it is ONNX
+        _check_bfloat16_graph(path, opset, exporter)
     if per_image or not dynamic_batch:
         _declare_batch(path, 1 if per_image else batch_size)
     moved = None
@@ -282,6 +326,8 @@ def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, 
 
     errors: dict[int, float] = {}
     nchwc_error = None
+    if rtol is None:
+        rtol = 1e-2 if dtype == torch.float16 else 1e-4
     if check:
         try:
             session = onnx_session(path, nchwc=False)
@@ -344,5 +390,6 @@ def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, 
         export_seconds=seconds,
         size_mb=path.stat().st_size / 2**20,
         nchwc_rel_error=nchwc_error,
+        dtype=str(dtype).removeprefix("torch."),
     )
     return report
