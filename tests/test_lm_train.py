@@ -75,6 +75,32 @@ def test_lm_train_lr_schedule_ends_at_a_tenth_of_the_peak(corpora, caplog):
     assert max(lrs) == pytest.approx(peak) and lrs[-1] == pytest.approx(0.1 * peak)
 
 
+def test_short_lm_train_says_it_shortens_the_warmup_and_timm_stays_quiet(corpora, caplog):
+    """lm-small's 13 warmup steps do not fit in a 3-step run: lm-train says it warms up over 2 steps, and timm's
+    warning about a one-step cosine ("will have no effect") does not reach the user."""
+    out = corpora / "run"
+    argv = [o for o in TINY if not o.startswith(("max_steps", "schedule.warmup_steps"))]
+    with caplog.at_level(logging.INFO):
+        assert (
+            main(["lm-train", "configs/lm-small.yaml", *argv, "max_steps=3", "zero_shot_items=0", f"output_dir={out}"])
+            == 0
+        )
+    said = [r for r in caplog.records if "warmup" in r.getMessage()]
+    assert [r.getMessage() for r in said] == [
+        "schedule.warmup_steps=13 does not fit in this run's 3 steps: warming up over 2 steps instead, so that the "
+        "cosine still ends at 0.1 of the peak learning rate"
+    ]
+    assert said[0].levelno == logging.WARNING
+    assert "will have no effect" not in caplog.text and not [r for r in caplog.records if r.name.startswith("timm")]
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert lrs[-1] == pytest.approx(0.1e-3)  # the schedule the message promises
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # a warmup that fits: nothing said
+        train_lm(load_lm_config("configs/lm-small.yaml", [*TINY, "zero_shot_items=0", f"output_dir={corpora / 'b'}"]))
+    assert "warmup" not in caplog.text
+
+
 def test_lm_train_resume_ends_with_the_same_weights(corpora):
     common = [*TINY, "max_steps=6", "ckpt_every_steps=3", "zero_shot_items=0", "model.moe_projections=[down_proj]"]
     a, b = corpora / "a", corpora / "b"
@@ -139,6 +165,7 @@ def test_lm_recipe_errors(tmp_path):
         ("model.num_hidden_layers=0", "model.num_hidden_layers=0 is invalid"),
         ("model.intermediate_size=0", "model.intermediate_size=0 is invalid"),
         ("device=gpu", "device='gpu' is invalid; it must be auto, cpu, cuda or cuda:N"),
+        ("parallel=zero3", "parallel='zero3' is invalid; it must be ddp (the whole model on every process) or fsdp"),
         ("data.corpora=[brown,mnist]", "unknown text corpus 'mnist'; choose from gutenberg, sotu, brown"),
     ],
 )

@@ -9,6 +9,12 @@ A checkpoint at step S in ``OUTPUT_DIR/checkpoints/`` is
 - ``step_000S.state.pt``: optimizer, scheduler, EMA, RNG and data-order state;
 - ``step_000S.manifest.json``: the size and sha256 of each file above, written last: the commit point.
 
+A *sharded* checkpoint (an FSDP run, :meth:`CheckpointManager.save_sharded`) has ``step_000S.dcp/`` in place of
+the weights: model and optimizer state written by every process with ``torch.distributed.checkpoint`` (DCP),
+into a staging directory renamed into place once all have written, which reads back on any number of processes
+(:func:`restore_sharded`); ``step_000S.state.pt`` holds the rest of the training state and the metadata the
+weights file would (:func:`recorded_metadata`), and the manifest lists every file of both.
+
 Every file goes through :func:`parameternet.runs.atomic_write` (temporary name in the same directory, fsync,
 rename). ``latest()`` returns the newest checkpoint whose files all match their manifest and says which newer
 ones it skipped (truncated, bit-flipped, half-written); a checkpoint written before manifests existed counts
@@ -23,6 +29,7 @@ import io
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +37,7 @@ import torch
 
 from parameternet.errors import ParameterNetError
 from parameternet.io import load_weights, read_metadata, save_weights
-from parameternet.runs import atomic_write
+from parameternet.runs import atomic_write, fs_error
 from parameternet.toolkit import strip_wrapper_prefixes
 
 __all__ = [
@@ -40,8 +47,12 @@ __all__ = [
     "load_into",
     "match_fraction",
     "read_metadata",
+    "recorded_metadata",
     "resolve_weights",
+    "restore_sharded",
     "save_weights",
+    "sharded_dir",
+    "sharded_state",
     "state_path_for",
 ]
 
@@ -84,6 +95,59 @@ def load_state(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ParameterNetError(f"{str(path)!r} is not a parameternet training state; point resume at a run directory")
     return state
+
+
+def sharded_dir(state_path: Path) -> Path:
+    """The DCP directory of the checkpoint whose state file is ``state_path`` (it exists for a sharded one)."""
+    return state_path.with_name(state_path.name.replace(".state.pt", ".dcp"))
+
+
+def recorded_metadata(state_path: Path) -> tuple[Path, dict[str, Any]]:
+    """``(source, metadata)`` of the checkpoint whose state file is ``state_path``: the weights file and its
+    metadata (:func:`read_metadata`) for a full checkpoint, the DCP directory and the metadata its state file keeps
+    for a sharded one."""
+    shards = sharded_dir(state_path)
+    if shards.is_dir():
+        return shards, load_state(state_path).get("metadata", {})
+    weights = state_path.with_name(state_path.name.replace(".state.pt", ".safetensors"))
+    return weights, read_metadata(weights)
+
+
+def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``{"model": ..., "optim": ...}``: the sharded (DTensor) state dicts of an FSDP2 model and its optimizer
+    under their parameters' names (``torch.distributed.checkpoint.state_dict.get_state_dict``), what DCP writes
+    and reads in place. Every process calls it (an optimizer without state yet gets one, with zeros)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optim_state}
+
+
+def restore_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Load a sharded checkpoint's DCP ``directory`` into an FSDP2 ``model`` and its ``optimizer``, resharded to
+    this run's processes whatever their number when it was written. Every process calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = sharded_state(model, optimizer)
+    try:
+        dcp.load(state, checkpoint_id=str(directory))
+    except Exception as e:  # DCP wraps every rank's failure in one CheckpointException
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ParameterNetError(
+            f"sharded checkpoint {str(directory)!r} does not fit this model and optimizer ({first}); resume with the "
+            f"recipe that wrote it, or start a new output_dir"
+        ) from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _hash_file(path: Path) -> dict[str, Any]:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": h.hexdigest()}
 
 
 def state_path_for(weights: Path) -> Path:
@@ -180,15 +244,11 @@ class CheckpointManager:
                 size = p.stat().st_size
                 if size != rec["bytes"]:
                     return f"{name} has {size} bytes, {rec['bytes']} were written"
-                h = hashlib.sha256()
-                with open(p, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        h.update(chunk)
-                if h.hexdigest() != rec["sha256"]:
+                if _hash_file(p)["sha256"] != rec["sha256"]:
                     return f"{name} does not match the checksum written with it"
             return None
         state = self.dir / f"{tag}.state.pt"  # written before manifests: the state was the commit point
-        if not state.is_file():
+        if not state.is_file() or (self.dir / f"{tag}.dcp").is_dir():  # sharded ones always had manifests
             return f"{tag} was never completed (no manifest)"
         try:
             load_state(state)
@@ -238,9 +298,64 @@ class CheckpointManager:
     def save_step(self, step: int, weights: dict, ema: dict | None, state: dict, metadata: dict) -> Path:
         return self.save(f"step_{step:07d}", weights, ema, state, metadata)
 
+    def save_sharded(self, tag: str, sharded: dict[str, Any], state: dict, metadata: dict) -> Path:
+        """Write the sharded checkpoint ``tag``: every process calls it with its shards (:func:`sharded_state`).
+
+        The old manifest goes first; all processes write ``sharded`` with DCP into ``.<tag>.dcp.partial/``, which
+        the main process renames to ``<tag>.dcp/``; the processes hash a share of its files each; the main process
+        writes ``<tag>.state.pt`` (``state`` plus ``metadata``) and, last, the manifest listing them all (the commit
+        point), then prunes old steps. The directory must be one every process sees (DCP's rule). Returns the DCP
+        directory; a full disk or unwritable directory raises ParameterNetError and leaves older checkpoints intact.
+        """
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        final, staging = self.dir / f"{tag}.dcp", self.dir / f".{tag}.dcp.partial"
+        try:
+            if rank == 0:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                (self.dir / f"{tag}.manifest.json").unlink(missing_ok=True)
+                for old in self.dir.glob(".step_*.dcp.*"):  # left by a killed run (one writer per directory)
+                    shutil.rmtree(old, ignore_errors=True)
+            dist.barrier()
+            dcp.save(sharded, checkpoint_id=str(staging))
+            dist.barrier()
+            if rank == 0:
+                if final.exists():
+                    final.rename(self.dir / f".{tag}.dcp.old")
+                staging.rename(final)
+                shutil.rmtree(self.dir / f".{tag}.dcp.old", ignore_errors=True)
+            dist.barrier()
+            names = sorted(p.name for p in final.iterdir())
+            mine = {f"{final.name}/{n}": _hash_file(final / n) for n in names[rank::world]}
+        except OSError as e:
+            raise (fs_error(final, e) or e) from None
+        records: list[dict[str, Any] | None] = [None] * world
+        dist.all_gather_object(records, mine)
+        if rank == 0:
+            files = {name: rec for part in records for name, rec in sorted(part.items())}
+            state_path = self.dir / f"{tag}.state.pt"
+            files[state_path.name] = save_state(state_path, {"format": FORMAT, **state, "metadata": metadata})
+            atomic_write(self.dir / f"{tag}.manifest.json", json.dumps({"format": FORMAT, "files": files}, indent=1))
+            self._prune()
+        dist.barrier()
+        return final
+
+    def save_sharded_step(self, step: int, sharded: dict[str, Any], state: dict, metadata: dict) -> Path:
+        return self.save_sharded(f"step_{step:07d}", sharded, state, metadata)
+
+    def written(self, step: int) -> Path:
+        """What step ``step``'s checkpoint holds the weights in: ``step_N.safetensors``, or ``step_N.dcp/`` for a
+        sharded one."""
+        tag = f"step_{step:07d}"
+        shards = self.dir / f"{tag}.dcp"
+        return shards if shards.is_dir() else self.dir / f"{tag}.safetensors"
+
     def _prune(self) -> None:
         for step in self.steps()[: -self.keep_last]:
             tag = f"step_{step:07d}"
             # the manifest and state go first, so a half-pruned checkpoint is already invisible
             for suffix in (".manifest.json", ".state.pt", ".safetensors", ".ema.safetensors"):
                 (self.dir / f"{tag}{suffix}").unlink(missing_ok=True)
+            shutil.rmtree(self.dir / f"{tag}.dcp", ignore_errors=True)

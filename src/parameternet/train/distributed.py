@@ -1,4 +1,5 @@
-"""Distributed data parallel plumbing: torchrun detection, process groups, samplers, metric reduction.
+"""Distributed data parallel plumbing: torchrun detection, process groups, samplers, metric reduction, and the
+FSDP2 sharding of a layered model (:func:`fully_shard_model`).
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the trainer joins a process group, NCCL on GPUs and
 gloo on CPUs, shards the data per rank and reduces metrics across ranks; only rank 0 writes files. A single
@@ -29,6 +30,7 @@ __all__ = [
     "all_reduce_sum",
     "cleanup",
     "data_parallel",
+    "fully_shard_model",
     "mix_seed",
     "setup",
 ]
@@ -52,8 +54,9 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup(device: str = "auto") -> DistInfo:
-    """Pick the device and, under torchrun, join the process group (nccl on CUDA, gloo on CPU)."""
+def setup(device: str = "auto", group: bool = False) -> DistInfo:
+    """Pick the device and, under torchrun, join the process group (nccl on CUDA, gloo on CPU); with ``group`` a
+    single process makes a group of one too (FSDP and ``torch.distributed.checkpoint`` need one)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -66,9 +69,12 @@ def setup(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or group) and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        if world > 1:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        else:  # no torchrun: a store in this process, no port
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
         log.info("rank %d/%d joined the %s process group on %s", rank, world, backend, dev)
     return DistInfo(rank, world, local_rank, dev)
 
@@ -84,6 +90,39 @@ def data_parallel(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
         return model
     ids = [info.device.index] if info.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def fully_shard_model(
+    model: torch.nn.Module,
+    blocks: list[torch.nn.Module],
+    info: DistInfo,
+    param_dtype: torch.dtype | None = None,
+    float32_modules: tuple[type, ...] = (),
+) -> torch.nn.Module:
+    """Shard ``model`` in place with FSDP2 (``fully_shard``) over all ``info.world_size`` processes: each of
+    ``blocks`` (a transformer's layers) is one unit, gathered for its forward and backward and freed after, and the
+    root ``model`` holds what is left (embeddings, final norm, head). Every parameter, expert banks included, is
+    split along its first dimension; gradients are reduce-scattered in float32.
+
+    ``param_dtype`` (e.g. bfloat16): the blocks' weights are gathered in that dtype; their inputs are not cast, so
+    the residual stream keeps the root's float32 and the caller's autocast decides each op's precision. Modules of
+    the ``float32_modules`` types inside the blocks (routers) are units of their own gathered in float32, and so is
+    the root. Returns ``model`` (FSDP2 changes its class, not its names).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    full = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
+    low = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for block in blocks:
+        if param_dtype is not None:
+            for module in block.modules():
+                if isinstance(module, float32_modules):
+                    fully_shard(module, mesh=mesh, mp_policy=full)
+        fully_shard(block, mesh=mesh, mp_policy=low)
+    fully_shard(model, mesh=mesh, mp_policy=full)
+    return model
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,13 @@ token seen once (training windows are a seeded permutation of non-overlapping ``
 for every model of an experiment). Gradient accumulation splits a step's ``batch_size`` sequences into
 ``grad_accum`` micro-batches. The loss is the model's: next-token cross-entropy plus the weighted router losses.
 
+``parallel: fsdp`` shards the model with FSDP2 per decoder layer (``train.distributed.fully_shard_model``; with
+``amp=bf16`` the layers' weights are gathered in bf16), accumulates gradients unreduced with
+``set_requires_gradient_sync`` as DDP does with ``no_sync``, writes sharded checkpoints
+(``torch.distributed.checkpoint``, ``CheckpointManager.save_sharded``) that resume on any number of processes,
+and gathers the whole model for ``model/``. ``activation_checkpointing`` recomputes each decoder layer in the
+backward pass (transformers' activation checkpointing), under either.
+
 A run killed at any point resumes (``resume=auto``) from its last checkpoint with the same data order and
 ends with the same weights on CPU. The output directory holds ``metrics.jsonl``, ``checkpoints/``,
 ``summary.json`` and ``model/``: ``save_pretrained`` output with the tokenizer, which loads with
@@ -33,7 +40,15 @@ import torch
 from parameternet.errors import ParameterNetError
 from parameternet.runs import StopSignal, fs_error
 from parameternet.train import distributed as D
-from parameternet.train.checkpoint import load_into, load_state, load_weights
+from parameternet.train.checkpoint import (
+    load_into,
+    load_state,
+    load_weights,
+    recorded_metadata,
+    restore_sharded,
+    sharded_dir,
+    sharded_state,
+)
 from parameternet.train.lm_config import (
     LMDataConfig,
     LMModelConfig,
@@ -58,6 +73,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+class _DropRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
 class LMTrainer(TrainTask):
     """Language modelling as a :class:`~parameternet.train.loop.TrainTask`: builds the data, tokenizer and model
     a recipe names; ``run()`` trains and returns the summary."""
@@ -67,17 +87,47 @@ class LMTrainer(TrainTask):
     def __init__(self, cfg: LMTrainConfig, dist: D.DistInfo, stop: StopSignal | None = None):
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        if cfg.batch_size % (dist.world_size * cfg.grad_accum):
-            raise ParameterNetError(
-                f"batch_size={cfg.batch_size} does not split into {dist.world_size} process(es) x "
-                f"grad_accum={cfg.grad_accum} micro-batches; use a multiple of {dist.world_size * cfg.grad_accum}"
-            )
-        self.micro = cfg.batch_size // (dist.world_size * cfg.grad_accum)
+        self.sharded = cfg.parallel == "fsdp"
         # since the last train row: the loss, the next-token loss and the router loss
         super().__init__(cfg, dist, stop, Window(("loss", "lm_loss", "aux_loss")))
 
+    def check_resume(self, state_path: Path) -> None:
+        """An FSDP run continues only a sharded checkpoint and a DDP run only a full one."""
+        source, meta = recorded_metadata(state_path)
+        sharded = sharded_dir(state_path).is_dir()
+        if sharded != self.sharded:
+            was, how = ("sharded", "fsdp") if sharded else ("whole", "ddp")
+            raise ParameterNetError(
+                f"checkpoint {str(source)!r} holds {was} weights written with parallel={how}, and this run has "
+                f"parallel={self.cfg.parallel}; resume it with parallel={how}, or start a new output_dir"
+            )
+        self.resume_source, self.saved_world = source, meta.get("world_size")
+
+    def _check_split(self) -> None:
+        """The step's batch_size sequences split into world_size x grad_accum micro-batches, or one sentence."""
+        cfg, world = self.cfg, self.dist.world_size
+        if cfg.batch_size % (world * cfg.grad_accum) == 0:
+            return
+        if self.resume_from is None:
+            raise ParameterNetError(
+                f"batch_size={cfg.batch_size} does not split into {world} process(es) x "
+                f"grad_accum={cfg.grad_accum} micro-batches; use a multiple of {world * cfg.grad_accum}"
+            )
+        per = cfg.batch_size // cfg.grad_accum
+        fits = [n for n in range(1, per + 1) if per % n == 0]
+        fits = ", ".join(map(str, fits[:-1])) + f" or {fits[-1]}" if len(fits) > 1 else str(fits[0])
+        written = f" on {self.saved_world} process(es)" if self.saved_world else ""
+        raise ParameterNetError(
+            f"checkpoint {str(self.resume_source)!r} was written{written} with "
+            f"batch_size={cfg.batch_size} and grad_accum={cfg.grad_accum}, which do not split over {world} "
+            f"processes; resume it on {fits} process(es) (resuming keeps batch_size and grad_accum), or start a new "
+            f"output_dir"
+        )
+
     def build(self) -> None:
         cfg, dist = self.cfg, self.dist
+        self._check_split()
+        self.micro = cfg.batch_size // (dist.world_size * cfg.grad_accum)
         d = cfg.data
         if dist.is_main:  # one process trains the tokenizer; the others wait and load it
             self.data = d.prepare()
@@ -91,7 +141,16 @@ class LMTrainer(TrainTask):
         seed_all(cfg.seed)
         self.model = self._build_model().to(self.device)
         self.params = self.model.num_parameters()
-        self.ddp = D.data_parallel(self.model, dist)
+        if cfg.activation_checkpointing:
+            self.model.activation_checkpointing_enable({"use_reentrant": False})
+        if self.sharded:
+            from parameternet.layers.moe import MoERouter
+
+            low = torch.bfloat16 if cfg.amp == "bf16" else None
+            self.ddp = D.fully_shard_model(self.model, list(self.model.model.layers), dist, low, (MoERouter,))
+        else:
+            self.ddp = D.data_parallel(self.model, dist)
+        self.eval_model = self.model  # zero-shot scoring: under FSDP, the gathered model _save_final builds
         self._build_optim()
         self.last_val: dict[str, float] = {}
         self.cadence = Cadence(cfg.log_every, cfg.eval_every_steps, cfg.ckpt_every_steps)
@@ -117,16 +176,31 @@ class LMTrainer(TrainTask):
         groups = decay_groups(self.model, o.weight_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         self.total_steps = self.cfg.total_steps
+        # the cosine needs one step of its own, so the warmup ends a step before the run does
         warmup = min(s.warmup_steps, self.total_steps - 1)
-        self.scheduler = CosineLRScheduler(
-            self.optimizer,
-            t_initial=self.total_steps - warmup,
-            lr_min=o.lr * s.min_lr_ratio,
-            warmup_t=warmup,
-            warmup_lr_init=0.0,
-            warmup_prefix=True,
-            t_in_epochs=False,
-        )
+        if warmup < s.warmup_steps and self.dist.is_main:
+            log.warning(
+                "schedule.warmup_steps=%d does not fit in this run's %d steps: warming up over %d steps instead, "
+                "so that the cosine still ends at %g of the peak learning rate",
+                s.warmup_steps, self.total_steps, warmup, s.min_lr_ratio,
+            )  # fmt: skip
+        # With a single cosine step timm warns that the cosine "will have no effect"; the schedule still ends at
+        # lr_min as asked (the line above says why the warmup is short), so timm's warning is dropped, not shown.
+        quiet = _DropRecords()
+        timm_log = logging.getLogger(CosineLRScheduler.__module__)
+        timm_log.addFilter(quiet)
+        try:
+            self.scheduler = CosineLRScheduler(
+                self.optimizer,
+                t_initial=self.total_steps - warmup,
+                lr_min=o.lr * s.min_lr_ratio,
+                warmup_t=warmup,
+                warmup_lr_init=0.0,
+                warmup_prefix=True,
+                t_in_epochs=False,
+            )
+        finally:
+            timm_log.removeFilter(quiet)
         self.scheduler.step_update(0)
 
     # ----- data order -----
@@ -150,19 +224,27 @@ class LMTrainer(TrainTask):
 
     # ----- checkpoints -----
     def save_checkpoint(self) -> None:
-        if not self.dist.is_main:
-            return
         state = {
             "step": self.step,
             "batch_size": self.cfg.batch_size,
             "seq_len": self.cfg.data.seq_len,
             "total_steps": self.total_steps,
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "log_window": self.window.saved(),
             "last_val": self.last_val,
         }
-        meta = {"kind": "parameternet-lm", "step": self.step, "config": self.cfg.to_dict()}
+        meta = {
+            "kind": "parameternet-lm",
+            "step": self.step,
+            "world_size": self.dist.world_size,
+            "config": self.cfg.to_dict(),
+        }
+        if self.sharded:  # every process writes its shards
+            self.ckpt.save_sharded_step(self.step, sharded_state(self.model, self.optimizer), state, meta)
+            return
+        if not self.dist.is_main:
+            return
+        state["optimizer"] = self.optimizer.state_dict()
         self.ckpt.save_step(self.step, self.model.state_dict(), None, state, meta)
 
     def load_checkpoint(self, state_path: Path) -> None:
@@ -176,9 +258,12 @@ class LMTrainer(TrainTask):
                 f"checkpoint {str(state_path)!r} ran batch_size={state['batch_size']}, seq_len={state['seq_len']} "
                 f"for {state['total_steps']} steps; resume with the same recipe or start a new output_dir"
             )
-        weights = state_path.with_name(state_path.name.replace(".state.pt", ".safetensors"))
-        load_into(self.model, load_weights(weights)[0], str(weights), strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            restore_sharded(self.model, self.optimizer, sharded_dir(state_path))
+        else:
+            weights = state_path.with_name(state_path.name.replace(".state.pt", ".safetensors"))
+            load_into(self.model, load_weights(weights)[0], str(weights), strict=True)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         self.window.restore(state["log_window"])
@@ -188,13 +273,15 @@ class LMTrainer(TrainTask):
 
     def _save_final(self, name: str = "model", extra: dict[str, str] | None = None) -> Path:
         """``<out>/<name>/``: save_pretrained output plus the tokenizer (and ``extra`` text files), written to a
-        temporary directory and renamed over the old one."""
+        temporary directory and renamed over the old one. Under FSDP every process calls it: the shards are
+        gathered into a whole model on the main process (:meth:`_gathered`), which writes it."""
         final = self.out / name
+        model = self._gathered() if self.sharded else self.model
         if self.dist.is_main:
             try:
                 with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=self.out) as tmp:
                     staged = Path(tmp) / name
-                    self.model.save_pretrained(staged)
+                    model.save_pretrained(staged)
                     self.tokenizer.save_pretrained(staged)
                     for file, text in (extra or {}).items():
                         (staged / file).write_text(text)
@@ -206,10 +293,41 @@ class LMTrainer(TrainTask):
         D.barrier()
         return final
 
+    def _gathered(self):
+        """The FSDP model's weights gathered whole (every process calls it) into an ordinary
+        ParameterNetLlamaForCausalLM on the main process, float32, on this run's device (None elsewhere); it
+        becomes :attr:`eval_model`."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.dist.is_main:
+            return None
+        from parameternet.models.llama_moe import ParameterNetLlamaForCausalLM
+
+        with torch.device("meta"):  # no initialisation: every weight comes from the shards
+            plain = ParameterNetLlamaForCausalLM(self.model.config)
+        plain.load_state_dict(full, assign=True)
+        buffers = dict(self.model.named_buffers())  # not sharded: rotary frequencies
+        for name, buf in plain.named_buffers():
+            if buf.is_meta:
+                owner, _, leaf = name.rpartition(".")
+                plain.get_submodule(owner)._buffers[leaf] = buffers[name].detach().cpu().clone()
+        plain.to(self.device).train(self.model.training)
+        self.eval_model = plain
+        return plain
+
     # ----- the steps -----
     def _autocast(self):
         enabled = self.cfg.amp == "bf16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _grad_sync(self, last: bool):
+        """Reduce the gradients after this micro-batch only when it is the step's ``last``: FSDP2's
+        ``set_requires_gradient_sync``, DDP's ``no_sync``."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last or not self.dist.distributed else self.ddp.no_sync()
 
     def train_step(self, batch: None = None) -> dict[str, float]:
         """One optimizer step over this rank's share of the step's windows (read here, ``batch`` is None):
@@ -222,10 +340,9 @@ class LMTrainer(TrainTask):
         coef, zcoef = cfg.model.router_aux_loss_coef, cfg.model.router_z_loss_coef
         for j, micro in enumerate(ids.split(self.micro)):
             last = j == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if last or not self.dist.distributed else self.ddp.no_sync()
-            with sync:
+            with self._grad_sync(last):
                 with self._autocast():
-                    out = self.ddp(input_ids=micro, labels=micro)
+                    out = self.ddp(input_ids=micro, labels=micro, use_cache=False)
                 (out.loss.float() / cfg.grad_accum).backward()
             loss = out.loss.detach().double().cpu()
             aux = (
@@ -245,7 +362,7 @@ class LMTrainer(TrainTask):
         return dict(zip(self.window.names, sums.tolist(), strict=True))
 
     def validate(self) -> None:
-        v = self._validation_loss()  # float32 whatever amp says: comparable across runs
+        v = self._validation_loss()  # float32 whatever amp says (but FSDP's bf16 weights): comparable across runs
         self.last_val = v
         self.metrics.write({"step": self.step, "split": "val", **{k: round(x, 6) for k, x in v.items()}})
         if self.dist.is_main:
@@ -254,16 +371,20 @@ class LMTrainer(TrainTask):
     def _validation_loss(self) -> dict[str, float]:
         from parameternet.train.lm_eval import validation_loss
 
-        return validation_loss(
-            self.model,
-            self.data.tokens("val"),
-            self.cfg.data.seq_len,
-            self.cfg.eval_batch_size,
-            self.cfg.eval_tokens,
-            self.device,
-            self.dist.rank,
-            self.dist.world_size,
-        )
+        # FSDP with amp=bf16 gathers bf16 weights, which only autocast multiplies with float32 activations
+        low = self.sharded and self.cfg.amp == "bf16"
+        with self._autocast() if low else contextlib.nullcontext():
+            return validation_loss(
+                self.model,
+                self.data.tokens("val"),
+                self.cfg.data.seq_len,
+                self.cfg.eval_batch_size,
+                self.cfg.eval_tokens,
+                self.device,
+                self.dist.rank,
+                self.dist.world_size,
+                lockstep=self.sharded,
+            )
 
     def train_row(self, window: Window) -> dict[str, Any]:
         tokens = self.cfg.batch_size * self.cfg.data.seq_len
@@ -329,7 +450,7 @@ class LMTrainer(TrainTask):
         out = {}
         for name, items in tasks.items():
             out[name] = score_choices(
-                self.model, self.tokenizer, items, self.cfg.data.seq_len, self.cfg.eval_batch_size, self.device
+                self.eval_model, self.tokenizer, items, self.cfg.data.seq_len, self.cfg.eval_batch_size, self.device
             )
             self.metrics.write({"step": self.step, "split": f"zero_shot/{name}", **out[name]})
             log.info("zero-shot %s: acc %.4f  acc_norm %.4f  (%d items)", name, out[name]["acc"], out[name]["acc_norm"],
@@ -343,4 +464,5 @@ def train_lm(cfg: LMTrainConfig) -> dict[str, Any]:
     Like :func:`parameternet.train.trainer.train`: ``output_dir/run.lock`` held for the run (ParameterNetError
     when another live process holds it), SIGINT / SIGTERM save a checkpoint and raise ``RunInterrupted``.
     """
-    return run_locked(cfg.device, cfg.output_dir, lambda dist, stop: LMTrainer(cfg, dist, stop))
+    fsdp = cfg.parallel == "fsdp"  # FSDP and DCP need a process group, of one process too
+    return run_locked(cfg.device, cfg.output_dir, lambda dist, stop: LMTrainer(cfg, dist, stop), group=fsdp)

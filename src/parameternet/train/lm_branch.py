@@ -106,6 +106,10 @@ class ExperimentLMTrainer(LMTrainer):
                 raise ParameterNetError(
                     "an upcycled branch needs model.moe_projections; name the projection to convert"
                 )
+        if cfg.parallel != "ddp":
+            raise ParameterNetError(
+                f"parallel={cfg.parallel!r} is for lm-train; the experiment's runs are single-process, drop it"
+            )
         if not 0 <= start_step < cfg.total_steps:
             raise ParameterNetError(f"start_step={start_step} must be in [0, {cfg.total_steps}); lower it")
         super().__init__(cfg, dist, stop)

@@ -15,7 +15,17 @@ from typing import Any
 from parameternet.errors import ParameterNetError
 from parameternet.train.recipe import DEVICE_WORDS, check_fields, device_ok, load_recipe
 
-__all__ = ["LMDataConfig", "LMModelConfig", "LMOptimConfig", "LMScheduleConfig", "LMTrainConfig", "load_lm_config"]
+__all__ = [
+    "PARALLEL",
+    "LMDataConfig",
+    "LMModelConfig",
+    "LMOptimConfig",
+    "LMScheduleConfig",
+    "LMTrainConfig",
+    "load_lm_config",
+]
+
+PARALLEL = ("ddp", "fsdp")  # the values of LMTrainConfig.parallel
 
 
 @dataclass
@@ -96,7 +106,14 @@ class LMTrainConfig:
     output_dir: str = "runs/lm"
     resume: str | None = None  # auto = the last checkpoint in output_dir
     device: str = "auto"
-    amp: str = "none"  # none | bf16: training under bf16 autocast (evaluation stays float32)
+    amp: str = "none"  # none | bf16: training under bf16 autocast (evaluation stays float32; see parallel)
+    # ddp: every process holds the whole model (DistributedDataParallel under torchrun). fsdp: FSDP2, parameters,
+    # gradients and AdamW states sharded over the processes per decoder layer (experts like any parameter), sharded
+    # checkpoints (torch.distributed.checkpoint) that resume on any number of processes; with amp=bf16 the decoder
+    # layers' weights are gathered in bf16 (routers and the root's embeddings / head in float32), gradients reduced
+    # in float32, and evaluation runs under bf16 autocast.
+    parallel: str = "ddp"
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass (less memory)
     threads: int | None = None  # torch intra-op threads; None = torch's default
     progress: bool = True
 
@@ -139,6 +156,7 @@ class LMTrainConfig:
             (self.schedule.warmup_steps >= 0, "schedule.warmup_steps", "0 or more"),
             (self.log_every >= 1, "log_every", "at least 1"),
             (self.amp in ("none", "bf16"), "amp", "none or bf16"),
+            (self.parallel in PARALLEL, "parallel", "ddp (the whole model on every process) or fsdp (sharded)"),
             (self.keep_last >= 1, "keep_last", "at least 1"),
             (self.model.num_attention_heads > 0, "model.num_attention_heads", "a positive integer"),
             (self.model.hidden_size > 0, "model.hidden_size", "a positive integer"),

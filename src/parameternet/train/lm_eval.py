@@ -91,9 +91,12 @@ def validation_loss(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = False,
+    lockstep: bool = False,
 ) -> dict[str, float]:
     """Mean next-token loss over windows of ``seq_len`` tokens (the first ``max_tokens``), summed over ranks;
-    ``progress`` shows a bar (on a terminal)."""
+    ``progress`` shows a bar (on a terminal). ``lockstep``: every rank runs as many forward passes as the rank with
+    the most windows (one with fewer left runs one window and counts nothing), for a model whose forward is a
+    collective (FSDP)."""
     was_training = model.training
     model.eval()
     n_windows = len(tokens) // seq_len
@@ -103,8 +106,12 @@ def validation_loss(
         raise ParameterNetError(f"the validation split has {len(tokens)} tokens, fewer than seq_len={seq_len}")
     mine = list(range(rank, n_windows, world_size))
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, predicted tokens
-    starts = range(0, len(mine), batch_size)
+    most = -(-n_windows // world_size) if lockstep else len(mine)  # rank 0 has the most
+    starts = range(0, most, batch_size)
     for i in tqdm(starts, desc="validation loss", unit="batch", disable=None if progress and rank == 0 else True):
+        if i >= len(mine):  # lockstep: this rank's windows are done; the others' forward needs this one
+            model(input_ids=torch.from_numpy(tokens[:seq_len].astype(np.int64)).to(device)[None])
+            continue
         rows = [tokens[w * seq_len : (w + 1) * seq_len] for w in mine[i : i + batch_size]]
         ids = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)  # (B, L)
         logits = model(input_ids=ids).logits[:, :-1].float()  # (B, L-1, V)

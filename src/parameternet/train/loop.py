@@ -36,7 +36,7 @@ from parameternet.errors import ParameterNetError
 from parameternet.runs import RunInterrupted, RunLock, StopSignal, atomic_write, fs_error
 from parameternet.toolkit import seed_all
 from parameternet.train import distributed as D
-from parameternet.train.checkpoint import CheckpointManager, read_metadata, state_path_for
+from parameternet.train.checkpoint import CheckpointManager, recorded_metadata, state_path_for
 from parameternet.train.recipe import recipe_keys
 
 __all__ = [
@@ -262,8 +262,8 @@ def check_resume_recipe(cfg: Any, state_path: Path, restart: str = "start a new 
     Keys the checkpoint does not record (written before they existed) are not compared. Raises ParameterNetError
     naming each changed key with its old and new value, ending with ``restart`` (how the task starts afresh).
     """
-    weights = state_path.with_name(state_path.name.replace(".state.pt", ".safetensors"))
-    saved = read_metadata(weights)["config"]
+    source, meta = recorded_metadata(state_path)
+    saved = meta.get("config")
     if not saved:
         return
     changes = []
@@ -279,7 +279,7 @@ def check_resume_recipe(cfg: Any, state_path: Path, restart: str = "start a new 
             changes.append(f"{key} {old!r} -> {new!r}")
     if changes:
         raise ParameterNetError(
-            f"resuming from {str(weights)!r} would change the run's recipe ({', '.join(changes)}); resume without "
+            f"resuming from {str(source)!r} would change the run's recipe ({', '.join(changes)}); resume without "
             f"changing them, or {restart}"
         )
 
@@ -335,7 +335,9 @@ class TrainTask:
         self.out = Path(cfg.output_dir)
         self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.keep_last)
         resume_from = discover_resume(cfg.resume, self.ckpt)
+        self.resume_from = resume_from  # the .state.pt this run resumes from, None for a new run
         if resume_from is not None:
+            self.check_resume(resume_from)
             check_resume_recipe(cfg, resume_from, self.restart_hint)
         self.window = window
         self.step = 0
@@ -354,6 +356,10 @@ class TrainTask:
         return RunLoop(self).run()
 
     # what a task supplies
+    def check_resume(self, state_path: Path) -> None:
+        """Refuse (ParameterNetError, one sentence) a checkpoint this task cannot continue from as it is set up,
+        before the recipes are compared; nothing by default."""
+
     def build(self) -> None:
         """Build the data, model and optimizer and set ``total_steps``, ``ddp`` and ``cadence``."""
         raise NotImplementedError
@@ -532,18 +538,21 @@ class RunLoop:
         if not saved:
             t.save_checkpoint()
         D.barrier()
-        path = t.ckpt.dir / f"step_{t.step:07d}.safetensors"
+        path = t.ckpt.written(t.step)
         raise RunInterrupted(t.stop.signum if t.stop and t.stop.signum else 2, t.step, path)
 
 
-def run_locked(device: str, output_dir: str, make: Callable[[D.DistInfo, StopSignal], TrainTask]) -> dict[str, Any]:
+def run_locked(
+    device: str, output_dir: str, make: Callable[[D.DistInfo, StopSignal], TrainTask], group: bool = False
+) -> dict[str, Any]:
     """Set up the process (group) for ``device``, hold ``output_dir/run.lock`` (main rank) and the SIGINT /
-    SIGTERM handlers, and run the task ``make(dist, stop)`` builds; returns its summary.
+    SIGTERM handlers, and run the task ``make(dist, stop)`` builds; returns its summary. ``group``: a process
+    group even in one process (see :func:`parameternet.train.distributed.setup`).
 
     Raises ParameterNetError when another live process holds the lock, RunInterrupted after a signal (a second
     one exits at once).
     """
-    dist = D.setup(device)
+    dist = D.setup(device, group)
     try:
         lock = RunLock(output_dir) if dist.is_main else contextlib.nullcontext()
         with lock, StopSignal() as stop:
