@@ -120,9 +120,14 @@ def main() -> None:
             fp32_t.append(t_fp32)
             bf16_t.append(t_bf16)
             ratios.append(t_fp32 / t_bf16)
-        print(f"{name}: float32 routers {statistics.median(fp32_t) / args.steps * 1e3:.1f} ms/step, bf16 routers "
-              f"{statistics.median(bf16_t) / args.steps * 1e3:.1f} ms/step, ratio (median of {args.rounds} rounds) "
-              f"{statistics.median(ratios):.3f}x  [CPU time, {args.threads} thread(s), torch {torch.__version__}]")  # fmt: skip
+        fp32_ms = statistics.median(fp32_t) / args.steps * 1e3
+        bf16_ms = statistics.median(bf16_t) / args.steps * 1e3
+        ratio = statistics.median(ratios)
+        print(
+            f"{name}: float32 routers {fp32_ms:.1f} ms/step, bf16 routers {bf16_ms:.1f} ms/step, "
+            f"ratio (median of {args.rounds} rounds) {ratio:.3f}x  "
+            f"[CPU time, {args.threads} thread(s), torch {torch.__version__}]"
+        )
 
 
 if __name__ == "__main__":

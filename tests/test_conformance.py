@@ -6,7 +6,8 @@ DynamicLinear (batch-first and sequence-first), TopKMoELinear (grouped_mm and th
 Modes: grad / no_grad / inference_mode, train / eval, bf16 autocast with fp32 or bf16 inputs, bf16 weights,
 channels_last, batch 1 / 2 / 3 and a batch on the chunked path, torch.jit.trace at one batch run at another,
 torch.fx.symbolic_trace, torch.compile(dynamic=True) (graph count; the inductor run is slow). Converted models and
-ONNX are in ``tests/test_parameterize.py`` and ``tests/test_export.py``.
+ONNX are in ``tests/test_parameterize.py`` and ``tests/test_export.py``; dtype (fp32, bf16, fp16, bf16 autocast) x
+eager / torch.compile(fullgraph=True) / torch.export / ONNX in ``tests/test_dtypes.py``.
 """
 
 from __future__ import annotations

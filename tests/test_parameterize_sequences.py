@@ -59,8 +59,15 @@ def test_causal_lm_routes_per_token_keeps_its_head_and_never_reads_the_future():
         later[:, 7:] = (later[:, 7:] + 3) % 61
         torch.testing.assert_close(model(later).logits[:, :7], model(ids).logits[:, :7], atol=1e-5, rtol=1e-5)
         # cached generation equals the model's own full forward at every generated position
-        out = model.generate(ids[:, :5], attention_mask=torch.ones(2, 5, dtype=torch.long), max_new_tokens=6,
-                             do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)  # fmt: skip
+        out = model.generate(
+            ids[:, :5],
+            attention_mask=torch.ones(2, 5, dtype=torch.long),
+            max_new_tokens=6,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
         full = model(out.sequences).logits
         for step, logits in enumerate(out.logits):
             torch.testing.assert_close(logits, full[:, 4 + step], atol=1e-4, rtol=1e-4)

@@ -190,6 +190,47 @@ def test_gate_rule():
     assert not pitfall.gate_decision({0: 0.6, 1: 0.9, 2: 0.7})
 
 
+def _rows_of_this_code(preset: str, cells: list[str]) -> list[dict]:
+    """A finished grid of ``cells`` at seed 0 made by the imported code, as if ``preset`` had run it."""
+    rows = _synthetic_rows({name: [0.5] for name in cells})
+    for r in rows:
+        r.update(pitfall.provenance(), preset=preset)
+    return rows
+
+
+def test_demo_says_where_its_table_and_plot_went(tmp_path, capsys):
+    """`make demo` (pitfall --preset quick --jobs 2) ends with the paths of the table, the plot and the CSV; here
+    every run of the grid is in the CSV already, so nothing trains."""
+    out = tmp_path / "out"
+    width = pitfall.PRESETS["quick"].width
+    _write(
+        out / "results.csv",
+        _rows_of_this_code("quick", [pitfall.static_cell(width).name, pitfall.dynamic_cell(width).name]),
+    )
+    args = ["pitfall", "--preset", "quick", "--jobs", "2", "--output", str(out), "--runs-dir", str(tmp_path / "runs")]
+    for argv in (args, [*args, "--report-only"]):
+        assert main(argv) == 0
+        printed = capsys.readouterr().out
+        last = printed.strip().splitlines()[-1]
+        assert (
+            last == f"Table: {out / 'table.md'}; plot: {out / 'pitfall.png'}; every run's row: {out / 'results.csv'}."
+        )
+        assert (out / "table.md").read_text().strip() in printed and (out / "pitfall.png").is_file()
+        assert "wiring check" not in printed
+    assert not (tmp_path / "runs").exists()  # nothing trained
+
+
+def test_smoke_report_says_it_is_a_wiring_check_not_results(tmp_path, capsys):
+    out = tmp_path / "out"
+    _write(out / "results.csv", _rows_of_this_code("smoke", [A, "parameternet-w0.25-h64-e2"]))
+    assert main(["pitfall", "--preset", "smoke", "--output", str(out), "--report-only"]) == 0
+    printed = capsys.readouterr().out
+    first = "**A wiring check, not results.** Preset smoke: a gate and three cells, two steps each, 16 px"
+    assert printed.startswith(first) and (out / "table.md").read_text().startswith(first)
+    assert "they say nothing about the low-FLOPs pitfall" in printed
+    assert printed.strip().splitlines()[-1].endswith("(preset smoke: a wiring check, not results).")
+
+
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
     assert main(["pitfall", "--preset", "smoke", "--models", "ghostnet_9000", "--output", str(tmp_path)]) == 2
     assert "ghostnet_9000" in capsys.readouterr().err

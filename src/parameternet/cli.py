@@ -338,13 +338,18 @@ def _add_pitfall(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_pitfall(args: argparse.Namespace) -> int:
-    from parameternet.experiments.pitfall import default_output, report, run_pitfall
+    from parameternet.experiments.pitfall import PRESETS, default_output, report, run_pitfall
 
     _check_flags(("--jobs", args.jobs, 1))
+    output = Path(args.output) if args.output else default_output(args.preset)
     if args.report_only:
-        print(report(args.output or default_output(args.preset), preset=args.preset, pool_commits=args.pool_commits))
-        return 0
-    print(run_pitfall(args.preset, args.output, args.runs_dir, args.seeds, args.models, args.jobs))
+        print(report(output, preset=args.preset, pool_commits=args.pool_commits))
+    else:
+        print(run_pitfall(args.preset, output, args.runs_dir, args.seeds, args.models, args.jobs))
+    where = f"Table: {output / 'table.md'}; plot: {output / 'pitfall.png'}; every run's row: {output / 'results.csv'}"
+    if PRESETS[args.preset].wiring_check:
+        where += f" (preset {args.preset}: a wiring check, not results)"
+    print(where + ".")
     return 0
 
 
@@ -354,6 +359,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         help="export a model's deploy() graph to ONNX (symbolic batch by default) and check it in onnxruntime",
     )
     p.add_argument("model", nargs="?", help="a timm model name, e.g. parameternet_600m (default: the checkpoint's)")
+    p.add_argument(
+        "--arch", help="the same as MODEL: the timm model name, for a checkpoint that does not record its architecture"
+    )
     p.add_argument("--onnx", required=True, metavar="PATH.onnx", help="the ONNX file to write")
     batch = p.add_mutually_exclusive_group()
     batch.add_argument("--batch-size", type=int, help="a graph for exactly this many images (1: the fastest)")
@@ -384,20 +392,33 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def _run_export(args: argparse.Namespace) -> int:
     from parameternet.io import load_source_model
+    from parameternet.models import create_model_for_size, fixed_input_size
     from parameternet.profile.export import export_onnx
+    from parameternet.toolkit import model_name
 
     _check_flags(_img_size_check(args.img_size))
+    if args.model and args.arch and args.model != args.arch:
+        raise ParameterNetError(
+            f"the model is named twice, {args.model!r} and --arch {args.arch!r}; give one name (MODEL or --arch)."
+        )
+    name = args.model or args.arch
     img_size = args.img_size
     if args.checkpoint:
-        from pathlib import Path
-
-        model, _, _ = load_source_model(args.checkpoint, arch=args.model)
-        if img_size is None and (Path(args.checkpoint).suffix == ".safetensors" or Path(args.checkpoint).is_dir()):
+        model, _, _ = load_source_model(args.checkpoint, arch=name)
+        fixed = fixed_input_size(model)
+        if fixed is not None and img_size is not None and (img_size, img_size) != fixed:
+            raise ParameterNetError(
+                f"--img-size {img_size}: this checkpoint's {model_name(model)} was built for {fixed[0]}x{fixed[1]} "
+                "images only (its attention masks are for one size); drop --img-size."
+            )
+        if fixed is not None:
+            img_size = fixed
+        elif img_size is None and (Path(args.checkpoint).suffix == ".safetensors" or Path(args.checkpoint).is_dir()):
             from parameternet.io import read_metadata
 
             img_size = read_metadata(args.checkpoint)["img_size"]  # the size the run trained at
-    elif args.model:
-        model, _, _ = load_source_model(args.model)
+    elif name:
+        model = create_model_for_size(name, img_size)  # as `parameternet profile` builds it: the same sizes
     else:
         raise ParameterNetError(
             "export needs a model name or --checkpoint FILE; e.g. export parameternet_600m --onnx m.onnx"

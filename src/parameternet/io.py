@@ -206,6 +206,11 @@ def _run_model(run: Path) -> Path:
             f"run directory {str(run)!r} holds no final model (the run has not finished); continue it with "
             f"resume=auto, or load its newest step checkpoint, {str(steps[-1])!r}."
         )
+    if any((run / "checkpoints").glob("step_*.dcp")) or any(run.glob("step_*.dcp")):
+        raise ParameterNetError(
+            f"run directory {str(run)!r} holds no final model (the run has not finished, and its checkpoints are "
+            f"sharded by FSDP); continue it with resume=auto, which writes model/ at the end."
+        )
     raise ParameterNetError(
         f"{str(run)!r} holds no model; pass a .safetensors file or a run directory of parameternet train or lm-train."
     )

@@ -19,7 +19,10 @@ from parameternet.models import ghostnet, swin
 from parameternet.models.ghostnet import GhostNet
 from parameternet.models.swin import DynamicSwinTransformer
 
-__all__ = ["MODELS", "DynamicSwinTransformer", "GhostNet", "check_model_name", "create_model", "ghostnet", "swin"]
+__all__ = [
+    "MODELS", "DynamicSwinTransformer", "GhostNet", "check_model_name", "create_model", "create_model_for_size",
+    "fixed_input_size", "ghostnet", "swin",
+]  # fmt: skip
 
 # timm's torch.fx feature extraction (create_feature_extractor) keeps these as single call_module nodes, as it does
 # its own CondConv2d: the graph then runs their eager dispatch, whatever the batch size.
@@ -52,3 +55,30 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     unknown name instead of timm's ``RuntimeError``."""
     check_model_name(name)
     return timm.create_model(name, **kwargs)
+
+
+def create_model_for_size(name: str, img_size: int | None = None, **kwargs: Any) -> nn.Module:
+    """:func:`create_model` for images of ``img_size`` x ``img_size``: a model timm marks as taking one input size
+    (``fixed_input_size``: a Swin builds its attention masks for it) is built for ``img_size``; any other takes any
+    size as built. ``parameternet profile``, ``export`` and ``benchmark`` build named models with it, so they take
+    the same sizes. Raises :class:`ParameterNetError` for an image larger than the machine's memory (checked before
+    building, which for a Swin allocates masks in proportion to the image)."""
+    check_model_name(name)
+    cfg = timm.models.get_pretrained_cfg(name.split(".", 1)[0])
+    if img_size is not None and cfg is not None and cfg.fixed_input_size:
+        from parameternet.toolkit import image_input_shape
+
+        image_input_shape(nn.Module(), img_size, kwargs.get("in_chans") or cfg.input_size[0])  # the memory check
+        kwargs.setdefault("img_size", img_size)
+    return create_model(name, **kwargs)
+
+
+def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """``(height, width)`` of the only images ``model`` takes (a timm model with ``fixed_input_size`` whose patch
+    embedding checks the size, e.g. a Swin, as built), or None when it takes any size."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    if not cfg.get("fixed_input_size") or size is None or not getattr(embed, "strict_img_size", True):
+        return None
+    return int(size[0]), int(size[1])

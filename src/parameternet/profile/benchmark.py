@@ -129,7 +129,7 @@ def run_benchmark(
     """
     from parameternet.counting import count_macs, count_params
     from parameternet.deploy import deploy
-    from parameternet.models import create_model
+    from parameternet.models import create_model_for_size
     from parameternet.profile.export import export_onnx, onnx_session
     from parameternet.profile.ort_nchwc import optimize_for_onnxruntime
 
@@ -155,8 +155,7 @@ def run_benchmark(
         for name in models:
             if progress:
                 log.info("export %s", name)
-            kwargs = {"img_size": img_size} if "swin" in name else {}
-            model: nn.Module = create_model(name, **kwargs).eval()
+            model: nn.Module = create_model_for_size(name, img_size).eval()
             shape = image_input_shape(model, img_size)  # each model's own channels (1 for the mini models)
             x = inputs[name] = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
             with torch.no_grad():

@@ -128,7 +128,7 @@ def run_modes(
     Raises :class:`~parameternet.errors.ParameterNetError` for an unknown model or mode, or a non-positive size.
     """
     from parameternet.deploy import deploy
-    from parameternet.models import create_model
+    from parameternet.models import create_model_for_size
 
     models, modes, batch_sizes = list(models), list(modes), list(batch_sizes)
     _check(models, modes, batch_sizes, threads, rounds, warmup, img_size)
@@ -148,7 +148,7 @@ def run_modes(
         with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=limit):
             for name in models:
                 torch.manual_seed(0)
-                model = create_model(name).eval()
+                model = create_model_for_size(name, img_size).eval()
                 shape = image_input_shape(model, img_size)
                 generator = torch.Generator().manual_seed(0)
                 inputs = {b: torch.randn(b, *shape, generator=generator) for b in batch_sizes}

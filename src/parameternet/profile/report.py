@@ -12,8 +12,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import timm
-
 from parameternet.errors import ParameterNetError
 from parameternet.profile.counting import ProfileResult, profile
 
@@ -48,12 +46,9 @@ PAPER_ROWS = (
 
 
 def _build(name: str, img_size: int | None, **kwargs: Any):
-    from parameternet.models import create_model  # registers the paper's models in timm
+    from parameternet.models import create_model_for_size  # registers the paper's models in timm
 
-    cfg = timm.models.get_pretrained_cfg(name.split(".", 1)[0])
-    if img_size is not None and cfg is not None and cfg.fixed_input_size:
-        kwargs.setdefault("img_size", img_size)  # e.g. Swin builds its attention masks for one size
-    return create_model(name, **kwargs)
+    return create_model_for_size(name, img_size, **kwargs)  # e.g. a Swin builds its attention masks for one size
 
 
 def _row(result: ProfileResult, **extra: Any) -> dict[str, Any]:
