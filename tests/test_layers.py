@@ -113,6 +113,9 @@ def conv_layer(case: str, static_bias: bool = False) -> DynamicConv2d:
     contexts = (functional.Context.EAGER, functional.Context.INDUCTOR, functional.Context.ONNX)
     assert tuple(functional.table_choice(c, layer.geometry) for c in contexts) == picks
     assert all(functional.table_choice(c, layer.geometry, 1) == "single" for c in contexts)
+    # a plain torch.jit.trace (what FLOP counters read): the batched matmul for pointwise layers, im2col otherwise
+    trace = functional.table_choice(functional.Context.TRACE, layer.geometry)
+    assert trace == ("bmm" if picks[2] == "bmm" else "im2col")
     if static_bias:  # what parameternet.deploy() leaves after folding a BatchNorm
         layer.static_bias = nn.Parameter(torch.randn(cout))
     return layer

@@ -11,9 +11,9 @@ import parameternet  # noqa: F401  (registers the models)
 from parameternet.deploy import deploy
 from parameternet.layers import DynamicConv2d, kernels
 
-# Measured at this commit: 2.27x (GhostNet-600M 1,523 ATen ops, ParameterNet-600M 3,459). A ceiling, so a change that
+# Measured at this commit: 1.75x (GhostNet-600M 1,523 ATen ops, ParameterNet-600M 2,667). A ceiling, so a change that
 # adds ops per dynamic layer fails here; the target (1.5x) needs fewer kernels around each layer.
-OPS_RATIO_CEILING = 2.30
+OPS_RATIO_CEILING = 1.80
 
 
 def aten_ops(name: str) -> int:

@@ -11,15 +11,13 @@ ours skips, so a count depends only on the tensor work (a few dozen MACs in a fe
 Parameters are split into experts (the stacked weights and biases of ``DynamicConv2d`` / ``DynamicLinear``),
 routers (their routers' parameters) and static (everything else).
 
-Other counters (README, "Other FLOP counters"; ``tests/test_flop_counters.py``). A ``torch.jit.trace`` records the
-batch-agnostic graph formulations of the dynamic layers (a group count of ``B * g`` would fix the batch size), and
-those cost more than the per-sample convs they compute (a depthwise conv as one conv per expert, the dense stem as
-one-hot patches and a matmul); :class:`counting_trace` makes a trace record the paper's formulas instead, for the
-input's batch size. So ``torchprofile.profile_macs`` and fvcore's ``FlopCountAnalysis``, which both trace, count a
-ParameterNet as its static twin plus routing and mixing inside ``with counting_trace():``; fvcore also needs
-:data:`FVCORE_HANDLES` for the dynamic linear's ``baddbmm``, which it has no handle for (torchprofile's own
-handle asserts on its broadcast bias, so ``parameternet_swin_300m`` fails in ``profile_macs`` either way: use
-:func:`count_macs`). ``torch.utils.flop_counter.FlopCounterMode`` counts the eager ops and needs nothing.
+Other counters (README, "Other FLOP counters"; ``tests/test_flop_counters.py``). A plain ``torch.jit.trace``
+records the dynamic layers' ``trace`` formulations (:mod:`parameternet.layers.functional`): a symbolic batch, and
+each per-sample conv as patches times the mixed kernels, a matmul with the conv's own multiply-adds. So
+``torchprofile.profile_macs`` gives the paper's count and fvcore's ``FlopCountAnalysis`` (which skips means and
+elementwise ops) the static twin plus routing and mixing, with no extra setup; :class:`counting_trace` makes a
+trace record the eager formulas for the input's batch size instead, which count the same.
+``torch.utils.flop_counter.FlopCounterMode`` counts the eager ops and needs nothing.
 
 It needs only :mod:`parameternet.layers` and torchprofile, so :mod:`parameternet.parameterize` counts with it and
 :mod:`parameternet.profile` (latency, reports, export) builds on it.
@@ -40,7 +38,7 @@ from torchprofile.trace import trace
 from parameternet.layers import DynamicConv2d, DynamicLinear
 from parameternet.layers.kernels import counting_trace
 
-__all__ = ["DYNAMIC_LAYERS", "FVCORE_HANDLES", "ParamCounts", "count_macs", "count_params", "counting_trace"]
+__all__ = ["DYNAMIC_LAYERS", "ParamCounts", "count_macs", "count_params", "counting_trace"]
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +58,6 @@ def _mul(node) -> int:
 
 
 _HANDLERS = {**HANDLER_MAP, "aten::baddbmm": _baddbmm, "aten::mul": _mul, "aten::mul_": _mul}
-
-
-def _fvcore_baddbmm(inputs, outputs) -> int:
-    # fvcore's handle signature: the traced node's input and output values. ``b * n * m * p``, as fvcore counts bmm.
-    b, n, m = inputs[1].type().sizes()
-    return b * n * m * inputs[2].type().sizes()[-1]
-
-
-# fvcore's FlopCountAnalysis has no ``aten::baddbmm`` handle and counts a dynamic linear's product (a batched matmul
-# with its mixed bias) as zero: ``FlopCountAnalysis(model, x).set_op_handle(**FVCORE_HANDLES)`` counts it as bmm.
-FVCORE_HANDLES = {"aten::baddbmm": _fvcore_baddbmm}
 
 
 @dataclass(frozen=True)

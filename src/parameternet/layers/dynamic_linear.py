@@ -106,8 +106,8 @@ class DynamicLinear(nn.Module):
         alpha = self.router(xs.mean(1))  # (B, M)
         M, n_out, n_in = self.num_experts, self.out_features, self.in_features
         wt = (alpha @ self.weight.view(M, n_out * n_in)).view(-1, n_out, n_in).transpose(1, 2)  # (B, I, O)
-        if self.bias is None:
-            y = torch.bmm(xs, wt)
-        else:
-            y = torch.baddbmm((alpha @ self.bias).unsqueeze(1), xs, wt)  # the bias broadcasts over T
+        y = torch.bmm(xs, wt)
+        if self.bias is not None:
+            # A separate add, not baddbmm: torchprofile's baddbmm handler refuses a bias that broadcasts over T.
+            y = y + (alpha @ self.bias).unsqueeze(1)
         return y.reshape(x.shape[:-1] + (self.out_features,))

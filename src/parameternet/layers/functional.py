@@ -13,6 +13,7 @@ eager          ``per_sample_matmul``       ``grouped``                 ``grouped
 plain          ``bmm``                     ``grouped``                 ``grouped``
 inductor       ``bmm``                     ``grouped_op``              ``grouped_op``
 onnx           ``bmm``                     ``stacked``                 ``unfold``
+trace          ``bmm``                     ``im2col``                  ``im2col``
 =============  ==========================  ==========================  ==========================
 
 - ``single``: a batch of one is one ``F.conv2d`` with the mixed kernel; every context with a batch size known to
@@ -34,6 +35,9 @@ onnx           ``bmm``                     ``stacked``                 ``unfold`
   the M outputs mixed; M times the conv's work, but a constant kernel, which runtimes optimise.
 - ``unfold``: image patches by a depthwise conv with constant one-hot kernels, then a batched matmul with the mixed
   kernels (the conv's own multiply-adds; ``kh * kw`` times the input's memory).
+- ``im2col``: patches by ``F.unfold``, then a matmul with the mixed kernels: the conv's own multiply-adds in ops
+  that FLOP counters which trace (torchprofile, fvcore) count as they count a conv, so a plain ``torch.jit.trace``
+  (``trace``) costs what the paper counts and keeps a symbolic batch.
 - ``triton``: a depthwise layer (one output channel per group, zero padding) by the Triton kernels of
   :mod:`~parameternet.layers.triton_depthwise`, which read and write through strides (channels_last stays
   channels_last, no copy). Not in the table: on an H200 cuDNN's grouped conv over the batch ran faster
@@ -82,13 +86,15 @@ SHIFTED_MAX_TAPS = 32
 
 class Context(enum.Enum):
     """Where a dynamic conv runs: eager PyTorch, the plain formulas of the MAC counter's trace (or any graph whose
-    batch size is fixed), ``torch.compile`` with a symbolic batch (inductor), and a symbolic-batch graph for other
-    runtimes (ONNX export, ``torch.jit.trace``, ``torch.fx``)."""
+    batch size is fixed), ``torch.compile`` with a symbolic batch (inductor), a symbolic-batch graph for other
+    runtimes (ONNX export, ``torch.export``, ``torch.fx``), and a plain ``torch.jit.trace`` outside ONNX export
+    (TorchScript; what torchprofile and fvcore trace to count)."""
 
     EAGER = "eager"
     PLAIN = "plain"
     INDUCTOR = "inductor"
     ONNX = "onnx"
+    TRACE = "trace"
 
 
 @dataclass(frozen=True)
@@ -146,8 +152,13 @@ def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 def single(x, alpha, experts, bias, geo: ConvGeometry, batch_size=None):
     """A batch of one: one conv with the mixed kernel; the bias ``(1, O)`` or ``(O,)`` rides in the conv."""
-    weight = (alpha @ experts.view(geo.num_experts, -1)).view(geo.expert_shape)
-    return geo.conv(x, weight, None if bias is None else bias.reshape(-1), geo.groups)
+    flat = experts.view(geo.num_experts, -1)
+    # Eager, torch.mm dispatches two ops fewer than matmul; a trace keeps matmul, which the FLOP counters that read
+    # traces count (torchprofile has no handler for aten::mm).
+    weight = (alpha @ flat if torch.jit.is_tracing() else torch.mm(alpha, flat)).view(geo.expert_shape)
+    if bias is not None and bias.dim() != 1:
+        bias = bias.reshape(-1)
+    return geo.conv(x, weight, bias, geo.groups)
 
 
 def per_sample_matmul_conv(x, alpha, experts, bias, geo: ConvGeometry, batch_size=None):
@@ -340,6 +351,22 @@ def unfold(x, alpha, experts, bias, geo: ConvGeometry, batch_size=None):
     return _add_bias(y.view(-1, c_out, H, W), bias)
 
 
+def im2col(x, alpha, experts, bias, geo: ConvGeometry, batch_size=None):
+    """Patches ``(B, C * kh * kw, H'W')`` by ``F.unfold`` (im2col), then one matrix product per sample and group
+    with the mixed kernels. The conv's own multiply-adds as a matmul, which the FLOP counters that trace (torchprofile,
+    fvcore) count as they count the conv; no batch size in the graph; ``kh * kw`` times the input's memory."""
+    x = _padded(x, geo)
+    (kh, kw), c_in, c_out, g = geo.kernel_size, geo.in_channels, geo.out_channels, geo.groups
+    (sh, sw), (dh, dw) = geo.stride, geo.dilation
+    H = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    W = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    k = (c_in // g) * kh * kw
+    patches = F.unfold(x, geo.kernel_size, dilation=geo.dilation, stride=geo.stride)  # (B, C * kh * kw, H'W')
+    weight = _mix(alpha, experts, geo).view(-1, g, c_out // g, k)
+    y = weight @ patches.view(-1, g, k, H * W)  # (B, g, O/g, H'W')
+    return _add_bias(y.view(-1, c_out, H, W), bias)
+
+
 def triton_depthwise(x, alpha, experts, bias, geo: ConvGeometry, batch_size=None):
     """A depthwise layer (one input and one output channel per group, zero padding) by the Triton kernels of
     :mod:`~parameternet.layers.triton_depthwise`: per-sample kernels ``(B, C, kh, kw)`` mixed first, then one
@@ -374,6 +401,7 @@ _FUNCTIONS: dict = {
     "shifted": shifted,
     "stacked": stacked,
     "unfold": unfold,
+    "im2col": im2col,
     "triton": triton_depthwise,
 }
 
@@ -385,6 +413,7 @@ IMPLEMENTATIONS: dict[Context, dict[str, str]] = {
     Context.PLAIN: {"pointwise": "bmm", "depthwise": "grouped", "other": "grouped"},
     Context.INDUCTOR: {"pointwise": "bmm", "depthwise": "grouped_op", "other": "grouped_op"},
     Context.ONNX: {"pointwise": "bmm", "depthwise": "stacked", "other": "unfold"},
+    Context.TRACE: {"pointwise": "bmm", "depthwise": "im2col", "other": "im2col"},
 }
 
 
@@ -416,7 +445,9 @@ def runtime(x) -> tuple[Context, int | None]:
         return (Context.ONNX if torch.compiler.is_exporting() else Context.INDUCTOR), None
     if torch.jit.is_tracing():
         batch = traced_batch_size(x)
-        return (Context.ONNX if batch is None else Context.PLAIN), batch
+        if batch is not None:
+            return Context.PLAIN, batch
+        return (Context.ONNX if torch.onnx.is_in_onnx_export() else Context.TRACE), None
     return Context.EAGER, int(x.shape[0])
 
 
