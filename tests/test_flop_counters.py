@@ -1,4 +1,4 @@
-"""Other FLOP counters on every registered model (README, "Other FLOP counters"): what torchprofile, fvcore and
+"""Other FLOP counters on every registered model (docs/models.md, "Other FLOP counters"): what torchprofile, fvcore and
 ``torch.utils.flop_counter.FlopCounterMode`` see, and a plain ``torch.jit.trace`` that stays batch-agnostic.
 
 A ParameterNet must cost, in each counter's own convention, what its static twin costs plus the routing and the
@@ -170,8 +170,8 @@ def test_fvcore_with_the_paper_formulas_sees_the_twin_plus_routing_and_mixing(mo
     assert "aten::baddbmm" not in skipped and "aten::bmm" not in skipped
     assert_twin_plus(total, fvcore(twin, x, paper_formulas=False)[0], mixing + routing)
 
-    # what a plain FlopCountAnalysis gives (README): no dynamic linear at all (no baddbmm handle), and the extra work
-    # of the batch-agnostic formulations a plain trace records
+    # what a plain FlopCountAnalysis gives (docs/models.md): no dynamic linear at all (no baddbmm handle), and the extra
+    # work of the batch-agnostic formulations a plain trace records
     plain, skipped = fvcore(pn, x, paper_formulas=False, handles=False)
     if swin:
         assert skipped["aten::baddbmm"] == 4 * sum(len(stage.blocks) for stage in pn.layers)  # qkv, proj, fc1, fc2

@@ -11,14 +11,14 @@ ours skips, so a count depends only on the tensor work (a few dozen MACs in a fe
 Parameters are split into experts (the stacked weights and biases of ``DynamicConv2d`` / ``DynamicLinear``),
 routers (their routers' parameters) and static (everything else).
 
-Other counters (README, "Other FLOP counters"; ``tests/test_flop_counters.py``). A ``torch.jit.trace`` records the
-batch-agnostic graph formulations of the dynamic layers (a group count of ``B * g`` would fix the batch size), and
+Other counters (docs/models.md, "Other FLOP counters"; ``tests/test_flop_counters.py``). A ``torch.jit.trace`` records
+the batch-agnostic graph formulations of the dynamic layers (a group count of ``B * g`` would fix the batch size), and
 those cost more than the per-sample convs they compute (a depthwise conv as one conv per expert, the dense stem as
 one-hot patches and a matmul); :class:`counting_trace` makes a trace record the paper's formulas instead, for the
 input's batch size. So ``torchprofile.profile_macs`` and fvcore's ``FlopCountAnalysis``, which both trace, count a
 ParameterNet as its static twin plus routing and mixing inside ``with counting_trace():``; fvcore also needs
-:data:`FVCORE_HANDLES` for the dynamic linear's ``baddbmm``, which it has no handle for (torchprofile's own
-handle asserts on its broadcast bias, so ``parameternet_swin_300m`` fails in ``profile_macs`` either way: use
+:data:`FVCORE_HANDLES` for the dynamic linear's ``baddbmm``, which it has no handle for (torchprofile's own handle
+asserts on its broadcast bias, so ``parameternet_swin_300m`` fails in ``profile_macs`` either way: use
 :func:`count_macs`). ``torch.utils.flop_counter.FlopCounterMode`` counts the eager ops and needs nothing.
 
 It needs only :mod:`parameternet.layers` and torchprofile, so :mod:`parameternet.parameterize` counts with it and

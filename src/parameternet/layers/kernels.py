@@ -8,8 +8,9 @@
 - :func:`per_sample_matmul`: ``y_b = W_b x_b`` with ``W_b = sum_i alpha_bi W_i``, the product of a 1x1 dynamic
   conv or a dynamic linear. On a CPU, once a batch's per-sample kernels ``(B, O, I)`` outgrow a few MB they are
   built a few samples at a time and rebuilt in backward instead of being kept: at batch 32 ParameterNet-600M's come
-  to about 600 MB (from the layers' shapes), often larger than the activations they multiply, and large fresh buffers cost page faults on
-  every step, while a chunk that stays in the cache is written and read back at cache speed.
+  to about 600 MB (from the layers' shapes), often larger than the activations they multiply, and large fresh
+  buffers cost page faults on every step, while a chunk that stays in the cache is written and read back at cache
+  speed.
 
 Both equal the plain formulas (``x.mean``, ``torch.bmm`` of the mixed kernels); ``tests/test_layers.py`` checks.
 
