@@ -1,4 +1,4 @@
-"""Other FLOP counters on every registered model (README, "Other FLOP counters"): what torchprofile, fvcore and
+"""Other FLOP counters on every registered model (docs/models.md, "Other FLOP counters"): what torchprofile, fvcore and
 ``torch.utils.flop_counter.FlopCounterMode`` see, and a plain ``torch.jit.trace`` that stays batch-agnostic.
 
 A ParameterNet must cost, in each counter's own convention, what its static twin costs plus the routing and the

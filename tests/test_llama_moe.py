@@ -310,7 +310,8 @@ def test_from_dense_rejects_a_converted_model():
 
 @pytest.mark.parametrize("projection", ["gate_proj", "up_proj", "down_proj"])
 def test_llama_1b_parameter_counts_match_the_paper(projection):
-    """Table 7 (README, "Language models"): 4 experts 1.5409B, 8 experts 2.3467B with expert biases."""
+    """Table 7 (docs/lm.md, "Parameters at the paper's size"): 4 experts 1.5409B, 8 experts 2.3467B with expert
+    biases."""
     with torch.device("meta"):
         dense = ParameterNetLlamaForCausalLM(llama_1b_config(moe_projections=[])).num_parameters()
         assert dense == pytest.approx(0.9366e9, rel=5e-3)

@@ -285,7 +285,8 @@ def test_unknown_name_suggests_close_matches():
     [("parameternet_300m", 76), ("parameternet_600m", 88), ("parameternet_swin_300m", 48)],
 )
 def test_which_layers_are_dynamic(name, expected):
-    """README, design notes: 88 dynamic convs in ParameterNet-600M; the strided depthwise and SE convs stay static."""
+    """docs/models.md, design notes: 88 dynamic convs in ParameterNet-600M; the strided depthwise and SE convs stay
+    static."""
     m = shared(name)
     layers = [mod for mod in m.modules() if isinstance(mod, (DynamicConv2d, DynamicLinear))]
     assert len(layers) == expected

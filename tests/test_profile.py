@@ -44,7 +44,7 @@ def test_paper_table_matches_within_half_a_percent(paper_table):
 
 
 def test_paper_table_parameter_split(paper_table):
-    """README, design notes: ParameterNet-600M has 19.41M expert, 0.12M router and 14.97M static parameters."""
+    """docs/models.md, design notes: ParameterNet-600M has 19.41M expert, 0.12M router and 14.97M static parameters."""
     _, rows = paper_table
     for r in rows:
         assert r["expert_params"] + r["router_params"] + r["static_params"] == r["params"]

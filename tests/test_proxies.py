@@ -1,6 +1,7 @@
-"""CPU proxies for the GPU costs of a ParameterNet (the README's "GPU cost, measured on a CPU"): ATen ops a batch-1
-forward dispatches against GhostNet's, and the bytes of per-sample kernels a large batch materialises. The third
-proxy, layout copies for a channels_last input, is in test_layers.py (next to the implementations it checks)."""
+"""CPU proxies for the GPU costs of a ParameterNet (docs/deployment.md, "GPU costs, measured on a CPU"): ATen ops a
+batch-1 forward dispatches against GhostNet's, and the bytes of per-sample kernels a large batch materialises. The
+third proxy, layout copies for a channels_last input, is in test_layers.py (next to the implementations it
+checks)."""
 
 import timm
 import torch

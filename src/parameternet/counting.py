@@ -11,7 +11,7 @@ ours skips, so a count depends only on the tensor work (a few dozen MACs in a fe
 Parameters are split into experts (the stacked weights and biases of ``DynamicConv2d`` / ``DynamicLinear``),
 routers (their routers' parameters) and static (everything else).
 
-Other counters (README, "Other FLOP counters"; ``tests/test_flop_counters.py``). A plain ``torch.jit.trace``
+Other counters (docs/models.md, "Other FLOP counters"; ``tests/test_flop_counters.py``). A plain ``torch.jit.trace``
 records the dynamic layers' ``trace`` formulations (:mod:`parameternet.layers.functional`): a symbolic batch, and
 each per-sample conv as patches times the mixed kernels, a matmul with the conv's own multiply-adds. So
 ``torchprofile.profile_macs`` gives the paper's count and fvcore's ``FlopCountAnalysis`` (which skips means and

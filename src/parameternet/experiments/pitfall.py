@@ -84,7 +84,7 @@ ROUTING_COLUMNS = (
 UNION_PER_CLASS = 6000  # the union's training split: 20 classes x 6,000 images
 GATE_MAX_GAIN = 0.5  # a baseline whose gain exceeds this on every gate seed is not in the pitfall
 
-# The verdict, stated before the runs (README, "The low-FLOPs pitfall"); gains in top-1 points.
+# The verdict, stated before the runs (docs/experiments/pitfall.md); gains in top-1 points.
 CRITERIA = {
     "pitfall_max_gain": 0.2,  # the pitfall exists when A's mean gain <= this
     "remedy_min": 0.5,  # reproduced: gain(B) - gain(A) >= this, Welch one-sided p < alpha, gain(B) > 0, ...

@@ -6,15 +6,13 @@ bank ``experts (M, O, C/g, kh, kw)`` and a bias (``(B, O)``, ``(O,)`` or None). 
 graph holds, and :func:`select` picks one from a single table, :data:`IMPLEMENTATIONS`, by where the layer runs
 (:class:`Context`) and its geometry (:class:`ConvGeometry`):
 
-=============  ==========================  ==========================  ==========================
-context        pointwise (1x1, ungrouped)  depthwise (C/g == 1)        other (dense, grouped)
-=============  ==========================  ==========================  ==========================
-eager          ``per_sample_matmul``       ``grouped``                 ``grouped``
-plain          ``bmm``                     ``grouped``                 ``grouped``
-inductor       ``bmm``                     ``grouped_op``              ``grouped_op``
-onnx           ``bmm``                     ``stacked``                 ``unfold``
-trace          ``bmm``                     ``im2col``                  ``im2col``
-=============  ==========================  ==========================  ==========================
+| context  | pointwise (1x1, ungrouped) | depthwise (C/g == 1) | other (dense, grouped) |
+|----------|----------------------------|----------------------|------------------------|
+| eager    | ``per_sample_matmul``      | ``grouped``          | ``grouped``            |
+| plain    | ``bmm``                    | ``grouped``          | ``grouped``            |
+| inductor | ``bmm``                    | ``grouped_op``       | ``grouped_op``         |
+| onnx     | ``bmm``                    | ``stacked``          | ``unfold``             |
+| trace    | ``bmm``                    | ``im2col``           | ``im2col``             |
 
 - ``single``: a batch of one is one ``F.conv2d`` with the mixed kernel; every context with a batch size known to
   be 1 uses it.
@@ -40,18 +38,18 @@ trace          ``bmm``                     ``im2col``                  ``im2col`
   (``trace``) costs what the paper counts and keeps a symbolic batch.
 - ``triton``: a depthwise layer (one output channel per group, zero padding) by the Triton kernels of
   :mod:`~parameternet.layers.triton_depthwise`, which read and write through strides (channels_last stays
-  channels_last, no copy). Not in the table: on an H200 cuDNN's grouped conv over the batch ran faster
-  (``benchmarks/gpu_layers.py``, ``results/benchmark/gpu_layers.csv``); a layer runs it when its ``implementation``
-  names it.
+  channels_last, no copy). Not in the table: cuDNN's grouped conv over the batch was faster on a GPU
+  (``benchmarks/gpu_layers.py``; the figures are in the documentation, docs/deployment.md); a layer runs it when
+  its ``implementation`` names it.
 
 :func:`select` is the only code that looks at the runtime (:func:`runtime`): it returns the table's choice, or
 the layer's own ``implementation`` setting when that names one (``parameternet.layers.set_implementation``).
 
-The graph contexts' depthwise choice is measured (``python benchmarks/compile_speed.py --choices``, ParameterNet-600M
-against GhostNet-600M, one thread): in ONNX Runtime the portable graph ran at 1.81x with ``stacked`` and 2.21x with
-``shifted`` at batch 1 (1.68x / 2.05x at batch 8), since ONNX Runtime runs the constant conv in its blocked kernels
-and each of ``shifted``'s taps as a separate pass; under inductor (``dynamic=True``, batch 8) the two tied
-(2.78x) and ``grouped_op`` did better (2.24x in ``parameternet benchmark --modes``). ``tests/test_layers.py`` checks
+The graph contexts' depthwise choice is measured by ``python benchmarks/compile_speed.py --choices`` (ParameterNet-600M
+against GhostNet-600M): in ONNX Runtime ``stacked`` beats ``shifted``, since ONNX Runtime runs the constant conv in
+its blocked kernels and each of ``shifted``'s taps as a separate pass; under inductor with a symbolic batch the two
+tie and ``grouped_op`` does better. The figures are in the documentation (docs/deployment.md), from
+``results/benchmark/depthwise_choices.md`` and ``results/benchmark/modes.csv``. ``tests/test_layers.py`` checks
 every implementation against a per-sample reference, forward and backward.
 """
 

@@ -7,9 +7,10 @@
   ``mean`` backward writes a full-size tensor for every dynamic layer just to add a constant per channel.
 - :func:`per_sample_matmul`: ``y_b = W_b x_b`` with ``W_b = sum_i alpha_bi W_i``, the product of a 1x1 dynamic
   conv or a dynamic linear. On a CPU, once a batch's per-sample kernels ``(B, O, I)`` outgrow a few MB they are
-  built a few samples at a time and rebuilt in backward instead of being kept: at batch 32 they are 600 MB for
-  ParameterNet-600M, often larger than the activations they multiply, and large fresh buffers cost page faults on
-  every step, while a chunk that stays in the cache is written and read back at cache speed.
+  built a few samples at a time and rebuilt in backward instead of being kept: at batch 32 ParameterNet-600M's come
+  to about 600 MB (from the layers' shapes), often larger than the activations they multiply, and large fresh
+  buffers cost page faults on every step, while a chunk that stays in the cache is written and read back at cache
+  speed.
 
 Both equal the plain formulas (``x.mean``, ``torch.bmm`` of the mixed kernels); ``tests/test_layers.py`` checks.
 
@@ -52,8 +53,7 @@ __all__ = [
 CHUNK_BYTES = 16 << 20
 # Kernels of a whole batch up to this size are built at once and kept for backward by autograd: cheaper than the
 # chunked function for small layers, and little memory. On a GPU, where the chunk loop costs kernel launches and
-# memory is less tight, up to KEEP_BYTES_GPU (H100, ParameterNet-600M, batch 128: 1.33x GhostNet's step time and
-# 1.22x its memory kept, 1.69x and 1.02x rebuilt in chunks).
+# memory is less tight, up to KEEP_BYTES_GPU (the measurement behind it: docs/deployment.md, "On a GPU").
 KEEP_BYTES = 4 << 20
 KEEP_BYTES_GPU = 2 << 30
 # Below this many elements the stock mean backward is cheaper than a Python autograd function.

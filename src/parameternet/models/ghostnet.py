@@ -248,8 +248,14 @@ class GhostNet(nn.Module):
         num_experts: ``None`` for static convs, else the experts of every dynamic conv.
         method: ``"dynamic"`` (:class:`DynamicConv2d`) or ``"repconv"`` (:class:`RepConv2d` with
             ``num_experts - 1`` branches that merge into one conv for inference) for the same layers.
-        router, router_temperature, router_hidden: passed to every :class:`DynamicConv2d`.
-        num_classes, in_chans, global_pool, drop_rate, drop_path_rate: timm's meanings.
+        router: passed to every :class:`DynamicConv2d`.
+        router_temperature: passed to every :class:`DynamicConv2d`.
+        router_hidden: passed to every :class:`DynamicConv2d`.
+        num_classes: timm's meaning: classifier outputs (0: no classifier).
+        in_chans: timm's meaning: input channels.
+        global_pool: timm's meaning: the pooling before the head.
+        drop_rate: timm's meaning: dropout before the classifier.
+        drop_path_rate: timm's meaning: stochastic depth of the identity-shortcut bottlenecks.
     """
 
     def __init__(

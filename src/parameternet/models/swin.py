@@ -96,7 +96,10 @@ class DynamicSwinTransformer(SwinTransformer):
     """timm's SwinTransformer with dynamic ``qkv``, ``proj``, ``fc1`` and ``fc2`` in every block.
 
     Args:
-        num_experts, router, router_temperature, router_hidden: as for :class:`DynamicLinear`.
+        num_experts: as for :class:`DynamicLinear`.
+        router: as for :class:`DynamicLinear`.
+        router_temperature: as for :class:`DynamicLinear`.
+        router_hidden: as for :class:`DynamicLinear`.
         attn_routing: ``"window"`` (the paper's count: attention mixes per window) or ``"image"``.
         **kwargs: :class:`SwinTransformer`'s arguments.
     """

@@ -104,9 +104,12 @@ def parameterize(
         num_experts: experts per dynamic layer; for ``"repconv"`` the number of parallel kernels (>= 2).
         method: ``"dynamic"`` (the paper's ParameterNet) or ``"repconv"`` (Table 6's comparison; convs only).
         init: ``"upcycle"`` keeps the dense function; ``"random"`` draws fresh experts.
-        router, router_temperature, router_hidden: the dynamic layers' router (see ``DynamicConv2d``).
-        include, exclude: ``fnmatch`` patterns over module names (a parent's name covers its children);
-            ``include`` replaces the default choice of layers. A pattern that matches nothing is an error.
+        router: the dynamic layers' router (see ``DynamicConv2d``).
+        router_temperature: the router's softmax temperature (``"mlp-softmax"``).
+        router_hidden: the router's hidden width (``"mlp-softmax"``).
+        include: ``fnmatch`` patterns over module names (a parent's name covers its children) of the layers to
+            convert; they replace the default choice of layers. A pattern that matches nothing is an error.
+        exclude: ``fnmatch`` patterns of layers to leave static, as for ``include``.
         example_input: what to run the model on, for the one-position rule, the probes and the MAC count: a
             tensor or a shape (batch included) is the one argument, a tuple the positional arguments, a list one
             argument (torchvision's detection models take a list of images), a dict keyword arguments; default:
