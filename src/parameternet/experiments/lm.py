@@ -1,6 +1,7 @@
 """Table 7 of ParameterNet (arXiv 2306.14525, sec. 5.4) at CPU scale: dense LLaMA against a top-1 mixture of experts
 on one FFN projection at the same FLOPs, trained to the corpus, with a learning-rate check, upcycling and the
-paper's fine-tuned classifier. ``parameternet lm-experiment --preset full|quick|smoke``.
+paper's fine-tuned classifier. ``parameternet lm-experiment --preset full|quick|smoke`` (``--preset upcycle2``:
+upcycling, round 2, :mod:`parameternet.experiments.lm_upcycle`).
 
 Every language-model run is one ``lm-train`` run of the base recipe (``configs/lm-small.yaml``: 4 layers, hidden
 256, batch 16 x 128 tokens) with the variant's ``model.moe_projections`` / ``model.num_experts`` / ``seed`` /
@@ -22,7 +23,9 @@ once. The grid, in run order:
 
 Runs go to worker processes with one torch thread each (``jobs`` side by side); the thread count is recorded in
 every row. Each finished run appends a row to ``<output>/runs.csv`` at once (with the git commit, a dirty flag
-and the package version), its validation curve to ``curves.csv`` and its router diagnostics to ``router.csv``.
+and the package version; a language-model run that reaches the end of its schedule also its loss on the held-out
+split, ``heldout_loss``), its validation curve to ``curves.csv`` and its router diagnostics to ``router.csv``
+(:mod:`parameternet.experiments.lm_grid`, :mod:`parameternet.experiments.lm_rows`).
 Run directories live under ``<runs_dir>/<code id>/``, so a rerun resumes an interrupted run from its last
 checkpoint and skips only rows made by the same code; the report never pools rows of different code unless asked.
 :func:`report` rebuilds ``table7.md``, ``loss_curves.png`` and ``router.png`` from the CSVs alone.
