@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from parameternet.cli import main
-from parameternet.experiments import lm
+from parameternet.experiments import lm, lm_grid, lm_rows
 from parameternet.experiments.lm import choose_lrs, crossing, crossing_text, verdict
+from parameternet.experiments.provenance import provenance
+from parameternet.experiments.rows import append_rows
 from parameternet.train.lm import load_lm_config
 from parameternet.train.lm_branch import train_experiment_lm
 from test_lm_text import make_fake_corpora
@@ -124,7 +126,7 @@ def test_upcycled_branch_continues_the_dense_run_from_its_snapshot(corpora):
     assert [r["step"] for r in rows if r["split"] == "val"] == [2, 3, 4, 6]  # 3: the branch point
 
     moe = [*common, "model.moe_projections=[down_proj]", "model.num_experts=4", f"output_dir={branch_dir}"]
-    train_experiment_lm(load_lm_config("configs/lm-small.yaml", moe), upcycle_from=dense_dir / "snapshot", start_step=3)
+    train_experiment_lm(load_lm_config("configs/lm-small.yaml", moe), branch_from=dense_dir / "snapshot", start_step=3)
     rows = [json.loads(x) for x in (branch_dir / "metrics.jsonl").read_text().splitlines()]
     dense_rows = [json.loads(x) for x in (dense_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"]
@@ -274,7 +276,7 @@ def test_preset_eval_tokens_cap_the_validation_and_the_estimate(tmp_path):
         dataclasses.replace(smoke, eval_tokens=None), speed, train_tokens=10**6, val_tokens=10**7, per_step=128
     )
     assert uncapped["total"] > 10 * capped["total"]
-    task = lm._Task("lr", "dense", 0, 0.004, [], tmp_path, "r")
+    task = lm_grid.Task("lr", "dense", 0, 0.004, [], tmp_path, "r")
     assert task.name == "lr dense seed 0 lr 0.004"
     assert dataclasses.replace(task, kind="main").name == "main dense seed 0"
 
@@ -291,12 +293,20 @@ def test_brown_genre_labels():
 def test_first_version_csv_is_kept_aside_and_a_foreign_one_refused(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "runs.csv").write_text(",".join(lm.FIRST_VERSION_COLUMNS) + ",run\ndense,-,0,0,1,2,3.0,4.0,x\n")
-    lm._check_header(out / "runs.csv", lm.COLUMNS)
+    (out / "runs.csv").write_text(",".join(lm_rows.FIRST_VERSION_COLUMNS) + ",run\ndense,-,0,0,1,2,3.0,4.0,x\n")
+    lm_rows.check_header(out / "runs.csv", lm.COLUMNS)
     assert not (out / "runs.csv").exists() and (out / "runs-v1.csv").read_text().startswith("variant,")
+    # rows written before heldout_loss existed: the column is added, empty (not measured), the rows kept
+    before = [c for c in lm.COLUMNS if c != "heldout_loss"]
+    old = {c: "" for c in before} | {"kind": "main", "preset": "full", "variant": "dense", "val_loss": "4.5"}
+    append_rows(out / "runs.csv", [old], before)
+    lm_rows.check_header(out / "runs.csv", lm.COLUMNS)
+    assert list(_csv(out / "runs.csv")[0]) == list(lm.COLUMNS)
+    (row,) = lm.read_rows(out / "runs.csv")
+    assert row["val_loss"] == 4.5 and row["heldout_loss"] is None and row["variant"] == "dense"
     (out / "curves.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="other columns.*--output"):
-        lm._check_header(out / "curves.csv", lm.CURVE_COLUMNS)
+        lm_rows.check_header(out / "curves.csv", lm_rows.CURVE_COLUMNS)
 
 
 def test_lm_experiment_bad_input_in_one_line(capsys, tmp_path):
@@ -351,7 +361,7 @@ def test_report_only_names_what_the_output_directory_holds(tmp_path, capsys):
     assert main(["lm-experiment", "--report-only", "--output", str(out)]) == 2
     assert f"'{out / 'runs.csv'}' does not exist" in capsys.readouterr().err
     row = {c: "" for c in lm.COLUMNS} | {"kind": "main", "preset": "smoke", "variant": "dense", "seed": "0"}
-    lm.append_rows(out / "runs.csv", [row], lm.COLUMNS)
+    append_rows(out / "runs.csv", [row], lm.COLUMNS)
     assert main(["lm-experiment", "--report-only", "--output", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "holds no rows of preset 'full', only of 'smoke'; pass --preset NAME, e.g. --preset smoke" in err
@@ -376,7 +386,7 @@ def test_smoke_grid_runs_resumes_and_reports(corpora, caplog):
     kinds = sorted((r["kind"], r["variant"], r["seed"]) for r in rows)
     p = lm.PRESETS["smoke"]
     assert len(kinds) == len(p.lrs) * 2 + 5 + len(p.upcycle_seeds) + 2
-    prov = lm.provenance()
+    prov = provenance()
     assert all(r["commit"] == prov["commit"] and r["threads"] == 1 for r in rows)
     chosen = json.loads((out / "lr.json").read_text())
     main_lrs = {r["variant"]: r["lr"] for r in rows if r["kind"] == "main"}

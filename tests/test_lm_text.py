@@ -122,6 +122,16 @@ def test_prepare_text_data_tokenizer_and_token_files(fake_corpora, tmp_path):
     assert first_doc in {d.text for d in data.documents("train")}
     held_out = {d.id for d in data.documents("eval")}
     assert held_out and not held_out & {d.id for d in data.documents("train")}
+    # The held-out tokens, written on first use, are the held-out documents tokenized as val.bin's are
+    assert not (data.root / "eval.bin").exists()
+    held = data.tokens("eval")
+    assert held.dtype == np.uint16 and (data.root / "eval.bin").is_file()
+    for split, flat in (("val", data.tokens("val")), ("eval", held)):
+        docs = [tok(d.text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for d in data.documents(split)]
+        assert flat.tolist() == [t for doc in docs for t in doc]
+    assert data.tokens("eval").tolist() == held.tolist()  # the file is reused
+    with pytest.raises(ParameterNetError, match="split 'test' has no token file; use train, val or eval"):
+        data.tokens("test")
     # Same settings: the directory is reused; other settings: refused.
     assert prepare_text_data(tmp_path / "prep", vocab_size=300, val_fraction=0.2, eval_fraction=0.2).root == data.root
     with pytest.raises(ParameterNetError, match="other settings"):

@@ -217,15 +217,32 @@ def _add_lm(sub: argparse._SubParsersAction) -> None:
         "made are skipped, so the command resumes) and write OUTPUT/table7.md, loss_curves.png and router.png.",
     )
     p.add_argument("overrides", nargs="*", help="recipe overrides applied to every run, e.g. data.dir=/data/lm")
-    p.add_argument("--preset", default="full", choices=["full", "quick", "smoke"], help="the grid (default: full)")
+    p.add_argument(
+        "--preset",
+        default="full",
+        choices=["full", "quick", "smoke", "upcycle2", "upcycle2-smoke"],
+        help="the grid (default: full; upcycle2: upcycling round 2, five continuations of one dense snapshot)",
+    )
     p.add_argument("--recipe", default="configs/lm-small.yaml")
     p.add_argument("--runs", default="runs/lm-experiment", help="directory of the individual runs")
-    p.add_argument("--output", "--results", dest="output", help="default: results/lm (full), runs/lm-PRESET else")
+    p.add_argument(
+        "--output",
+        "--results",
+        dest="output",
+        help="default: results/lm (full), results/lm-upcycle2 (upcycle2), runs/lm-PRESET else",
+    )
     p.add_argument("--jobs", type=int, default=1, help="runs side by side, one torch thread each (default 1)")
-    p.add_argument("--report-only", action="store_true", help="only rebuild table7.md and the plots from the CSVs")
+    p.add_argument(
+        "--report-only", action="store_true", help="only rebuild table7.md (upcycle2: table.md) and plots from the CSVs"
+    )
     p.add_argument("--pool-commits", action="store_true", help="pool rows made by different code in the report")
     p.add_argument(
         "--estimate", action="store_true", help="measure 1-thread tokens/s here and print the preset's wall time"
+    )
+    p.add_argument(
+        "--simulate",
+        action="store_true",
+        help="upcycle2: print the pre-stated rule's chance of each verdict at round 1's spreads (results/lm)",
     )
     p.set_defaults(func=_run_lm_experiment)
 
@@ -261,12 +278,21 @@ def _run_lm_eval(args: argparse.Namespace) -> int:
 
 
 def _run_lm_experiment(args: argparse.Namespace) -> int:
-    from parameternet.experiments import lm
+    from parameternet.experiments import lm, lm_upcycle
 
     output = args.output or lm.default_output(args.preset)
     _check_flags(("--jobs", args.jobs, 1))
+    upcycle = lm_upcycle.PRESETS.get(args.preset)
+    if args.simulate:
+        _refuse("--simulate", upcycle is None, f"to the upcycling presets ({', '.join(lm_upcycle.PRESETS)})",
+                "pass --preset upcycle2")  # fmt: skip
+        print(lm_upcycle.simulation(args.recipe, upcycle, args.overrides))
+        return 0
     if args.estimate:
-        print(lm.estimate_text(args.recipe, lm.PRESETS[args.preset], args.overrides, jobs=args.jobs))
+        if upcycle is not None:
+            print(lm_upcycle.estimate_text(args.recipe, upcycle, args.overrides, jobs=args.jobs))
+        else:
+            print(lm.estimate_text(args.recipe, lm.PRESETS[args.preset], args.overrides, jobs=args.jobs))
         return 0
     if args.report_only:
         print(lm.report(output, preset=args.preset, pool_commits=args.pool_commits))

@@ -15,8 +15,9 @@ does not move when a corpus is added.
 :func:`prepare_text_data` trains a byte-level BPE tokenizer on the training documents with the ``tokenizers``
 library (saved so ``AutoTokenizer.from_pretrained(dir)`` loads it, with ``<s>``, ``</s>`` and ``<pad>``),
 tokenizes the train and validation documents into flat ``uint16`` token files (documents joined by ``</s>``)
-and keeps the held-out documents as text for the zero-shot tasks. Everything is written atomically into one
-directory with a ``manifest.json``; calling it again with the same settings reuses the directory.
+and keeps the held-out documents as text for the zero-shot tasks; :meth:`TextData.tokens` tokenizes them the same
+way on first use, for the held-out loss. Everything is written atomically into one directory with a
+``manifest.json``; calling it again with the same settings reuses the directory.
 """
 
 from __future__ import annotations
@@ -229,10 +230,20 @@ class TextData:
         return AutoTokenizer.from_pretrained(self.tokenizer_dir)
 
     def tokens(self, split: str) -> np.ndarray:
-        """The token ids of ``train`` or ``val``, memory-mapped (documents separated by ``</s>``)."""
-        if split not in ("train", "val"):
-            raise ParameterNetError(f"split {split!r} has no token file; use train or val")
-        return np.memmap(self.root / f"{split}.bin", dtype=np.dtype(self.manifest["dtype"]), mode="r")
+        """The token ids of ``train``, ``val`` or ``eval`` (the held-out documents), memory-mapped, documents
+        separated by ``</s>``. The held-out split's token file is written on first use (atomically, beside the
+        others) by the same tokenization as the two that :func:`prepare_text_data` writes. Raises
+        ParameterNetError for another split name."""
+        if split not in SPLITS:
+            raise ParameterNetError(f"split {split!r} has no token file; use train, val or eval")
+        path = self.root / f"{split}.bin"
+        if split == "eval" and not path.is_file():
+            docs = self.documents("eval")
+            flat = _token_file(self.tokenizer(), [d.text for d in docs], np.dtype(self.manifest["dtype"]))
+            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".eval-", suffix=".bin", delete=False) as f:
+                flat.tofile(f)
+            os.replace(f.name, path)  # concurrent first uses write the same bytes; the last rename wins
+        return np.memmap(path, dtype=np.dtype(self.manifest["dtype"]), mode="r")
 
     def documents(self, split: str = "eval") -> list[Document]:
         path = self.root / f"{split}.jsonl"
@@ -242,6 +253,13 @@ class TextData:
     @property
     def vocab_size(self) -> int:
         return int(self.manifest["vocab_size"])
+
+
+def _token_file(tokenizer, texts: Sequence[str], dtype) -> np.ndarray:
+    """The token ids of ``texts``, each followed by ``</s>``, as one flat array of ``dtype``."""
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    total = sum(len(doc) + 1 for doc in ids)
+    return np.fromiter((t for doc in ids for t in (*doc, tokenizer.eos_token_id)), dtype=dtype, count=total)
 
 
 def _settings_key(settings: dict) -> str:
@@ -321,11 +339,9 @@ def prepare_text_data(
         counts = {}
         for split in ("train", "val"):
             bar.set_postfix_str(f"tokenizing {split}")
-            ids = tokenizer([d.text for d in splits[split]], add_special_tokens=False)["input_ids"]
-            total = sum(len(doc) + 1 for doc in ids)
-            flat = np.fromiter((t for doc in ids for t in (*doc, tokenizer.eos_token_id)), dtype=dtype, count=total)
+            flat = _token_file(tokenizer, [d.text for d in splits[split]], dtype)
             flat.tofile(staged / f"{split}.bin")
-            counts[split] = total
+            counts[split] = len(flat)
             bar.update()
         bar.close()
         for split in SPLITS:

@@ -1,6 +1,7 @@
 """Table 7 of ParameterNet (arXiv 2306.14525, sec. 5.4) at CPU scale: dense LLaMA against a top-1 mixture of experts
 on one FFN projection at the same FLOPs, trained to the corpus, with a learning-rate check, upcycling and the
-paper's fine-tuned classifier. ``parameternet lm-experiment --preset full|quick|smoke``.
+paper's fine-tuned classifier. ``parameternet lm-experiment --preset full|quick|smoke`` (``--preset upcycle2``:
+upcycling, round 2, :mod:`parameternet.experiments.lm_upcycle`).
 
 Every language-model run is one ``lm-train`` run of the base recipe (``configs/lm-small.yaml``: 4 layers, hidden
 256, batch 16 x 128 tokens) with the variant's ``model.moe_projections`` / ``model.num_experts`` / ``seed`` /
@@ -22,7 +23,9 @@ once. The grid, in run order:
 
 Runs go to worker processes with one torch thread each (``jobs`` side by side); the thread count is recorded in
 every row. Each finished run appends a row to ``<output>/runs.csv`` at once (with the git commit, a dirty flag
-and the package version), its validation curve to ``curves.csv`` and its router diagnostics to ``router.csv``.
+and the package version; a language-model run that reaches the end of its schedule also its loss on the held-out
+split, ``heldout_loss``), its validation curve to ``curves.csv`` and its router diagnostics to ``router.csv``
+(:mod:`parameternet.experiments.lm_grid`, :mod:`parameternet.experiments.lm_rows`).
 Run directories live under ``<runs_dir>/<code id>/``, so a rerun resumes an interrupted run from its last
 checkpoint and skips only rows made by the same code; the report never pools rows of different code unless asked.
 :func:`report` rebuilds ``table7.md``, ``loss_curves.png`` and ``router.png`` from the CSVs alone.
@@ -30,24 +33,37 @@ checkpoint and skips only rows made by the same code; the report never pools row
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import time
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from parameternet.errors import ParameterNetError
-from parameternet.experiments.provenance import code_id, provenance, rows_of_this_code
-from parameternet.experiments.rows import append_rows
-from parameternet.experiments.workers import forward_stop, init_worker, interrupted, worker_task
+from parameternet.experiments.lm_grid import (
+    DENSE,
+    MOE8,
+    Runner,
+    Task,
+    Variant,
+    check_grid,
+    check_inputs,
+    check_jobs,
+    recipe_hash,
+)
+from parameternet.experiments.lm_rows import (
+    COLUMNS,
+    fit_change,
+    fmt_mean,
+    load_report_rows,
+    mean_curve,
+    read_rows,
+    seed_curves,
+)
 from parameternet.runs import atomic_write
 
 __all__ = [
@@ -67,56 +83,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-COLUMNS = (
-    "kind", "preset", "variant", "projection", "experts", "seed", "lr", "params", "steps", "start_step", "tokens",
-    "train_loss", "val_loss", "val_ppl", "mid_val_loss", "next_sentence_acc", "last_word_acc", "cls_task", "cls_acc",
-    "cls_items", "threads", "wall_s", "tokens_per_s", "recipe", "run_dir", "commit", "dirty", "version",
-)  # fmt: skip
-CURVE_COLUMNS = ("kind", "preset", "variant", "seed", "step", "tokens", "val_loss", "commit", "dirty")
-ROUTER_COLUMNS = (
-    "kind", "preset", "variant", "seed", "step", "tokens", "layer", "projection", "top1_prob", "max_share",
-    "min_share", "shares", "commit", "dirty",
-)  # fmt: skip
-
 # The pre-stated reading (docs/experiments/table7.md), in nats of final validation loss.
 CRITERIA = {
     "min_gap": 0.02,  # reproduced: dense - MoE >= this at the end ...
     "min_se": 2.5,  # ... and > this many standard errors of the difference over seeds ...
     "flat": 0.01,  # ... and the gap not shrinking: its fitted change over the second half >= -flat
 }
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A model of the grid: dense (``projection`` None) or ``num_experts`` experts on one FFN projection."""
-
-    projection: str | None
-    num_experts: int = 0
-
-    @property
-    def name(self) -> str:
-        return "dense" if self.projection is None else f"{self.projection}-{self.num_experts}"
-
-    @classmethod
-    def parse(cls, name: str) -> Variant:
-        if name == "dense":
-            return cls(None)
-        proj, _, m = name.rpartition("-")
-        if proj not in ("gate_proj", "up_proj", "down_proj") or not m.isdigit() or int(m) < 2:
-            raise ParameterNetError(f"variant {name!r} is unknown; write dense or <gate|up|down>_proj-<experts>")
-        return cls(proj, int(m))
-
-    def overrides(self) -> list[str]:
-        if self.projection is None:
-            return ["model.moe_projections=[]"]
-        return [f"model.moe_projections=[{self.projection}]", f"model.num_experts={self.num_experts}"]
-
-    @property
-    def label(self) -> str:
-        return "LLaMA (dense)" if self.projection is None else f"MoE on {self.projection.replace('_proj', '')}"
-
-
-DENSE, MOE8 = "dense", "down_proj-8"
 
 
 def _main_grid(three: tuple[int, ...] = (0, 1, 2), one: tuple[int, ...] = (0,)) -> tuple[tuple[str, tuple], ...]:
@@ -215,105 +187,6 @@ PRESETS = {
 }
 
 
-# ----- runs -----
-
-# Recipe keys the grid sets for each run (variant, seed, learning rate, token budget, schedule, evaluation, run
-# directory, one thread), after the user's overrides: an override of one would be ignored or, for max_steps and
-# threads, change what every run does.
-GRID_KEYS = (
-    "max_steps", "max_tokens", "seed", "optim.lr", "model.moe_projections", "model.num_experts",
-    "schedule.warmup_steps", "eval_every_steps", "eval_tokens", "output_dir", "resume", "threads",
-)  # fmt: skip
-
-
-def base_overrides(preset: Preset, extra: Sequence[str] = ()) -> list[str]:
-    """The overrides every language-model run of ``preset`` starts from: the preset's, then the user's ``extra``."""
-    p = preset
-    return [*p.overrides, f"zero_shot_items={p.zero_shot_items}", "threads=1", "progress=false", *extra]
-
-
-def check_inputs(preset: Preset, recipe: str | Path, overrides: Sequence[str] = ()):
-    """The base recipe with the preset's and the user's ``overrides``, validated once before anything starts;
-    returns it. Raises ParameterNetError naming the key of a bad override, or of one the grid sets for each run."""
-    from parameternet.train.lm_config import load_lm_config
-
-    cfg = load_lm_config(recipe, base_overrides(preset, overrides))
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if key in GRID_KEYS:
-            raise ParameterNetError(
-                f"override {item!r} sets {key}, which lm-experiment sets for each run of the grid (variants, seeds, "
-                f"learning rates, token budgets, evaluation); drop it"
-            )
-    return cfg
-
-
-@dataclass
-class _Task:
-    kind: str  # lr | main | upcycle | cls
-    variant: str
-    seed: int
-    lr: float | None
-    overrides: list[str]
-    run_dir: Path
-    recipe: str
-    options: dict[str, Any] = field(default_factory=dict)
-    after: list[_Task] = field(default_factory=list)
-    result: dict[str, Any] | None = None
-    started: float = 0.0
-
-    @property
-    def key(self) -> tuple[str, str, int, str]:
-        return (self.kind, self.variant, self.seed, self.recipe)
-
-    @property
-    def name(self) -> str:
-        """The run in the log: kind, variant, seed, and the learning rate of a learning-rate check run."""
-        return f"{self.kind} {self.variant} seed {self.seed}" + (f" lr {self.lr:g}" if self.kind == "lr" else "")
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
-@worker_task
-def _lm_worker(recipe: str, overrides: list[str], options: dict[str, Any]) -> dict[str, Any]:
-    """One language-model run in a worker process (one torch thread); its summary plus curves and router rows."""
-    from parameternet.train.lm import load_lm_config
-    from parameternet.train.lm_branch import train_experiment_lm
-
-    cfg = load_lm_config(recipe, overrides)
-    cfg.progress = False
-    summary = train_experiment_lm(cfg, **options)
-    return {**summary, **_read_metrics(Path(cfg.output_dir))}
-
-
-@worker_task
-def _cls_worker(model_dir: str, output: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    from parameternet.train.lm_cls import finetune_classifier
-
-    done = Path(output) / "cls.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    return finetune_classifier(model_dir, output=output, threads=1, **kwargs)
-
-
-def _read_metrics(run: Path) -> dict[str, Any]:
-    """``{"val_curve": [(step, val loss)], "router": [router rows], "train_tail": mean of the last tenth}``."""
-    curve, router, train = [], [], []
-    path = run / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        row = json.loads(line)
-        if row.get("split") == "val":
-            curve.append((row["step"], row["loss"]))
-        elif row.get("split") == "router":
-            router.append(row)
-        elif row.get("split") == "train":
-            train.append(row["lm_loss"])
-    tail = train[-max(1, len(train) // 10) :] if train else []
-    return {"val_curve": curve, "router": router, "train_tail": sum(tail) / len(tail) if tail else None}
-
-
 # ----- choosing the learning rate -----
 
 
@@ -336,27 +209,6 @@ def choose_lrs(rows: Sequence[dict[str, Any]], variants: Sequence[str] = (DENSE,
 
 
 # ----- the pre-stated verdict -----
-
-
-def _fit_change(curve: Sequence[tuple[float, float]], span: float) -> float:
-    """Least-squares slope of ``(x, y)`` points times ``span``: the fitted change of ``y`` over ``span``."""
-    if len(curve) < 2:
-        return math.nan
-    xs, ys = [c[0] for c in curve], [c[1] for c in curve]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx == 0:
-        return math.nan
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx * span
-
-
-def mean_curve(curves: Sequence[Sequence[tuple[int, float]]]) -> list[tuple[int, float]]:
-    """The mean over runs at the steps every run evaluated."""
-    if not curves:
-        return []
-    common = set.intersection(*({s for s, _ in c} for c in curves))
-    maps = [dict(c) for c in curves]
-    return [(s, sum(m[s] for m in maps) / len(maps)) for s in sorted(common)]
 
 
 def verdict(
@@ -396,7 +248,7 @@ def verdict(
         gap, se, ci95 = w.diff, w.se, w.ci95
     half = start_step + (total_steps - start_step) / 2
     second = [(s, g) for s, g in gap_curve if s >= half]
-    change = _fit_change(second, total_steps - half)
+    change = fit_change(second, total_steps - half)
     out.update(gap=gap, se=se, ci95=ci95, change=change, second_half_points=len(second))
     not_shrinking = math.isfinite(change) and change >= -k["flat"]
     if gap >= k["min_gap"] and gap > k["min_se"] * se and not_shrinking:
@@ -423,111 +275,14 @@ def _seeds_needed(dense: Sequence[float], moe: Sequence[float], paired: bool) ->
     return n
 
 
-# ----- CSV files -----
-
-_INTS = ("experts", "seed", "params", "steps", "start_step", "tokens", "cls_items", "threads", "step", "layer")
-_FLOATS = (
-    "lr", "train_loss", "val_loss", "val_ppl", "mid_val_loss", "next_sentence_acc", "last_word_acc", "cls_acc",
-    "wall_s", "tokens_per_s", "top1_prob", "max_share", "min_share",
-)  # fmt: skip
-
-
-def _parse(row: dict[str, Any]) -> dict[str, Any]:
-    for k in _INTS:
-        if k in row:
-            row[k] = int(float(row[k])) if row[k] not in (None, "") else None
-    for k in _FLOATS:
-        if k in row:
-            row[k] = float(row[k]) if row[k] not in (None, "") else None
-    if "dirty" in row:
-        row["dirty"] = str(row["dirty"])
-    return row
-
-
-def read_rows(csv_path: str | Path) -> list[dict[str, Any]]:
-    """The rows of one of the experiment's CSVs with numbers parsed (missing file: no rows)."""
-    path = Path(csv_path)
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [_parse(dict(r)) for r in csv.DictReader(f)]
-
-
-FIRST_VERSION_COLUMNS = ("variant", "projection", "experts", "seed", "params", "tokens", "train_loss", "val_loss")
-
-
-def _check_header(csv_path: Path, columns: Sequence[str]) -> None:
-    """A CSV that exists must have ``columns``. The first version's ``runs.csv`` (one row per run of 262k tokens,
-    no provenance) is kept as ``runs-v1.csv``; any other header is a user error."""
-    if not csv_path.is_file() or csv_path.stat().st_size == 0:
-        return
-    with open(csv_path, newline="") as f:
-        header = tuple(next(csv.reader(f), ()))
-    if header == tuple(columns):
-        return
-    if header[: len(FIRST_VERSION_COLUMNS)] == FIRST_VERSION_COLUMNS:
-        kept = csv_path.with_name(f"{csv_path.stem}-v1.csv")
-        csv_path.rename(kept)
-        log.warning("%s holds the first version's rows; kept as %s, new rows start a new file", csv_path, kept)
-        return
-    raise ParameterNetError(
-        f"{str(csv_path)!r} has other columns than this version writes; move it away or pass another --output"
-    )
-
-
 # ----- the runner -----
 
 
-class _Runner:
-    def __init__(self, preset: Preset, recipe: str, extra: Sequence[str], output: Path, runs_dir: Path, jobs: int):
-        self.preset, self.recipe, self.extra, self.output, self.jobs = preset, recipe, list(extra), output, jobs
-        self.prov = provenance()
-        self.code = code_id(self.prov)
-        self.runs_dir = runs_dir / self.code
-        self.csv = output / "runs.csv"
-        for name, columns in (("runs.csv", COLUMNS), ("curves.csv", CURVE_COLUMNS), ("router.csv", ROUTER_COLUMNS)):
-            _check_header(output / name, columns)
-        rows = [r for r in read_rows(self.csv) if r.get("preset") == preset.name]
-        self.rows, _ = rows_of_this_code(rows, f"lm-experiment {preset.name}", self.csv)
-
-    # --- configs
-    def base_overrides(self) -> list[str]:
-        return base_overrides(self.preset, self.extra)
-
-    def cfg(self, overrides: list[str]):
-        from parameternet.train.lm import load_lm_config
-
-        return load_lm_config(self.recipe, [*self.base_overrides(), *overrides])
-
-    def task(self, kind: str, variant: str, seed: int, lr: float | None, overrides: list[str], **options) -> _Task:
-        v = Variant.parse(variant)
-        ov = [*v.overrides(), f"seed={seed}", *overrides]
-        if lr is not None:
-            ov.append(f"optim.lr={lr}")
-        cfg = self.cfg(ov).to_dict()
-        cfg.pop("output_dir"), cfg.pop("resume"), cfg.pop("progress")
-        recipe = _hash([cfg, {k: str(o) for k, o in options.items()}])
-        run_dir = self.runs_dir / kind / f"{variant}-s{seed}" / recipe
-        ov = [*self.base_overrides(), *ov, f"output_dir={run_dir}", "resume=auto"]
-        return _Task(kind, variant, seed, lr, ov, run_dir, recipe, options)
-
-    def done(self, t: _Task) -> dict[str, Any] | None:
-        return next((r for r in self.rows if (r["kind"], r["variant"], r["seed"], r["recipe"]) == t.key), None)
-
-    def train_windows(self) -> tuple[int, int]:
-        """(training tokens in the split, tokens per step) of the recipe."""
-        from parameternet.data.text import prepare_text_data
-
-        c = self.cfg([])
-        d = c.data
-        data = prepare_text_data(
-            d.dir, corpora=d.corpora, vocab_size=d.vocab_size, val_fraction=d.val_fraction,
-            eval_fraction=d.eval_fraction,
-        )  # fmt: skip
-        return int(data.manifest["tokens"]["train"]), c.batch_size * d.seq_len
+class _Runner(Runner):
+    """The Table 7 grid: the learning-rate check, then the main runs, upcycled branches and classifiers."""
 
     # --- the grid
-    def lr_tasks(self) -> list[_Task]:
+    def lr_tasks(self) -> list[Task]:
         p = self.preset
         _, per_step = self.train_windows()
         common = [
@@ -536,15 +291,7 @@ class _Runner:
         ]  # fmt: skip
         return [self.task("lr", v, 0, lr, common) for v in p.lr_variants for lr in p.lrs]
 
-    @property
-    def eval_tokens(self) -> str:
-        """The override that sets every language-model run's validation tokens per evaluation."""
-        return f"eval_tokens={self.preset.eval_tokens or 'null'}"
-
-    def warmup(self, steps: int) -> int:
-        return max(1, round(self.preset.warmup_fraction * steps))
-
-    def main_tasks(self, lrs: dict[str, Any]) -> tuple[list[_Task], int]:
+    def main_tasks(self, lrs: dict[str, Any]) -> tuple[list[Task], int]:
         p = self.preset
         split, per_step = self.train_windows()
         tokens = p.main_tokens or int(split * p.corpus_fraction) // per_step * per_step
@@ -569,7 +316,7 @@ class _Runner:
                 raise ParameterNetError(f"preset {p.name!r} upcycles seed {seed} but has no dense main run of it")
             up = self.task(
                 "upcycle", p.upcycle_variant, seed, lrs["dense"], common,
-                upcycle_from=str(dense.run_dir / "snapshot"), start_step=mid,
+                branch_from=str(dense.run_dir / "snapshot"), start_step=mid,
             )  # fmt: skip
             up.after = [dense]
             tasks.append(up)
@@ -582,159 +329,21 @@ class _Runner:
                         f"preset {p.name!r} fine-tunes {variant} seed {seed}, which has no main run"
                     )
                 kwargs = {**p.cls, "seed": seed}
-                recipe = _hash([src.recipe, kwargs])
-                t = _Task("cls", variant, seed, kwargs.get("lr"), [], self.runs_dir / "cls" / f"{variant}-s{seed}" /
+                recipe = recipe_hash([src.recipe, kwargs])
+                t = Task("cls", variant, seed, kwargs.get("lr"), [], self.runs_dir / "cls" / f"{variant}-s{seed}" /
                           recipe, recipe, {"kwargs": kwargs}, after=[src])  # fmt: skip
                 tasks.append(t)
         return tasks, steps
-
-    # --- executing
-    def execute(self, tasks: list[_Task]) -> None:
-        pending = []
-        for t in tasks:
-            row = self.done(t)
-            if row is not None:
-                t.result = {"row": row}
-            else:
-                pending.append(t)
-        log.info(
-            "lm-experiment %s: %d of %d runs done by this code (%s); %d to run, %d at a time, 1 thread each",
-            self.preset.name, len(tasks) - len(pending), len(tasks), self.code, len(pending), self.jobs,
-        )  # fmt: skip
-        if not pending:
-            return
-        from parameternet.runs import RunInterrupted, StopSignal
-
-        failures: list[str] = []
-        unsaved: list[str] = []  # runs that ended without saving after a stop
-        fresh: list[str] = []  # runs stopped before their first step
-        running: dict[Future, _Task] = {}
-        ctx = get_context("spawn")
-        forwarded = False
-        heartbeat = time.perf_counter()
-        with (
-            StopSignal() as stop,
-            ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx, initializer=init_worker) as pool,
-        ):
-            while pending or running:
-                if stop.requested:  # no new run; the running ones save a checkpoint and stop
-                    pending.clear()
-                    if not forwarded:
-                        forward_stop(pool)
-                        forwarded = True
-                while len(running) < self.jobs and not stop.requested:
-                    ready = next((t for t in pending if all(a.result is not None for a in t.after)), None)
-                    if ready is None:
-                        break
-                    pending.remove(ready)
-                    ready.started = time.perf_counter()
-                    log.info("  start %s -> %s", ready.name, ready.run_dir)
-                    if ready.kind == "cls":
-                        src = ready.after[0]
-                        model_dir = str(src.run_dir / "model")
-                        fut = pool.submit(_cls_worker, model_dir, str(ready.run_dir), ready.options["kwargs"])
-                    else:
-                        fut = pool.submit(_lm_worker, self.recipe, ready.overrides, ready.options)
-                    running[fut] = ready
-                if not running:
-                    break
-                finished, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
-                if not finished and time.perf_counter() - heartbeat >= 300:
-                    heartbeat = time.perf_counter()
-                    log.info("  running: %s", "; ".join(t.name for t in running.values()))
-                for fut in finished:
-                    t = running.pop(fut)
-                    try:
-                        t.result = fut.result()
-                    except RunInterrupted as e:
-                        log.warning("  %s: %s", t.name, e)
-                        if e.checkpoint is None:
-                            fresh.append(t.name)
-                        continue
-                    except Exception as e:  # one broken run must not stop the grid; it is reported at the end
-                        if stop.requested:  # a worker stopped before its trainer could take the signal
-                            log.warning("  %s stopped without saving: %s", t.name, e)
-                            unsaved.append(t.name)
-                            continue
-                        failures.append(f"{t.name}: {e}")
-                        log.error("  FAILED %s: %s", t.name, e)
-                        dropped = {id(t)}
-                        for other in list(pending):
-                            if any(id(a) in dropped for a in other.after):
-                                pending.remove(other)
-                                dropped.add(id(other))
-                        continue
-                    self.finish(t)
-        if stop.requested:
-            raise interrupted(stop.signum, unsaved, fresh)
-        if failures:
-            raise ParameterNetError(
-                f"{len(failures)} run(s) failed, first: {failures[0]}; fix the cause and run the command again"
-            )
-
-    def finish(self, t: _Task) -> None:
-        res = t.result or {}
-        v = Variant.parse(t.variant)
-        row: dict[str, Any] = {
-            "kind": t.kind, "preset": self.preset.name, "variant": t.variant, "projection": v.projection or "-",
-            "experts": v.num_experts, "seed": t.seed, "lr": t.lr, "recipe": t.recipe, "run_dir": str(t.run_dir),
-            "threads": res.get("threads"), "wall_s": res.get("wall_s"), **self.prov,
-        }  # fmt: skip
-        if t.kind == "cls":
-            src = t.after[0].result.get("row") or {}
-            row.update(
-                params=src.get("params"), cls_task=res["task"], cls_acc=res["acc"], cls_items=res["test_items"],
-                steps=res["steps"], train_loss=res["train_loss"],
-            )  # fmt: skip
-        else:
-            val = res.get("val") or {}
-            zs = res.get("zero_shot") or {}
-            start = int(t.options.get("start_step", 0))
-            per_step = res["tokens"] // max(1, res["steps"])
-            curve = res.get("val_curve", [])
-            mid = t.options.get("snapshot_step") or start
-            row.update(
-                params=res["params"], steps=res["steps"], start_step=start,
-                tokens=(res["steps"] - start) * per_step, train_loss=_round(res.get("train_tail")),
-                val_loss=_round(val.get("loss")), val_ppl=_round(val.get("ppl"), 2),
-                mid_val_loss=_round(dict(curve).get(mid)) if mid else "",
-                next_sentence_acc=_round(zs.get("next_sentence", {}).get("acc_norm")),
-                last_word_acc=_round(zs.get("last_word", {}).get("acc")), tokens_per_s=res.get("tokens_per_s"),
-            )  # fmt: skip
-            common = {k: row[k] for k in ("kind", "preset", "variant", "seed", "commit", "dirty")}
-            append_rows(
-                self.output / "curves.csv",
-                [{**common, "step": s, "tokens": s * per_step, "val_loss": round(x, 6)} for s, x in curve],
-                CURVE_COLUMNS,
-            )
-            router = []
-            for r in res.get("router", []):
-                for s in r["routers"]:
-                    router.append({
-                        **common, "step": r["step"], "tokens": r["tokens"], "layer": s["layer"],
-                        "projection": s["projection"], "top1_prob": s["top1_prob"], "max_share": max(s["share"]),
-                        "min_share": min(s["share"]), "shares": " ".join(f"{x:.4f}" for x in s["share"]),
-                    })  # fmt: skip
-            append_rows(self.output / "router.csv", router, ROUTER_COLUMNS)
-        append_rows(self.csv, [row], COLUMNS)
-        self.rows.append(_parse({k: row.get(k, "") for k in COLUMNS}))
-        t.result = {**res, "row": self.rows[-1]}
-        log.info(
-            "[%d rows] %s: %s (%.0f s)", len(self.rows), t.name,
-            f"accuracy {row['cls_acc']}" if t.kind == "cls" else f"val loss {row['val_loss']}", row["wall_s"] or 0,
-        )  # fmt: skip
-
-
-def _round(x: float | None, digits: int = 4) -> float | str:
-    return round(x, digits) if x is not None and math.isfinite(x) else ""
 
 
 # ----- wall-time estimate -----
 
 
 def measure_tokens_per_s(recipe: str = "configs/lm-small.yaml", overrides: Sequence[str] = (), steps: int = 6):
-    """Training tokens per second of one torch thread for dense and 8 experts on ``down_proj`` (the recipe's size,
-    batch, sequence length and ``amp``), timed over ``steps`` steps after two warm-up steps; random tokens."""
+    """Training tokens per second of one torch thread for dense and 8 experts on ``down_proj`` (``dense``,
+    ``moe``: the recipe's size, batch, sequence length and ``amp``), timed over ``steps`` steps after two warm-up
+    steps, and evaluation tokens per second (``dense_eval``, ``moe_eval``: forward passes of ``eval_batch_size``
+    windows in float32 without gradients, as validation runs); the median step, random tokens."""
     import torch
 
     from parameternet.models.llama_moe import ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM
@@ -766,6 +375,17 @@ def measure_tokens_per_s(recipe: str = "configs/lm-small.yaml", overrides: Seque
                     times.append(time.perf_counter() - t0)
             times.sort()
             out[name] = cfg.batch_size * d.seq_len / times[len(times) // 2]
+            model.eval()
+            ids = torch.randint(3, d.vocab_size, (cfg.eval_batch_size, d.seq_len))
+            times = []
+            with torch.no_grad():
+                for i in range(steps + 2):
+                    t0 = time.perf_counter()
+                    model(input_ids=ids)
+                    if i >= 2:
+                        times.append(time.perf_counter() - t0)
+            times.sort()
+            out[f"{name}_eval"] = cfg.eval_batch_size * d.seq_len / times[len(times) // 2]
     finally:
         torch.set_num_threads(prev)
     return out
@@ -838,42 +458,20 @@ def estimate_text(recipe: str, preset: Preset, overrides: Sequence[str] = (), jo
 # ----- the command -----
 
 
-def check_grid(output: Path, preset: str, base) -> None:
-    """Record in ``output/grid.json`` the base recipe (an LMTrainConfig: the recipe file with the preset's and the
-    user's overrides) of ``preset``'s grid the first time, and refuse a later run whose base recipe differs: its rows
-    would land in the same tables as rows of another model or setting. Raises ParameterNetError naming the keys
-    that differ."""
-    from parameternet.train.recipe import recipe_values
-
-    path = output / "grid.json"
-    try:
-        record = json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:
-        raise ParameterNetError(f"{str(path)!r} is not valid JSON; delete it to record this grid afresh") from None
-    now = {k: v for k, v in recipe_values(base).items() if k not in ("output_dir", "resume", "progress")}
-    then = record.get(preset)
-    if then is None:
-        atomic_write(path, json.dumps({**record, preset: now}, indent=1, sort_keys=True, default=str) + "\n")
-        return
-    now = json.loads(json.dumps(now, default=str))  # as it would read back
-    keys = sorted(k for k in {*then, *now} if then.get(k) != now.get(k))
-    diffs = [f"{k}={then.get(k)!r} there, {now.get(k)!r} now" for k in keys]
-    if diffs:
-        raise ParameterNetError(
-            f"{str(output)!r} holds the {preset} grid of another base recipe ({'; '.join(diffs[:3])}"
-            f"{'; ...' if len(diffs) > 3 else ''}); pass another --output, or the recipe and overrides it was run with"
-        )
-
-
-def check_jobs(jobs: int) -> None:
-    """ParameterNetError unless ``jobs`` (runs side by side) is at least 1."""
-    if jobs < 1:
-        raise ParameterNetError(f"jobs={jobs} is invalid; use 1 or more parallel runs")
+COMMITTED_OUTPUTS = {"full": "results/lm", "upcycle2": "results/lm-upcycle2"}
 
 
 def default_output(preset: str) -> Path:
-    """``results/lm`` for the full preset (committed), ``runs/lm-<preset>`` for the others."""
-    return Path("results/lm") if preset == "full" else Path(f"runs/lm-{preset}")
+    """``results/lm`` for the full preset and ``results/lm-upcycle2`` for upcycle2 (committed), ``runs/lm-<preset>``
+    for the others."""
+    return Path(COMMITTED_OUTPUTS.get(preset, f"runs/lm-{preset}"))
+
+
+def preset_names() -> list[str]:
+    """Every preset of ``lm-experiment``: Table 7's (:data:`PRESETS`) and upcycling round 2's."""
+    from parameternet.experiments.lm_upcycle import PRESETS as UPCYCLE
+
+    return [*PRESETS, *UPCYCLE]
 
 
 def run_lm_experiment(
@@ -887,9 +485,14 @@ def run_lm_experiment(
     """Run the learning-rate check, then the main runs, upcycling and classifiers of ``preset`` (skipping rows this
     code already made), and write and return the report. Raises :class:`ParameterNetError` on bad input (an unknown
     preset, ``jobs`` below 1, a bad override or one of :data:`GRID_KEYS`: all checked before anything starts or the
-    output directory is made) or on failed runs."""
+    output directory is made) or on failed runs. An upcycling-round-2 preset runs
+    :func:`~parameternet.experiments.lm_upcycle.run_upcycle`."""
+    from parameternet.experiments import lm_upcycle
+
+    if preset in lm_upcycle.PRESETS:
+        return lm_upcycle.run_upcycle(preset, recipe, overrides, runs_dir, output, jobs)
     if preset not in PRESETS:
-        raise ParameterNetError(f"preset {preset!r} is unknown; use one of {', '.join(PRESETS)}")
+        raise ParameterNetError(f"preset {preset!r} is unknown; use one of {', '.join(preset_names())}")
     check_jobs(jobs)
     from parameternet.runs import RunLock
 
@@ -915,27 +518,9 @@ def run_lm_experiment(
 # ----- the report -----
 
 
-def _fmt(values: Sequence[float], digits: int = 4) -> str:
-    from parameternet.experiments.stats import summary
-
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return "-"
-    s = summary(vals)
-    return f"{s.mean:.{digits}f} ± {s.se:.{digits}f} ({s.n})" if s.n > 1 else f"{s.mean:.{digits}f} (1)"
-
-
 def _variant_order(name: str) -> tuple:
     v = Variant.parse(name)
     return (v.projection is not None, ("gate_proj", "up_proj", "down_proj", None).index(v.projection), v.num_experts)
-
-
-def _curves(curve_rows: list[dict[str, Any]], kind: str, variant: str) -> list[list[tuple[int, float]]]:
-    by: dict[int, list[tuple[int, float]]] = {}
-    for r in curve_rows:
-        if r["kind"] == kind and r["variant"] == variant:
-            by.setdefault(r["seed"], []).append((r["step"], r["val_loss"]))
-    return [sorted(c) for _, c in sorted(by.items())]
 
 
 def crossing(gap: Sequence[tuple[int, float]]) -> float | None:
@@ -966,13 +551,16 @@ def gap_text(gap: Sequence[tuple[int, float]], tokens_per_step: int) -> str:
     return "; ".join(f"{s * tokens_per_step:,} tokens {g:+.3f}" for s, g in gap) or "no shared evaluation"
 
 
-def router_summary(router: Sequence[dict[str, Any]], collapsed: float = 0.9) -> list[str]:
-    """One line per MoE variant of the main and upcycled runs in ``router`` rows: over its seeds and layers, the
-    range of the mean top-1 router probability and of the largest and smallest expert shares at the first and the
-    last evaluation; then every layer whose largest share at the last evaluation is above ``collapsed``."""
+def router_summary(
+    router: Sequence[dict[str, Any]], collapsed: float = 0.9, kinds: Sequence[str] = ("main", "upcycle")
+) -> list[str]:
+    """One line per MoE variant of the runs of ``kinds`` (main and upcycled runs) in ``router`` rows: over its
+    seeds and layers, the range of the mean top-1 router probability and of the largest and smallest expert shares
+    at the first and the last evaluation; then every layer whose largest share at the last evaluation is above
+    ``collapsed``."""
     lines, dead = [], []
-    for kind, name in sorted({(r["kind"], r["variant"]) for r in router if r["kind"] in ("main", "upcycle")},
-                             key=lambda g: (g[0] == "upcycle", _variant_order(g[1]))):  # fmt: skip
+    for kind, name in sorted({(r["kind"], r["variant"]) for r in router if r["kind"] in kinds},
+                             key=lambda g: (list(kinds).index(g[0]), _variant_order(g[1]))):  # fmt: skip
         rs = [r for r in router if r["kind"] == kind and r["variant"] == name]
         first, last = min(r["step"] for r in rs), max(r["step"] for r in rs)
 
@@ -982,7 +570,7 @@ def router_summary(router: Sequence[dict[str, Any]], collapsed: float = 0.9) -> 
 
         seeds, layers = len({r["seed"] for r in rs}), len({r["layer"] for r in rs})
         at = {s: f"{rs[0]['tokens'] * s // max(1, rs[0]['step']):,}" for s in (first, last)}
-        label = f"{name}{' upcycled' if kind == 'upcycle' else ''}"
+        label = name if kind == "main" else f"{name} upcycled" if kind == "upcycle" else f"{name} {kind}"
         lines.append(
             f"Routers of {label} ({seeds} seed{'s' if seeds > 1 else ''} x {layers} layers; balanced share "
             f"{1 / Variant.parse(name).num_experts:.3f}): mean top-1 probability {span('top1_prob', first)} at "
@@ -1004,21 +592,23 @@ def _table(rows: list[dict[str, Any]]) -> str:
     cls = [r for r in rows if r["kind"] == "cls"]
     task = next((r["cls_task"] for r in cls), None)
     lines = [
-        "| Model | #Expert | Parameters | Seeds | Train loss | Val loss | Val ppl | Next sentence (acc_norm) "
-        f"| Last word (acc) | Fine-tuned {task or 'classifier'} (acc) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| Model | #Expert | Parameters | Seeds | Train loss | Val loss | Val ppl | Held-out loss "
+        f"| Next sentence (acc_norm) | Last word (acc) | Fine-tuned {task or 'classifier'} (acc) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in sorted({r["variant"] for r in main}, key=_variant_order):
         rs = [r for r in main if r["variant"] == name]
         v = Variant.parse(name)
         ppl = [r["val_ppl"] for r in rs if r["val_ppl"] is not None]
         acc = [r["cls_acc"] for r in cls if r["variant"] == name]
+        held = [r.get("heldout_loss") for r in rs if r.get("heldout_loss") is not None]
         lines.append(
             "| " + " | ".join([
                 v.label, str(v.num_experts) if v.projection else "-", f"{rs[0]['params'] / 1e6:.2f}M", str(len(rs)),
-                _fmt([r["train_loss"] for r in rs]), _fmt([r["val_loss"] for r in rs]),
-                f"{sum(ppl) / len(ppl):.1f}" if ppl else "-", _fmt([r["next_sentence_acc"] for r in rs]),
-                _fmt([r["last_word_acc"] for r in rs]), _fmt(acc) if acc else "-",
+                fmt_mean([r["train_loss"] for r in rs]), fmt_mean([r["val_loss"] for r in rs]),
+                f"{sum(ppl) / len(ppl):.1f}" if ppl else "-", fmt_mean(held) if held else "not measured",
+                fmt_mean([r["next_sentence_acc"] for r in rs]),
+                fmt_mean([r["last_word_acc"] for r in rs]), fmt_mean(acc) if acc else "-",
             ]) + " |"
         )  # fmt: skip
     return "\n".join(lines)
@@ -1045,46 +635,16 @@ def report(output: str | Path, preset: str | None = "full", pool_commits: bool =
 
     Rows made by different code are not pooled: the report uses the code version with the most rows of the
     preset and says how many it left out, unless ``pool_commits``. Raises ParameterNetError when ``output`` or its
-    ``runs.csv`` does not exist, or when it holds no row of ``preset`` (naming the presets it holds).
+    ``runs.csv`` does not exist, or when it holds no row of ``preset`` (naming the presets it holds). An
+    upcycling-round-2 preset's report is :func:`~parameternet.experiments.lm_upcycle.report`'s.
     """
+    from parameternet.experiments import lm_upcycle
+
+    if preset in lm_upcycle.PRESETS:
+        return lm_upcycle.report(output, preset, pool_commits)
     output = Path(output)
-    csv_path = output / "runs.csv"
-    if not csv_path.is_file():
-        missing = output if not output.is_dir() else csv_path
-        raise ParameterNetError(
-            f"{str(missing)!r} does not exist; pass the --output directory an lm-experiment run wrote its runs.csv to, "
-            f"or run the grid first"
-        )
-    everything = [r for r in read_rows(csv_path) if "kind" in r]
-    rows = [r for r in everything if preset is None or r["preset"] == preset]
-    if not rows:
-        held = sorted({r["preset"] for r in everything if r.get("preset")})
-        if held:
-            raise ParameterNetError(
-                f"{str(csv_path)!r} holds no rows of preset {preset!r}, only of {', '.join(map(repr, held))}; pass "
-                f"--preset NAME, e.g. --preset {held[0]}"
-            )
-        raise ParameterNetError(f"{str(csv_path)!r} holds no rows; run the grid first")
-    codes: dict[str, int] = {}
-    for r in rows:
-        codes[code_id(r)] = codes.get(code_id(r), 0) + 1
-    code = None if pool_commits else max(codes, key=codes.get)
-
-    def keep(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        rs = [r for r in rs if preset is None or r["preset"] == preset]
-        return rs if code is None else [r for r in rs if code_id(r) == code]
-
-    left_out = len(rows) - len(keep(rows))
-    rows = keep(rows)
-    curves = keep(read_rows(output / "curves.csv"))
-    router = keep(read_rows(output / "router.csv"))
-    note = (
-        f"All {len(rows)} rows from code {code} (version {rows[0]['version']})."
-        if code
-        else (f"Rows pooled across code versions {', '.join(codes)} (--pool-commits).")
-    )
-    if left_out:
-        note += f" {left_out} rows from other code were left out (`--pool-commits` pools them)."
+    got = load_report_rows(output, preset, pool_commits)
+    rows, curves, router, note = got.rows, got.curves, got.router, got.note
     threads = sorted({r["threads"] for r in rows if r["threads"] is not None})
     main = [r for r in rows if r["kind"] == "main"]
     parts = []
@@ -1176,7 +736,7 @@ def report(output: str | Path, preset: str | None = "full", pool_commits: bool =
             f"Fine-tuned classifier ({task}: {' / '.join(CLS_TASKS.get(task, ()))}; {cls[0]['cls_items']} balanced "
             f"held-out passages, chance {1 / max(1, len(CLS_TASKS.get(task, (1,)))):.2f}): "
             + "; ".join(
-                f"{name} {_fmt([r['cls_acc'] for r in cls if r['variant'] == name])}"
+                f"{name} {fmt_mean([r['cls_acc'] for r in cls if r['variant'] == name])}"
                 for name in sorted({r["variant"] for r in cls}, key=_variant_order)
             )
             + f", after {cls[0]['steps']} steps each (the same budget)."
@@ -1200,7 +760,7 @@ def report(output: str | Path, preset: str | None = "full", pool_commits: bool =
 
 
 def _gap(curves, kind_a: str, a: str, kind_b: str, b: str) -> list[tuple[int, float]]:
-    ma, mb = mean_curve(_curves(curves, kind_a, a)), mean_curve(_curves(curves, kind_b, b))
+    ma, mb = mean_curve(seed_curves(curves, kind_a, a)), mean_curve(seed_curves(curves, kind_b, b))
     db = dict(mb)
     return [(s, x - db[s]) for s, x in ma if s in db]
 
@@ -1221,8 +781,8 @@ def _plot_curves(curves: list[dict[str, Any]], rows: list[dict[str, Any]], path:
     for kind in ("main", "upcycle"):
         for name in sorted({r["variant"] for r in curves if r["kind"] == kind}, key=_variant_order):
             v = Variant.parse(name)
-            mean = mean_curve(_curves(curves, kind, name))
-            n = len(_curves(curves, kind, name))
+            mean = mean_curve(seed_curves(curves, kind, name))
+            n = len(seed_curves(curves, kind, name))
             style = dict(
                 color=colors[v.projection or "dense"],
                 linestyle=":" if kind == "upcycle" else ("-" if v.num_experts in (0, 8) else "--"),

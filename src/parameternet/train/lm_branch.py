@@ -1,7 +1,9 @@
 """An ``lm-train`` run with what the Table 7 experiment needs on top (paper sec. 5.4): router diagnostics at every
-evaluation, a snapshot of the weights at a chosen step, and branches upcycled from such a snapshot.
+evaluation, a snapshot of the weights at a chosen step, runs that stop at a branch point, branches from such a
+snapshot (upcycled, or dense with a fresh optimizer), forks that continue another run's optimizer state, a
+re-warmup after a branch point and the loss on the held-out split at the end.
 
-:class:`ExperimentLMTrainer` is :class:`~parameternet.train.lm.LMTrainer` with three additions, all optional:
+:class:`ExperimentLMTrainer` is :class:`~parameternet.train.lm.LMTrainer` with these additions, all optional:
 
 - *Router diagnostics.* After every validation of a model with experts, the first ``router_windows`` validation
   windows go through the model once more and, per layer and converted projection, the mean top-1 router
@@ -9,11 +11,22 @@ evaluation, a snapshot of the weights at a chosen step, and branches upcycled fr
   ``"split": "router"`` row.
 - *Snapshot.* At step ``snapshot_step`` the weights are saved with ``save_pretrained`` to ``<output_dir>/snapshot/``
   (atomically) and the validation loss is measured there even when the evaluation interval does not fall on it.
-- *Upcycled branch.* With ``upcycle_from`` (a dense snapshot directory) and ``start_step``, the model is
-  :meth:`~parameternet.models.llama_moe.ParameterNetLlamaForCausalLM.from_dense` of that snapshot with the recipe's
-  experts, and training starts at ``start_step`` of the recipe's step count: it reads the same windows in the same
-  order as the dense run from that step on, with the dense run's learning-rate schedule from there, and a fresh
-  AdamW state (the experts are new parameters).
+- *Stop early.* With ``stop_step`` the run ends at that step of its schedule (the learning rate follows the
+  recipe's whole schedule, the last checkpoint is at ``stop_step``): the trunk that branches start from.
+- *Branch.* With ``branch_from`` (a dense snapshot directory) and ``start_step``, training starts at ``start_step``
+  of the recipe's step count with a fresh AdamW state: it reads the same windows in the same order as the dense run
+  from that step on, with the recipe's learning-rate schedule from there. A recipe with experts makes the model
+  :meth:`~parameternet.models.llama_moe.ParameterNetLlamaForCausalLM.from_dense` of the snapshot (upcycling); a
+  dense recipe takes the snapshot's weights as they are (the optimizer reset alone).
+- *Fork.* With ``fork_from`` (a run directory, or a checkpoint's ``.state.pt``), a run without a checkpoint of its
+  own starts from that run's newest checkpoint: weights, AdamW state, schedule position and step, as a resume
+  does, so it continues that run exactly while writing to its own directory (``eval_every_steps`` and the other
+  keys a resume may change can differ).
+- *Re-warmup.* With ``rewarmup_steps`` (and ``start_step``), the learning rate after the branch point is the
+  schedule's times ``min(1, (step - start_step + 1) / rewarmup_steps)``: a linear ramp back to the schedule.
+- *Held-out loss.* A run that reaches the end of its schedule measures the next-token loss on the held-out split
+  (the documents neither training nor validation read; ``eval_tokens`` caps it as it caps validation), writes it
+  to ``metrics.jsonl`` as a ``"split": "heldout"`` row and returns it in the summary as ``heldout``.
 """
 
 from __future__ import annotations
@@ -79,8 +92,37 @@ def router_stats(model, tokens: np.ndarray, seq_len: int, windows: int, batch_si
     return out
 
 
+class Rewarmup:
+    """A learning-rate schedule ramped up again after a branch point: ``base``'s rate (a timm scheduler that sets
+    each parameter group's ``lr`` from the step) times ``min(1, (step - start + 1) / steps)`` from step ``start``
+    on. It keeps no state of its own (``state_dict`` is ``base``'s), so a resumed run gets the same rates."""
+
+    def __init__(self, base, optimizer: torch.optim.Optimizer, start: int, steps: int):
+        if steps < 1:
+            raise ParameterNetError(f"rewarmup_steps={steps} must be at least 1; pass 1 or more, or leave it out")
+        self.base, self.optimizer, self.start, self.steps = base, optimizer, start, steps
+
+    def factor(self, step: int) -> float:
+        """The share of the schedule's rate at ``step`` (1 before ``start`` and from ``start + steps - 1`` on)."""
+        return 1.0 if step < self.start else min(1.0, (step - self.start + 1) / self.steps)
+
+    def step_update(self, num_updates: int) -> None:
+        self.base.step_update(num_updates)
+        for group in self.optimizer.param_groups:
+            group["lr"] *= self.factor(num_updates)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.base.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.base.load_state_dict(state)
+
+
 class ExperimentLMTrainer(LMTrainer):
-    """:class:`LMTrainer` plus router diagnostics, a snapshot step and upcycled branches (module docstring)."""
+    """:class:`LMTrainer` plus router diagnostics, a snapshot step, early stops, branches, forks, a re-warmup and
+    the held-out loss (module docstring). Raises ParameterNetError for options that do not fit together or the
+    recipe: a branch or fork source that holds no model or checkpoint, a snapshot with experts, a fork checkpoint
+    at another step than ``start_step`` or of another recipe, steps outside the schedule."""
 
     def __init__(
         self,
@@ -90,45 +132,96 @@ class ExperimentLMTrainer(LMTrainer):
         *,
         router_windows: int = 64,
         snapshot_step: int | None = None,
-        upcycle_from: str | Path | None = None,
+        stop_step: int | None = None,
+        branch_from: str | Path | None = None,
+        fork_from: str | Path | None = None,
         start_step: int = 0,
+        rewarmup_steps: int | None = None,
+        heldout: bool = True,
     ):
         self.router_windows = router_windows
         self.snapshot_step = snapshot_step
-        self.upcycle_from = Path(upcycle_from) if upcycle_from is not None else None
-        if self.upcycle_from is not None:
-            if not (self.upcycle_from / "config.json").is_file():
-                raise ParameterNetError(
-                    f"upcycle_from={str(self.upcycle_from)!r} holds no saved model; run the dense run past its "
-                    f"snapshot step first"
-                )
-            if not cfg.model.moe_projections:
-                raise ParameterNetError(
-                    "an upcycled branch needs model.moe_projections; name the projection to convert"
-                )
+        self.stop_step = stop_step
+        self.heldout = heldout
+        self.branch_from = Path(branch_from) if branch_from is not None else None
+        self.start_step, self.rewarmup_steps = start_step, rewarmup_steps
+        if self.branch_from is not None and fork_from is not None:
+            raise ParameterNetError(
+                "branch_from (weights, a fresh optimizer) and fork_from (weights and optimizer state) exclude each "
+                "other; pass one"
+            )
+        if self.branch_from is not None and not (self.branch_from / "config.json").is_file():
+            raise ParameterNetError(
+                f"branch_from={str(self.branch_from)!r} holds no saved model; run the dense run past its snapshot "
+                f"step first"
+            )
         if cfg.parallel != "ddp":
             raise ParameterNetError(
                 f"parallel={cfg.parallel!r} is for lm-train; the experiment's runs are single-process, drop it"
             )
         if not 0 <= start_step < cfg.total_steps:
             raise ParameterNetError(f"start_step={start_step} must be in [0, {cfg.total_steps}); lower it")
+        if stop_step is not None and not start_step < stop_step <= cfg.total_steps:
+            raise ParameterNetError(
+                f"stop_step={stop_step} must be in ({start_step}, {cfg.total_steps}]; pass a step of the schedule"
+            )
+        if rewarmup_steps is not None and rewarmup_steps < 1:
+            raise ParameterNetError(f"rewarmup_steps={rewarmup_steps} must be at least 1; pass 1 or more")
         super().__init__(cfg, dist, stop)
-        if self.upcycle_from is not None and self.step == 0:  # a fresh branch (a resumed one has its own step)
-            self.step = start_step
-            self.scheduler.step_update(self.step)
+        if self.step == 0 and self.resume_from is None:  # a fresh run (a resumed one has its own step)
+            if fork_from is not None:
+                self._fork(Path(fork_from))
+            elif self.branch_from is not None:
+                self.step = start_step
+                self.scheduler.step_update(self.step)
+
+    @property
+    def last_step(self) -> int:
+        return self.stop_step if self.stop_step is not None else self.total_steps
+
+    def _fork(self, source: Path) -> None:
+        from parameternet.train.checkpoint import CheckpointManager
+        from parameternet.train.loop import check_resume_recipe
+
+        found = source if source.is_file() else None
+        if found is None and source.is_dir():
+            found = CheckpointManager(source / "checkpoints" if (source / "checkpoints").is_dir() else source).latest()
+        if found is None:
+            raise ParameterNetError(
+                f"fork_from={str(source)!r} holds no complete checkpoint; run the source run to its stop step first"
+            )
+        check_resume_recipe(self.cfg, found, "fork from a run of the same recipe")
+        self.load_checkpoint(found)
+        if self.step != self.start_step:
+            raise ParameterNetError(
+                f"fork_from={str(source)!r} ends at step {self.step}, not at start_step={self.start_step}; fork from "
+                f"the checkpoint of the branch point"
+            )
+
+    def _build_optim(self) -> None:
+        super()._build_optim()
+        if self.rewarmup_steps is not None:
+            self.scheduler = Rewarmup(self.scheduler, self.optimizer, self.start_step, self.rewarmup_steps)
+            self.scheduler.step_update(0)
 
     def _build_model(self):
-        if self.upcycle_from is None:
+        if self.branch_from is None:
             return super()._build_model()
         from parameternet.models.llama_moe import ParameterNetLlamaForCausalLM
 
         m = self.cfg.model
-        dense = ParameterNetLlamaForCausalLM.from_pretrained(self.upcycle_from, dtype=torch.float32)
+        dense = ParameterNetLlamaForCausalLM.from_pretrained(self.branch_from, dtype=torch.float32)
+        if getattr(dense.config, "moe_projections", None):
+            raise ParameterNetError(
+                f"branch_from={str(self.branch_from)!r} holds a model with experts; branch from a dense run's snapshot"
+            )
         if len(self.tokenizer) > dense.config.vocab_size:
             raise ParameterNetError(
-                f"the snapshot in {self.upcycle_from} has a {dense.config.vocab_size}-token vocabulary and the data "
+                f"the snapshot in {self.branch_from} has a {dense.config.vocab_size}-token vocabulary and the data "
                 f"{len(self.tokenizer)}; branch from a run of the same recipe"
             )
+        if not m.moe_projections:  # the dense weights as they are: only the optimizer starts afresh
+            return dense.train()
         return ParameterNetLlamaForCausalLM.from_dense(
             dense,
             num_experts=m.num_experts,
@@ -145,7 +238,7 @@ class ExperimentLMTrainer(LMTrainer):
         if self.snapshot_step is not None and self.step == self.snapshot_step:
             self._save_snapshot()
             every = self.cfg.eval_every_steps
-            if self.step < self.total_steps and not (every and self.step % every == 0):
+            if self.step < self.last_step and not (every and self.step % every == 0):
                 self.validate()  # the loss at the branch point, whatever the evaluation interval
 
     def _save_snapshot(self) -> None:
@@ -160,6 +253,20 @@ class ExperimentLMTrainer(LMTrainer):
         )
         tokens = self.step * self.cfg.batch_size * self.cfg.data.seq_len
         self.metrics.write({"step": self.step, "split": "router", "tokens": tokens, "routers": stats})
+
+    def finish(self, wall: float, timing) -> dict[str, Any]:
+        summary = super().finish(wall, timing)
+        if self.heldout and self.step == self.total_steps:
+            from parameternet.train.lm_eval import validation_loss
+
+            cfg = self.cfg
+            v = validation_loss(
+                self.model, self.data.tokens("eval"), cfg.data.seq_len, cfg.eval_batch_size, cfg.eval_tokens,
+                self.device,
+            )  # fmt: skip
+            self.metrics.write({"step": self.step, "split": "heldout", **{k: round(x, 6) for k, x in v.items()}})
+            summary["heldout"] = v
+        return summary
 
 
 def train_experiment_lm(cfg: LMTrainConfig, **options: Any) -> dict[str, Any]:

@@ -319,7 +319,7 @@ class TrainTask:
     ``__init__`` opens the run directory and calls the subclass's :meth:`build` (data, model, optimizer,
     ``total_steps``; ``step`` starts at 0), then :meth:`load_checkpoint` when the run resumes. The recipe
     ``cfg`` needs ``output_dir``, ``keep_last``, ``resume``, ``progress`` and ``to_dict()``. The loop reads
-    ``step`` (optimizer steps done), ``total_steps``, ``epoch``, ``window``, ``cadence``, ``ddp`` (the module
+    ``step`` (optimizer steps done), :attr:`last_step`, ``epoch``, ``window``, ``cadence``, ``ddp`` (the module
     the steps run), ``optimizer`` and ``progress_desc``, and calls the methods below. ``window`` names the loss
     values :meth:`train_step` returns; ``tensorboard`` mirrors the rows to TensorBoard when it is installed.
     Raises ParameterNetError (one sentence) for a resume that cannot be honoured (:func:`discover_resume`) or
@@ -352,8 +352,14 @@ class TrainTask:
         self.metrics.truncate(self.step)
 
     def run(self) -> dict[str, Any]:
-        """Train to ``total_steps`` (or return the summary of a complete run) and return the summary."""
+        """Train to :attr:`last_step` (or return the summary of a complete run) and return the summary."""
         return RunLoop(self).run()
+
+    @property
+    def last_step(self) -> int:
+        """The step this run ends at: ``total_steps`` (the length of its schedule), unless a task stops earlier on
+        the same schedule (a run to a branch point)."""
+        return self.total_steps
 
     # what a task supplies
     def check_resume(self, state_path: Path) -> None:
@@ -436,7 +442,7 @@ class RunLoop:
         non-finite loss."""
         t = self.task
         summary_path = t.out / "summary.json"
-        if t.step >= t.total_steps and summary_path.is_file():
+        if t.step >= t.last_step and summary_path.is_file():
             log.info("run in %s is already complete (%d steps)", t.out, t.step)
             t.metrics.close()
             return json.loads(summary_path.read_text())
@@ -465,12 +471,12 @@ class RunLoop:
         if t.dist.is_main and t.cfg.progress and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=t.total_steps, initial=t.step, unit="step", dynamic_ncols=True, desc=t.progress_desc)
+            self.bar = tqdm(total=t.last_step, initial=t.step, unit="step", dynamic_ncols=True, desc=t.progress_desc)
 
     def _steps(self, timing: Timing) -> None:
         t, cadence = self.task, self.task.cadence
         t.ddp.train()
-        while t.step < t.total_steps:
+        while t.step < t.last_step:
             t0 = time.perf_counter()
             batch = self._fetch()
             t1 = time.perf_counter()
@@ -481,7 +487,7 @@ class RunLoop:
             t.window.add(values, t1 - t0, t2 - t1)
             timing.add(t1 - t0, t2 - t1)
             epoch_end = t.end_step()
-            finished = t.step == t.total_steps
+            finished = t.step == t.last_step
             if self.bar is not None:
                 self.bar.set_postfix(**t.postfix(values, t2 - t0), refresh=False)
                 self.bar.update(1)
