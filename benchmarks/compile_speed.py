@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 import parameternet
+from parameternet.benchmark.modes import MODES, format_modes, run_modes, write_modes
+from parameternet.export.onnx_export import export_onnx, onnx_session
 from parameternet.layers import functional
-from parameternet.profile.export import export_onnx, onnx_session
-from parameternet.profile.modes import MODES, format_modes, run_modes, write_modes
 
 CANDIDATES = ("shifted", "stacked")
 

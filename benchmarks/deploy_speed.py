@@ -39,10 +39,11 @@ import timm
 import torch
 
 import parameternet
+import parameternet.models  # noqa: F401  (registers the models in timm)
+from parameternet.export.onnx_export import export_onnx, onnx_session
+from parameternet.export.ort_nchwc import optimize_for_onnxruntime
 from parameternet.layers import DynamicConv2d
 from parameternet.layers.kernels import route
-from parameternet.profile.export import export_onnx, onnx_session
-from parameternet.profile.ort_nchwc import optimize_for_onnxruntime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layer_speed import interleaved, summarize, train_step_fn  # noqa: E402

@@ -24,7 +24,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import parameternet  # noqa: F401  (registers the models in timm)
+import parameternet.models  # noqa: F401  (registers the models in timm)
 from parameternet.layers import DynamicConv2d, functional
 from parameternet.layers import triton_depthwise as triton_dw
 

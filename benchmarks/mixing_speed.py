@@ -27,6 +27,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import parameternet
+import parameternet.models  # noqa: F401  (registers the models in timm)
 from parameternet.layers import DynamicConv2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -19,6 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import parameternet.models  # noqa: F401  (registers the models in timm)
 from parameternet.layers import kernels, moe, router
 
 

@@ -10,6 +10,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import parameternet.models  # noqa: E402, F401  (registers the paper's models in timm, as a user's import does)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():

@@ -22,8 +22,8 @@ from torch import nn
 
 import parameternet
 from parameternet import DynamicConv2d, DynamicLinear, ParameterNetError
+from parameternet.export.onnx_export import onnx_session
 from parameternet.layers import TopKMoELinear
-from parameternet.profile.export import onnx_session
 from test_conformance import rel_err
 from test_layers import reference_conv, reference_linear
 from test_llama_moe import reference_moe

@@ -15,10 +15,10 @@ from torch import nn
 import parameternet
 from parameternet import DynamicConv2d, ParameterNetError
 from parameternet.cli import main
+from parameternet.export.onnx_export import onnx_session
+from parameternet.export.ort_nchwc import nchwc_block_size
 from parameternet.models import MODELS
 from parameternet.models.ghostnet import GhostNet
-from parameternet.profile.export import onnx_session
-from parameternet.profile.ort_nchwc import nchwc_block_size
 
 IMG = 64
 
@@ -292,7 +292,7 @@ def test_benchmark_modes_cli_writes_every_mode_and_the_ratios(tmp_path, capsys):
 def test_benchmark_modes_refuses_to_time_a_compile_that_fell_back_to_eager(monkeypatch):
     """A compile mode that made no graph (dynamo past its recompile limit runs the frame eagerly) is an error, not
     eager timings under a compile label."""
-    from parameternet.profile import modes
+    from parameternet.benchmark import modes
 
     monkeypatch.setattr(torch, "compile", lambda model, **kw: model)  # what a fallback amounts to
     with pytest.raises(ParameterNetError, match=r"torch.compile made no graph for ghostnet_mini \(compile-static\)"):
@@ -304,7 +304,7 @@ def test_benchmark_modes_refuses_to_time_a_compile_that_fell_back_to_eager(monke
 )
 def test_benchmark_modes_compile_settings(mode, dynamic, monkeypatch):
     """Each compile mode is torch.compile with its own `dynamic` (None: PyTorch's default, automatic dynamic)."""
-    from parameternet.profile import modes
+    from parameternet.benchmark import modes
 
     seen = []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(kw) or model)
@@ -314,7 +314,7 @@ def test_benchmark_modes_compile_settings(mode, dynamic, monkeypatch):
 
 def test_benchmark_modes_raises_dynamos_recompile_limit(monkeypatch):
     """Several models of one class in one process compile into one frame; the limit covers them all."""
-    from parameternet.profile import modes
+    from parameternet.benchmark import modes
 
     seen = []
     monkeypatch.setattr(

@@ -386,25 +386,25 @@ def _one_line(capsys) -> str:
 def test_lm_bad_inputs_are_one_sentence(tmp_path, capsys, monkeypatch):
     lm = str(ROOT / "configs" / "lm-small.yaml")
     out = f"output_dir={tmp_path / 'run'}"
-    assert main(["lm-train", lm, "model.num_attention_heads=3", out]) == 2
+    assert main(["lm", "train", lm, "model.num_attention_heads=3", out]) == 2
     assert "model.num_attention_heads=3 does not divide model.hidden_size" in _one_line(capsys)
     missing = tmp_path / "nonexistent" / "text"
-    assert main(["lm-train", lm, f"data.dir={missing}", out]) == 2
+    assert main(["lm", "train", lm, f"data.dir={missing}", out]) == 2
     assert f"data.dir={str(missing)!r} does not exist" in _one_line(capsys)
     assert not missing.parent.exists() and not (tmp_path / "run").exists()  # nothing created
 
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"hidden_size": 8}))
-    assert main(["lm-eval", str(model)]) == 2
+    assert main(["lm", "eval", str(model)]) == 2
     assert "has model_type None, not 'parameternet_llama'" in _one_line(capsys)
     (model / "config.json").write_text(json.dumps({"model_type": "parameternet_llama"}))
-    assert main(["lm-eval", str(model), "--items", "-1"]) == 2
+    assert main(["lm", "eval", str(model), "--items", "-1"]) == 2
     assert "--items -1 is negative" in _one_line(capsys)
-    assert main(["lm-eval", str(model), "--val-tokens", "0"]) == 2
+    assert main(["lm", "eval", str(model), "--val-tokens", "0"]) == 2
     assert "--val-tokens 0 is not positive" in _one_line(capsys)
-    assert main(["lm-eval", str(model)]) == 2  # a parameternet_llama config.json without its tokenizer
-    assert "has no tokenizer (tokenizer.json); pass the model/ directory an lm-train run wrote" in _one_line(capsys)
+    assert main(["lm", "eval", str(model)]) == 2  # a parameternet_llama config.json without its tokenizer
+    assert "has no tokenizer (tokenizer.json); pass the model/ directory an lm train run wrote" in _one_line(capsys)
 
     monkeypatch.setenv("PARAMETERNET_DATA", str(tmp_path / "empty-cache"))
     from parameternet.data.text import load_corpus
@@ -425,7 +425,7 @@ def test_lm_experiment_keeps_the_overrides(monkeypatch, tmp_path, capsys):
         return "t"
 
     monkeypatch.setattr(exp, "run_lm_experiment", fake)
-    args = ["lm-experiment", "--output", str(tmp_path), "--preset", "quick", "--jobs", "2", "zero_shot_items=4"]
+    args = ["lm", "experiment", "--output", str(tmp_path), "--preset", "quick", "--jobs", "2", "zero_shot_items=4"]
     assert main(args) == 0
     assert seen == {"preset": "quick", "overrides": ["zero_shot_items=4"], "jobs": 2}
 

@@ -4,9 +4,9 @@ import csv
 
 import pytest
 
+from parameternet.benchmark.gpu import run_gpu_benchmark
 from parameternet.cli import main
 from parameternet.errors import ParameterNetError
-from parameternet.profile.gpu_benchmark import run_gpu_benchmark
 
 
 def test_smoke_runs_every_row_and_appends_the_csv(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""`parameternet lm-experiment` (Table 7 at CPU scale): the pre-stated verdict on synthetic rows, the learning-rate
+"""`parameternet lm experiment` (Table 7 at CPU scale): the pre-stated verdict on synthetic rows, the learning-rate
 choice, upcycled branches, thread-count determinism, the classifier command, and the smoke grid end to end."""
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def test_lm_finetune_cls_command(corpora, capsys):
     run = corpora / "run"
     train_experiment_lm(load_lm_config("configs/lm-small.yaml", [*TINY, "max_steps=2", "zero_shot_items=0",
                                                                  f"output_dir={run}"]))  # fmt: skip
-    args = ["lm-finetune-cls", str(run / "model"), "--task", "source", "--steps", "2", "--batch-size", "4",
+    args = ["lm", "finetune-cls", str(run / "model"), "--task", "source", "--steps", "2", "--batch-size", "4",
             "--max-len", "32", "--output", str(corpora / "cls")]  # fmt: skip
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
@@ -173,7 +173,7 @@ def test_lm_finetune_cls_command(corpora, capsys):
     from transformers import AutoTokenizer
 
     assert len(AutoTokenizer.from_pretrained(corpora / "cls" / "classifier")) == 300  # saved beside the classifier
-    assert main(["lm-finetune-cls", str(run / "model"), "--task", "sentiment"]) == 2
+    assert main(["lm", "finetune-cls", str(run / "model"), "--task", "sentiment"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "'sentiment'" in err and "brown-genre" in err
     for flags, message in (
@@ -183,12 +183,12 @@ def test_lm_finetune_cls_command(corpora, capsys):
         (["--threads", "0"], "threads=0 is invalid"),
         (["--threads", "-1"], "threads=-1 is invalid"),
     ):
-        assert main(["lm-finetune-cls", str(run / "model"), "--steps", "1", *flags]) == 2
+        assert main(["lm", "finetune-cls", str(run / "model"), "--steps", "1", *flags]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and message in err
 
-    # the classifier/ it wrote is not a language model: lm-eval and lm-finetune-cls say so in one line
-    for command in (["lm-eval"], ["lm-finetune-cls", "--steps", "1"]):
+    # the classifier/ it wrote is not a language model: lm eval and lm finetune-cls say so in one line
+    for command in (["lm", "eval"], ["lm", "finetune-cls", "--steps", "1"]):
         assert main([*command, str(corpora / "cls" / "classifier"), "--data", str(run / "model")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "(a fine-tuned classifier), not a language model" in err
@@ -213,18 +213,18 @@ def test_lm_eval_and_finetune_cls_refuse_models_and_data_they_cannot_use(corpora
     vision.mkdir()
     (vision / "final.safetensors").write_bytes(b"")
     cases = [
-        (api, "has no tokenizer (tokenizer.json); pass the model/ directory an lm-train run wrote, or save the "
+        (api, "has no tokenizer (tokenizer.json); pass the model/ directory an lm train run wrote, or save the "
               "tokenizer beside the model"),
         (llama, "has model_type 'llama', not 'parameternet_llama'"),
         (vision, "has no config.json"),
         (corpora / "nowhere", "does not exist or is not a directory"),
     ]  # fmt: skip
-    assert main(["lm-eval", str(run / "model"), "--data", str(data), "--items", "0", "--val-tokens", "64"]) == 0
+    assert main(["lm", "eval", str(run / "model"), "--data", str(data), "--items", "0", "--val-tokens", "64"]) == 0
     assert json.loads(capsys.readouterr().out)["val"]["tokens"] == 2 * 31  # the run's own text passes the checks
-    assert main(["lm-eval", str(run / "model"), "--data", str(data), "--items", "0", "--val-tokens", "5"]) == 2
+    assert main(["lm", "eval", str(run / "model"), "--data", str(data), "--items", "0", "--val-tokens", "5"]) == 2
     assert "--val-tokens 5 is less than one window of the model's" in capsys.readouterr().err
     for model, message in cases:
-        for command in (["lm-eval", "--items", "0"], ["lm-finetune-cls", "--steps", "1"]):
+        for command in (["lm", "eval", "--items", "0"], ["lm", "finetune-cls", "--steps", "1"]):
             assert main([*command, str(model), "--data", str(data)]) == 2
             err = capsys.readouterr().err.strip()
             assert err.count("\n") == 0 and message in err, (command, model, err)
@@ -237,7 +237,7 @@ def test_lm_eval_and_finetune_cls_refuse_models_and_data_they_cannot_use(corpora
         (other_vocab, "uses a 320-token vocabulary"),
         (other_split, "val_fraction=0.1 (the run: 0.2)"),
     ):
-        for command in (["lm-eval", "--items", "0"], ["lm-finetune-cls", "--steps", "1"]):
+        for command in (["lm", "eval", "--items", "0"], ["lm", "finetune-cls", "--steps", "1"]):
             assert main([*command, str(run / "model"), "--data", str(other)]) == 2
             err = capsys.readouterr().err.strip()
             assert err.count("\n") == 0 and message in err, (command, other, err)
@@ -311,17 +311,17 @@ def test_first_version_csv_is_kept_aside_and_a_foreign_one_refused(tmp_path):
 
 def test_lm_experiment_bad_input_in_one_line(capsys, tmp_path):
     for extra in ([], ["--estimate"], ["--report-only"]):
-        assert main(["lm-experiment", "--preset", "smoke", "--jobs", "0", *extra]) == 2
+        assert main(["lm", "experiment", "--preset", "smoke", "--jobs", "0", *extra]) == 2
         assert "--jobs must be an integer >= 1, got 0" in capsys.readouterr().err
     out = tmp_path / "out"
     for override, message in (
         ("max_steps=-1", "max_steps=-1 is invalid"),
         ("eval_batch_size=0", "eval_batch_size=0 is invalid"),
-        ("max_steps=5", "override 'max_steps=5' sets max_steps, which lm-experiment sets for each run"),
+        ("max_steps=5", "override 'max_steps=5' sets max_steps, which lm experiment sets for each run"),
         ("optim.lr=1", "sets optim.lr"),
         ("threads=2", "sets threads"),
     ):
-        args = ["lm-experiment", "--preset", "smoke", "--output", str(out), "--runs", str(tmp_path / "runs")]
+        args = ["lm", "experiment", "--preset", "smoke", "--output", str(out), "--runs", str(tmp_path / "runs")]
         assert main([*args, override]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and message in err
@@ -354,15 +354,15 @@ def test_estimate_uses_the_jobs_given(corpora, monkeypatch):
 
 def test_report_only_names_what_the_output_directory_holds(tmp_path, capsys):
     missing = tmp_path / "nonexistent"
-    assert main(["lm-experiment", "--report-only", "--output", str(missing)]) == 2
+    assert main(["lm", "experiment", "--report-only", "--output", str(missing)]) == 2
     assert f"'{missing}' does not exist" in capsys.readouterr().err and not missing.exists()
     out = tmp_path / "out"
     out.mkdir()
-    assert main(["lm-experiment", "--report-only", "--output", str(out)]) == 2
+    assert main(["lm", "experiment", "--report-only", "--output", str(out)]) == 2
     assert f"'{out / 'runs.csv'}' does not exist" in capsys.readouterr().err
     row = {c: "" for c in lm.COLUMNS} | {"kind": "main", "preset": "smoke", "variant": "dense", "seed": "0"}
     append_rows(out / "runs.csv", [row], lm.COLUMNS)
-    assert main(["lm-experiment", "--report-only", "--output", str(out)]) == 2
+    assert main(["lm", "experiment", "--report-only", "--output", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "holds no rows of preset 'full', only of 'smoke'; pass --preset NAME, e.g. --preset smoke" in err
     assert err.count("\n") == 0
@@ -379,7 +379,7 @@ def _csv(path):
 @pytest.mark.slow
 def test_smoke_grid_runs_resumes_and_reports(corpora, caplog):
     out, runs = corpora / "out", corpora / "runs"
-    args = ["lm-experiment", "--preset", "smoke", "--output", str(out), "--runs", str(runs), "--jobs", "2"]
+    args = ["lm", "experiment", "--preset", "smoke", "--output", str(out), "--runs", str(runs), "--jobs", "2"]
     assert main(args) == 0
     rows = lm.read_rows(out / "runs.csv")
     assert list(_csv(out / "runs.csv")[0]) == list(lm.COLUMNS)
@@ -404,7 +404,7 @@ def test_smoke_grid_runs_resumes_and_reports(corpora, caplog):
         assert main(args) == 0
     assert "  start " not in caplog.text
     (out / "loss_curves.png").unlink()
-    assert main(["lm-experiment", "--preset", "smoke", "--output", str(out), "--report-only"]) == 0
+    assert main(["lm", "experiment", "--preset", "smoke", "--output", str(out), "--report-only"]) == 0
     assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG" and (out / "router.png").is_file()
 
     # rows of other code are neither reused nor pooled

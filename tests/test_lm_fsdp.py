@@ -1,4 +1,4 @@
-"""lm-train under FSDP2 on CPU (gloo): two processes match one, sharded checkpoints resume exactly (after kill -9)
+"""lm train under FSDP2 on CPU (gloo): two processes match one, sharded checkpoints resume exactly (after kill -9)
 and on another number of processes, the final model/ is one ordinary transformers directory, bad input is one line.
 
 The recipe is test_lm_train's tiny LLaMA with experts on down_proj. Where runs split a step's sequences differently
@@ -46,7 +46,7 @@ def _env() -> dict:
 
 def _torchrun(*overrides: str, popen: bool = False):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "parameternet",
-           "lm-train", RECIPE, *overrides]  # fmt: skip
+           "lm", "train", RECIPE, *overrides]  # fmt: skip
     if popen:
         return subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True)  # fmt: skip
@@ -199,7 +199,7 @@ def test_fsdp_accumulates_unsynced_and_activation_checkpointing_changes_nothing(
 
 def test_a_ddp_checkpoint_resumed_under_fsdp_is_one_sentence(corpora, capsys):
     out = corpora / "ddp"
-    args = ["lm-train", RECIPE, *TINY, "max_steps=2", "zero_shot_items=0", f"output_dir={out}"]
+    args = ["lm", "train", RECIPE, *TINY, "max_steps=2", "zero_shot_items=0", f"output_dir={out}"]
     assert main(args) == 0
     (out / "summary.json").unlink()
     capsys.readouterr()

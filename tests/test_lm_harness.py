@@ -1,4 +1,4 @@
-"""The lm-evaluation-harness lines of docs/lm.md, run once on a saved model and the tasks `lm-eval --export-tasks`
+"""The lm-evaluation-harness lines of docs/lm.md, run once on a saved model and the tasks `lm eval --export-tasks`
 writes.
 
 Runs only where the harness is installed (`pip install "lm_eval[hf]"`; it is not a dependency of this project).

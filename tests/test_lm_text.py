@@ -91,7 +91,7 @@ def test_missing_corpus_names_the_fetch_command(tmp_path, monkeypatch):
             ParameterNetError, match=f"unknown text corpus '{name}'; choose from gutenberg, sotu, brown$"
         ):
             prepare_text_data(tmp_path / "out", corpora=[name])
-    assert main(["lm-data", "--out", str(tmp_path / "out"), "--corpora", "brown"]) == 2  # not fetched: the command
+    assert main(["lm", "data", "--out", str(tmp_path / "out"), "--corpora", "brown"]) == 2  # not fetched: the command
     assert not (tmp_path / "out").exists()
 
 
@@ -136,7 +136,7 @@ def test_prepare_text_data_tokenizer_and_token_files(fake_corpora, tmp_path):
     assert prepare_text_data(tmp_path / "prep", vocab_size=300, val_fraction=0.2, eval_fraction=0.2).root == data.root
     with pytest.raises(ParameterNetError, match="other settings"):
         prepare_text_data(tmp_path / "prep", vocab_size=400, val_fraction=0.2, eval_fraction=0.2)
-    with pytest.raises(ParameterNetError, match="lm-data"):
+    with pytest.raises(ParameterNetError, match="lm data"):
         load_text_data(tmp_path)
 
 

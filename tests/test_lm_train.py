@@ -1,4 +1,4 @@
-"""lm-train end to end on a tiny model and fake corpora: outputs, Auto-class loading, resume, recipes, experiment."""
+"""lm train end to end on a tiny model and fake corpora: outputs, Auto-class loading, resume, recipes, experiment."""
 
 import json
 import logging
@@ -76,13 +76,15 @@ def test_lm_train_lr_schedule_ends_at_a_tenth_of_the_peak(corpora, caplog):
 
 
 def test_short_lm_train_says_it_shortens_the_warmup_and_timm_stays_quiet(corpora, caplog):
-    """lm-small's 13 warmup steps do not fit in a 3-step run: lm-train says it warms up over 2 steps, and timm's
+    """lm-small's 13 warmup steps do not fit in a 3-step run: lm train says it warms up over 2 steps, and timm's
     warning about a one-step cosine ("will have no effect") does not reach the user."""
     out = corpora / "run"
     argv = [o for o in TINY if not o.startswith(("max_steps", "schedule.warmup_steps"))]
     with caplog.at_level(logging.INFO):
         assert (
-            main(["lm-train", "configs/lm-small.yaml", *argv, "max_steps=3", "zero_shot_items=0", f"output_dir={out}"])
+            main(
+                ["lm", "train", "configs/lm-small.yaml", *argv, "max_steps=3", "zero_shot_items=0", f"output_dir={out}"]
+            )
             == 0
         )
     said = [r for r in caplog.records if "warmup" in r.getMessage()]
@@ -183,10 +185,10 @@ def test_lm_recipe_values_the_experiment_uses_stay_valid():
 
 
 def test_cli_lm_train_reports_bad_input_in_one_line(capsys):
-    assert main(["lm-train", "configs/lm-small.yaml", "model.num_experts_per_tok=9", "max_steps=1"]) == 2
+    assert main(["lm", "train", "configs/lm-small.yaml", "model.num_experts_per_tok=9", "max_steps=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "num_experts_per_tok=9" in err
-    assert main(["lm-train", "configs/smoke.yaml"]) == 2  # a vision recipe
+    assert main(["lm", "train", "configs/smoke.yaml"]) == 2  # a vision recipe
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "must be a mapping of its keys, not 'test_resnet'" in err
     assert "a recipe for another command (`parameternet train` takes image-classification recipes" in err

@@ -1,4 +1,4 @@
-"""Upcycling, round 2 (`lm-experiment --preset upcycle2`): the pre-stated rule literally as stated, on synthetic
+"""Upcycling, round 2 (`lm experiment --preset upcycle2`): the pre-stated rule literally as stated, on synthetic
 rows; its simulation; the grid's plan; the report; the smoke grid end to end (slow)."""
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def test_report_gives_the_table_the_verdicts_and_the_plot(tmp_path):
     out = tmp_path / "out"
     final = {"continue": 4.45, "reset": 4.46, "upcycle": 4.53, "upcycle-rewarm": 4.47, "upcycle-moe-lr": 4.44}
     _write_grid(out, final, {"upcycle": 4.30})
-    text = lm.report(out, preset="upcycle2")  # lm-experiment's report hands the preset to lm_upcycle
+    text = lm.report(out, preset="upcycle2")  # lm experiment's report hands the preset to lm_upcycle
     assert (out / "table.md").read_text() == text and (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "| trunk (step 8) | dense | - | - | 5.1000 ± 0.0000 (3) | 5.0000 ± 0.0000 (3) | not measured" in text
     assert "| upcycle-moe-lr | upcycled | fresh | MoE schedule |" in text
@@ -214,7 +214,7 @@ def test_report_gives_the_table_the_verdicts_and_the_plot(tmp_path):
            "the validation split" in text  # fmt: skip
     assert "Validation and held-out readings differ for: upcycle vs continue; upcycle vs reset." in text
     assert "All 18 rows from code aaaaaaaaaaaa (version 0.1.0)." in text
-    assert main(["lm-experiment", "--preset", "upcycle2", "--output", str(out), "--report-only"]) == 0
+    assert main(["lm", "experiment", "--preset", "upcycle2", "--output", str(out), "--report-only"]) == 0
     out2 = tmp_path / "old"  # rows without held-out losses say so
     _write_grid(out2, final, None)
     assert (
@@ -224,14 +224,14 @@ def test_report_gives_the_table_the_verdicts_and_the_plot(tmp_path):
 
 
 def test_upcycle2_command_refuses_what_does_not_apply_in_one_line(capsys, tmp_path):
-    assert main(["lm-experiment", "--preset", "full", "--simulate"]) == 2
+    assert main(["lm", "experiment", "--preset", "full", "--simulate"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--simulate applies to the upcycling presets" in err
-    assert main(["lm-experiment", "--preset", "upcycle2", "--report-only", "--output", str(tmp_path / "no")]) == 2
+    assert main(["lm", "experiment", "--preset", "upcycle2", "--report-only", "--output", str(tmp_path / "no")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    args = ["lm-experiment", "--preset", "upcycle2-smoke", "--output", str(tmp_path / "o"), "--runs", str(tmp_path)]
+    args = ["lm", "experiment", "--preset", "upcycle2-smoke", "--output", str(tmp_path / "o"), "--runs", str(tmp_path)]
     assert main([*args, "eval_every_steps=3"]) == 2
-    assert "sets eval_every_steps, which lm-experiment sets for each run" in capsys.readouterr().err
+    assert "sets eval_every_steps, which lm experiment sets for each run" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert lm.default_output("upcycle2") == lm.Path("results/lm-upcycle2")
     with pytest.raises(ValueError, match="use one of full, quick, smoke, upcycle2, upcycle2-smoke"):
@@ -240,7 +240,7 @@ def test_upcycle2_command_refuses_what_does_not_apply_in_one_line(capsys, tmp_pa
 
 def _smoke(corpora, seeds):
     out, runs = corpora / "out", corpora / "runs"
-    args = ["lm-experiment", "--preset", "upcycle2-smoke", "--output", str(out), "--runs", str(runs), "--jobs", "2"]
+    args = ["lm", "experiment", "--preset", "upcycle2-smoke", "--output", str(out), "--runs", str(runs), "--jobs", "2"]
     assert main(args) == 0
     rows = lm.read_rows(out / "runs.csv")
     with open(out / "runs.csv", newline="") as f:

@@ -10,9 +10,9 @@ import torch
 import parameternet
 from parameternet import ParameterNetError
 from parameternet.cli import main
-from parameternet.profile import ort_nchwc
-from parameternet.profile.export import onnx_session
-from parameternet.profile.ort_nchwc import NCHWC, nchwc_block_size, onnxruntime_block_size, optimize_for_onnxruntime
+from parameternet.export import ort_nchwc
+from parameternet.export.onnx_export import onnx_session
+from parameternet.export.ort_nchwc import NCHWC, nchwc_block_size, onnxruntime_block_size, optimize_for_onnxruntime
 from test_export import IMG, assert_close_relative, build, images, tiny_parameternet
 
 # Skipped only where ONNX Runtime itself has no NCHWc kernels; where it has them, a rewrite that fails its

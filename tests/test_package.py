@@ -1,5 +1,5 @@
-"""The package root: lazy (PEP 562), yet ``import parameternet`` still registers the models in timm, whichever of
-the two is imported first; ``parameternet.deploy`` / ``parameterize`` stay the functions."""
+"""The package root: plain re-exports, each imported on first use, so ``import parameternet.layers`` stays light;
+the models register in timm when ``parameternet.models`` is imported; no name is both a module and a function."""
 
 import subprocess
 import sys
@@ -19,22 +19,30 @@ def test_importing_the_layers_loads_neither_timm_nor_torchprofile():
     assert _run(code) == "[]"
 
 
-@pytest.mark.parametrize("order", ["parameternet first", "timm first"])
-def test_the_models_are_registered_in_timm_whichever_is_imported_first(order):
-    imports = (
-        "import parameternet; import timm" if order == "parameternet first" else "import timm; import parameternet"
-    )
+@pytest.mark.parametrize(
+    "imports",
+    ["import parameternet.models; import timm", "import timm; import parameternet.models",
+     "import timm, parameternet; parameternet.create_model"],
+)  # fmt: skip
+def test_importing_the_models_registers_them_in_timm_whichever_comes_first(imports):
     assert _run(f"{imports}; print('parameternet_600m' in timm.list_models('parameternet*'))") == "True"
 
 
-def test_deploy_and_parameterize_stay_the_functions_after_their_modules_are_imported():
+def test_the_root_is_a_plain_module_whose_names_are_the_functions():
     code = (
-        "import parameternet, parameternet.deploy, parameternet.parameterize; "
-        "print(callable(parameternet.deploy), callable(parameternet.parameterize), callable(parameternet.profile), "
-        "parameternet.deploy.__module__)"
+        "import sys, types, importlib, parameternet; "
+        "print(type(sys.modules['parameternet']) is types.ModuleType, "
+        "[callable(getattr(parameternet, n)) for n in ('deploy', 'parameterize', 'profile', 'export_onnx')], "
+        "parameternet.profile.__module__, parameternet.deploy.__module__, parameternet.parameterize.__module__)"
     )
-    assert _run(code) == "True True True parameternet.deploy"
-    with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        import parameternet
+    functions = "True [True, True, True, True] parameternet.profiling.measure parameternet.export.folding"
+    assert _run(code) == functions + " parameternet.conversion"
+    # no module shares a re-exported function's name, so importing submodules cannot shadow one
+    names = "('deploy', 'profile', 'parameterize', 'export_onnx', 'load', 'save')"
+    code = f"import importlib.util as u; print([u.find_spec('parameternet.' + n) for n in {names}])"
+    assert _run(code) == str([None] * 6)
+    import parameternet
 
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
         parameternet.nope  # noqa: B018
+    assert set(parameternet.__all__) <= set(dir(parameternet))

@@ -328,7 +328,7 @@ def test_report_counts_macs_with_the_profiler_and_prints_a_summary():
     dense, _ = build("resnet10t")
     model = parameterize(dense, 4, example_input=(1, 3, 64, 64))
     report = model.parameterize_report
-    from parameternet.profile import count_macs
+    from parameternet.profiling import count_macs
 
     with torch.no_grad():
         assert report.macs_after == count_macs(model.eval(), torch.randn(1, 3, 64, 64))
@@ -643,7 +643,7 @@ def test_the_self_check_catches_samples_leaking_into_each_other(monkeypatch):
     """Were the sequence-first batch dimension missed (every layer taken as batch-first), the check must say so."""
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("parameternet.parameterize.probe"), "_grown_dim", lambda one, two: 0)
+    monkeypatch.setattr(importlib.import_module("parameternet.conversion.probe"), "_grown_dim", lambda one, two: 0)
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=False)
     dense = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
     with pytest.raises(ParameterNetError, match="a sample's output depends on the other samples of its batch"):

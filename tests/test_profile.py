@@ -15,8 +15,8 @@ from torchprofile import profile_macs
 import parameternet
 from parameternet import DynamicConv2d, DynamicLinear, ParameterNetError
 from parameternet.cli import main
-from parameternet.profile import count_macs, count_params, report
-from parameternet.profile.report import PAPER_ROWS, TOLERANCE, PaperRow, format_rows
+from parameternet.profiling import count_macs, count_params, report
+from parameternet.profiling.report import PAPER_ROWS, TOLERANCE, PaperRow, format_rows
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:

@@ -9,7 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import parameternet  # noqa: F401  (registers the models)
-from parameternet.deploy import deploy
+from parameternet.export.folding import deploy
 from parameternet.layers import DynamicConv2d, kernels
 
 # Measured at this commit: 1.75x (GhostNet-600M 1,523 ATen ops, ParameterNet-600M 2,667). A ceiling, so a change that

@@ -1,11 +1,11 @@
-"""Routing diagnostics (`parameternet.profile.routing`): zero for a layer that mixes one fixed kernel, and equal to
+"""Routing diagnostics (`parameternet.profiling.routing`): zero for a layer that mixes one fixed kernel, and equal to
 the distance computed from explicitly built per-input kernels otherwise."""
 
 import torch
 from torch import nn
 
 from parameternet.layers import DynamicConv2d, DynamicLinear
-from parameternet.profile.routing import routing_stats, summarize_routing
+from parameternet.profiling.routing import routing_stats, summarize_routing
 
 
 def test_kernel_distance_matches_explicit_per_input_kernels():

@@ -63,7 +63,7 @@ def test_unknown_yaml_key_names_the_file_and_the_nearest_key(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("lm-")))
-def test_every_shipped_vision_recipe_loads(name):  # lm-*.yaml are language-model recipes, loaded by lm-train
+def test_every_shipped_vision_recipe_loads(name):  # lm-*.yaml are language-model recipes, loaded by lm train
     load_config(CONFIGS / name)
 
 

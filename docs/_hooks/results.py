@@ -48,14 +48,14 @@ def _typed(cls, row: dict[str, str]):
 
 
 def _modes() -> str:
-    from parameternet.profile.modes import ModeRow, format_modes
+    from parameternet.benchmark.modes import ModeRow, format_modes
 
     rows = [_typed(ModeRow, r) for r in _read(RESULTS / "benchmark" / "modes.csv")]
     return format_modes(rows, json.loads((RESULTS / "benchmark" / "modes.json").read_text()))
 
 
 def _gpu() -> str:
-    from parameternet.profile.gpu_benchmark import GpuRow, format_gpu_table
+    from parameternet.benchmark.gpu import GpuRow, format_gpu_table
 
     raw = _read(RESULTS / "benchmark" / "gpu.csv")
     tables = []
@@ -67,7 +67,7 @@ def _gpu() -> str:
 
 
 def _benchmark() -> str:
-    from parameternet.profile.benchmark import BenchmarkRow, format_table
+    from parameternet.benchmark.cpu import BenchmarkRow, format_table
 
     rows = [_typed(BenchmarkRow, r) for r in _read(RESULTS / "benchmark" / "benchmark.csv")]
     meta = json.loads((RESULTS / "benchmark" / "benchmark.json").read_text())

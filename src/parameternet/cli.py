@@ -54,7 +54,7 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_profile(args: argparse.Namespace) -> int:
-    from parameternet.profile.report import run_profile_command
+    from parameternet.profiling.report import run_profile_command
 
     _check_flags(_img_size_check(args.img_size), ("--batch-size", args.batch_size, 1), ("--threads", args.threads, 1))
     if args.table6:
@@ -107,16 +107,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_train)
 
 
-def _run_train(args: argparse.Namespace) -> int:
+def _train_command(load, train, args: argparse.Namespace) -> int:
+    """The body both train commands share: under torchrun only rank 0 reports progress; the recipe with its
+    overrides is loaded (and checked) before anything runs."""
     import os
 
+    if os.environ.get("RANK", "0") != "0":
+        logging.getLogger().setLevel(logging.WARNING)
+    train(load(args.recipe, args.overrides))
+    return 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
     from parameternet.train.config import load_config
     from parameternet.train.trainer import train
 
-    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports progress
-        logging.getLogger().setLevel(logging.WARNING)
-    train(load_config(args.recipe, args.overrides))
-    return 0
+    return _train_command(load_config, train, args)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -185,32 +191,39 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def _add_lm(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("lm-data", help="split the text corpora, train the BPE tokenizer and tokenize (for lm-train)")
+    lm = sub.add_parser(
+        "lm",
+        help="the LLaMA + mixture-of-experts language model: data, train, eval, finetune-cls, experiment",
+        description="The paper's language models (Table 7) at CPU scale: prepare the text, train a recipe, evaluate "
+        "a saved model, fine-tune it as a classifier, or run the whole experiment.",
+    )
+    lsub = lm.add_subparsers(dest="lm_command", required=True, metavar="COMMAND")
+    p = lsub.add_parser("data", help="split the text corpora, train the BPE tokenizer and tokenize (for lm train)")
     p.add_argument("--out", help="output directory (default: the data cache, keyed by the settings)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--corpora", nargs="+", default=["gutenberg", "sotu", "brown"])
     p.set_defaults(func=_run_lm_data)
 
-    p = sub.add_parser(
-        "lm-train",
+    p = lsub.add_parser(
+        "train",
         help="train a ParameterNet LLaMA (dense or MoE) from a recipe (YAML) with key=value overrides",
         description="Train RECIPE (e.g. configs/lm-small.yaml) with dotted key=value overrides, e.g. "
-        "`parameternet lm-train configs/lm-small.yaml model.moe_projections=[down_proj] output_dir=runs/x`.",
+        "`parameternet lm train configs/lm-small.yaml model.moe_projections=[down_proj] output_dir=runs/x`.",
     )
     p.add_argument("recipe", help="recipe YAML file, e.g. configs/lm-small.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.num_experts=4 resume=auto")
     p.set_defaults(func=_run_lm_train)
 
-    p = sub.add_parser("lm-eval", help="validation perplexity and zero-shot accuracy of a saved language model")
-    p.add_argument("model", help="a model/ directory written by lm-train (save_pretrained output with tokenizer)")
+    p = lsub.add_parser("eval", help="validation perplexity and zero-shot accuracy of a saved language model")
+    p.add_argument("model", help="a model/ directory written by lm train (save_pretrained output with tokenizer)")
     p.add_argument("--data", help="prepared text directory (default: the one the run's recipe names)")
     p.add_argument("--items", type=int, default=300, help="items per zero-shot task (0 = none)")
     p.add_argument("--val-tokens", type=int, help="validation tokens to score (default: all)")
     p.add_argument("--export-tasks", metavar="DIR", help="also write the tasks as lm-evaluation-harness task files")
     p.set_defaults(func=_run_lm_eval)
 
-    p = sub.add_parser(
-        "lm-experiment",
+    p = lsub.add_parser(
+        "experiment",
         help="paper Table 7 at CPU scale: lr check, dense vs MoE to the corpus, upcycling, classifier (resumable)",
         description="Run the learning-rate check, the main dense-vs-MoE runs, the upcycled branches and the "
         "fine-tuned classifiers of a preset; append each finished run to OUTPUT/runs.csv (rows this code already "
@@ -245,6 +258,7 @@ def _add_lm(sub: argparse._SubParsersAction) -> None:
         help="upcycle2: print the pre-stated rule's chance of each verdict at round 1's spreads (results/lm)",
     )
     p.set_defaults(func=_run_lm_experiment)
+    _add_lm_cls(lsub)
 
 
 def _run_lm_data(args: argparse.Namespace) -> int:
@@ -257,14 +271,9 @@ def _run_lm_data(args: argparse.Namespace) -> int:
 
 
 def _run_lm_train(args: argparse.Namespace) -> int:
-    import os
-
     from parameternet.train.lm import load_lm_config, train_lm
 
-    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports progress
-        logging.getLogger().setLevel(logging.WARNING)
-    train_lm(load_lm_config(args.recipe, args.overrides))
-    return 0
+    return _train_command(load_lm_config, train_lm, args)
 
 
 def _run_lm_eval(args: argparse.Namespace) -> int:
@@ -303,13 +312,13 @@ def _run_lm_experiment(args: argparse.Namespace) -> int:
 
 def _add_lm_cls(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "lm-finetune-cls",
+        "finetune-cls",
         help="fine-tune a trained language model as a text classifier (paper Table 7's SST-2 protocol)",
-        description="Load MODEL (an lm-train model/ directory) with a new classification head, fine-tune every "
+        description="Load MODEL (an `lm train` model/ directory) with a new classification head, fine-tune every "
         "weight on passages of the language model's training documents and print the accuracy on passages of "
         "held-out documents.",
     )
-    p.add_argument("model", help="a model/ directory written by lm-train")
+    p.add_argument("model", help="a model/ directory written by lm train")
     p.add_argument("--task", default="brown-genre", help="brown-genre (informative vs imaginative) or source")
     p.add_argument("--data", help="prepared text directory (default: the one the run's recipe names)")
     p.add_argument("--steps", type=int, default=300)
@@ -417,9 +426,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    from parameternet.export.onnx_export import export_onnx
     from parameternet.io import load_source_model
     from parameternet.models import create_model_for_size, fixed_input_size
-    from parameternet.profile.export import export_onnx
     from parameternet.toolkit import model_name
 
     _check_flags(_img_size_check(args.img_size))
@@ -503,8 +512,8 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_gpu(args: argparse.Namespace) -> int:
+    from parameternet.benchmark.gpu import format_gpu_table, run_gpu_benchmark, write_gpu_csv
     from parameternet.experiments.provenance import provenance
-    from parameternet.profile.gpu_benchmark import format_gpu_table, run_gpu_benchmark, write_gpu_csv
 
     rows, meta = run_gpu_benchmark(smoke=args.smoke, rows=tuple(args.rows) if args.rows else None)
     path = write_gpu_csv(rows, meta, Path(args.output) / ("gpu_smoke.csv" if args.smoke else "gpu.csv"), provenance())
@@ -514,7 +523,7 @@ def _run_gpu(args: argparse.Namespace) -> int:
 
 
 def _run_modes(args: argparse.Namespace) -> int:
-    from parameternet.profile.modes import MODES, format_modes, run_modes, write_modes
+    from parameternet.benchmark.modes import MODES, format_modes, run_modes, write_modes
 
     rows, meta = run_modes(
         args.models or ("ghostnet_600m", "parameternet_600m"),
@@ -557,7 +566,7 @@ def _run_benchmark(args: argparse.Namespace) -> int:
     make_dir(args.output)  # before minutes of timing: a path that cannot hold the results is refused now
     if args.modes is not None:
         return _run_modes(args)
-    from parameternet.profile.benchmark import OURS, PEERS, format_table, run_benchmark, write_outputs
+    from parameternet.benchmark.cpu import OURS, PEERS, format_table, run_benchmark, write_outputs
 
     rows, meta = run_benchmark(
         args.models or OURS + PEERS,
@@ -575,7 +584,11 @@ def _run_benchmark(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="parameternet", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="parameternet",
+        description="ParameterNet (arXiv 2306.14525): more parameters, same FLOPs. The paper's models, converting a "
+        "model, training, profiling, export and the paper's experiments.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_profile(sub)
@@ -584,7 +597,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_lm(sub)
-    _add_lm_cls(sub)
     _add_pitfall(sub)
     _add_export(sub)
     _add_benchmark(sub)
@@ -597,24 +609,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     from parameternet.runs import RunInterrupted, fs_error
 
+    command = " ".join(c for c in (args.command, getattr(args, "lm_command", None)) if c)
     try:
         return int(args.func(args) or 0)
     except RunInterrupted as e:
-        print(
-            f"parameternet {args.command}: {e}; continue with:\n  {_resume_line(argv, args.command)}", file=sys.stderr
-        )
+        print(f"parameternet {command}: {e}; continue with:\n  {_resume_line(argv, command)}", file=sys.stderr)
         return e.exit_code
     except USER_ERRORS as e:
-        print(f"parameternet {args.command}: error: {_one_sentence(e)}", file=sys.stderr)
+        print(f"parameternet {command}: error: {_one_sentence(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # a write the library did not route through its atomic writer
         err = fs_error(e.filename or ".", e) if e.filename else None
         if err is None:
             raise
-        print(f"parameternet {args.command}: error: {err}", file=sys.stderr)
+        print(f"parameternet {command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"parameternet {args.command}: interrupted", file=sys.stderr)
+        print(f"parameternet {command}: interrupted", file=sys.stderr)
         return 130
 
 
@@ -628,12 +639,12 @@ def _one_sentence(e: BaseException) -> str:
 
 
 def _resume_line(argv: list[str] | None, command: str) -> str:
-    """The command line that continues an interrupted run: train / lm-train with ``resume=auto``, the experiment
+    """The command line that continues an interrupted run: train / lm train with ``resume=auto``, the experiment
     commands (which resume by themselves) as they were."""
     import shlex
 
     args = list(sys.argv[1:] if argv is None else argv)
-    if command in ("train", "lm-train"):
+    if command in ("train", "lm train"):
         args = [a for a in args if not a.startswith("resume=")] + ["resume=auto"]
     return "parameternet " + " ".join(shlex.quote(a) for a in args)
 

@@ -9,10 +9,10 @@ from typing import Any
 
 from torch import nn
 
+from parameternet.conversion import ParameterizeReport, parameterize
 from parameternet.errors import ParameterNetError
 from parameternet.io import load_source_model, save
 from parameternet.layers import check_num_experts
-from parameternet.parameterize import ParameterizeReport, parameterize
 
 __all__ = ["convert", "timm_twin"]
 
@@ -21,6 +21,8 @@ def timm_twin(model: nn.Module, model_name: str, model_kwargs: dict[str, Any] | 
     """The registered ParameterNet whose weights have exactly ``model``'s names and shapes, if the conversion of
     ``model_name`` produced one (``ghostnet_300m`` -> ``parameternet_300m``), so timm can load the saved file."""
     import timm
+
+    import parameternet.models  # noqa: F401  (registers the paper's models in timm)
 
     report = getattr(model, "parameterize_report", None)
     if not isinstance(report, ParameterizeReport) or report.method != "dynamic" or report.history:

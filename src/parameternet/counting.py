@@ -19,8 +19,8 @@ elementwise ops) the static twin plus routing and mixing, with no extra setup; :
 trace record the eager formulas for the input's batch size instead, which count the same.
 ``torch.utils.flop_counter.FlopCounterMode`` counts the eager ops and needs nothing.
 
-It needs only :mod:`parameternet.layers` and torchprofile, so :mod:`parameternet.parameterize` counts with it and
-:mod:`parameternet.profile` (latency, reports, export) builds on it.
+It needs only :mod:`parameternet.layers` and torchprofile, so :mod:`parameternet.conversion` counts with it and
+:mod:`parameternet.profiling` (latency, reports) builds on it.
 """
 
 from __future__ import annotations

@@ -38,10 +38,10 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from parameternet.conversion import METHODS, ParameterizeReport, apply_recipe
 from parameternet.errors import ParameterNetError
 from parameternet.layers import ROUTERS
 from parameternet.models import check_model_name, create_model
-from parameternet.parameterize import METHODS, ParameterizeReport, apply_recipe
 from parameternet.runs import atomic_write
 from parameternet.toolkit import full_state_dict, strip_wrapper_prefixes, timm_name, unwrap_model
 
@@ -191,7 +191,7 @@ def _not_a_checkpoint(path: Path, e: BaseException) -> ParameterNetError:
 
 
 def _run_model(run: Path) -> Path:
-    """The final model of a run directory: an lm-train run's ``model/`` (or that directory itself), a train run's
+    """The final model of a run directory: an lm train run's ``model/`` (or that directory itself), a train run's
     ``checkpoints/final.safetensors`` (or that of a ``checkpoints/`` directory)."""
     for hf in (run, run / "model"):
         if (hf / "config.json").is_file():
@@ -212,7 +212,7 @@ def _run_model(run: Path) -> Path:
             f"sharded by FSDP); continue it with resume=auto, which writes model/ at the end."
         )
     raise ParameterNetError(
-        f"{str(run)!r} holds no model; pass a .safetensors file or a run directory of parameternet train or lm-train."
+        f"{str(run)!r} holds no model; pass a .safetensors file or a run directory of parameternet train or lm train."
     )
 
 
@@ -223,7 +223,7 @@ def _run_weights(path: Path) -> Path:
     found = _run_model(path)
     if found.is_dir():
         raise ParameterNetError(
-            f"{str(path)!r} holds a language model saved by lm-train, not safetensors weights; load it with "
+            f"{str(path)!r} holds a language model saved by lm train, not safetensors weights; load it with "
             f"parameternet.load() or transformers' from_pretrained()."
         )
     return found
@@ -328,18 +328,18 @@ def read_recipe(path: str | Path) -> dict[str, Any] | None:
 
 def build_from_recipe(recipe: dict[str, Any]) -> nn.Module:
     """The architecture that metadata (or a :func:`read_recipe` dict) describes, with fresh weights: the timm model
-    built with ``model_kwargs``, then the conversion steps redone (:func:`parameternet.parameterize.apply_recipe`)."""
+    built with ``model_kwargs``, then the conversion steps redone (:func:`parameternet.conversion.apply_recipe`)."""
     model = create_model(recipe["model"], pretrained=False, **recipe.get("model_kwargs", {}))
     return apply_recipe(model, recipe.get("parameterize") or [])
 
 
 def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a model written by :func:`save`, ``parameternet convert``, ``parameternet train`` or
-    ``parameternet lm-train`` and load its weights.
+    ``parameternet lm train`` and load its weights.
 
     ``path`` is a ``.safetensors`` file or a run directory: a ``train`` run's final weights
     (``checkpoints/final.safetensors``; pass ``checkpoints/final.ema.safetensors`` for the EMA's) or an
-    ``lm-train`` run's ``model/`` (transformers' ``save_pretrained`` output, loaded with its Auto classes). A file
+    ``lm train`` run's ``model/`` (transformers' ``save_pretrained`` output, loaded with its Auto classes). A file
     that names its timm model is rebuilt from it. For a model timm did not build (an ``nn.Module`` of your own),
     pass ``model``: that model built as it was before ``parameterize()``; the conversion steps the file records are
     redone on it (steps it has already been through are not), its weights are loaded and it is returned (a wrapped
@@ -366,7 +366,7 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
         if found.is_dir():
             if model is not None:
                 raise ParameterNetError(
-                    f"{str(found)!r} is a language model saved by lm-train; drop model=, it is rebuilt from its "
+                    f"{str(found)!r} is a language model saved by lm train; drop model=, it is rebuilt from its "
                     f"config.json."
                 )
             return _load_pretrained(found)
@@ -389,7 +389,7 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
 
 
 def _load_pretrained(directory: Path) -> nn.Module:
-    """The language model an lm-train run saved in ``directory`` (``save_pretrained`` output), float32, eval mode."""
+    """The language model an lm train run saved in ``directory`` (``save_pretrained`` output), float32, eval mode."""
     try:
         from transformers import AutoModelForCausalLM
 

@@ -276,7 +276,7 @@ def load_text_data(path: str | os.PathLike) -> TextData:
         manifest = json.loads((root / "manifest.json").read_text())
     except (OSError, ValueError):
         raise ParameterNetError(
-            f"{root} is not a prepared text directory (no manifest.json); run `parameternet lm-data` first"
+            f"{root} is not a prepared text directory (no manifest.json); run `parameternet lm data` first"
         ) from None
     if manifest.get("format") != FORMAT:
         raise ParameterNetError(f"{root} was prepared by another version ({manifest.get('format')}); prepare it again")
@@ -317,7 +317,7 @@ def prepare_text_data(
     from tqdm.auto import tqdm
 
     # Stages, so a terminal shows where the minute goes: reading, the tokenizer, tokenizing the two splits.
-    bar = tqdm(total=4, desc="lm-data", unit="stage", disable=None)
+    bar = tqdm(total=4, desc="lm data", unit="stage", disable=None)
     bar.set_postfix_str("reading the corpus")
     splits = split_documents(load_corpus(corpora), val_fraction, eval_fraction)
     bar.update()

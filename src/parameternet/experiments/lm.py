@@ -1,9 +1,9 @@
 """Table 7 of ParameterNet (arXiv 2306.14525, sec. 5.4) at CPU scale: dense LLaMA against a top-1 mixture of experts
 on one FFN projection at the same FLOPs, trained to the corpus, with a learning-rate check, upcycling and the
-paper's fine-tuned classifier. ``parameternet lm-experiment --preset full|quick|smoke`` (``--preset upcycle2``:
+paper's fine-tuned classifier. ``parameternet lm experiment --preset full|quick|smoke`` (``--preset upcycle2``:
 upcycling, round 2, :mod:`parameternet.experiments.lm_upcycle`).
 
-Every language-model run is one ``lm-train`` run of the base recipe (``configs/lm-small.yaml``: 4 layers, hidden
+Every language-model run is one ``lm train`` run of the base recipe (``configs/lm-small.yaml``: 4 layers, hidden
 256, batch 16 x 128 tokens) with the variant's ``model.moe_projections`` / ``model.num_experts`` / ``seed`` /
 ``optim.lr``. All runs read the same token windows in the same order (``data.order_seed``), each token at most
 once. The grid, in run order:
@@ -98,7 +98,7 @@ def _main_grid(three: tuple[int, ...] = (0, 1, 2), one: tuple[int, ...] = (0,)) 
 
 @dataclass(frozen=True)
 class Preset:
-    """The grid of one ``lm-experiment`` preset (see the module docstring for the four kinds of run).
+    """The grid of one ``lm experiment`` preset (see the module docstring for the four kinds of run).
 
     ``corpus_fraction`` of the training windows are read once by every main run (``main_tokens`` overrides it);
     ``overrides`` apply to every language-model run; ``cls`` holds the arguments of
@@ -468,7 +468,7 @@ def default_output(preset: str) -> Path:
 
 
 def preset_names() -> list[str]:
-    """Every preset of ``lm-experiment``: Table 7's (:data:`PRESETS`) and upcycling round 2's."""
+    """Every preset of ``lm experiment``: Table 7's (:data:`PRESETS`) and upcycling round 2's."""
     from parameternet.experiments.lm_upcycle import PRESETS as UPCYCLE
 
     return [*PRESETS, *UPCYCLE]

@@ -1,6 +1,6 @@
-"""The machinery every ``lm-experiment`` grid shares: run tasks, worker processes, writing their result rows.
+"""The machinery every ``lm experiment`` grid shares: run tasks, worker processes, writing their result rows.
 
-A grid is a list of :class:`Task`: one ``lm-train`` run of the base recipe with a variant's, a seed's and the
+A grid is a list of :class:`Task`: one ``lm train`` run of the base recipe with a variant's, a seed's and the
 grid's overrides (its run directory and recipe hash derived from them), or a classifier fine-tune. :class:`Runner`
 runs them in worker processes (one torch thread each, ``jobs`` side by side, a task after the tasks it needs), skips
 the ones whose row this code already wrote (the key is the kind, variant, seed and recipe hash, among the rows of
@@ -106,7 +106,7 @@ def check_inputs(preset, recipe: str | Path, overrides: Sequence[str] = ()):
         key = item.split("=", 1)[0].strip()
         if key in GRID_KEYS:
             raise ParameterNetError(
-                f"override {item!r} sets {key}, which lm-experiment sets for each run of the grid (variants, seeds, "
+                f"override {item!r} sets {key}, which lm experiment sets for each run of the grid (variants, seeds, "
                 f"learning rates, token budgets, evaluation); drop it"
             )
     return cfg
@@ -115,7 +115,7 @@ def check_inputs(preset, recipe: str | Path, overrides: Sequence[str] = ()):
 @dataclass
 class Task:
     """One run of a grid: ``kind`` (the grid's word for it: ``lr``, ``main``, ``trunk``, a branch, ``cls``...),
-    ``variant`` (:class:`Variant` name), ``seed``, peak learning rate, the ``lm-train`` overrides, its run directory,
+    ``variant`` (:class:`Variant` name), ``seed``, peak learning rate, the ``lm train`` overrides, its run directory,
     its recipe hash, the options of :class:`~parameternet.train.lm_branch.ExperimentLMTrainer` (or the classifier's
     ``kwargs``), and the tasks it needs finished first (``after``)."""
 
@@ -201,7 +201,7 @@ class Runner:
         for name, columns in (("runs.csv", COLUMNS), ("curves.csv", CURVE_COLUMNS), ("router.csv", ROUTER_COLUMNS)):
             check_header(output / name, columns)
         rows = [r for r in read_rows(self.csv) if r.get("preset") == preset.name]
-        self.rows, _ = rows_of_this_code(rows, f"lm-experiment {preset.name}", self.csv)
+        self.rows, _ = rows_of_this_code(rows, f"lm experiment {preset.name}", self.csv)
 
     # --- configs
     def base_overrides(self) -> list[str]:
@@ -269,7 +269,7 @@ class Runner:
             else:
                 pending.append(t)
         log.info(
-            "lm-experiment %s: %d of %d runs done by this code (%s); %d to run, %d at a time, 1 thread each",
+            "lm experiment %s: %d of %d runs done by this code (%s); %d to run, %d at a time, 1 thread each",
             self.preset.name, len(tasks) - len(pending), len(tasks), self.code, len(pending), self.jobs,
         )  # fmt: skip
         if not pending:

@@ -1,4 +1,4 @@
-"""The result rows of the ``lm-experiment`` grids: their CSV columns, reading them back, the rows a report reads,
+"""The result rows of the ``lm experiment`` grids: their CSV columns, reading them back, the rows a report reads,
 and the curve statistics the reports share (:mod:`parameternet.experiments.lm`, ``lm_upcycle``).
 
 ``runs.csv`` has one row per finished run (:data:`COLUMNS`), ``curves.csv`` one per validation of a run
@@ -180,7 +180,7 @@ def load_report_rows(output: str | Path, preset: str | None, pool_commits: bool 
     if not csv_path.is_file():
         missing = output if not output.is_dir() else csv_path
         raise ParameterNetError(
-            f"{str(missing)!r} does not exist; pass the --output directory an lm-experiment run wrote its runs.csv to, "
+            f"{str(missing)!r} does not exist; pass the --output directory an lm experiment run wrote its runs.csv to, "
             f"or run the grid first"
         )
     everything = [r for r in read_rows(csv_path) if "kind" in r]

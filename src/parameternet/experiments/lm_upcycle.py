@@ -1,4 +1,4 @@
-"""Upcycling, round 2: five continuations of one dense snapshot per seed. ``parameternet lm-experiment --preset
+"""Upcycling, round 2: five continuations of one dense snapshot per seed. ``parameternet lm experiment --preset
 upcycle2`` (and ``upcycle2-smoke``, a tiny wiring check of the same code path).
 
 Round 1 (the ``full`` preset) branched each dense run at its midpoint into 8 experts on ``down_proj`` with a fresh

@@ -1,4 +1,4 @@
-"""The pre-stated reading of upcycling, round 2 (``lm-experiment --preset upcycle2``), and its simulation.
+"""The pre-stated reading of upcycling, round 2 (``lm experiment --preset upcycle2``), and its simulation.
 
 Every seed has one dense trunk trained to the midpoint of the schedule and five continuations from that one snapshot
 (:data:`BRANCHES`). Each comparison puts a *branch* against a *reference* continuation of the same seed, with

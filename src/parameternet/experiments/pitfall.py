@@ -428,7 +428,7 @@ def _routing(cfg_dict: dict[str, Any]) -> list[dict[str, Any]]:
 
     from parameternet.data.images import build_dataset
     from parameternet.data.pipeline import LoaderDataset, collate
-    from parameternet.profile.routing import routing_stats
+    from parameternet.profiling.routing import routing_stats
     from parameternet.train.checkpoint import load_into, load_weights, resolve_weights
     from parameternet.train.config import config_from_dict
     from parameternet.train.trainer import build_transforms, create_model
@@ -467,7 +467,7 @@ def _profile_cell(cell: Cell, img_size: int) -> tuple[int, int]:
     import timm
 
     import parameternet.models  # noqa: F401
-    from parameternet.profile import profile
+    from parameternet.profiling.measure import profile
 
     result = profile(timm.create_model(cell.timm_model, **cell.model_kwargs()), img_size=img_size)
     if cell.method == "repconv":
@@ -504,7 +504,7 @@ def read_rows(csv_path: str | Path) -> list[dict[str, Any]]:
 
 
 def _row(task: _Task, preset: Preset, params: int, macs: int, prov: dict[str, Any]) -> dict[str, Any]:
-    from parameternet.profile.routing import summarize_routing
+    from parameternet.profiling.routing import summarize_routing
 
     s, c = task.summary or {}, task.cell
     val = (s.get("val") or {}).get("model") or {}

@@ -5,7 +5,7 @@ Both rows start from ``ghostnet_300m`` and convert the layers the release makes 
 defaults (the one-position SE convs, ``conv_head`` and the classifier stay static) minus the strided depthwise
 ``conv_dw`` of each bottleneck. That conversion with ``method="dynamic"`` is exactly ``parameternet_300m``;
 with ``method="repconv"`` every such conv trains with three extra conv + BatchNorm branches. "Inference" is
-:func:`~parameternet.deploy.deploy` with ``fold_bn=False``, the paper's way of counting (BatchNorms counted,
+:func:`~parameternet.export.folding.deploy` with ``fold_bn=False``, the paper's way of counting (BatchNorms counted,
 not folded): the RepConv model merges back to GhostNet-300M, the dynamic one keeps every expert.
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
+from parameternet.conversion import parameterize
 from parameternet.counting import count_macs
-from parameternet.deploy import deploy
-from parameternet.parameterize import parameterize
+from parameternet.export.folding import deploy
 
 __all__ = ["PAPER", "TABLE6_EXCLUDE", "format_table6", "run_table6", "table6"]
 

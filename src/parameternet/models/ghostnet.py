@@ -17,7 +17,7 @@ depthwise conv inside a bottleneck, the SE convs, ``conv_head`` and the classifi
   (``parameternet pitfall``); ``ghostnet_mini`` / ``parameternet_mini`` take any ``width`` and ``head_chs``.
   ``method="repconv"`` builds the RepConv alternative of the same layers (Table 6).
 
-``import parameternet`` registers all four in timm; ``parameternet_*`` take ``num_experts`` (default 4) and the
+``import parameternet.models`` registers all four in timm; ``parameternet_*`` take ``num_experts`` (default 4) and the
 router options of :class:`~parameternet.layers.DynamicConv2d`.
 """
 

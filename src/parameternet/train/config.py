@@ -80,7 +80,7 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
-    model: str = "resnet10t"  # any timm model name; `import parameternet` registers the paper's models
+    model: str = "resnet10t"  # any timm model name or one of the paper's models
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
     drop_path: float = 0.0  # stochastic depth rate
     num_classes: int | None = None  # default: the training set's class count

@@ -1,4 +1,4 @@
-"""Language-model training: ``parameternet lm-train RECIPE.yaml [key=value ...]`` (paper section 5.4, Table 7).
+"""Language-model training: ``parameternet lm train RECIPE.yaml [key=value ...]`` (paper section 5.4, Table 7).
 
 The recipe is a YAML file loaded into :class:`LMTrainConfig` (:mod:`parameternet.train.lm_config`: sections
 ``model``, ``data``, ``optim``, ``schedule``), with dotted ``key=value`` overrides checked like the vision
@@ -22,7 +22,8 @@ backward pass (transformers' activation checkpointing), under either.
 A run killed at any point resumes (``resume=auto``) from its last checkpoint with the same data order and
 ends with the same weights on CPU. The output directory holds ``metrics.jsonl``, ``checkpoints/``,
 ``summary.json`` and ``model/``: ``save_pretrained`` output with the tokenizer, which loads with
-``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` after ``import parameternet``.
+``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` after
+``import parameternet.models.llama_moe``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""An ``lm-train`` run with what the Table 7 experiment needs on top (paper sec. 5.4): router diagnostics at every
+"""An ``lm train`` run with what the Table 7 experiment needs on top (paper sec. 5.4): router diagnostics at every
 evaluation, a snapshot of the weights at a chosen step, runs that stop at a branch point, branches from such a
 snapshot (upcycled, or dense with a fresh optimizer), forks that continue another run's optimizer state, a
 re-warmup after a branch point and the loss on the held-out split at the end.
@@ -157,7 +157,7 @@ class ExperimentLMTrainer(LMTrainer):
             )
         if cfg.parallel != "ddp":
             raise ParameterNetError(
-                f"parallel={cfg.parallel!r} is for lm-train; the experiment's runs are single-process, drop it"
+                f"parallel={cfg.parallel!r} is for lm train; the experiment's runs are single-process, drop it"
             )
         if not 0 <= start_step < cfg.total_steps:
             raise ParameterNetError(f"start_step={start_step} must be in [0, {cfg.total_steps}); lower it")

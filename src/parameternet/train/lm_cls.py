@@ -14,7 +14,7 @@ document. The classifier trains on passages of the language model's *training* d
 passages of its validation and held-out evaluation documents, which neither the language model nor the
 classifier ever trained on. Both splits are balanced by sampling the same number of passages per class.
 
-:func:`finetune_classifier` loads a ``model/`` directory written by ``lm-train`` as
+:func:`finetune_classifier` loads a ``model/`` directory written by ``lm train`` as
 :class:`~parameternet.models.llama_moe.ParameterNetLlamaForSequenceClassification` (a new ``score`` head; the
 router losses stay in the loss), fine-tunes every weight with AdamW (linear warmup over 10% of the steps, then
 linear decay to 0) and reports accuracy on the test passages. Dense and MoE models get the same budget: the same
@@ -279,6 +279,6 @@ def finetune_classifier(
         from parameternet.runs import atomic_write
 
         model.save_pretrained(out_dir / "classifier")
-        tokenizer.save_pretrained(out_dir / "classifier")  # so AutoTokenizer, lm-finetune-cls, ... load it
+        tokenizer.save_pretrained(out_dir / "classifier")  # so AutoTokenizer, lm finetune-cls, ... load it
         atomic_write(out_dir / "cls.json", json.dumps(result, indent=1) + "\n")
     return result

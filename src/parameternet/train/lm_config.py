@@ -167,7 +167,7 @@ class LMTrainConfig:
         check_corpus_names(self.data.corpora)
         if self.data.dir is not None and not Path(self.data.dir).expanduser().is_dir():
             raise ParameterNetError(
-                f"data.dir={self.data.dir!r} does not exist; prepare it with `parameternet lm-data --out "
+                f"data.dir={self.data.dir!r} does not exist; prepare it with `parameternet lm data --out "
                 f"{self.data.dir}` or leave data.dir unset for the data cache"
             )
         heads, hidden = self.model.num_attention_heads, self.model.hidden_size

@@ -33,24 +33,24 @@ __all__ = [
 ]
 
 _GET_ONE = (
-    "pass the model/ directory an lm-train run wrote, or save the tokenizer beside the model "
+    "pass the model/ directory an lm train run wrote, or save the tokenizer beside the model "
     "(tokenizer.save_pretrained(DIR))"
 )
 
 
 def check_saved_lm(model_dir: str | Path) -> Path:
     """``model_dir`` as a Path once it is a saved ParameterNet language model that the Auto classes and
-    ``AutoTokenizer`` load (what ``lm-eval`` and ``lm-finetune-cls`` take): ``config.json`` present, ``model_type``
-    ``parameternet_llama``, a causal LM (not a classifier ``lm-finetune-cls`` wrote) and the tokenizer's files
+    ``AutoTokenizer`` load (what ``lm eval`` and ``lm finetune-cls`` take): ``config.json`` present, ``model_type``
+    ``parameternet_llama``, a causal LM (not a classifier ``lm finetune-cls`` wrote) and the tokenizer's files
     beside it. Raises ParameterNetError in one sentence saying what is wrong and how to get a directory that fits."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ParameterNetError(
-            f"{str(model_dir)!r} does not exist or is not a directory; pass the model/ directory an lm-train run wrote"
+            f"{str(model_dir)!r} does not exist or is not a directory; pass the model/ directory an lm train run wrote"
         )
     config = model_dir / "config.json"
     if not config.is_file():
-        raise ParameterNetError(f"{model_dir} has no config.json; pass the model/ directory an lm-train run wrote")
+        raise ParameterNetError(f"{model_dir} has no config.json; pass the model/ directory an lm train run wrote")
     try:
         fields = json.loads(config.read_text())
         model_type, architectures = fields.get("model_type"), fields.get("architectures") or []
@@ -59,12 +59,12 @@ def check_saved_lm(model_dir: str | Path) -> Path:
     if model_type != "parameternet_llama":
         raise ParameterNetError(
             f"{config} has model_type {model_type!r}, not 'parameternet_llama'; pass the model/ directory an "
-            f"lm-train run wrote"
+            f"lm train run wrote"
         )
     if architectures and not any(a.endswith("ForCausalLM") for a in architectures):
         raise ParameterNetError(
             f"{model_dir} holds a {architectures[0]} (a fine-tuned classifier), not a language model; pass the model/ "
-            f"directory of the lm-train run it was fine-tuned from"
+            f"directory of the lm train run it was fine-tuned from"
         )
     if not (model_dir / "tokenizer.json").is_file():
         raise ParameterNetError(f"{model_dir} has no tokenizer (tokenizer.json); {_GET_ONE}")
@@ -212,7 +212,7 @@ _SETTINGS = ("corpora", "vocab_size", "val_fraction", "eval_fraction")  # what d
 
 def _check_data(model_dir: Path, data, tokenizer) -> None:
     """ParameterNetError unless ``data`` (a TextData passed with --data) is text the model was trained on: the
-    vocabulary of ``tokenizer`` (when given) and, for a model inside an lm-train run, the run's corpora, vocabulary
+    vocabulary of ``tokenizer`` (when given) and, for a model inside an lm train run, the run's corpora, vocabulary
     and split fractions (else the held-out documents are not held out)."""
     if tokenizer is not None and data.vocab_size != len(tokenizer):
         raise ParameterNetError(
@@ -227,7 +227,7 @@ def _check_data(model_dir: Path, data, tokenizer) -> None:
 
     try:
         run = from_dict(LMTrainConfig, read_yaml(recipe, "config.yaml")).data
-    except ParameterNetError:  # not an lm-train recipe: nothing recorded to compare with
+    except ParameterNetError:  # not an lm train recipe: nothing recorded to compare with
         return
     saved = data.manifest.get("settings", {})
     diffs = [
@@ -242,9 +242,9 @@ def _check_data(model_dir: Path, data, tokenizer) -> None:
 
 
 def text_data_for(model_dir: Path, data_dir: str | None, tokenizer=None):
-    """The prepared text of ``data_dir``, else that of the lm-train run holding ``model_dir`` (its
+    """The prepared text of ``data_dir``, else that of the lm train run holding ``model_dir`` (its
     ``config.yaml``). Raises ParameterNetError when there is neither, or when ``data_dir`` does not match the model:
-    another vocabulary than ``tokenizer``'s or, for a model inside an lm-train run, other corpora, vocabulary or
+    another vocabulary than ``tokenizer``'s or, for a model inside an lm train run, other corpora, vocabulary or
     split fractions than the run's."""
     from parameternet.data.text import load_text_data
 
@@ -256,7 +256,7 @@ def text_data_for(model_dir: Path, data_dir: str | None, tokenizer=None):
     recipe = model_dir.parent / "config.yaml"
     if not recipe.is_file():
         raise ParameterNetError(
-            f"{model_dir} is not inside an lm-train run directory; pass --data with the prepared text directory"
+            f"{model_dir} is not inside an lm train run directory; pass --data with the prepared text directory"
         )
     from parameternet.train.lm_config import load_lm_config
 

@@ -151,7 +151,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 # A section where a plain value belongs, or the reverse, most often means a recipe of the other trainer.
 _ANOTHER_COMMAND = (
     "the file may be a recipe for another command (`parameternet train` takes image-classification recipes such "
-    "as configs/smoke.yaml, `parameternet lm-train` language-model recipes such as configs/lm-small.yaml)"
+    "as configs/smoke.yaml, `parameternet lm train` language-model recipes such as configs/lm-small.yaml)"
 )
 
 

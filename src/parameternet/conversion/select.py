@@ -14,10 +14,8 @@ from timm.layers import Conv2dSame
 from timm.layers import Linear as TimmLinear
 from torch import nn
 
-from parameternet.errors import ParameterNetError
-from parameternet.layers import is_parameternet_layer
-from parameternet.parameterize.probe import FAST_PATH_SWITCHES, _as_example, _Example, _Probe, _probe
-from parameternet.parameterize.report import (
+from parameternet.conversion.probe import FAST_PATH_SWITCHES, _as_example, _Example, _Probe, _probe
+from parameternet.conversion.report import (
     REASON_BATCH,
     REASON_BYPASSED,
     REASON_CLASSIFIER,
@@ -30,9 +28,11 @@ from parameternet.parameterize.report import (
     REASON_TIED,
     _reason_kind,
 )
+from parameternet.errors import ParameterNetError
+from parameternet.layers import is_parameternet_layer
 from parameternet.toolkit import first_line, walk
 
-log = logging.getLogger("parameternet.parameterize")
+log = logging.getLogger("parameternet.conversion")
 
 # Name components of squeeze-excite / gating modules; used only when no example input can be run.
 GATE_NAMES = ("se", "ese", "se_layer", "se_module", "squeeze_excite", "attn_gate", "gate")

@@ -11,11 +11,11 @@ import torch
 from timm.layers import Conv2dSame
 from torch import nn
 
+from parameternet.conversion.probe import FAST_PATH_SWITCHES, _batched, _leaves, _Probe, _run
+from parameternet.conversion.report import ParameterizeReport
+from parameternet.conversion.select import _convertible, _walk
 from parameternet.errors import ParameterNetError
 from parameternet.layers import DynamicConv2d, DynamicLinear, RepConv2d, TopKMoELinear
-from parameternet.parameterize.probe import FAST_PATH_SWITCHES, _batched, _leaves, _Probe, _run
-from parameternet.parameterize.report import ParameterizeReport
-from parameternet.parameterize.select import _convertible, _walk
 from parameternet.toolkit import num_params, references, replace
 
 

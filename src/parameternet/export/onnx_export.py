@@ -92,7 +92,7 @@ def onnx_session(path, threads: int | None = None, *, nchwc: bool = True):
 
     ``threads`` fixes intra- and inter-op threads (None: ONNX Runtime's choice). With ``nchwc`` (the default) the
     dynamic convs of a batch-1 graph run in ONNX Runtime's blocked CPU kernels
-    (:func:`~parameternet.profile.ort_nchwc.optimize_for_onnxruntime`); the file is not changed.
+    (:func:`~parameternet.export.ort_nchwc.optimize_for_onnxruntime`); the file is not changed.
     """
     try:
         import onnxruntime as ort
@@ -108,7 +108,7 @@ def onnx_session(path, threads: int | None = None, *, nchwc: bool = True):
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     source = str(path) if isinstance(path, (str, Path)) else path.SerializeToString()
     if nchwc:
-        from parameternet.profile.ort_nchwc import optimize_for_onnxruntime
+        from parameternet.export.ort_nchwc import optimize_for_onnxruntime
 
         model, report = optimize_for_onnxruntime(path)
         if report.convs:
@@ -161,7 +161,7 @@ def _mode(dynamic_batch: bool, batch_size: int, runtime: str) -> str:
 
 def _declare_batch(path: Path, batch: int) -> None:
     """Give a fixed-batch graph's outputs their batch size where shape inference lost it (after a reflect pad,
-    say): :func:`~parameternet.profile.ort_nchwc.scan_over_batch` needs to see a one-image graph."""
+    say): :func:`~parameternet.export.ort_nchwc.scan_over_batch` needs to see a one-image graph."""
     import onnx
 
     model = onnx.load(str(path))
@@ -205,11 +205,11 @@ def export_onnx(
 
     ``runtime="onnxruntime-cpu"`` writes the graph for ONNX Runtime's CPU provider on this CPU rather than a portable
     one: the graph for one image with its dynamic convs in ONNX Runtime's NCHWc kernels
-    (:func:`~parameternet.profile.ort_nchwc.optimize_for_onnxruntime`), for a symbolic batch run on each image in
-    turn (:func:`~parameternet.profile.ort_nchwc.scan_over_batch`).
+    (:func:`~parameternet.export.ort_nchwc.optimize_for_onnxruntime`), for a symbolic batch run on each image in
+    turn (:func:`~parameternet.export.ort_nchwc.scan_over_batch`).
 
     ``per_image``: with a symbolic batch, the graph for one image run on each image in turn (an ONNX ``Scan``,
-    :func:`~parameternet.profile.ort_nchwc.scan_over_batch`) rather than the batch-agnostic formulations. Still
+    :func:`~parameternet.export.ort_nchwc.scan_over_batch`) rather than the batch-agnostic formulations. Still
     standard ONNX; in ONNX Runtime on a CPU it is the faster portable graph (ParameterNet-600M / GhostNet-600M, one
     thread: 1.47x against 1.83x at batch 1, 1.48x against 1.73x at batch 8, ``parameternet benchmark --modes``),
     because a one-image graph mixes each dynamic conv's kernel once and runs one plain conv, where the batch-agnostic
@@ -291,7 +291,7 @@ def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, 
     # torch.export would fix a symbolic size traced at 1, so a dynamic graph is traced at batch 2.
     example = images(1 if per_image else max(batch_size, 2) if dynamic_batch else batch_size)
     if deploy:
-        from parameternet.deploy import deploy as deploy_model
+        from parameternet.export.folding import deploy as deploy_model
 
         graph = deploy_model(model, example_input=example[:1])
     else:
@@ -315,7 +315,7 @@ def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, 
     if per_image:
         import onnx
 
-        from parameternet.profile.ort_nchwc import optimize_for_onnxruntime, scan_over_batch
+        from parameternet.export.ort_nchwc import optimize_for_onnxruntime, scan_over_batch
 
         if runtime == "onnxruntime-cpu":
             one_image, moved = optimize_for_onnxruntime(path)
@@ -341,7 +341,7 @@ def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, 
             ) from e
         nchwc_session = None
         if not dynamic_batch and runtime != "onnxruntime-cpu":
-            from parameternet.profile.ort_nchwc import optimize_for_onnxruntime
+            from parameternet.export.ort_nchwc import optimize_for_onnxruntime
 
             rewritten, nchwc = optimize_for_onnxruntime(path)
             nchwc_session = onnx_session(rewritten, nchwc=False) if nchwc.convs else None

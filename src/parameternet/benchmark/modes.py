@@ -9,7 +9,7 @@ the ``deploy()`` model:
   specialises a batch of one into its own graph); every dimension is symbolic, the image size too;
 - ``compile-auto``: ``torch.compile(model)``, PyTorch's default: a static graph for the first batch size, then, once
   the batch size changes, one graph with a symbolic batch (and a static image size) for every other;
-- ``onnx-portable``: the portable dynamic-batch graph of :func:`~parameternet.profile.export.export_onnx`, in ONNX
+- ``onnx-portable``: the portable dynamic-batch graph of :func:`~parameternet.export.onnx_export.export_onnx`, in ONNX
   Runtime with its own optimisations only;
 - ``onnx-per-image``: ``export_onnx(..., per_image=True)``, the portable graph for one image in a ``Scan`` over the
   images, in ONNX Runtime with its own optimisations only;
@@ -67,7 +67,7 @@ def _runner(mode: str, model: torch.nn.Module, root: Path, name: str, img_size, 
     if mode.startswith("compile"):
         compiled = torch.compile(model, dynamic={"compile-static": False, "compile-dynamic": True}.get(mode))
         return lambda x: lambda: compiled(x)
-    from parameternet.profile.export import export_onnx, onnx_session
+    from parameternet.export.onnx_export import export_onnx, onnx_session
 
     path = root / f"{name}-{mode}.onnx"
     runtime = "onnxruntime-cpu" if mode == "onnx-ort" else "any"
@@ -127,7 +127,7 @@ def run_modes(
 
     Raises :class:`~parameternet.errors.ParameterNetError` for an unknown model or mode, or a non-positive size.
     """
-    from parameternet.deploy import deploy
+    from parameternet.export.folding import deploy
     from parameternet.models import create_model_for_size
 
     models, modes, batch_sizes = list(models), list(modes), list(batch_sizes)
@@ -191,7 +191,7 @@ def run_modes(
         rows.append(ModeRow(name, mode, b, statistics.median(ms), p90, c, graphs.get((name, mode))))
     import onnxruntime
 
-    from parameternet.profile.benchmark import _cpu_name
+    from parameternet.benchmark.cpu import _cpu_name
 
     meta = {
         "protocol": f"deploy() models, {img_size or 'default'} px, {threads} thread(s), {warmup} warm-up and "
@@ -239,7 +239,7 @@ def format_modes(rows: list[ModeRow], meta: dict[str, Any]) -> str:
             f"| {dynamic} / {static} | {mode} | {b} | {s.median_ms:.1f} | {d.median_ms:.1f} | {ratio:.2f}x | {comp} "
             f"| {n} |"
         )
-    from parameternet.profile.benchmark import machine_line
+    from parameternet.benchmark.cpu import machine_line
 
     if len(lines) == 2:
         lines = ["No ParameterNet was timed with its static twin (e.g. parameternet_600m with ghostnet_600m), so there "
@@ -253,7 +253,7 @@ def write_modes(rows: list[ModeRow], meta: dict[str, Any], output: str | Path) -
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "modes.csv", "json": out / "modes.json"}
-    from parameternet.profile.benchmark import write_rows_csv
+    from parameternet.benchmark.cpu import write_rows_csv
 
     write_rows_csv(paths["csv"], rows)
     keys = ("dynamic", "static", "mode", "batch", "ratio")

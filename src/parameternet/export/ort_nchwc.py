@@ -13,7 +13,7 @@ batch-1 graph (``export_onnx(..., dynamic_batch=False)``) into ONNX Runtime's ow
 following activation fused into the conv, and consecutive rewritten convs passing the blocked tensor along without a
 round trip. ONNX Runtime then optimises the rest of the graph as usual. The result runs only in ONNX Runtime's CPU
 provider on a CPU with the same block size, like the optimised models ONNX Runtime itself saves; the portable
-graph stays what :func:`~parameternet.profile.export.export_onnx` writes. Outputs match it to float rounding
+graph stays what :func:`~parameternet.export.onnx_export.export_onnx` writes. Outputs match it to float rounding
 (``tests/test_ort_nchwc.py``). :func:`scan_over_batch` serves any batch size with such a one-image graph.
 """
 

@@ -168,7 +168,7 @@ def _peak_memory(name: str, sizes: _Sizes, device) -> float:
 
 
 def _deployed(name: str, sizes: _Sizes, device):
-    from parameternet.deploy import deploy
+    from parameternet.export.folding import deploy
 
     model = _vision_model(name, torch.device("cpu")).eval()
     return deploy(model, example_input=(1, 3, sizes.img, sizes.img)).to(device).eval()

@@ -42,7 +42,6 @@ arguments and ties them together.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 from collections.abc import Sequence
@@ -51,12 +50,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from parameternet.conversion.report import ParameterizeReport
+from parameternet.conversion.rewrite import _convert, _verify, apply_recipe
+from parameternet.conversion.select import GATE_NAMES, _as_patterns, _select, _walk
 from parameternet.counting import count_macs as _count_macs_of
 from parameternet.errors import ParameterNetError
 from parameternet.layers import ROUTERS, check_num_experts
-from parameternet.parameterize.report import ParameterizeReport
-from parameternet.parameterize.rewrite import _convert, _verify, apply_recipe
-from parameternet.parameterize.select import GATE_NAMES, _as_patterns, _select, _walk
 from parameternet.toolkit import eval_mode, example_input_for, num_params
 
 __all__ = [
@@ -233,24 +232,3 @@ def _try_macs(model: nn.Module, x: torch.Tensor, notes: list[str]) -> int | None
         notes.append(f"MACs not counted: torchprofile could not trace the model ({type(e).__name__})")
         log.debug("parameterize: MAC count failed: %s", e)
         return None
-
-
-# Names that lived here before persistence moved to parameternet.io and the convert command to parameternet.convert:
-# still importable from here, looked up on first use (those modules import this one, not the other way round).
-_MOVED = {
-    "RECIPE_KEY": "parameternet.io",
-    "RECIPE_FORMAT": "parameternet.io",
-    "build_from_recipe": "parameternet.io",
-    "load": "parameternet.io",
-    "load_source_model": "parameternet.io",
-    "read_recipe": "parameternet.io",
-    "save": "parameternet.io",
-    "convert": "parameternet.convert",
-    "timm_twin": "parameternet.convert",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_MOVED[name]), name)

@@ -2,11 +2,11 @@
 2306.14525, sec. 5.2 and Figure 5).
 
 The paper times its models with ONNX on one CPU thread and plots top-1 against that latency. Here every model is
-exported (:func:`~parameternet.profile.export.export_onnx`: the ``deploy()`` graph, batch 1) and timed in ONNX
+exported (:func:`~parameternet.export.onnx_export.export_onnx`: the ``deploy()`` graph, batch 1) and timed in ONNX
 Runtime with one thread: warm-up, then median and 90th percentile. Each model runs as two graphs: the exported
 one with ONNX Runtime's own optimisations (``onnx_generic_ms``; ONNX Runtime leaves a dynamic conv, whose kernel is
 computed in the graph, in its slow generic kernels) and the one with every conv moved to ONNX Runtime's blocked
-NCHWc kernels by :func:`~parameternet.profile.ort_nchwc.optimize_for_onnxruntime`. ``onnx_ms`` is the faster of
+NCHWc kernels by :func:`~parameternet.export.ort_nchwc.optimize_for_onnxruntime`. ``onnx_ms`` is the faster of
 the two (``onnx_graph`` says which; ``onnx_nchwc_ms`` is the rewritten graph's), so every model, static or
 dynamic, is timed at its best. The same deployed models are timed in eager PyTorch (batch 1, one thread) as well.
 All models run interleaved in one process, a round at a time, so a change of load on a shared machine touches every
@@ -128,10 +128,10 @@ def run_benchmark(
     ``img_size`` below :data:`~parameternet.toolkit.MIN_IMG_SIZE`.
     """
     from parameternet.counting import count_macs, count_params
-    from parameternet.deploy import deploy
+    from parameternet.export.folding import deploy
+    from parameternet.export.onnx_export import export_onnx, onnx_session
+    from parameternet.export.ort_nchwc import optimize_for_onnxruntime
     from parameternet.models import create_model_for_size
-    from parameternet.profile.export import export_onnx, onnx_session
-    from parameternet.profile.ort_nchwc import optimize_for_onnxruntime
 
     models = list(models)
     _check_models(models)

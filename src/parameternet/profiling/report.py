@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from parameternet.errors import ParameterNetError
-from parameternet.profile.counting import ProfileResult, profile
+from parameternet.profiling.measure import ProfileResult, profile
 
 __all__ = ["PAPER_ROWS", "TOLERANCE", "PaperRow", "format_rows", "profile_paper_rows", "run_profile_command"]
 
