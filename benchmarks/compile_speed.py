@@ -1,6 +1,6 @@
 """ParameterNet against GhostNet in every execution mode, and the measurements behind the graph formulations.
 
-1. The execution-mode table of docs/deployment.md (``parameternet benchmark --modes``): eager, ``torch.compile`` static,
+1. The execution-mode table of docs/deployment.md (``parameternet benchmark modes``): eager, ``torch.compile`` static,
    ``dynamic=True`` and PyTorch's default (compile time apart), the portable dynamic-batch ONNX graphs (batch-agnostic
    and per image) and the ONNX Runtime graph, batch 1 and 8, one thread, every figure in one interleaved run.
 2. ``--choices``: how a symbolic-batch graph should compute a depthwise dynamic conv. The functional core

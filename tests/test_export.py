@@ -255,7 +255,7 @@ def test_every_model_exports_with_the_dynamo_exporter(name, tmp_path):
 
 def test_benchmark_cli_writes_csv_json_and_plot(tmp_path, capsys):
     out = tmp_path / "bench"
-    args = ["benchmark", "--models", "ghostnet_300m", "parameternet_300m", "ghostnet_100", "--img-size", "64"]
+    args = ["benchmark", "onnx", "--models", "ghostnet_300m", "parameternet_300m", "ghostnet_100", "--img-size", "64"]
     assert main([*args, "--runs", "3", "--warmup", "1", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "parameternet_300m / ghostnet_300m: ONNX Runtime" in printed and "without the NCHWc rewrite" in printed
@@ -274,10 +274,10 @@ def test_benchmark_cli_writes_csv_json_and_plot(tmp_path, capsys):
 
 
 def test_benchmark_modes_cli_writes_every_mode_and_the_ratios(tmp_path, capsys):
-    """--modes: every (model, mode, batch) timed; the ParameterNet / twin ratio per mode and batch. The compiled
+    """benchmark modes: every (model, mode, batch) timed; the ParameterNet / twin ratio per mode and batch. The compiled
     modes are slow to compile, so this runs the eager and ONNX ones; tests/test_conformance.py compiles layers."""
     out = tmp_path / "modes"
-    args = ["benchmark", "--modes", "eager", "onnx-portable", "onnx-per-image", "onnx-ort", "--models", "ghostnet_mini"]
+    args = ["benchmark", "modes", "eager", "onnx-portable", "onnx-per-image", "onnx-ort", "--models", "ghostnet_mini"]
     args += ["parameternet_mini", "--batch-sizes", "1", "2", "--runs", "2", "--warmup", "0", "--output", str(out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -327,12 +327,25 @@ def test_benchmark_modes_raises_dynamos_recompile_limit(monkeypatch):
 
 
 @pytest.mark.parametrize(
+    "args",
+    [["benchmark", "modes", "--no-eager"], ["benchmark", "onnx", "--batch-sizes", "1"],
+     ["benchmark", "gpu", "--models", "x"], ["benchmark", "--runs", "1"]],
+)  # fmt: skip
+def test_each_benchmark_takes_only_its_own_flags(args, capsys):
+    """A flag of another benchmark is argparse's error: usage, one line naming it, exit 2, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error:" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
     "args, message",
     [
-        (["--modes", "jit"], "unknown mode 'jit'"),
-        (["--modes", "--batch-sizes", "0"], "--batch-sizes must be an integer >= 1, got 0."),
-        (["--modes", "--output", __file__], "is a file; choose another path"),
-        (["--output", __file__ + "/sub"], "is a file; choose another path"),
+        (["modes", "jit"], "unknown mode 'jit'"),
+        (["modes", "--batch-sizes", "0"], "--batch-sizes must be an integer >= 1, got 0."),
+        (["modes", "--output", __file__], "is a file; choose another path"),
+        (["onnx", "--output", __file__ + "/sub"], "is a file; choose another path"),
     ],
 )
 def test_benchmark_modes_rejects_bad_input(args, message, capsys):
@@ -344,14 +357,13 @@ def test_benchmark_modes_rejects_bad_input(args, message, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["benchmark", "--modes", "--runs", "0"], "--runs must be an integer >= 1, got 0."),  # the flag, not "rounds"
-        (["benchmark", "--runs", "0"], "--runs must be an integer >= 1, got 0."),
-        (["benchmark", "--modes", "--warmup", "-1"], "--warmup must be an integer >= 0, got -1."),
-        (["benchmark", "--threads", "0"], "--threads must be an integer >= 1, got 0."),
-        (["benchmark", "--modes", "--no-eager"], "--no-eager applies to the plain benchmark, not to --modes"),
-        (["benchmark", "--batch-sizes", "1", "2"], "--batch-sizes applies only with --modes (the plain benchmark"),
-        (["benchmark", "--img-size", "3"], "--img-size must be an integer >= 8, got 3."),
-        (["benchmark", "--modes", "--img-size", "3"], "--img-size must be an integer >= 8, got 3."),
+        (["benchmark", "modes", "--runs", "0"], "--runs must be an integer >= 1, got 0."),  # the flag, not "rounds"
+        (["benchmark", "onnx", "--runs", "0"], "--runs must be an integer >= 1, got 0."),
+        (["benchmark", "modes", "--warmup", "-1"], "--warmup must be an integer >= 0, got -1."),
+        (["benchmark", "onnx", "--threads", "0"], "--threads must be an integer >= 1, got 0."),
+        (["benchmark", "modes", "--batch-sizes", "0"], "--batch-sizes must be an integer >= 1, got 0."),
+        (["benchmark", "onnx", "--img-size", "3"], "--img-size must be an integer >= 8, got 3."),
+        (["benchmark", "modes", "--img-size", "3"], "--img-size must be an integer >= 8, got 3."),
         (["export", "ghostnet_mini", "--onnx", "m.onnx", "--img-size", "3"], "--img-size must be an integer >= 8"),
     ],
 )
@@ -359,12 +371,13 @@ def test_cli_flags_are_checked_by_the_name_typed_before_any_work(args, message, 
     monkeypatch.chdir(tmp_path)
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"parameternet {args[0]}: error: {message}" in err
+    command = " ".join(args[:2]) if args[0] == "benchmark" else args[0]
+    assert len(err.splitlines()) == 1 and f"parameternet {command}: error: {message}" in err
     assert not any(tmp_path.iterdir())  # nothing written, no results directory made
 
 
 def test_benchmark_rejects_an_unknown_model(capsys):
-    assert main(["benchmark", "--models", "parameternet_601m"]) == 2
+    assert main(["benchmark", "onnx", "--models", "parameternet_601m"]) == 2
     assert "unknown model 'parameternet_601m'" in capsys.readouterr().err
 
 
@@ -445,7 +458,7 @@ def test_bad_input_is_one_sentence(tmp_path, capsys):
 def test_benchmark_times_a_grey_model_on_its_own_input(tmp_path):
     """The 1-channel mini models are timed on 1-channel images, not refused for the 3 channels of another model."""
     out = tmp_path / "grey"
-    args = ["benchmark", "--models", "ghostnet_mini", "parameternet_mini", "--runs", "1", "--warmup", "0"]
+    args = ["benchmark", "onnx", "--models", "ghostnet_mini", "parameternet_mini", "--runs", "1", "--warmup", "0"]
     assert main([*args, "--output", str(out)]) == 0
     assert [r["model"] for r in csv.DictReader(open(out / "benchmark.csv"))] == ["ghostnet_mini", "parameternet_mini"]
 

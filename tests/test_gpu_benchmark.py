@@ -1,4 +1,4 @@
-"""``parameternet benchmark --gpu``: its code on a CPU at tiny sizes (``--smoke``), its CSV and its bad input."""
+"""``parameternet benchmark gpu``: its code on a CPU at tiny sizes (``--smoke``), its CSV and its bad input."""
 
 import csv
 
@@ -11,7 +11,7 @@ from parameternet.errors import ParameterNetError
 
 def test_smoke_runs_every_row_and_appends_the_csv(tmp_path, capsys):
     out = tmp_path / "bench"
-    assert main(["benchmark", "--gpu", "--smoke", "--output", str(out)]) == 0
+    assert main(["benchmark", "gpu", "--smoke", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "smoke: tiny sizes on a CPU, not a measurement" in printed
     rows = list(csv.DictReader((out / "gpu_smoke.csv").open()))
@@ -22,22 +22,18 @@ def test_smoke_runs_every_row_and_appends_the_csv(tmp_path, capsys):
         assert float(r["baseline_value"]) > 0 and float(r["candidate_value"]) > 0 and float(r["ratio"]) > 0
         assert r["smoke"] == "True" and r["version"] and "commit" in r and r["torch"]
     # a second run appends under the same header
-    assert main(["benchmark", "--gpu", "--smoke", "--rows", "moe_h512", "--output", str(out)]) == 0
+    assert main(["benchmark", "gpu", "--smoke", "--rows", "moe_h512", "--output", str(out)]) == 0
     assert len(list(csv.DictReader((out / "gpu_smoke.csv").open()))) == len(expected) + 1
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--gpu", "--models", "resnet50"], "--models applies to the ONNX benchmark, not to --gpu"),
-        (["--gpu", "--modes"], "--modes applies to the ONNX benchmark, not to --gpu"),
-        (["--smoke"], "--smoke applies only with --gpu"),
-        (["--rows", "moe_h512"], "--rows applies only with --gpu"),
-        (["--gpu", "--smoke", "--rows", "train_fp64"], "unknown benchmark row(s) train_fp64; choose from train_fp32"),
+        (["--smoke", "--rows", "train_fp64"], "unknown benchmark row(s) train_fp64; choose from train_fp32"),
     ],
 )
 def test_bad_flags_exit_2_with_one_sentence(tmp_path, capsys, args, message):
-    assert main(["benchmark", *args, "--output", str(tmp_path / "b")]) == 2
+    assert main(["benchmark", "gpu", *args, "--output", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 

@@ -477,43 +477,69 @@ def _run_export(args: argparse.Namespace) -> int:
 def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "benchmark",
+        help="time ParameterNet against GhostNet: onnx (the paper's protocol), modes (every execution mode), gpu",
+        description="Three benchmarks, each writing its CSV under --output: `onnx`, the paper's latency protocol; "
+        "`modes`, every way a model can be run; `gpu`, training, memory and inference on one CUDA GPU.",
+    )
+    bsub = p.add_subparsers(dest="benchmark_command", required=True, metavar="COMMAND")
+
+    def timing(q: argparse.ArgumentParser, img_size_help: str) -> None:
+        q.add_argument("--img-size", type=int, help=img_size_help)
+        q.add_argument("--threads", type=int, default=1)
+        q.add_argument("--warmup", type=int, default=10, help="untimed rounds first (default 10)")
+        q.add_argument("--runs", type=int, default=50, help="timed rounds (default 50)")
+        q.add_argument("--output", default="results/benchmark", help="where the CSV, JSON and plot go")
+
+    q = bsub.add_parser(
+        "onnx",
         help="the paper's latency protocol (ONNX Runtime, batch 1, 1 thread) plus eager PyTorch; CSV and plot",
         description="Export every model's deploy() graph, time it in ONNX Runtime and in eager PyTorch (batch 1, "
         "interleaved rounds, median and p90) and write OUTPUT/benchmark.csv, benchmark.json and latency_top1.png "
         "(top-1 reported by the paper or timm, not measured).",
     )
-    p.add_argument("--models", nargs="+", metavar="MODEL", help="timm model names (default: ours and five peers)")
-    p.add_argument("--output", default="results/benchmark", help="where the CSV, JSON and plot go")
-    p.add_argument("--img-size", type=int, help="default 224; with --modes each model's own")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=10, help="untimed rounds first (default 10)")
-    p.add_argument("--runs", type=int, default=50, help="timed rounds (default 50)")
-    p.add_argument("--no-eager", action="store_true", help="time ONNX Runtime only (not with --modes)")
-    p.add_argument(
-        "--modes",
+    q.add_argument("--models", nargs="+", metavar="MODEL", help="timm model names (default: ours and five peers)")
+    q.add_argument("--no-eager", action="store_true", help="time ONNX Runtime only")
+    timing(q, "input height and width (default 224)")
+    q.set_defaults(func=_run_onnx_benchmark)
+
+    q = bsub.add_parser(
+        "modes",
+        help="a ParameterNet against its static twin in every execution mode (eager, compile, ONNX)",
+        description="Time each model in the named execution modes at --batch-sizes and write OUTPUT/modes.csv and "
+        "modes.json with the ParameterNet / twin ratio per mode and batch size.",
+    )
+    q.add_argument(
+        "modes",
         nargs="*",
         metavar="MODE",
-        help="instead: time each model in these execution modes (none named: eager, compile-static, "
-        "compile-dynamic, compile-auto, onnx-portable, onnx-per-image, onnx-ort) at --batch-sizes and write "
-        "OUTPUT/modes.csv and modes.json (default models: ghostnet_600m parameternet_600m)",
+        help="default: all of eager, compile-static, compile-dynamic, compile-auto, onnx-portable, onnx-per-image, "
+        "onnx-ort",
     )
-    p.add_argument("--batch-sizes", nargs="+", type=int, help="with --modes only (default: 1 8)")
-    p.add_argument(
-        "--gpu",
-        action="store_true",
-        help="instead: ParameterNet-600M against GhostNet-600M (training, memory, inference) and a LLaMA with 8 "
-        "experts on down_proj against the dense one, side by side on one CUDA GPU; prints the ratio table and "
-        "appends OUTPUT/gpu.csv",
+    q.add_argument("--models", nargs="+", metavar="MODEL", help="default: ghostnet_600m parameternet_600m")
+    q.add_argument("--batch-sizes", nargs="+", type=int, help="default: 1 8")
+    timing(q, "input height and width (default: each model's own)")
+    q.set_defaults(func=_run_modes)
+
+    q = bsub.add_parser(
+        "gpu",
+        help="ParameterNet-600M against GhostNet-600M and a LLaMA-MoE against dense, side by side on one CUDA GPU",
+        description="Training, peak memory and inference of ParameterNet-600M against GhostNet-600M, and a LLaMA "
+        "with 8 experts on down_proj against the dense one, side by side in one process on one CUDA GPU; prints "
+        "the ratio table and appends OUTPUT/gpu.csv.",
     )
-    p.add_argument("--smoke", action="store_true", help="with --gpu: the same code on a CPU at tiny sizes, in "
-                   "seconds (a test, not a measurement; writes OUTPUT/gpu_smoke.csv)")  # fmt: skip
-    p.add_argument("--rows", nargs="+", metavar="ROW", help="with --gpu: only these rows (default: all)")
-    p.set_defaults(func=_run_benchmark)
+    q.add_argument("--smoke", action="store_true", help="the same code on a CPU at tiny sizes, in seconds (a test, "
+                   "not a measurement; writes OUTPUT/gpu_smoke.csv)")  # fmt: skip
+    q.add_argument("--rows", nargs="+", metavar="ROW", help="only these rows (default: all)")
+    q.add_argument("--output", default="results/benchmark", help="where gpu.csv goes")
+    q.set_defaults(func=_run_gpu)
 
 
 def _run_gpu(args: argparse.Namespace) -> int:
     from parameternet.benchmark.gpu import format_gpu_table, run_gpu_benchmark, write_gpu_csv
     from parameternet.experiments.provenance import provenance
+    from parameternet.runs import make_dir
+
+    make_dir(args.output)
 
     rows, meta = run_gpu_benchmark(smoke=args.smoke, rows=tuple(args.rows) if args.rows else None)
     path = write_gpu_csv(rows, meta, Path(args.output) / ("gpu_smoke.csv" if args.smoke else "gpu.csv"), provenance())
@@ -522,8 +548,24 @@ def _run_gpu(args: argparse.Namespace) -> int:
     return 0
 
 
+def _timing_checks(args: argparse.Namespace) -> None:
+    """The bounds of the timing flags, then the output directory: refused before minutes of timing."""
+    from parameternet.runs import make_dir
+
+    _check_flags(
+        _img_size_check(args.img_size),
+        ("--threads", args.threads, 1),
+        ("--warmup", args.warmup, 0),
+        ("--runs", args.runs, 1),
+        ("--batch-sizes", getattr(args, "batch_sizes", None), 1),
+    )
+    make_dir(args.output)
+
+
 def _run_modes(args: argparse.Namespace) -> int:
     from parameternet.benchmark.modes import MODES, format_modes, run_modes, write_modes
+
+    _timing_checks(args)
 
     rows, meta = run_modes(
         args.models or ("ghostnet_600m", "parameternet_600m"),
@@ -540,32 +582,8 @@ def _run_modes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_benchmark(args: argparse.Namespace) -> int:
-    from parameternet.runs import make_dir
-
-    _check_flags(
-        _img_size_check(args.img_size),
-        ("--threads", args.threads, 1),
-        ("--warmup", args.warmup, 0),
-        ("--runs", args.runs, 1),
-        ("--batch-sizes", args.batch_sizes, 1),
-    )
-    if args.gpu:
-        onnx_only = (("--models", args.models), ("--modes", args.modes is not None), ("--img-size", args.img_size),
-                     ("--no-eager", args.no_eager), ("--batch-sizes", args.batch_sizes))  # fmt: skip
-        for flag, given in onnx_only:
-            _refuse(flag, bool(given), "to the ONNX benchmark, not to --gpu (whose models and sizes are fixed)")
-        make_dir(args.output)
-        return _run_gpu(args)
-    _refuse("--smoke", args.smoke, "only with --gpu")
-    _refuse("--rows", bool(args.rows), "only with --gpu")
-    if args.modes is not None:
-        _refuse("--no-eager", args.no_eager, "to the plain benchmark, not to --modes (which times the modes it names)")
-    else:
-        _refuse("--batch-sizes", args.batch_sizes is not None, "only with --modes (the plain benchmark times batch 1)")
-    make_dir(args.output)  # before minutes of timing: a path that cannot hold the results is refused now
-    if args.modes is not None:
-        return _run_modes(args)
+def _run_onnx_benchmark(args: argparse.Namespace) -> int:
+    _timing_checks(args)
     from parameternet.benchmark.cpu import OURS, PEERS, format_table, run_benchmark, write_outputs
 
     rows, meta = run_benchmark(
@@ -609,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     from parameternet.runs import RunInterrupted, fs_error
 
-    command = " ".join(c for c in (args.command, getattr(args, "lm_command", None)) if c)
+    nested = (getattr(args, "lm_command", None), getattr(args, "benchmark_command", None))
+    command = " ".join(c for c in (args.command, *nested) if c)
     try:
         return int(args.func(args) or 0)
     except RunInterrupted as e:

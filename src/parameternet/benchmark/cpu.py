@@ -1,4 +1,4 @@
-"""``parameternet benchmark``: the paper's latency protocol for our models and timm's peers (ParameterNet, arXiv
+"""``parameternet benchmark onnx``: the paper's latency protocol for our models and timm's peers (ParameterNet, arXiv
 2306.14525, sec. 5.2 and Figure 5).
 
 The paper times its models with ONNX on one CPU thread and plots top-1 against that latency. Here every model is

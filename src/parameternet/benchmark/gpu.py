@@ -1,4 +1,4 @@
-"""``parameternet benchmark --gpu``: ParameterNet-600M against GhostNet-600M, and a LLaMA with 8 experts on one FFN
+"""``parameternet benchmark gpu``: ParameterNet-600M against GhostNet-600M, and a LLaMA with 8 experts on one FFN
 projection against the dense LLaMA, side by side on one GPU (ParameterNet, arXiv 2306.14525: sec. 3.2's claim that
 the extra parameters cost no FLOPs, here in GPU time).
 
@@ -222,7 +222,7 @@ def run_gpu_benchmark(
     if unknown:
         raise ParameterNetError(f"unknown benchmark row(s) {', '.join(unknown)}; choose from {', '.join(known)}.")
     if not smoke and not torch.cuda.is_available():
-        raise ParameterNetError("benchmark --gpu needs a CUDA device; --smoke runs the same code on a CPU.")
+        raise ParameterNetError("benchmark gpu needs a CUDA device; --smoke runs the same code on a CPU.")
     device = torch.device("cpu" if smoke else "cuda")
     sizes = _SMOKE if smoke else _FULL
     if device.type == "cuda":

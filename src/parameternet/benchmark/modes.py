@@ -1,4 +1,4 @@
-"""``parameternet benchmark --modes``: a ParameterNet against its static twin in every way it can be run.
+"""``parameternet benchmark modes``: a ParameterNet against its static twin in every way it can be run.
 
 For each model (default GhostNet-600M and ParameterNet-600M) and batch size (default 1 and 8), one process times
 the ``deploy()`` model:

@@ -211,7 +211,7 @@ def export_onnx(
     ``per_image``: with a symbolic batch, the graph for one image run on each image in turn (an ONNX ``Scan``,
     :func:`~parameternet.export.ort_nchwc.scan_over_batch`) rather than the batch-agnostic formulations. Still
     standard ONNX; in ONNX Runtime on a CPU it is the faster portable graph (ParameterNet-600M / GhostNet-600M, one
-    thread: 1.47x against 1.83x at batch 1, 1.48x against 1.73x at batch 8, ``parameternet benchmark --modes``),
+    thread: 1.47x against 1.83x at batch 1, 1.48x against 1.73x at batch 8, ``parameternet benchmark modes``),
     because a one-image graph mixes each dynamic conv's kernel once and runs one plain conv, where the batch-agnostic
     depthwise conv runs one conv per expert; a runtime that batches images across a device (a GPU) loses that
     parallelism. Default: ``True`` for ``runtime="onnxruntime-cpu"`` (whose graph is always per image), else
