@@ -128,6 +128,8 @@ def test_fsdp_in_one_process_is_the_plain_run_and_resumes_exactly(packaged_data,
 
     shutil.copytree(full, cut)
     _cut_after(cut, 2)
+    with pytest.raises(ParameterNetError, match=r"its checkpoints are sharded by FSDP\); continue it with resume=auto"):
+        parameternet.load(cut)
     args = ["train", SMOKE, *GHOST, f"output_dir={cut}", "resume=auto"]
     capsys.readouterr()
     assert main(args) == 2  # parallel=ddp (the default)
@@ -171,6 +173,26 @@ def test_expert_banks_shard_along_the_experts_and_channels_last_still_applies():
         D.cleanup()
     with pytest.raises(ParameterNetError, match="has no sequence of blocks to shard"):
         D.shard_units(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_a_checkpoint_whose_batch_cannot_split_over_the_new_world_is_one_sentence(packaged_data, tmp_path):
+    """batch_size stays on resume, so a number of processes that does not divide it cannot continue the run, whatever
+    DCP could reshard."""
+    from parameternet.train.trainer import Trainer
+
+    out = tmp_path / "run"
+    common = [*GHOST, "max_steps=2", "data.val=null", "parallel=fsdp", f"output_dir={out}"]
+    train(load_config(SMOKE, common))
+    (out / "summary.json").unlink()
+    three = D.DistInfo(rank=0, world_size=3, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(ParameterNetError) as e:  # its group is never used: the check comes first
+        Trainer(load_config(SMOKE, [*common, "resume=auto"]), three)
+    assert str(e.value).endswith(
+        "step_0000002.dcp' was written on 1 process(es) with batch_size=16, which does not divide over 3 processes; "
+        "resume it on 1, 2, 4, 8 or 16 process(es) (resuming keeps batch_size), or start a new output_dir"
+    )
+    with pytest.raises(ParameterNetError, match=r"batch_size=16 does not divide over 3 processes; use a multiple of 3"):
+        Trainer(load_config(SMOKE, [*common[:-1], f"output_dir={tmp_path / 'new'}"]), three)
 
 
 def test_fsdp_recipe_errors_are_one_sentence(packaged_data, tmp_path, capsys):

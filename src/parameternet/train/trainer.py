@@ -1,4 +1,4 @@
-"""Image-classification training: one recipe, one CPU to torchrun DDP, never losing a run (paper Table 1, sec. 4).
+"""Image classification: one recipe, one CPU to torchrun DDP or FSDP, never losing a run (paper Table 1, sec. 4).
 
 The pieces come from timm (transforms, RandAugment, random erasing, Mixup / CutMix, label-smoothing losses,
 ``create_optimizer_v2`` with layer decay, ``create_scheduler_v2`` stepped every update, ``ModelEmaV3``); what is
@@ -9,7 +9,16 @@ and the pretrain -> fine-tune hand-over.
 
 Randomness: before each step the python, numpy and torch generators are reseeded from (seed, rank, epoch,
 step), and PIL augmentation is seeded per image (see ``parameternet.data.pipeline``), so neither worker
-scheduling nor a restart changes what a step sees.
+scheduling nor a restart changes what a step sees. After each step every process takes the main process's buffers
+(BatchNorm statistics), which are what a checkpoint keeps.
+
+``parallel: fsdp`` shards the model with FSDP2 per stage (``train.distributed.shard_units`` /
+``fully_shard_model``: the dynamic layers' expert banks are split along the experts like any parameter; with
+``amp=bf16`` the stages' weights are gathered in bf16, routers in float32), shards the EMA the same way (timm's
+``ModelEmaV3`` updating the local shards), writes step checkpoints with ``torch.distributed.checkpoint``
+(``CheckpointManager.save_sharded``: model, optimizer and EMA shards) that resume on any number of processes, and
+gathers ``best`` / ``final`` into ordinary safetensors files, which ``parameternet.load`` reads. Validation runs
+in lockstep (every process as many forward passes as the one with the most batches).
 """
 
 from __future__ import annotations
@@ -543,23 +552,10 @@ class Trainer(TrainTask):
                 f"checkpoint {str(source)!r} was written for model {meta.get('model')!r}, the recipe says "
                 f"{self.cfg.model!r}; resume with the same model or start a new output_dir"
             )
-        if state["batch_size"] != self.cfg.batch_size:
+        if (state["batch_size"], state["steps_per_epoch"]) != (self.cfg.batch_size, self.steps_per_epoch):
             raise ParameterNetError(
-                f"checkpoint {str(state_path)!r} ran batch_size={state['batch_size']}; resume with the same "
-                f"batch_size and data.train"
-            )
-        if state["steps_per_epoch"] != self.steps_per_epoch:
-            world = state.get("world_size")
-            if world is not None and world != self.dist.world_size:  # the same data, split another way
-                raise ParameterNetError(
-                    f"checkpoint {str(state_path)!r} was written on {world} process(es), whose epochs of "
-                    f"{len(self.train_ds)} images have {state['steps_per_epoch']} steps of {self.cfg.batch_size}; on "
-                    f"{self.dist.world_size} they have {self.steps_per_epoch}, so the data position does not carry "
-                    f"over; resume it on {world} process(es), or start a new output_dir"
-                )
-            raise ParameterNetError(
-                f"checkpoint {str(state_path)!r} ran {state['steps_per_epoch']} steps per epoch, this data.train "
-                f"gives {self.steps_per_epoch}; resume with the same batch_size and data.train"
+                f"checkpoint {str(state_path)!r} ran batch_size={state['batch_size']} with "
+                f"{state['steps_per_epoch']} steps per epoch; resume with the same batch_size and data.train"
             )
         if self.sharded:
             others = {"ema": self.ema.module} if self.ema is not None else None
