@@ -24,7 +24,7 @@ import parameternet
 from parameternet.cli import main
 from parameternet.errors import ParameterNetError
 from parameternet.train import distributed as D
-from parameternet.train.checkpoint import load_weights
+from parameternet.train.checkpoint import load_weights, resolve_weights
 from parameternet.train.config import load_config
 from parameternet.train.trainer import train
 from test_lm_fsdp import _env, _kill_9
@@ -130,6 +130,14 @@ def test_fsdp_in_one_process_is_the_plain_run_and_resumes_exactly(packaged_data,
     _cut_after(cut, 2)
     with pytest.raises(ParameterNetError, match=r"its checkpoints are sharded by FSDP\); continue it with resume=auto"):
         parameternet.load(cut)
+    shards = cut / "checkpoints" / "step_0000002.dcp"
+    for given in (cut, cut / "checkpoints", shards, cut / "checkpoints" / "step_0000002.state.pt"):
+        with pytest.raises(ParameterNetError, match=r"step_0000002\.dcp' is sharded by FSDP .* finish the run with "):
+            resolve_weights(given)
+    capsys.readouterr()
+    assert main(["eval", str(shards)]) == 2  # eval, init_from and export read whole weights only
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "which only that run's resume reads; finish the run with resume=auto" in err
     args = ["train", SMOKE, *GHOST, f"output_dir={cut}", "resume=auto"]
     capsys.readouterr()
     assert main(args) == 2  # parallel=ddp (the default)

@@ -179,22 +179,41 @@ def state_path_for(weights: Path) -> Path:
     return weights.with_name(name.replace(".safetensors", ".state.pt"))
 
 
+def _sharded_weights_error(shards: Path) -> ParameterNetError:
+    """The sentence for a sharded (FSDP) step checkpoint given where whole weights are read."""
+    best = shards.parent / "best.safetensors"
+    instead = f"use {str(best)!r} (the best weights, gathered whole), or " if best.is_file() else ""
+    return ParameterNetError(
+        f"checkpoint {str(shards)!r} is sharded by FSDP (a step checkpoint of a parallel=fsdp run), which only that "
+        f"run's resume reads; {instead}finish the run with resume=auto parallel=fsdp, which writes "
+        f"final.safetensors"
+    )
+
+
 def resolve_weights(path: str | Path) -> Path:
     """A weights file from a .safetensors path, a state .pt, a ``checkpoints/`` directory or a run directory.
 
-    A directory resolves to its ``final`` weights, else the latest step checkpoint.
+    A directory resolves to its ``final`` weights, else the latest step checkpoint. Raises ParameterNetError for a
+    path that does not exist, a directory without checkpoints, and a sharded (FSDP) step checkpoint (its
+    ``step_N.dcp`` directory, its state file, or a run whose newest checkpoint it is): whole weights only.
     """
     p = Path(path).expanduser()
     if p.is_file():
         if p.name.endswith(".state.pt"):
+            if sharded_dir(p).is_dir():
+                raise _sharded_weights_error(sharded_dir(p))
             return p.with_name(p.name.replace(".state.pt", ".safetensors"))
         return p
+    if p.is_dir() and p.name.endswith(".dcp"):
+        raise _sharded_weights_error(p)
     if p.is_dir():
         ckdir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
         if (ckdir / "final.safetensors").is_file():
             return ckdir / "final.safetensors"
         latest = CheckpointManager(ckdir).latest()
         if latest is not None:
+            if sharded_dir(latest).is_dir():
+                raise _sharded_weights_error(sharded_dir(latest))
             return latest.with_name(latest.name.replace(".state.pt", ".safetensors"))
         raise ParameterNetError(f"{str(p)!r} holds no checkpoint; train first or pass a .safetensors file")
     raise ParameterNetError(f"checkpoint {str(p)!r} does not exist; pass a .safetensors file or a run directory")
