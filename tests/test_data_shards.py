@@ -150,7 +150,8 @@ def test_bad_shards_are_one_sentence_naming_the_shard_and_member(shards, tmp_pat
     _rewrite(first, "00000003.png", b"\x89PNG not really")
     ds = build_dataset(f"wds:{_pattern(bad)}")
     with pytest.raises(ParameterNetError, match=r"shard '.*train-000000\.tar' member '00000003\.png' could not be "
-                                                r"decoded \(UnidentifiedImageError"):  # fmt: skip
+                                                r"decoded \(UnidentifiedImageError: PIL identifies no image format "
+                                                r"in its 15 bytes\); rewrite the shard$"):  # fmt: skip
         ds.load_pil(3)
     args = ["train", SMOKE, f"data.train=wds:{_pattern(bad)}", "data.val=null", "batch_size=96",
             "max_steps=1", "data.num_workers=2", "progress=false", f"output_dir={tmp_path / 'run'}"]  # fmt: skip

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from parameternet.errors import ParameterNetError
 
@@ -290,9 +290,13 @@ class ShardImages(torch.utils.data.Dataset):
             img = Image.open(io.BytesIO(data))
             img.load()
         except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            if isinstance(e, UnidentifiedImageError):  # its message names a BytesIO object's address
+                why = f"PIL identifies no image format in its {len(data)} bytes"
+            else:
+                why = (str(e).splitlines() or [""])[0][:120]
             raise ParameterNetError(
                 f"shard {str(self.shards[shard])!r} member {str(self._names[i])!r} could not be decoded "
-                f"({type(e).__name__}: {e}); rewrite the shard"
+                f"({type(e).__name__}: {why}); rewrite the shard"
             ) from None
         return img, int(self.targets[i])
 
