@@ -203,3 +203,28 @@ def _rewrite_without(path: Path, name: str) -> None:
     with tarfile.open(path, "w") as tar:
         for m, content in members:
             tar.addfile(m, io.BytesIO(content))
+
+
+def test_files_are_copied_into_shards_as_stored(shards, tmp_path):
+    """A folder's JPEGs (and another set of shards' PNGs) go into the shards byte for byte, not re-encoded."""
+    source = build_dataset("fashion-mnist:train:limit=12")
+    folder = tmp_path / "folder"
+    for i in range(len(source)):
+        cls = folder / source.classes[int(source.targets[i])].replace("/", "-")
+        cls.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(source.images[i, 0].numpy()).save(cls / f"{i:02d}.jpg", quality=90)
+    images = build_dataset(f"folder:{folder}")
+    assert main(["data", "shard", f"folder:{folder}", str(tmp_path / "from-folder"), "--shard-size", "5"]) == 0
+    copied = build_dataset(f"wds:{tmp_path}/from-folder/train-{{000000..000002}}.tar")
+    assert [copied.key(i).rsplit(".", 1)[1] for i in range(12)] == ["jpg"] * 12
+    for i in range(12):
+        assert copied.encoded(i) == (Path(images.samples[i][0]).read_bytes(), "jpg")
+        assert int(copied.targets[i]) == images.samples[i][1]
+    assert copied.classes == images.classes
+
+    assert main(["data", "shard", f"wds:{_pattern(shards)}", str(tmp_path / "again"), "--shard-size", "50"]) == 0
+    again = build_dataset(f"wds:{tmp_path}/again/train-{{000000..000001}}.tar")
+    original = build_dataset(f"wds:{_pattern(shards)}")
+    assert again.shard_sizes == [50, 46]
+    assert [again.encoded(i) for i in range(96)] == [original.encoded(i) for i in range(96)]
+    assert torch.equal(again.targets, original.targets) and again.classes == original.classes

@@ -266,6 +266,18 @@ class FolderImages(torch.utils.data.Dataset):
             ) from None
         return img, target
 
+    def encoded(self, i: int) -> tuple[bytes, str] | None:
+        """Image ``i``'s file as stored and its extension (``"jpg"``, ``"png"``, ...), lower case, for
+        :func:`~parameternet.data.shards.write_shards` to copy without decoding; None for an extension a shard reader
+        would not take as an image."""
+        from parameternet.data.shards import IMAGE_EXTENSIONS
+
+        path = self.samples[i][0]
+        ext = Path(path).suffix[1:].lower()
+        if ext not in IMAGE_EXTENSIONS:
+            return None
+        return Path(path).read_bytes(), ext
+
     def subset(self, indices: np.ndarray) -> FolderImages:
         new = object.__new__(FolderImages)
         new.root, new.name, new.classes = self.root, self.name, self.classes

@@ -300,6 +300,12 @@ class ShardImages(torch.utils.data.Dataset):
             ) from None
         return img, int(self.targets[i])
 
+    def encoded(self, i: int) -> tuple[bytes, str]:
+        """Sample ``i``'s image member as stored and its extension, for :func:`write_shards` to copy."""
+        f = self._file(int(self._shard[i]))
+        f.seek(int(self._offsets[i]))
+        return f.read(int(self._sizes[i])), str(self._names[i]).rsplit(".", 1)[-1].lower()
+
     def key(self, i: int) -> str:
         """``"SHARD/MEMBER"`` of sample ``i``'s image."""
         return f"{self.shards[int(self._shard[i])].name}/{self._names[i]}"
@@ -318,10 +324,11 @@ class ShardImages(torch.utils.data.Dataset):
 def write_shards(dataset, out: str | Path, shard_size: int, prefix: str = "train") -> dict[str, Any]:
     """Write ``dataset`` (a :func:`~parameternet.data.images.build_dataset` dataset: ``len``, ``load_pil``,
     ``classes``) as webdataset shards ``OUT/PREFIX-000000.tar``, ... of ``shard_size`` samples each (the last may
-    hold fewer), in the dataset's order: ``KEY.png`` and ``KEY.cls`` per sample, KEY the sample's index, no
-    timestamps (the same data give the same bytes). Writes ``OUT/_info.json`` in timm's layout (``splits.PREFIX``:
-    ``num_samples``, ``filenames``, ``shard_lengths``) plus the ``classes``, so timm's ``wds/`` reader takes the
-    shards too.
+    hold fewer), in the dataset's order: the image and ``KEY.cls`` per sample, KEY the sample's index, no
+    timestamps (the same data give the same bytes). Images kept as files (a folder's, another set of shards') are
+    copied as they are stored (``KEY.jpg`` stays JPEG, not decoded); in-memory ones are encoded as ``KEY.png``.
+    Writes ``OUT/_info.json`` in timm's layout (``splits.PREFIX``: ``num_samples``, ``filenames``,
+    ``shard_lengths``) plus the ``classes``, so timm's ``wds/`` reader takes the shards too.
 
     Returns ``{"shards": [paths], "samples": N, "spec": "wds:OUT/PREFIX-{000000..K}.tar"}``. Raises
     ParameterNetError for a shard size below 1 or an ``OUT`` that holds shards of this prefix already.
@@ -343,10 +350,16 @@ def write_shards(dataset, out: str | Path, shard_size: int, prefix: str = "train
         written.append((path, sink.count))
 
     pattern = str(out / f"{prefix}-%06d.tar")
+    stored = getattr(dataset, "encoded", None)
     with wds.ShardWriter(pattern, maxcount=shard_size, maxsize=float("inf"), verbose=0, post=post, mtime=0) as sink:
         for i in range(n):
-            img, target = dataset.load_pil(i)
-            sink.write({"__key__": f"{i:0{width}d}", "png": img, "cls": int(target)})
+            raw = stored(i) if stored is not None else None
+            if raw is not None:  # the file's own bytes (JPEGs stay JPEGs), decoded when trained on
+                sample = {raw[1]: raw[0], "cls": int(dataset.targets[i])}
+            else:
+                img, target = dataset.load_pil(i)
+                sample = {"png": img, "cls": int(target)}
+            sink.write({"__key__": f"{i:0{width}d}", **sample})
     names, lengths = [Path(p).name for p, _ in written], [c for _, c in written]
     info = {
         "name": getattr(dataset, "name", prefix),
