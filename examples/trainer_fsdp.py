@@ -1,9 +1,11 @@
 """Train a ParameterNet LLaMA-MoE (``ParameterNetLlamaForCausalLM``) with transformers' Trainer under FSDP2.
 
-Run it with torchrun, one process per GPU (or, on CPUs, per core group with the gloo backend)::
+Run it with torchrun, one process per GPU (or, on CPUs, per core group with the gloo backend); the paper's
+LLaMA-1B with 8 ``down_proj`` experts (``configs/lm-1b-moe-down.yaml``'s sizes)::
 
     torchrun --nproc_per_node=8 examples/trainer_fsdp.py runs/trainer-fsdp --bf16 \\
-        --hidden-size 2048 --intermediate-size 5504 --layers 24 --heads 16 --experts 8 --max-steps 10000
+        --hidden-size 2048 --intermediate-size 8192 --layers 12 --heads 16 --experts 8 \\
+        --seq-len 2048 --vocab-size 32000 --max-steps 10000
 
 The data are the text corpora ``parameternet lm-train`` uses (``parameternet lm-data`` prepares them; the BPE
 tokenizer is trained on first use). The loss is the next-token loss plus the weighted router losses, with their
