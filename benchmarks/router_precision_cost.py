@@ -77,8 +77,6 @@ def llama_step(args):
 def conv_step(args):
     import timm
 
-    import parameternet  # noqa: F401
-
     torch.manual_seed(0)
     model = timm.create_model("parameternet_300m", num_classes=10).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -8,7 +8,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import parameternet  # noqa: F401  (registers the models)
+import parameternet.models  # noqa: F401  (registers the models)
 from parameternet.export.folding import deploy
 from parameternet.layers import DynamicConv2d, kernels
 

@@ -87,7 +87,7 @@ def test_router_param_groups_scale_the_routers_lr_and_weight_decay():
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
-    import parameternet  # noqa: F401
+    import parameternet.models  # noqa: F401
     from parameternet.errors import ParameterNetError
     from parameternet.train.trainer import router_param_groups
 

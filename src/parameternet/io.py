@@ -209,7 +209,8 @@ def _run_model(run: Path) -> Path:
     if any((run / "checkpoints").glob("step_*.dcp")) or any(run.glob("step_*.dcp")):
         raise ParameterNetError(
             f"run directory {str(run)!r} holds no final model (the run has not finished, and its checkpoints are "
-            f"sharded by FSDP); continue it with resume=auto, which writes model/ at the end."
+            f"sharded by FSDP); continue it with resume=auto, which writes the whole model at the end (model/ for "
+            f"lm train, checkpoints/final.safetensors for train)."
         )
     raise ParameterNetError(
         f"{str(run)!r} holds no model; pass a .safetensors file or a run directory of parameternet train or lm train."

@@ -121,7 +121,7 @@ def _row(name, names, unit, times, sizes, per_step: float | None) -> GpuRow:
 def _vision_model(name: str, device, channels_last: bool = False):
     import timm
 
-    import parameternet  # noqa: F401  (registers the models in timm)
+    import parameternet.models  # noqa: F401  (registers the models in timm)
 
     torch.manual_seed(0)
     model = timm.create_model(name).to(device)

@@ -3,7 +3,7 @@
 A recipe names its data with one string::
 
     SPEC    := SOURCE [":" SPLIT] (":" OPTION)*
-    SOURCE  := fashion-mnist | mnist | union | cifar10 | cifar100 | folder:PATH
+    SOURCE  := fashion-mnist | mnist | union | cifar10 | cifar100 | folder:PATH | wds:PATTERN
     SPLIT   := train | test          (not for folder: the folder is the split)
     OPTION  := per_class=N           N images of every class, drawn reproducibly with the subset seed
              | limit=N               N images drawn reproducibly from the whole split (after per_class)
@@ -13,7 +13,10 @@ A recipe names its data with one string::
 
 Examples: ``fashion-mnist:train``, ``fashion-mnist:train:per_class=100``, ``union:train`` (alias
 ``mnist+fashion-mnist:train``; labels 0-9 are MNIST digits, 10-19 the Fashion-MNIST classes),
-``folder:/data/imagenet/train`` (ImageNet layout: one sub-directory per class), ``cifar10:test``.
+``folder:/data/imagenet/train`` (ImageNet layout: one sub-directory per class), ``cifar10:test``,
+``wds:/data/in22k/train-{000000..001023}.tar`` (webdataset tar shards of images and ``.cls`` labels, read by offset:
+:mod:`parameternet.data.shards`; an epoch takes every sample once, so the trainer refuses a batch that does not
+split the samples evenly).
 
 The packaged sets (Fashion-MNIST, MNIST, the union) and CIFAR live in memory as uint8 tensors ``(N, C, H, W)``
 and can be batched without decoding single images; folders decode one image at a time with PIL.
@@ -61,7 +64,8 @@ FASHION_CLASSES = (
 DIGIT_CLASSES = tuple(f"digit {i}" for i in range(10))
 PACKAGED = ("fashion-mnist", "mnist", "union")
 TORCHVISION = ("cifar10", "cifar100")
-SOURCES = (*PACKAGED, *TORCHVISION, "folder")
+PATH_SOURCES = ("folder", "wds")  # SOURCE:PATH[:OPTION ...], the path may hold ':'
+SOURCES = (*PACKAGED, *TORCHVISION, *PATH_SOURCES)
 ALIASES = {"mnist+fashion-mnist": "union"}
 SPLITS = ("train", "test")
 _INT_OPTIONS = ("per_class", "limit", "seed")
@@ -96,13 +100,14 @@ def parse_spec(text: str) -> DataSpec:
         raise ParameterNetError(f"dataset spec {text!r} names unknown source {parts[0]!r}; use one of {SOURCES}")
     rest = parts[1:]
     kw: dict = {"source": source, "text": text}
-    if source == "folder":
+    if source in PATH_SOURCES:
         # the path may itself contain ':'; options are the trailing key=value parts
         n = len(rest)
         while n > 0 and _OPTION.match(rest[n - 1]):
             n -= 1
         if n == 0 or not ":".join(rest[:n]):
-            raise ParameterNetError(f"dataset spec {text!r} has no path; use 'folder:/path/to/train'")
+            example = "folder:/path/to/train" if source == "folder" else "wds:shards/train-{000000..000009}.tar"
+            raise ParameterNetError(f"dataset spec {text!r} has no path; use {example!r}")
         kw["path"] = ":".join(rest[:n])
         rest = rest[n:]
     elif rest and not _OPTION.match(rest[0]):
@@ -261,6 +266,18 @@ class FolderImages(torch.utils.data.Dataset):
             ) from None
         return img, target
 
+    def encoded(self, i: int) -> tuple[bytes, str] | None:
+        """Image ``i``'s file as stored and its extension (``"jpg"``, ``"png"``, ...), lower case, for
+        :func:`~parameternet.data.shards.write_shards` to copy without decoding; None for an extension a shard reader
+        would not take as an image."""
+        from parameternet.data.shards import IMAGE_EXTENSIONS
+
+        path = self.samples[i][0]
+        ext = Path(path).suffix[1:].lower()
+        if ext not in IMAGE_EXTENSIONS:
+            return None
+        return Path(path).read_bytes(), ext
+
     def subset(self, indices: np.ndarray) -> FolderImages:
         new = object.__new__(FolderImages)
         new.root, new.name, new.classes = self.root, self.name, self.classes
@@ -303,6 +320,10 @@ def build_dataset(spec: str | DataSpec) -> TensorImages | FolderImages:
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     if spec.source == "folder":
         ds = FolderImages(spec.path)
+    elif spec.source == "wds":
+        from parameternet.data.shards import ShardImages
+
+        ds = ShardImages(spec.path)
     elif spec.source in TORCHVISION:
         ds = _load_torchvision(spec)
     elif spec.source == "union":

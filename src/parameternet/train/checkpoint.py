@@ -42,6 +42,7 @@ from parameternet.toolkit import strip_wrapper_prefixes
 
 __all__ = [
     "CheckpointManager",
+    "gathered_state_dict",
     "load_state",
     "load_weights",
     "load_into",
@@ -113,23 +114,36 @@ def recorded_metadata(state_path: Path) -> tuple[Path, dict[str, Any]]:
     return weights, read_metadata(weights)
 
 
-def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def sharded_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, others: dict[str, torch.nn.Module] | None = None
+) -> dict[str, Any]:
     """``{"model": ..., "optim": ...}``: the sharded (DTensor) state dicts of an FSDP2 model and its optimizer
     under their parameters' names (``torch.distributed.checkpoint.state_dict.get_state_dict``), what DCP writes
-    and reads in place. Every process calls it (an optimizer without state yet gets one, with zeros)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    and reads in place, plus one entry per module of ``others`` (another FSDP2 model without optimizer, e.g. an
+    EMA of the weights: ``{"ema": module}``). Every process calls it (an optimizer without state yet gets one, with
+    zeros)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
-    return {"model": model_state, "optim": optim_state}
+    state = {"model": model_state, "optim": optim_state}
+    for name, module in (others or {}).items():
+        state[name] = get_model_state_dict(module)
+    return state
 
 
-def restore_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    """Load a sharded checkpoint's DCP ``directory`` into an FSDP2 ``model`` and its ``optimizer``, resharded to
-    this run's processes whatever their number when it was written. Every process calls it."""
+def restore_sharded(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    directory: Path,
+    others: dict[str, torch.nn.Module] | None = None,
+) -> None:
+    """Load a sharded checkpoint's DCP ``directory`` into an FSDP2 ``model``, its ``optimizer`` and the modules of
+    ``others`` (:func:`sharded_state`'s), resharded to this run's processes whatever their number when it was
+    written. Every process calls it."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-    state = sharded_state(model, optimizer)
+    state = sharded_state(model, optimizer, others)
     try:
         dcp.load(state, checkpoint_id=str(directory))
     except Exception as e:  # DCP wraps every rank's failure in one CheckpointException
@@ -139,6 +153,16 @@ def restore_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, di
             f"recipe that wrote it, or start a new output_dir"
         ) from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for name, module in (others or {}).items():
+        set_model_state_dict(module, state[name])
+
+
+def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """An FSDP2 model's whole state dict (parameters and buffers, plain CPU tensors) on the main process, ``{}`` on
+    the others: what :meth:`CheckpointManager.save` and ``save_pretrained`` write. Every process calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _hash_file(path: Path) -> dict[str, Any]:
@@ -155,22 +179,41 @@ def state_path_for(weights: Path) -> Path:
     return weights.with_name(name.replace(".safetensors", ".state.pt"))
 
 
+def _sharded_weights_error(shards: Path) -> ParameterNetError:
+    """The sentence for a sharded (FSDP) step checkpoint given where whole weights are read."""
+    best = shards.parent / "best.safetensors"
+    instead = f"use {str(best)!r} (the best weights, gathered whole), or " if best.is_file() else ""
+    return ParameterNetError(
+        f"checkpoint {str(shards)!r} is sharded by FSDP (a step checkpoint of a parallel=fsdp run), which only that "
+        f"run's resume reads; {instead}finish the run with resume=auto parallel=fsdp, which writes "
+        f"final.safetensors"
+    )
+
+
 def resolve_weights(path: str | Path) -> Path:
     """A weights file from a .safetensors path, a state .pt, a ``checkpoints/`` directory or a run directory.
 
-    A directory resolves to its ``final`` weights, else the latest step checkpoint.
+    A directory resolves to its ``final`` weights, else the latest step checkpoint. Raises ParameterNetError for a
+    path that does not exist, a directory without checkpoints, and a sharded (FSDP) step checkpoint (its
+    ``step_N.dcp`` directory, its state file, or a run whose newest checkpoint it is): whole weights only.
     """
     p = Path(path).expanduser()
     if p.is_file():
         if p.name.endswith(".state.pt"):
+            if sharded_dir(p).is_dir():
+                raise _sharded_weights_error(sharded_dir(p))
             return p.with_name(p.name.replace(".state.pt", ".safetensors"))
         return p
+    if p.is_dir() and p.name.endswith(".dcp"):
+        raise _sharded_weights_error(p)
     if p.is_dir():
         ckdir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
         if (ckdir / "final.safetensors").is_file():
             return ckdir / "final.safetensors"
         latest = CheckpointManager(ckdir).latest()
         if latest is not None:
+            if sharded_dir(latest).is_dir():
+                raise _sharded_weights_error(sharded_dir(latest))
             return latest.with_name(latest.name.replace(".state.pt", ".safetensors"))
         raise ParameterNetError(f"{str(p)!r} holds no checkpoint; train first or pass a .safetensors file")
     raise ParameterNetError(f"checkpoint {str(p)!r} does not exist; pass a .safetensors file or a run directory")

@@ -13,7 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from parameternet.train.recipe import DEVICE_WORDS, apply_overrides, check_fields, device_ok, from_dict, load_recipe
+from parameternet.train.recipe import (
+    DEVICE_WORDS,
+    PARALLEL,
+    PARALLEL_WORDS,
+    apply_overrides,
+    check_fields,
+    device_ok,
+    from_dict,
+    load_recipe,
+)
 from parameternet.train.recipe import coerce as _coerce  # noqa: F401  (the name before the loader was shared)
 
 __all__ = [
@@ -100,6 +109,11 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     channels_last: bool = False
     sync_bn: bool = False
+    # ddp: every process holds the whole model (DistributedDataParallel under torchrun). fsdp: FSDP2, parameters,
+    # gradients, optimizer states and the EMA sharded over the processes per stage (expert banks like any parameter),
+    # sharded checkpoints (torch.distributed.checkpoint) that resume on any number of processes; with amp=bf16 the
+    # stages' weights are gathered in bf16 (routers and the root's stem / head in float32).
+    parallel: str = "ddp"
     output_dir: str = "runs/default"
     init_from: str | None = None  # checkpoint to start from (pretrain -> fine-tune)
     init_strict: bool = (
@@ -117,8 +131,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if d["init_strict"]:  # the default is left out, so recipes (and run hashes) from before it stay the same
+        # defaults of keys added later are left out, so recipes (and run hashes) from before them stay the same
+        if d["init_strict"]:
             del d["init_strict"]
+        if d["parallel"] == "ddp":
+            del d["parallel"]
         return d
 
     def validate(self) -> TrainConfig:
@@ -133,6 +150,13 @@ class TrainConfig:
             (self.img_size > 0, "img_size", "a positive integer"),
             (self.in_chans in (1, 3), "in_chans", "1 or 3"),
             (self.amp in ("auto", "none", "bf16", "fp16"), "amp", "one of auto, none, bf16, fp16"),
+            (self.parallel in PARALLEL, "parallel", PARALLEL_WORDS),
+            (
+                self.parallel != "fsdp" or self.amp != "fp16",
+                "amp",
+                "auto, none or bf16 with parallel=fsdp (FSDP gathers bf16 weights; fp16 needs a gradient scaler "
+                "over sharded gradients, which is not wired up)",
+            ),
             (device_ok(self.device), "device", DEVICE_WORDS),
             (self.data.pipeline in ("auto", "tensor", "pil"), "data.pipeline", "one of auto, tensor, pil"),
             (self.ema is None or 0 < self.ema < 1, "ema", "a decay in (0, 1) or null"),

@@ -1,5 +1,5 @@
 """Distributed data parallel plumbing: torchrun detection, process groups, samplers, metric reduction, and the
-FSDP2 sharding of a layered model (:func:`fully_shard_model`).
+FSDP2 sharding of a layered model (:func:`fully_shard_model`, its units from :func:`shard_units`).
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the trainer joins a process group, NCCL on GPUs and
 gloo on CPUs, shards the data per rank and reduces metrics across ranks; only rank 0 writes files. A single
@@ -27,12 +27,15 @@ __all__ = [
     "DistInfo",
     "ResumableSampler",
     "ShardSampler",
+    "all_reduce_max",
     "all_reduce_sum",
+    "broadcast_buffers",
     "cleanup",
     "data_parallel",
     "fully_shard_model",
     "mix_seed",
     "setup",
+    "shard_units",
 ]
 
 log = logging.getLogger(__name__)
@@ -125,11 +128,60 @@ def fully_shard_model(
     return model
 
 
+_CONTAINERS = ("blocks", "stages", "layers")  # timm's names for a network's sequence of stages / blocks
+
+
+def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP units of a timm image model, in order: the entries of its ``blocks``, ``stages`` or ``layers``
+    container (GhostNet / ParameterNet and EfficientNet stages, ViT blocks, Swin stages), else its top-level
+    children that hold parameters (ResNet's ``conv1``, ``layer1`` ... ``fc``). Whatever they leave (stem, head)
+    stays with the root unit.
+
+    Raises ParameterNetError for a model with fewer than two such units, which FSDP would gather whole anyway.
+    """
+    for name in _CONTAINERS:
+        container = getattr(model, name, None)
+        if isinstance(container, (torch.nn.Sequential, torch.nn.ModuleList)) and len(container) > 1:
+            return [m for m in container if any(True for _ in m.parameters())]
+    units = [m for m in model.children() if any(True for _ in m.parameters())]
+    if len(units) < 2:
+        raise ParameterNetError(
+            f"{type(model).__name__} has no sequence of blocks to shard (no {', '.join(_CONTAINERS)} container and "
+            f"fewer than two children with parameters); train it with parallel=ddp"
+        )
+    return units
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks (a no-op in a single process)."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """The largest value of a tensor over ranks (itself in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy the main process's buffers (BatchNorm running statistics) to every process, one broadcast per dtype; a
+    no-op in a single process. Each process updates them from its own share of a batch, and a checkpoint keeps the
+    main process's: after this every process holds what a checkpoint would, so a resumed run continues each
+    process's state exactly. Sharded (DTensor) buffers are left alone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buf in module.buffers():
+        if type(buf) is torch.Tensor and buf.numel():
+            groups.setdefault(buf.dtype, []).append(buf)
+    for tensors in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.broadcast(flat, src=0)
+        for t, new in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+            t.copy_(new.view_as(t))
 
 
 def barrier() -> None:

@@ -42,10 +42,10 @@ from parameternet.errors import ParameterNetError
 from parameternet.runs import StopSignal, fs_error
 from parameternet.train import distributed as D
 from parameternet.train.checkpoint import (
+    gathered_state_dict,
     load_into,
     load_state,
     load_weights,
-    recorded_metadata,
     restore_sharded,
     sharded_dir,
     sharded_state,
@@ -88,21 +88,8 @@ class LMTrainer(TrainTask):
     def __init__(self, cfg: LMTrainConfig, dist: D.DistInfo, stop: StopSignal | None = None):
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.sharded = cfg.parallel == "fsdp"
         # since the last train row: the loss, the next-token loss and the router loss
         super().__init__(cfg, dist, stop, Window(("loss", "lm_loss", "aux_loss")))
-
-    def check_resume(self, state_path: Path) -> None:
-        """An FSDP run continues only a sharded checkpoint and a DDP run only a full one."""
-        source, meta = recorded_metadata(state_path)
-        sharded = sharded_dir(state_path).is_dir()
-        if sharded != self.sharded:
-            was, how = ("sharded", "fsdp") if sharded else ("whole", "ddp")
-            raise ParameterNetError(
-                f"checkpoint {str(source)!r} holds {was} weights written with parallel={how}, and this run has "
-                f"parallel={self.cfg.parallel}; resume it with parallel={how}, or start a new output_dir"
-            )
-        self.resume_source, self.saved_world = source, meta.get("world_size")
 
     def _check_split(self) -> None:
         """The step's batch_size sequences split into world_size x grad_accum micro-batches, or one sentence."""
@@ -298,9 +285,7 @@ class LMTrainer(TrainTask):
         """The FSDP model's weights gathered whole (every process calls it) into an ordinary
         ParameterNetLlamaForCausalLM on the main process, float32, on this run's device (None elsewhere); it
         becomes :attr:`eval_model`."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = gathered_state_dict(self.model)
         if not self.dist.is_main:
             return None
         from parameternet.models.llama_moe import ParameterNetLlamaForCausalLM

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from parameternet.errors import ParameterNetError
-from parameternet.train.recipe import DEVICE_WORDS, check_fields, device_ok, load_recipe
+from parameternet.train.recipe import DEVICE_WORDS, PARALLEL, PARALLEL_WORDS, check_fields, device_ok, load_recipe
 
 __all__ = [
     "PARALLEL",
@@ -24,8 +24,6 @@ __all__ = [
     "LMTrainConfig",
     "load_lm_config",
 ]
-
-PARALLEL = ("ddp", "fsdp")  # the values of LMTrainConfig.parallel
 
 
 @dataclass
@@ -156,7 +154,7 @@ class LMTrainConfig:
             (self.schedule.warmup_steps >= 0, "schedule.warmup_steps", "0 or more"),
             (self.log_every >= 1, "log_every", "at least 1"),
             (self.amp in ("none", "bf16"), "amp", "none or bf16"),
-            (self.parallel in PARALLEL, "parallel", "ddp (the whole model on every process) or fsdp (sharded)"),
+            (self.parallel in PARALLEL, "parallel", PARALLEL_WORDS),
             (self.keep_last >= 1, "keep_last", "at least 1"),
             (self.model.num_attention_heads > 0, "model.num_attention_heads", "a positive integer"),
             (self.model.hidden_size > 0, "model.hidden_size", "a positive integer"),

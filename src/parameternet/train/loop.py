@@ -36,7 +36,7 @@ from parameternet.errors import ParameterNetError
 from parameternet.runs import RunInterrupted, RunLock, StopSignal, atomic_write, fs_error
 from parameternet.toolkit import seed_all
 from parameternet.train import distributed as D
-from parameternet.train.checkpoint import CheckpointManager, recorded_metadata, state_path_for
+from parameternet.train.checkpoint import CheckpointManager, recorded_metadata, sharded_dir, state_path_for
 from parameternet.train.recipe import recipe_keys
 
 __all__ = [
@@ -322,8 +322,10 @@ class TrainTask:
     ``step`` (optimizer steps done), :attr:`last_step`, ``epoch``, ``window``, ``cadence``, ``ddp`` (the module
     the steps run), ``optimizer`` and ``progress_desc``, and calls the methods below. ``window`` names the loss
     values :meth:`train_step` returns; ``tensorboard`` mirrors the rows to TensorBoard when it is installed.
-    Raises ParameterNetError (one sentence) for a resume that cannot be honoured (:func:`discover_resume`) or
-    that would change the run's recipe (:func:`check_resume_recipe`).
+    A recipe with ``parallel: fsdp`` makes :attr:`sharded` true: the task writes sharded checkpoints on every
+    process (``CheckpointManager.save_sharded``) and resumes only those.
+    Raises ParameterNetError (one sentence) for a resume that cannot be honoured (:func:`discover_resume`,
+    :meth:`check_resume`) or that would change the run's recipe (:func:`check_resume_recipe`).
     """
 
     progress_desc = "train"
@@ -333,6 +335,8 @@ class TrainTask:
     def __init__(self, cfg: Any, dist: D.DistInfo, stop: StopSignal | None, window: Window, tensorboard: bool = False):
         self.cfg, self.dist, self.stop, self.device = cfg, dist, stop, dist.device
         self.out = Path(cfg.output_dir)
+        self.sharded = getattr(cfg, "parallel", "ddp") == "fsdp"
+        self.resume_source, self.saved_world = None, None  # the checkpoint's weights and its number of processes
         self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.keep_last)
         resume_from = discover_resume(cfg.resume, self.ckpt)
         self.resume_from = resume_from  # the .state.pt this run resumes from, None for a new run
@@ -364,7 +368,21 @@ class TrainTask:
     # what a task supplies
     def check_resume(self, state_path: Path) -> None:
         """Refuse (ParameterNetError, one sentence) a checkpoint this task cannot continue from as it is set up,
-        before the recipes are compared; nothing by default."""
+        before the recipes are compared: an FSDP run continues only a sharded checkpoint and a DDP run only a whole
+        one. Sets :attr:`resume_source` (the checkpoint's weights) and :attr:`saved_world` (its processes, when
+        recorded)."""
+        source, meta = recorded_metadata(state_path)
+        sharded = sharded_dir(state_path).is_dir()
+        if sharded != self.sharded:
+            was, how = ("sharded", "fsdp") if sharded else ("whole", "ddp")
+            now = "fsdp" if self.sharded else "ddp"
+            raise ParameterNetError(
+                f"checkpoint {str(source)!r} holds {was} weights written with parallel={how}, and this run has "
+                f"parallel={now}; resume it with parallel={how}, or start a new output_dir"
+            )
+        self.resume_source, self.saved_world = source, meta.get("world_size")
+
+    # what a task supplies
 
     def build(self) -> None:
         """Build the data, model and optimizer and set ``total_steps``, ``ddp`` and ``cadence``."""

@@ -24,6 +24,8 @@ from parameternet.errors import ParameterNetError
 
 __all__ = [
     "DEVICE_WORDS",
+    "PARALLEL",
+    "PARALLEL_WORDS",
     "apply_overrides",
     "check_fields",
     "coerce",
@@ -50,6 +52,9 @@ def check_fields(cfg: Any, checks: list[tuple[bool, str, str]]) -> None:
         if not ok:
             raise ParameterNetError(f"{key}={_get(cfg, key)!r} is invalid; it must be {what}")
 
+
+PARALLEL = ("ddp", "fsdp")  # the values of a recipe's ``parallel`` (train and lm train)
+PARALLEL_WORDS = "ddp (the whole model on every process) or fsdp (sharded)"  # for check_fields' messages
 
 DEVICE_WORDS = "auto, cpu, cuda or cuda:N"  # what :func:`device_ok` accepts, for check_fields' messages
 

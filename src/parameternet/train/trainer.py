@@ -1,4 +1,4 @@
-"""Image-classification training: one recipe, one CPU to torchrun DDP, never losing a run (paper Table 1, sec. 4).
+"""Image classification: one recipe, one CPU to torchrun DDP or FSDP, never losing a run (paper Table 1, sec. 4).
 
 The pieces come from timm (transforms, RandAugment, random erasing, Mixup / CutMix, label-smoothing losses,
 ``create_optimizer_v2`` with layer decay, ``create_scheduler_v2`` stepped every update, ``ModelEmaV3``); what is
@@ -9,7 +9,16 @@ and the pretrain -> fine-tune hand-over.
 
 Randomness: before each step the python, numpy and torch generators are reseeded from (seed, rank, epoch,
 step), and PIL augmentation is seeded per image (see ``parameternet.data.pipeline``), so neither worker
-scheduling nor a restart changes what a step sees.
+scheduling nor a restart changes what a step sees. After each step every process takes the main process's buffers
+(BatchNorm statistics), which are what a checkpoint keeps.
+
+``parallel: fsdp`` shards the model with FSDP2 per stage (``train.distributed.shard_units`` /
+``fully_shard_model``: the dynamic layers' expert banks are split along the experts like any parameter; with
+``amp=bf16`` the stages' weights are gathered in bf16, routers in float32), shards the EMA the same way (timm's
+``ModelEmaV3`` updating the local shards), writes step checkpoints with ``torch.distributed.checkpoint``
+(``CheckpointManager.save_sharded``: model, optimizer and EMA shards) that resume on any number of processes, and
+gathers ``best`` / ``final`` into ordinary safetensors files, which ``parameternet.load`` reads. Validation runs
+in lockstep (every process as many forward passes as the one with the most batches).
 """
 
 from __future__ import annotations
@@ -36,11 +45,16 @@ from parameternet.toolkit import strip_wrapper_prefixes
 from parameternet.train import distributed as D
 from parameternet.train.checkpoint import (
     MIN_MATCH,
+    gathered_state_dict,
     load_into,
     load_state,
     load_weights,
     read_metadata,
+    recorded_metadata,
     resolve_weights,
+    restore_sharded,
+    sharded_dir,
+    sharded_state,
 )
 from parameternet.train.config import TrainConfig, apply_overrides, config_from_dict
 from parameternet.train.loop import Cadence, Timing, TrainTask, Window, peak_lr, run_locked, seed_all
@@ -106,6 +120,12 @@ def router_param_groups(
             wd = router_weight_decay if decays else 0.0
         out.append({"params": params, "weight_decay": wd, "lr_scale": router_lr_scale if router else 1.0})
     return out
+
+
+def _divisors(n: int) -> str:
+    """``"1, 2, 4 or 8"``: the numbers of processes ``n`` images (or sequences) split over evenly."""
+    fits = [d for d in range(1, n + 1) if n % d == 0]
+    return ", ".join(map(str, fits[:-1])) + f" or {fits[-1]}" if len(fits) > 1 else str(fits[0])
 
 
 def _classifier_classes(model: nn.Module, state_dict: dict) -> int | None:
@@ -203,12 +223,21 @@ class _AMP:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, transform: nn.Module, device: torch.device, amp: _AMP) -> dict[str, float]:
-    """Loss, top-1 and top-5 (percent) over a loader, summed over ranks."""
+def evaluate(
+    model: nn.Module, loader, transform: nn.Module, device: torch.device, amp: _AMP, lockstep: bool = False
+) -> dict[str, float]:
+    """Loss, top-1 and top-5 (percent) over a loader, summed over ranks. ``lockstep``: every rank runs as many
+    forward passes as the rank with the most batches (one with fewer repeats its first batch and counts nothing),
+    for a model whose forward is a collective (FSDP)."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, images
+    extra = 0
+    if lockstep:
+        extra = int(D.all_reduce_max(torch.tensor([len(loader)], device=device)).item()) - len(loader)
+    first = None
     for x, y in loader:
         x, y = transform(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+        first = x[:1] if first is None else first
         with amp():
             out = model(x)
         out = out.float()
@@ -221,6 +250,9 @@ def evaluate(model: nn.Module, loader, transform: nn.Module, device: torch.devic
                 torch.tensor(float(len(y)), dtype=torch.float64, device=device),
             ]
         )
+    for _ in range(extra):  # lockstep: the others' forward passes need this rank's share of the weights
+        with amp():
+            model(first if first is not None else _first_batch(loader, transform, device))
     D.all_reduce_sum(sums)
     n = max(sums[3].item(), 1.0)
     return {
@@ -229,6 +261,12 @@ def evaluate(model: nn.Module, loader, transform: nn.Module, device: torch.devic
         "top5": 100 * sums[2].item() / n,
         "images": int(sums[3].item()),
     }
+
+
+def _first_batch(loader, transform: nn.Module, device: torch.device) -> torch.Tensor:
+    """One image of the loader's dataset as a batch (lockstep evaluation on a rank whose shard is empty)."""
+    x, _ = collate([loader.dataset[0]])
+    return transform(x.to(device))
 
 
 class Trainer(TrainTask):
@@ -259,10 +297,20 @@ class Trainer(TrainTask):
     def _build_data(self) -> None:
         cfg, dist = self.cfg, self.dist
         if cfg.batch_size % dist.world_size:
-            raise ParameterNetError(f"batch_size={cfg.batch_size} does not divide over {dist.world_size} processes")
+            if self.resume_from is None:
+                raise ParameterNetError(
+                    f"batch_size={cfg.batch_size} does not divide over {dist.world_size} processes; use a multiple "
+                    f"of {dist.world_size}"
+                )
+            raise ParameterNetError(
+                f"checkpoint {str(self.resume_source)!r} was written{self._written_on()} with "
+                f"batch_size={cfg.batch_size}, which does not divide over {dist.world_size} processes; resume it on "
+                f"{_divisors(cfg.batch_size)} process(es) (resuming keeps batch_size), or start a new output_dir"
+            )
         self.local_batch = cfg.batch_size // dist.world_size
         self.train_ds = build_dataset(cfg.data.train)
         self.num_classes = cfg.num_classes or self.train_ds.num_classes
+        self._check_exact_epochs()
         self.steps_per_epoch = len(self.train_ds) // dist.world_size // self.local_batch
         if self.steps_per_epoch == 0:
             raise ParameterNetError(
@@ -287,6 +335,23 @@ class Trainer(TrainTask):
             batch = (cfg.eval_batch_size or cfg.batch_size) // dist.world_size or 1
             sampler = D.ShardSampler(len(self.val_ds), dist.world_size, dist.rank)
             self.val_loader = self._loader(LoaderDataset(self.val_ds, self.val_tf[0]), batch, sampler, drop_last=False)
+
+    def _check_exact_epochs(self) -> None:
+        """A dataset whose epochs take every sample once (``exact_epochs``: tar shards) must split into whole steps
+        of ``batch_size`` over the processes; else one sentence with the batch sizes and the ``limit=`` that fit."""
+        ds, batch, world = self.train_ds, self.cfg.batch_size, self.dist.world_size
+        n = len(ds)
+        if not getattr(ds, "exact_epochs", False) or n < batch or n % batch == 0:  # n < batch: said below
+            return
+        fits = [b for b in range(world, 2 * batch + 1, world) if n % b == 0]
+        near = sorted(fits, key=lambda b: (abs(b - batch), b))[:3]
+        sizes = f"a batch_size that divides {n} ({' or '.join(map(str, sorted(near)))} fit), or " if near else ""
+        shards = f" in {len(ds.shards)} shards" if hasattr(ds, "shards") else ""
+        raise ParameterNetError(
+            f"data.train={self.cfg.data.train!r} holds {n} samples{shards}, which do not split into steps of "
+            f"batch_size={batch} ({world} process(es) x {batch // world}) without leaving {n % batch} out of every "
+            f"epoch; use {sizes}add ':limit={n - n % batch}' to the spec to train on that many"
+        )
 
     def _loader(self, dataset, batch_size: int, sampler, drop_last: bool = True):
         workers = self.cfg.data.num_workers
@@ -315,13 +380,34 @@ class Trainer(TrainTask):
             model.to(memory_format=torch.channels_last)
         self.model = model
         self.params = sum(p.numel() for p in model.parameters())
-        self.ddp = D.data_parallel(model, self.dist)
+        self.amp = _AMP(cfg.amp, self.device)
         self.ema = None
         if cfg.ema is not None:
             from timm.utils import ModelEmaV3
 
-            self.ema = ModelEmaV3(model, decay=cfg.ema)
-        self.amp = _AMP(cfg.amp, self.device)
+            # a copy of the whole model; under FSDP it is sharded like the model, and its update lerps the local
+            # shards pairwise (foreach kernels take no mix of DTensors and plain buffers)
+            self.ema = ModelEmaV3(model, decay=cfg.ema, foreach=not self.sharded)
+        if self.sharded:
+            self.ddp = self._fully_shard(model)
+            if self.ema is not None:
+                self._fully_shard(self.ema.module)
+        else:
+            self.ddp = D.data_parallel(model, self.dist)
+
+    def _fully_shard(self, model: nn.Module) -> nn.Module:
+        """``model`` sharded with FSDP2 per stage (:func:`~parameternet.train.distributed.shard_units`); with
+        amp=bf16 the stages' weights are gathered in bf16 and the dynamic layers' routers in float32."""
+        from parameternet.layers import DynamicConv2d, DynamicLinear
+
+        if self.amp.mode == "fp16":
+            raise ParameterNetError(
+                "amp=auto chose fp16 on this GPU, which parallel=fsdp does not take (fp16 needs a gradient scaler over "
+                "sharded gradients); set amp=bf16 or amp=none"
+            )
+        routers = tuple({type(m.router) for m in model.modules() if isinstance(m, (DynamicConv2d, DynamicLinear))})
+        low = self.amp.dtype if self.amp.mode == "bf16" else None
+        return D.fully_shard_model(model, D.shard_units(model), self.dist, low, routers)
 
     def _build_optim(self) -> None:
         from timm.data import Mixup
@@ -395,6 +481,7 @@ class Trainer(TrainTask):
             "img_size": cfg.img_size,
             "classes": list(self.train_ds.classes) if len(self.train_ds.classes) == self.num_classes else None,
             "step": self.step,
+            "world_size": self.dist.world_size,
             "config": cfg.to_dict(),
         }
 
@@ -407,14 +494,28 @@ class Trainer(TrainTask):
             "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
         }
 
+    def _written_on(self) -> str:
+        return f" on {self.saved_world} process(es)" if self.saved_world else ""
+
+    def _whole_weights(self) -> tuple[dict | None, dict | None]:
+        """The model's and the EMA's (or None) whole state dicts; under FSDP every process calls it and gets
+        them gathered on the main process (empty dicts elsewhere)."""
+        if not self.sharded:
+            return self.model.state_dict(), self.ema.module.state_dict() if self.ema is not None else None
+        ema = gathered_state_dict(self.ema.module) if self.ema is not None else None
+        return gathered_state_dict(self.model), ema
+
     def save_checkpoint(self, tag: str | None = None) -> None:
-        """The step checkpoint (weights, EMA, training state); with ``tag`` (``best`` / ``final``) weights only."""
-        if not self.dist.is_main:
+        """The step checkpoint (weights, EMA, training state); with ``tag`` (``best`` / ``final``) weights only.
+        Under FSDP every process calls it: step checkpoints are sharded (``step_N.dcp/``: model, optimizer and EMA
+        shards), ``best`` / ``final`` are the weights gathered whole, ordinary ``.safetensors`` files."""
+        if not (self.dist.is_main or self.sharded):
             return
-        ema = self.ema.module.state_dict() if self.ema is not None else None
         meta = self._metadata()
         if tag is not None:  # best / final: weights only
-            self.ckpt.save(tag, self.model.state_dict(), ema, None, meta)
+            weights, ema = self._whole_weights()
+            if self.dist.is_main:
+                self.ckpt.save(tag, weights, ema, None, meta)
             return
         state = {
             "step": self.step,
@@ -425,7 +526,6 @@ class Trainer(TrainTask):
             "world_size": self.dist.world_size,
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.amp.scaler.state_dict() if self.amp.scaler is not None else None,
             "rng": self._rng_state(),
@@ -434,16 +534,22 @@ class Trainer(TrainTask):
             "last_val": self.last_val,
             "log_window": self.window.saved(),
         }
-        path = self.ckpt.save_step(self.step, self.model.state_dict(), ema, state, meta)
+        if self.sharded:
+            others = {"ema": self.ema.module} if self.ema is not None else None
+            shards = sharded_state(self.model, self.optimizer, others)
+            path = self.ckpt.save_sharded_step(self.step, shards, state, meta)
+        else:
+            state["optimizer"] = self.optimizer.state_dict()
+            ema = self.ema.module.state_dict() if self.ema is not None else None
+            path = self.ckpt.save_step(self.step, self.model.state_dict(), ema, state, meta)
         log.debug("checkpoint %s", path)
 
     def load_checkpoint(self, state_path: Path) -> None:
         state = load_state(state_path)
-        weights = state_path.with_name(state_path.name.replace(".state.pt", ".safetensors"))
-        sd, meta = load_weights(weights)
+        source, meta = recorded_metadata(state_path)
         if meta.get("model") != self.cfg.model:
             raise ParameterNetError(
-                f"checkpoint {str(weights)!r} was written for model {meta.get('model')!r}, the recipe says "
+                f"checkpoint {str(source)!r} was written for model {meta.get('model')!r}, the recipe says "
                 f"{self.cfg.model!r}; resume with the same model or start a new output_dir"
             )
         if (state["batch_size"], state["steps_per_epoch"]) != (self.cfg.batch_size, self.steps_per_epoch):
@@ -451,12 +557,16 @@ class Trainer(TrainTask):
                 f"checkpoint {str(state_path)!r} ran batch_size={state['batch_size']} with "
                 f"{state['steps_per_epoch']} steps per epoch; resume with the same batch_size and data.train"
             )
-        load_into(self.model, sd, str(weights), strict=True)
-        if self.ema is not None:
-            ema_path = weights.with_name(weights.name.replace(".safetensors", ".ema.safetensors"))
-            if ema_path.is_file():
-                load_into(self.ema.module, load_weights(ema_path)[0], str(ema_path), strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            others = {"ema": self.ema.module} if self.ema is not None else None
+            restore_sharded(self.model, self.optimizer, sharded_dir(state_path), others)
+        else:
+            load_into(self.model, load_weights(source)[0], str(source), strict=True)
+            if self.ema is not None:
+                ema_path = source.with_name(source.name.replace(".safetensors", ".ema.safetensors"))
+                if ema_path.is_file():
+                    load_into(self.ema.module, load_weights(ema_path)[0], str(ema_path), strict=True)
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.amp.scaler is not None and state.get("scaler") is not None:
@@ -480,7 +590,7 @@ class Trainer(TrainTask):
             return
         targets = [("model", self.model)] + ([("ema", self.ema.module)] if self.ema is not None else [])
         for name, net in targets:
-            m = evaluate(net, self.val_loader, self.val_tf[1], self.device, self.amp)
+            m = evaluate(net, self.val_loader, self.val_tf[1], self.device, self.amp, lockstep=self.sharded)
             self.last_val[name] = m
             row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "split": "val"}
             self.metrics.write({**row, "weights": name, **{k: round(v, 6) for k, v in m.items()}})
@@ -560,6 +670,8 @@ class Trainer(TrainTask):
         self.step += 1
         if self.scheduler is not None:
             self.scheduler.step_update(self.step)
+        if self.dist.distributed:  # every process holds the main one's BatchNorm statistics, as checkpoints do
+            D.broadcast_buffers(self.model)
         if self.ema is not None:
             self.ema.update(self.model, step=self.step)
         value = loss.detach().float().reshape(1)
@@ -627,9 +739,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     The main rank holds ``output_dir/run.lock`` for the whole run (ParameterNetError when another live process
     holds it). SIGINT / SIGTERM finish the step, write a checkpoint and raise
-    :class:`~parameternet.runs.RunInterrupted`; a second signal exits at once.
+    :class:`~parameternet.runs.RunInterrupted`; a second signal exits at once. ``parallel=fsdp`` makes a process
+    group even in one process (FSDP and ``torch.distributed.checkpoint`` need one).
     """
-    return run_locked(cfg.device, cfg.output_dir, lambda dist, stop: Trainer(cfg, dist, stop))
+    fsdp = cfg.parallel == "fsdp"
+    return run_locked(cfg.device, cfg.output_dir, lambda dist, stop: Trainer(cfg, dist, stop), group=fsdp)
 
 
 def evaluate_checkpoint(path: str, overrides: list[str]) -> dict[str, Any]:
