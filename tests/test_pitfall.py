@@ -32,6 +32,7 @@ def test_smoke_grid_gates_writes_rows_with_provenance_skips_them_on_rerun_and_re
     gate = json.loads((out / "gate.json").read_text())
     width = gate["settled_width"]
     assert gate["tried"][0]["model"] == "ghostnet-w0.25-h64" and width in (0.25, 0.125)
+    assert gate["seeds"] == [0] and all(set(t["gains"]) == {"0"} for t in gate["tried"])  # what the gate decided on
     a = pitfall.static_cell(width)
     expected = {
         (a.name, "target-only"),
