@@ -15,6 +15,7 @@ from typing import Any
 from parameternet.errors import ParameterNetError
 
 __all__ = [
+    "PRETRAIN_BATCH",
     "PRETRAIN_EPOCHS",
     "UNION_PER_CLASS",
     "Cell",
@@ -29,6 +30,7 @@ __all__ = [
 
 UNION_PER_CLASS = 6000  # the union's training split: 20 classes x 6,000 images
 PRETRAIN_EPOCHS = 3  # pitfall-pretrain.yaml's epochs: a cell without -pe pretrains this long
+PRETRAIN_BATCH = 128  # pitfall-pretrain.yaml's batch size: an epoch is the set's whole batches
 
 _TOKEN = re.compile(r"^(w|h|e|pre|pe|ps|rlr|rwd)(\d+(?:\.\d+)?)$")
 _KEYS = {
@@ -156,6 +158,17 @@ class Cell:
         if self.router_weight_decay is not None:
             out.append(f"optim.router_weight_decay={self.router_weight_decay}")
         return out
+
+    @property
+    def pretrain_images(self) -> int:
+        """The images of this cell's pretraining set: its class-balanced fraction of the union."""
+        return 20 * round(UNION_PER_CLASS * self.pretrain_fraction)
+
+    @property
+    def pretrain_step_count(self) -> int:
+        """The optimiser steps of this cell's pretraining: ``-ps`` if set, else its epochs of whole batches."""
+        per_epoch = self.pretrain_images // PRETRAIN_BATCH
+        return self.pretrain_steps or (self.pretrain_epochs or PRETRAIN_EPOCHS) * per_epoch
 
     def pretrain_overrides(self) -> list[str]:
         """The recipe overrides of this cell's pretraining length (its set's size is applied to the data spec)."""
