@@ -96,6 +96,7 @@ def measured_effects(rows: list[dict[str, Any]]) -> dict[str, Any]:
             entry["sd_fine"][9] = sd(f9)
             entry["seeds"][9] = len(f9)
             entry["rho_3_9"] = float(stats.pearsonr([f3[s] for s in both], [f9[s] for s in both])[0])
+            entry["rho_seeds"] = len(both)
         out[role] = entry
     x, y = [], []
     for r in rows:
@@ -255,9 +256,7 @@ def grid_runs(design: Round3) -> list[tuple[Cell, int, str, int]]:
         for seed in seeds:
             if cell.base == cell:
                 runs.append((cell, seed, "target", TARGET_STEPS))
-            per_epoch = 20 * round(UNION_PER_CLASS * cell.pretrain_fraction) // BATCH
-            steps = cell.pretrain_steps or (cell.pretrain_epochs or PRETRAIN_EPOCHS) * per_epoch
-            runs += [(cell, seed, "pretrain", steps), (cell, seed, "finetune", FINETUNE_STEPS)]
+            runs += [(cell, seed, "pretrain", cell.pretrain_step_count), (cell, seed, "finetune", FINETUNE_STEPS)]
     return runs
 
 
@@ -353,6 +352,16 @@ def round2_step_seconds(rows: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this record, every choice spelled out."""
+    return (
+        f"python -m parameternet.experiments.pitfall_design --sims {args.sims} --seed {args.seed} "
+        f"--seeds {' '.join(map(str, args.seeds))} --static-seeds {' '.join(map(str, args.static_seeds))} "
+        f"--max-wall-h {args.max_wall_h:g} --jobs {args.jobs}"
+        + (f" --measure-steps {args.measure_steps}" if args.measure_steps else "")
+    )
+
+
 def _pct(p: float) -> str:
     return f"{100 * p:.1f}%"
 
@@ -367,8 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", default="results/pitfall-round3", help="where design.md and design.csv go")
     parser.add_argument("--sims", type=int, default=1000, help="simulated grids per candidate and scenario")
     parser.add_argument("--seed", type=int, default=0, help="the simulation's random seed")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[8, 12, 16, 20], help="candidate seeds of A and B")
-    parser.add_argument("--static-seeds", type=int, nargs="+", default=[4, 8], help="candidate seeds of D, M, size")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[8, 12, 16, 20, 24], help="candidate seeds of A and B")
+    parser.add_argument("--static-seeds", type=int, nargs="+", default=[4, 6, 8], help="candidate seeds of D, M, size")
     parser.add_argument("--max-wall-h", type=float, default=12.0, help="the budget: hours of wall time")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side, one thread each")
     parser.add_argument("--measure-steps", type=int, help="first time this many 1-thread steps of each model here")
@@ -454,8 +463,7 @@ def _markdown(args, effects, scens, step_s, timing, loaded, results, chosen, oc)
     lines = [
         "# Round 3 of the low-FLOPs pitfall: the design, chosen by simulation before the run",
         "",
-        "Written by `python -m parameternet.experiments.pitfall_design "
-        + f"--sims {args.sims} --seed {args.seed}` from `{args.results}` before any round-3 run. The verdict rule "
+        f"Written by `{_command(args)}` from `{args.results}` before any round-3 run. The verdict rule "
         "it simulates is `parameternet.experiments.pitfall_round3.decide` itself (see "
         "docs/experiments/pitfall-round3.md): reproduced when the 90% Welch interval of B's slope minus A's slope "
         "(gain on log3 pretraining epochs, per seed) is above 0, D's gain minus A's at 27 epochs has a 90% interval "
@@ -472,7 +480,7 @@ def _markdown(args, effects, scens, step_s, timing, loaded, results, chosen, oc)
     for role, e in (("A", a), ("B", b), ("D", d)):
         g9 = f"{e['gain'][9]:+.2f} ({e['seeds'][9]})" if 9 in e["gain"] else "not measured"
         sd9 = f" / {e['sd_fine'][9]:.2f}" if 9 in e["sd_fine"] else ""
-        rho = f"{e['rho_3_9']:.2f} (4 seeds)" if "rho_3_9" in e else "-"
+        rho = f"{e['rho_3_9']:.2f} ({e['rho_seeds']} seeds)" if "rho_3_9" in e else "-"
         lines.append(
             f"| {role} | {e['gain'][3]:+.2f} ({e['seeds'][3]}) | {g9} | {e['sd_target']:.2f} "
             f"| {e['sd_fine'][3]:.2f}{sd9} | {rho} |"

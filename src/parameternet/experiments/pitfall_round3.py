@@ -147,7 +147,7 @@ class Round3:
 
 
 # The design the simulation chose (pitfall_design, results/pitfall-round3/design.md).
-ROUND3 = Round3(seeds=tuple(range(FIRST_SEED, FIRST_SEED + 16)), static_seeds=8, size_seeds=8)
+ROUND3 = Round3(seeds=tuple(range(FIRST_SEED, FIRST_SEED + 20)), static_seeds=6, size_seeds=6)
 
 
 # ----- the verdict -----
