@@ -69,6 +69,10 @@ LEVELS = {"A": 0.2, "B": 0.6, "M": 0.3, "D": 1.2}
         ({"A": 0.3, "B": 0.9, "M": 0.3, "D": 0.3}, {**LEVELS, "D": 0.2}, 1.0, "not resolved"),
         # too noisy to tell: the remedy's interval spans 0 and +0.25
         ({"A": 0.3, "B": 0.5, "M": 0.3, "D": 0.3}, LEVELS, 8.0, "not resolved"),
+        # a small remedy (interval above 0, below +0.25) that M shows as well: not reproduced, and excluded
+        ({"A": 0.3, "B": 0.42, "M": 0.42, "D": 0.3}, LEVELS, 0.1, "refuted"),
+        # B's gain falls behind A's as pretraining grows
+        ({"A": 0.6, "B": 0.0, "M": 0.6, "D": 0.6}, LEVELS, 1.0, "refuted"),
     ],
 )
 def test_verdict_rule_on_synthetic_gains(slopes, levels, spread, expected):
@@ -83,6 +87,22 @@ def test_a_small_remedy_is_reproduced_and_flagged_and_one_seed_never_decides():
     one = decide(_gains({"A": 0.3, "B": 2.0, "M": 0.3, "D": 0.3}, LEVELS, seeds=1))
     assert one["verdict"] == "not resolved" and "fewer than two seeds" in one["reason"]
     assert decide({})["verdict"] == "not resolved"
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # every seed alike, on purpose
+def test_verdict_edges_no_spread_missing_roles_and_the_largest_budget():
+    flat = {role: {e: {FIRST_SEED + s: 0.5 for s in range(3)} for e in BUDGETS} for role in "ABMD"}
+    v = decide(flat)  # every seed alike: the remedy is exactly 0, its interval [0, 0], below the floor
+    assert v["verdict"] == "refuted" and v["remedy"].ci90 == (0.0, 0.0) and not v["pitfall"]
+    # without D and M the pitfall and the control are missing: a clear remedy is still not reproduced
+    gains = _gains({"A": 0.3, "B": 0.9, "M": 0.3, "D": 0.3}, LEVELS)
+    v = decide({r: gains[r] for r in "AB"})
+    assert v["verdict"] == "not resolved" and v["pitfall_test"] is None and v["control"] is None
+    assert "pitfall does not show" in v["reason"] and "control is significant or missing" in v["reason"]
+    # the pitfall is judged at the largest budget any role has, and a seed lacking a budget has no slope
+    gains["A"][27].pop(FIRST_SEED)
+    v = decide(gains)
+    assert v["budgets"] == [3, 9, 27] and FIRST_SEED not in v["slopes"]["A"] and len(v["slopes"]["B"]) == 8
 
 
 def test_seed_slopes_are_least_squares_on_log3_and_skip_incomplete_seeds():
@@ -182,6 +202,32 @@ def test_round3_grid_goes_seed_by_seed_and_shares_target_only_runs():
         ROUND3.grid(0.25)
 
 
+def test_round3_preset_runs_exactly_the_designed_cells_on_the_designed_seeds():
+    preset = PRESETS["round3"]
+    assert preset.round3 is ROUND3 and not preset.gate and preset.width == ROUND3.width == 0.1875
+    assert (len(ROUND3.seeds), ROUND3.static_seeds, ROUND3.size_seeds, ROUND3.router_seeds) == (20, 6, 6, 4)
+    grid = preset.grid(preset.width)
+    a, b, m, d = "ghostnet-w0.1875-h48", "parameternet-w0.1875-h48-e4", "ghostnet-w0.234375-h64", "ghostnet-w0.3125-h80"
+    budget = {f"{c}{e}" for c in (a, b, m, d) for e in ("", "-pe9", "-pe27")}
+    size = {f"{c}-pre{f}-ps2811" for c in (a, b) for f in ("0.25", "0.5")}
+    router = {f"{b}-rlr10", f"{b}-rwd0"}
+    assert {name for name, _ in grid} == budget | size | router
+    seeds: dict[str, list[int]] = {}
+    for name, (seed,) in grid:
+        seeds.setdefault(name, []).append(seed)
+    new = list(range(100, 120))
+    for name, got in seeds.items():
+        want = new if name.startswith((a, b)) and name not in size | router else new[:6]
+        assert got == (new[:4] if name in router else want), name
+    # the rows the report expects are those the runner makes: a target-only row per base cell and seed, a
+    # fine-tune row per cell and seed
+    made = {(c.name, "target-only" if stage == "target" else "pretrain-finetune", s)
+            for c, s, stage, _ in pitfall_design.grid_runs(ROUND3) if stage != "pretrain"}  # fmt: skip
+    arms = ROUND3.expected_rows()
+    assert set.union(*arms.values()) == made and sum(map(len, arms.values())) == len(made) == 248
+    assert len(arms["budget"]) == 20 * 2 * 4 + 6 * 2 * 4 and len(arms["size"]) == 24 and len(arms["router"]) == 16
+
+
 def test_size_arm_cells_hold_the_pretraining_steps_fixed():
     cell = Cell.parse("ghostnet-w0.1875-h48-pre0.25-ps2811")
     assert cell.base.name == "ghostnet-w0.1875-h48" and cell.pretrain_overrides() == ["max_steps=2811"]
@@ -225,6 +271,26 @@ def test_report_on_synthetic_rows_states_the_verdict_by_the_rule(tmp_path, capsy
     assert per_seed in text
 
 
+def test_report_on_partial_rows_states_how_far_the_grid_is(tmp_path, capsys):
+    out = tmp_path / "out"
+    rows = _rows(ROUND3, "round3", _gains({"A": 0.3, "B": 0.9, "M": 0.3, "D": 0.3}, LEVELS, seeds=20))
+    for n in (1, 40):
+        _write_csv(out / "results.csv", rows[:n], pitfall.COLUMNS)
+        assert main(["pitfall", "--preset", "round3", "--output", str(out), "--report-only"]) == 0
+        text = (out / "table.md").read_text()
+        assert text.startswith(f"**Incomplete: {n} of the design's 248 result rows (budget arm {n} of 208")
+        assert "`parameternet pitfall --preset round3` resumes the grid" in text
+        assert "**Verdict so far: not resolved**" in text and "not the round's verdict" in text
+        assert "| B: parameternet-w0.1875-h48-e4 | - | - | 3 |" in text  # no rows of B yet: no sizes either
+    assert verdict(rows, ROUND3)["complete"] and not verdict(rows[:40], ROUND3)["complete"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    assert main(["pitfall", "--preset", "round3", "--output", str(empty), "--report-only"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no results; run the grid first" in err and "Traceback" not in err
+
+
 def test_design_simulation_is_deterministic_and_its_record_matches_the_design(tmp_path):
     effects = pitfall_design.measured_effects(read_rows(ROOT / "results/pitfall/results.csv"))
     measured, *_, at_floor = pitfall_design.scenarios(effects)
@@ -242,6 +308,7 @@ def test_design_simulation_is_deterministic_and_its_record_matches_the_design(tm
     assert "## Chosen" in (tmp_path / "design.md").read_text() and (tmp_path / "design.csv").is_file()
 
 
+@pytest.mark.slow  # about 40 s of two-step runs (`parameternet pitfall --preset round3-smoke` is the same check)
 def test_round3_smoke_runs_end_to_end_with_provenance(packaged_data, tmp_path, capsys):
     out, runs = tmp_path / "out", tmp_path / "runs"
     args = ["pitfall", "--preset", "round3-smoke", "--output", str(out), "--runs-dir", str(runs), "--jobs", "2"]

@@ -134,6 +134,26 @@ class Round3:
                 grid += [(c.name, (seed,)) for c in self.router_cells()]
         return tuple(grid)
 
+    def expected_rows(self) -> dict[str, set[tuple[str, str, int]]]:
+        """The result rows ``(model, regime, seed)`` the grid makes, by arm: ``budget`` (the roles' target-only
+        runs and their fine-tunes at every budget), ``size`` and ``router``."""
+        cells = self.cells()
+        out: dict[str, set[tuple[str, str, int]]] = {"budget": set(), "size": set(), "router": set()}
+        for role in ROLES:
+            for seed in self.role_seeds(role):
+                out["budget"].add((cells[role].name, "target-only", seed))
+                out["budget"] |= {
+                    (self.budget_cell(cells[role], e).name, "pretrain-finetune", seed) for e in self.budgets
+                }
+        for seed in self.seeds[: self.size_seeds]:
+            out["size"] |= {
+                (self.size_cell(cells[r], f).name, "pretrain-finetune", seed) for r in "AB" for f in self.size_fractions
+            }
+        for seed in self.seeds[: self.router_seeds]:
+            for cell in self.router_cells():
+                out["router"] |= {(cell.name, "target-only", seed), (cell.name, "pretrain-finetune", seed)}
+        return out
+
     def gate_record(self) -> dict[str, Any]:
         """What ``gate.json`` says for round 3: no gate ran; the width and the seeds that chose it."""
         return {
@@ -240,5 +260,7 @@ def role_gains(rows: list[dict[str, Any]], design: Round3) -> dict[str, dict[int
 
 
 def verdict(rows: list[dict[str, Any]], design: Round3 = ROUND3) -> dict[str, Any]:
-    """The pre-stated verdict (:func:`decide`) over result rows of the round-3 grid."""
-    return decide(role_gains(rows, design))
+    """The pre-stated verdict (:func:`decide`) over result rows of the round-3 grid, with ``complete``: whether
+    every row of the budget arm is there (until then the verdict is that of the rows so far, not the round's)."""
+    have = {(r["model"], r["regime"], r["seed"]) for r in rows}
+    return {**decide(role_gains(rows, design)), "complete": design.expected_rows()["budget"] <= have}

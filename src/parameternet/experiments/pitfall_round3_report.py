@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from parameternet.experiments.pitfall_cells import UNION_PER_CLASS, Cell, label
-from parameternet.experiments.pitfall_round3 import CRITERIA, Round3, decide, role_gains, seed_slopes
+from parameternet.experiments.pitfall_round3 import CRITERIA, Round3, role_gains, seed_slopes, verdict
 from parameternet.experiments.pitfall_tables import (
     check_rows,
     fmt_top1,
@@ -66,6 +66,7 @@ def _budget_table(rows: list[dict[str, Any]], design: Round3) -> str:
         base, keep = cells[role], set(design.role_seeds(role))
         macs, params = _size(rows, base)
         ratio = f" ({macs / a_macs:.2f}x)" if a_macs and macs else ""
+        size = f"{macs / 1e6:.3f}M{ratio} | {params / 1e3:.1f}k" if macs else "- | -"
         target = {r["seed"]: r["top1"] for r in rows if r["model"] == base.name and r["regime"] == "target-only"}
         target = {s: v for s, v in target.items() if s in keep}
         for epochs in design.budgets:
@@ -78,7 +79,7 @@ def _budget_table(rows: list[dict[str, Any]], design: Round3) -> str:
             g = {s: v for s, v in gains(rows, cell.name).items() if s in keep}
             per_seed = ", ".join(f"{v:+.2f}" for v in g.values()) or "-"
             lines.append(
-                f"| {_ROLES[role]}: {base.name} | {macs / 1e6:.3f}M{ratio} | {params / 1e3:.1f}k | {epochs} "
+                f"| {_ROLES[role]}: {base.name} | {size} | {epochs} "
                 f"| {fmt_top1(target)} | {fmt_top1(fine)} | {_stat(list(g.values()))} | {per_seed} |"
             )
     return "\n".join(lines)
@@ -129,7 +130,14 @@ def _static_against_macs(rows: list[dict[str, Any]], by_role: dict, design: Roun
 
 def _verdict_text(v: dict[str, Any], design: Round3) -> str:
     top, floor = max(design.budgets), CRITERIA["remedy_min_slope"]
-    lines = [f"**Verdict (rule stated before the run): {v['verdict']}** ({v['reason']}).", ""]
+    if v["complete"]:
+        head = f"**Verdict (rule stated before the run): {v['verdict']}** ({v['reason']})."
+    else:
+        head = (
+            f"**Verdict so far: {v['verdict']}** ({v['reason']}): the rule stated before the run, applied to the "
+            "rows so far; the budget arm is incomplete, so this is not the round's verdict."
+        )
+    lines = [head, ""]
     lines += [
         f"- Remedy = B's slope - A's slope: {_welch(v['remedy'], ' points per tripling')}. Reproduced needs the "
         f"90% interval above 0 (with the pitfall and the control); refuted: it ends below +{floor:g}.",
@@ -242,7 +250,8 @@ def _plot(by_role: dict, design: Round3, size_points: dict, path: Path, title: s
         axis.set_ylabel("gain from pretraining (top-1 points, mean ± s.e.)")
         axis.set_title(what, fontsize=10)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
     images = sorted({x for pts in size_points.values() for x, _ in pts})
     for axis, ticks in ((ax, list(design.budgets)), (bx, images)):
         axis.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
@@ -252,6 +261,22 @@ def _plot(by_role: dict, design: Round3, size_points: dict, path: Path, title: s
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _progress(rows: list[dict[str, Any]], design: Round3, preset: str) -> list[str]:
+    """A paragraph on how much of the grid the rows hold (none when all of it)."""
+    have = {(r["model"], r["regime"], r["seed"]) for r in rows}
+    arms = design.expected_rows()
+    counts = {arm: (len(want & have), len(want)) for arm, want in arms.items()}
+    done, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
+    if done == total:
+        return []
+    each = ", ".join(f"{arm} arm {k} of {n}" for arm, (k, n) in counts.items())
+    return [
+        f"**Incomplete: {done} of the design's {total} result rows ({each}).** `parameternet pitfall --preset "
+        f"{preset}` resumes the grid; what follows reads the rows so far.",
+        "",
+    ]
 
 
 def report(output: str | Path, preset: Any, pool_commits: bool = False) -> str:
@@ -264,7 +289,7 @@ def report(output: str | Path, preset: Any, pool_commits: bool = False) -> str:
     rows, code, note = rows_of_one_code(check_rows(read_rows(csv_path), csv_path, preset.name), pool_commits)
     routing = routing_by_run(r for r in read_rows(output / "routing.csv") if code is None or code_id(r) == code)
     by_role = role_gains(rows, design)
-    v = decide(by_role)
+    v = verdict(rows, design)
     parts = []
     if preset.wiring_check:
         parts += [
@@ -273,6 +298,7 @@ def report(output: str | Path, preset: Any, pool_commits: bool = False) -> str:
             "`parameternet pitfall --preset round3`.",
             "",
         ]
+    parts += _progress(rows, design, preset.name)
     seeds = design.seeds
     parts += [
         f"Round 3: the gain from pretraining against the pretraining budget, on seeds {seeds[0]}-{seeds[-1]} (none "
