@@ -37,3 +37,9 @@ def test_a_constant_router_or_identical_experts_mean_a_static_layer():
     assert stats[0]["coef_std"] == 0.0 and stats[1]["coef_std"] > 0
     assert model.training and conv.training  # flags restored
     assert summarize_routing(stats)["route_kernel_dist"] == 0.0 and summarize_routing([]) == {}
+
+
+def test_summary_over_an_even_number_of_layers_is_the_mean_of_the_middle_two():
+    stats = [{"coef_std": c, "kernel_dist": d} for c, d in ((0.1, 0.01), (0.4, 0.04), (0.2, 0.02), (0.3, 0.03))]
+    assert summarize_routing(stats) == {"route_coef_std": 0.25, "route_kernel_dist": 0.025}
+    assert summarize_routing(stats[:3])["route_kernel_dist"] == 0.02

@@ -372,7 +372,10 @@ def _add_pitfall(sub: argparse._SubParsersAction) -> None:
         "OUTPUT/table.md and OUTPUT/pitfall.png.",
     )
     p.add_argument(
-        "--preset", default="full", choices=["full", "quick", "head256", "smoke"], help="the grid (default: full)"
+        "--preset",
+        default="full",
+        choices=["full", "round3", "quick", "head256", "smoke", "round3-smoke"],
+        help="the grid (default: full, round 2; round3: the pretraining-budget design with new seeds)",
     )
     p.add_argument("--seeds", type=int, help="seeds 0..N-1 for every model (default: the preset's; 3 with --models)")
     p.add_argument(
@@ -383,7 +386,11 @@ def _add_pitfall(sub: argparse._SubParsersAction) -> None:
         "(options: -h<head channels>, -e<experts>, -repconv, -softmax, -pre<fraction of the union>, -pe<epochs>, "
         "-rlr<router lr scale>, -rwd<router weight decay>)",
     )
-    p.add_argument("--output", help="results directory (default: results/pitfall for full, runs/pitfall-PRESET else)")
+    p.add_argument(
+        "--output",
+        help="results directory (default: results/pitfall for full, results/pitfall-round3 for round3, "
+        "runs/pitfall-PRESET else)",
+    )
     p.add_argument("--runs-dir", default="runs/pitfall", help="the individual runs (shared by the presets)")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side, one thread each (default 1)")
     p.add_argument("--report-only", action="store_true", help="only rebuild table.md and pitfall.png from the CSV")

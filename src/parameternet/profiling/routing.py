@@ -14,6 +14,7 @@ Both come from the coefficients alone: with ``G = W W^T`` the experts' ``(M, M)`
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable
 from typing import Any
 
@@ -75,11 +76,16 @@ def routing_stats(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[dic
 
 
 def summarize_routing(stats: list[dict[str, Any]]) -> dict[str, float]:
-    """Medians over layers: ``{"route_coef_std", "route_kernel_dist"}``, or ``{}`` for no layers."""
+    """Medians over layers: ``{"route_coef_std", "route_kernel_dist"}``, or ``{}`` for no layers.
+
+    The median of an even number of layers is the mean of the two middle values (:func:`statistics.median`); every
+    report of the routing diagnostics summarises a run with this function, so the kernel distance of a run is the
+    same number wherever it is shown.
+    """
     if not stats:
         return {}
 
     def median(key: str) -> float:
-        return round(float(torch.tensor([s[key] for s in stats]).median()), 6)
+        return round(statistics.median(float(s[key]) for s in stats), 6)
 
     return {"route_coef_std": median("coef_std"), "route_kernel_dist": median("kernel_dist")}
