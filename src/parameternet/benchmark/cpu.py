@@ -331,13 +331,10 @@ def write_outputs(rows: list[BenchmarkRow], meta: dict[str, Any], output: str | 
 
 
 def _plot(rows: list[BenchmarkRow], meta: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ParameterNetError("matplotlib is not installed; install it with `pip install parameternet[plot]`.") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     by_name = {r.model: r for r in rows if r.top1_reported is not None}
     fig, ax = plt.subplots(figsize=(8, 5.5))
