@@ -85,7 +85,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     import json
 
-    from parameternet.train.trainer import evaluate_checkpoint
+    from parameternet.train.image_eval import evaluate_checkpoint
 
     r = evaluate_checkpoint(args.checkpoint, args.overrides)
     if args.json:
