@@ -106,7 +106,7 @@ def _run_lm_eval(args: argparse.Namespace) -> int:
 
 
 def _run_lm_experiment(args: argparse.Namespace) -> int:
-    from parameternet.experiments import lm, lm_upcycle
+    from parameternet.experiments import lm, lm_estimate, lm_report, lm_upcycle
 
     output = args.output or lm.default_output(args.preset)
     check_flags(("--jobs", args.jobs, 1))
@@ -120,10 +120,10 @@ def _run_lm_experiment(args: argparse.Namespace) -> int:
         if upcycle is not None:
             print(lm_upcycle.estimate_text(args.recipe, upcycle, args.overrides, jobs=args.jobs))
         else:
-            print(lm.estimate_text(args.recipe, lm.PRESETS[args.preset], args.overrides, jobs=args.jobs))
+            print(lm_estimate.estimate_text(args.recipe, lm.PRESETS[args.preset], args.overrides, jobs=args.jobs))
         return 0
     if args.report_only:
-        print(lm.report(output, preset=args.preset, pool_commits=args.pool_commits))
+        print(lm_report.report(output, preset=args.preset, pool_commits=args.pool_commits))
         return 0
     print(lm.run_lm_experiment(args.preset, args.recipe, args.overrides, args.runs, output, args.jobs))
     return 0
