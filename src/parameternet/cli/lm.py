@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from parameternet.cli.flags import check_flags, refuse
-from parameternet.cli.vision import train_command
+from parameternet.cli.vision import add_recipe_command, train_command
 
 
 def add_lm(sub: argparse._SubParsersAction) -> None:
@@ -23,15 +23,12 @@ def add_lm(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--corpora", nargs="+", default=["gutenberg", "sotu", "brown"])
     p.set_defaults(func=_run_lm_data)
 
-    p = lsub.add_parser(
-        "train",
+    add_recipe_command(
+        lsub, "train", _run_lm_train, "configs/lm-small.yaml", "model.num_experts=4 resume=auto",
         help="train a ParameterNet LLaMA (dense or MoE) from a recipe (YAML) with key=value overrides",
         description="Train RECIPE (e.g. configs/lm-small.yaml) with dotted key=value overrides, e.g. "
         "`parameternet lm train configs/lm-small.yaml model.moe_projections=[down_proj] output_dir=runs/x`.",
-    )
-    p.add_argument("recipe", help="recipe YAML file, e.g. configs/lm-small.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.num_experts=4 resume=auto")
-    p.set_defaults(func=_run_lm_train)
+    )  # fmt: skip
 
     p = lsub.add_parser("eval", help="validation perplexity and zero-shot accuracy of a saved language model")
     p.add_argument("model", help="a model/ directory written by lm train (save_pretrained output with tokenizer)")

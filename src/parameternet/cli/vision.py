@@ -44,16 +44,23 @@ def _run_data(args: argparse.Namespace) -> int:
     return run_data_command(args.data_command, getattr(args, "names", []), archive=getattr(args, "archive", None))
 
 
+def add_recipe_command(sub: argparse._SubParsersAction, name: str, func, recipe: str, overrides: str, **text) -> None:
+    """Register ``name``, a command that trains RECIPE (a YAML file) with dotted key=value overrides (``train``,
+    ``lm train``); ``recipe`` and ``overrides`` are the examples their help gives, ``text`` the help and
+    description."""
+    p = sub.add_parser(name, **text)
+    p.add_argument("recipe", help=f"recipe YAML file, e.g. {recipe}")
+    p.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {overrides}")
+    p.set_defaults(func=func)
+
+
 def add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
+    add_recipe_command(
+        sub, "train", _run_train, "configs/smoke.yaml", "data.train=folder:/data/train",
         help="train a recipe (YAML) with key=value overrides; under torchrun it runs DDP",
         description="Train RECIPE (a YAML file, see configs/) with dotted key=value overrides, e.g. "
         "`parameternet train configs/smoke.yaml optim.lr=1e-3 output_dir=runs/x resume=auto`.",
-    )
-    p.add_argument("recipe", help="recipe YAML file, e.g. configs/smoke.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.train=folder:/data/train")
-    p.set_defaults(func=_run_train)
+    )  # fmt: skip
 
 
 def train_command(load, train, args: argparse.Namespace) -> int:

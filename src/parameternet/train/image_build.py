@@ -242,19 +242,12 @@ def build_loss(cfg: TrainConfig, num_classes: int) -> tuple[Any, nn.Module]:
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
     a = cfg.aug
-    mixup = None
     if a.mixup > 0 or a.cutmix > 0:
         mixup = Mixup(
-            mixup_alpha=a.mixup,
-            cutmix_alpha=a.cutmix,
-            prob=a.mixup_prob,
-            switch_prob=a.mixup_switch_prob,
-            label_smoothing=a.label_smoothing,
-            num_classes=num_classes,
-        )
-        criterion = SoftTargetCrossEntropy()
-    elif a.label_smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(smoothing=a.label_smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
-    return mixup, criterion
+            mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
+            label_smoothing=a.label_smoothing, num_classes=num_classes,
+        )  # fmt: skip
+        return mixup, SoftTargetCrossEntropy()
+    if a.label_smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=a.label_smoothing)
+    return None, nn.CrossEntropyLoss()
