@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from parameternet.cli import main
-from parameternet.experiments import lm, lm_grid, lm_rows
-from parameternet.experiments.lm import choose_lrs, crossing, crossing_text, verdict
+from parameternet.experiments import lm, lm_estimate, lm_grid, lm_report, lm_rows
+from parameternet.experiments.lm import choose_lrs, verdict
+from parameternet.experiments.lm_report import crossing, crossing_text
 from parameternet.experiments.provenance import provenance
 from parameternet.experiments.rows import append_rows
 from parameternet.train.lm import load_lm_config
@@ -244,8 +245,8 @@ def test_lm_eval_and_finetune_cls_refuse_models_and_data_they_cannot_use(corpora
 
 
 def test_report_lines_for_the_gap_and_the_routers():
-    assert lm.gap_text([(250, 0.0164), (500, -0.1)], 2048) == "512,000 tokens +0.016; 1,024,000 tokens -0.100"
-    assert lm.gap_text([], 2048) == "no shared evaluation"
+    assert lm_report.gap_text([(250, 0.0164), (500, -0.1)], 2048) == "512,000 tokens +0.016; 1,024,000 tokens -0.100"
+    assert lm_report.gap_text([], 2048) == "no shared evaluation"
 
     def row(kind, variant, seed, step, layer, top1, hi, lo):
         return dict(kind=kind, variant=variant, seed=seed, step=step, tokens=step * 10, layer=layer,
@@ -256,13 +257,13 @@ def test_report_lines_for_the_gap_and_the_routers():
         row("main", "down_proj-4", 0, 9, 0, 0.99, 0.97, 0.0), row("main", "down_proj-4", 0, 9, 1, 0.7, 0.3, 0.2),
         row("lr", "down_proj-4", 0, 9, 0, 0.1, 0.99, 0.0),  # learning-rate runs are left out
     ]  # fmt: skip
-    first, dead = lm.router_summary(router)
+    first, dead = lm_report.router_summary(router)
     assert first == (
         "Routers of down_proj-4 (1 seed x 2 layers; balanced share 0.250): mean top-1 probability 0.40-0.60 at 50 "
         "tokens, 0.70-0.99 at 90; largest expert share 0.40-0.50 -> 0.30-0.97; smallest 0.10-0.20 -> 0.00-0.20."
     )
     assert dead.endswith(": down_proj-4 seed 0 layer 0 (0.97).")
-    assert lm.router_summary(router[:2])[-1].endswith(": none.")
+    assert lm_report.router_summary(router[:2])[-1].endswith(": none.")
 
 
 def test_preset_eval_tokens_cap_the_validation_and_the_estimate(tmp_path):
@@ -270,9 +271,9 @@ def test_preset_eval_tokens_cap_the_validation_and_the_estimate(tmp_path):
     assert lm.PRESETS["full"].eval_tokens is None and lm.PRESETS["smoke"].eval_tokens == 4096
     speed = {"dense": 1000.0, "moe": 1000.0}
     smoke = lm.PRESETS["smoke"]
-    capped = lm.estimate_wall_s(smoke, speed, train_tokens=10**6, val_tokens=10**7, per_step=128)
-    assert capped == lm.estimate_wall_s(smoke, speed, train_tokens=10**6, val_tokens=4096, per_step=128)
-    uncapped = lm.estimate_wall_s(
+    capped = lm_estimate.estimate_wall_s(smoke, speed, train_tokens=10**6, val_tokens=10**7, per_step=128)
+    assert capped == lm_estimate.estimate_wall_s(smoke, speed, train_tokens=10**6, val_tokens=4096, per_step=128)
+    uncapped = lm_estimate.estimate_wall_s(
         dataclasses.replace(smoke, eval_tokens=None), speed, train_tokens=10**6, val_tokens=10**7, per_step=128
     )
     assert uncapped["total"] > 10 * capped["total"]
@@ -345,10 +346,10 @@ def test_a_grid_of_another_base_recipe_is_refused_in_the_same_output(tmp_path):
 
 
 def test_estimate_uses_the_jobs_given(corpora, monkeypatch):
-    monkeypatch.setattr(lm, "measure_tokens_per_s", lambda *a, **k: {"dense": 1000.0, "moe": 800.0})
-    one = lm.estimate_text("configs/lm-small.yaml", lm.PRESETS["smoke"], jobs=1)
+    monkeypatch.setattr(lm_estimate, "measure_tokens_per_s", lambda *a, **k: {"dense": 1000.0, "moe": 800.0})
+    one = lm_estimate.estimate_text("configs/lm-small.yaml", lm.PRESETS["smoke"], jobs=1)
     assert "on 1 core (one one-thread run at a time)" in one
-    three = lm.estimate_text("configs/lm-small.yaml", lm.PRESETS["smoke"], jobs=3)
+    three = lm_estimate.estimate_text("configs/lm-small.yaml", lm.PRESETS["smoke"], jobs=3)
     assert "on 3 cores (3 one-thread runs side by side)" in three
 
 
@@ -411,4 +412,4 @@ def test_smoke_grid_runs_resumes_and_reports(corpora, caplog):
     text = (out / "runs.csv").read_text().splitlines(True)
     other = text[1].replace(prov["commit"], "0" * 40)
     (out / "runs.csv").write_text("".join([*text, other]))
-    assert "1 rows from other code were left out" in lm.report(out, preset="smoke")
+    assert "1 rows from other code were left out" in lm_report.report(out, preset="smoke")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from parameternet.cli import main
-from parameternet.experiments import lm, lm_grid, lm_rows, lm_upcycle
+from parameternet.experiments import lm, lm_grid, lm_report, lm_rows, lm_upcycle
 from parameternet.experiments.lm_upcycle_rule import (
     COMPARISONS,
     VERDICTS,
@@ -204,7 +204,7 @@ def test_report_gives_the_table_the_verdicts_and_the_plot(tmp_path):
     out = tmp_path / "out"
     final = {"continue": 4.45, "reset": 4.46, "upcycle": 4.53, "upcycle-rewarm": 4.47, "upcycle-moe-lr": 4.44}
     _write_grid(out, final, {"upcycle": 4.30})
-    text = lm.report(out, preset="upcycle2")  # lm experiment's report hands the preset to lm_upcycle
+    text = lm_report.report(out, preset="upcycle2")  # lm experiment's report hands the preset to lm_upcycle
     assert (out / "table.md").read_text() == text and (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "| trunk (step 8) | dense | - | - | 5.1000 ± 0.0000 (3) | 5.0000 ± 0.0000 (3) | not measured" in text
     assert "| upcycle-moe-lr | upcycled | fresh | MoE schedule |" in text

@@ -14,7 +14,8 @@ from parameternet.runs import RunInterrupted
 from parameternet.train import distributed as D
 from parameternet.train import loop
 from parameternet.train.checkpoint import load_state
-from parameternet.train.loop import Cadence, Timing, TrainTask, Window, discover_resume
+from parameternet.train.loop import Cadence, Timing, TrainTask, Window
+from parameternet.train.resume import discover_resume
 
 CPU = D.DistInfo(0, 1, 0, torch.device("cpu"))
 

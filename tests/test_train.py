@@ -175,7 +175,7 @@ def test_pretrain_on_union_then_finetune_on_ten_classes(packaged_data, tmp_path,
     assert src["fc.weight"].shape[0] == 20 and meta["num_classes"] == 10
     assert _rows(fine, "val")[-1]["images"] == 50
 
-    from parameternet.train.trainer import create_model, init_from_checkpoint
+    from parameternet.train.image_build import create_model, init_from_checkpoint
 
     cfg = load_config(RECIPES / "pitfall-finetune.yaml", ["model=test_resnet"])
     model = create_model(cfg, 10)
@@ -191,7 +191,7 @@ def test_init_from_and_resume_take_the_weights_of_a_wrapped_model(tmp_path):
     import timm
 
     from parameternet.train.checkpoint import load_into, save_weights
-    from parameternet.train.trainer import init_from_checkpoint
+    from parameternet.train.image_build import init_from_checkpoint
 
     torch.manual_seed(0)
     src = timm.create_model("resnet10t", num_classes=20)

@@ -89,7 +89,7 @@ def test_router_param_groups_scale_the_routers_lr_and_weight_decay():
 
     import parameternet.models  # noqa: F401
     from parameternet.errors import ParameterNetError
-    from parameternet.train.trainer import router_param_groups
+    from parameternet.train.image_build import router_param_groups
 
     model = timm.create_model("parameternet_mini", width=0.25, head_chs=64)
     groups = router_param_groups(model, 5e-4, router_lr_scale=10.0, router_weight_decay=0.0)

@@ -24,7 +24,7 @@ import platform
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -127,13 +127,36 @@ def run_benchmark(
     ParameterNetError for an unknown model, ``threads`` or ``runs`` below 1, a negative ``warmup`` and an
     ``img_size`` below :data:`~parameternet.toolkit.MIN_IMG_SIZE`.
     """
-    from parameternet.counting import count_macs, count_params
-    from parameternet.export.folding import deploy
-    from parameternet.export.onnx_export import export_onnx, onnx_session
-    from parameternet.export.ort_nchwc import optimize_for_onnxruntime
-    from parameternet.models import create_model_for_size
-
     models = list(models)
+    _check_arguments(models, img_size, threads, warmup, runs)
+    load_before = os.getloadavg()
+    torch.manual_seed(0)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    tmp = tempfile.TemporaryDirectory() if workdir is None else None
+    root = Path(tmp.name if tmp is not None else workdir)
+    try:
+        timed = []
+        for name in models:
+            if progress:
+                log.info("export %s", name)
+            timed.append(_prepare(name, img_size, threads, eager, root))
+        if progress:
+            log.info("time %d models: %d warm-up and %d timed rounds", len(models), warmup, runs)
+        _time_interleaved(timed, warmup, runs)
+    finally:
+        torch.set_num_threads(prev_threads)
+        if tmp is not None:
+            tmp.cleanup()
+    rows = [_row(t, eager) for t in timed]
+    meta = _environment(img_size, threads, warmup, runs)
+    meta["load_average_before"] = [round(v, 2) for v in load_before]
+    meta["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+    return rows, meta
+
+
+def _check_arguments(models: list[str], img_size: int, threads: int, warmup: int, runs: int) -> None:
+    """Refuse (ParameterNetError) what :func:`run_benchmark` cannot time, before anything is exported."""
     _check_models(models)
     for name, value in (("threads", threads), ("runs", runs)):
         if not isinstance(value, int) or value < 1:
@@ -143,93 +166,79 @@ def run_benchmark(
     if warmup < 0:
         raise ParameterNetError(f"warmup must be >= 0, got {warmup!r}.")
 
-    load_before = os.getloadavg()
-    torch.manual_seed(0)
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    inputs: dict[str, torch.Tensor] = {}
-    nchwc_sessions, generic, graphs, counts = {}, {}, {}, {}
-    tmp = tempfile.TemporaryDirectory() if workdir is None else None
-    root = Path(tmp.name if tmp is not None else workdir)
-    try:
-        for name in models:
-            if progress:
-                log.info("export %s", name)
-            model: nn.Module = create_model_for_size(name, img_size).eval()
-            shape = image_input_shape(model, img_size)  # each model's own channels (1 for the mini models)
-            x = inputs[name] = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
-            with torch.no_grad():
-                counts[name] = (count_params(model).total, count_macs(model, x))
-            path = root / f"{name}.onnx"
-            export_onnx(model, path, dynamic_batch=False, batch_size=1, img_size=img_size)
-            generic[name] = onnx_session(path, threads=threads, nchwc=False)
-            rewritten, nchwc = optimize_for_onnxruntime(path, static_convs=True)
-            if nchwc.convs:
-                nchwc_sessions[name] = onnx_session(rewritten, threads=threads, nchwc=False)
-            if eager:
-                graphs[name] = deploy(model, example_input=x)
-            del model
 
-        feeds = {name: {s.get_inputs()[0].name: inputs[name].numpy()} for name, s in generic.items()}
-        onnx_times: dict[str, list[float]] = {n: [] for n in nchwc_sessions}
-        generic_times: dict[str, list[float]] = {n: [] for n in models}
-        eager_times: dict[str, list[float]] = {n: [] for n in models}
-        if progress:
-            log.info("time %d models: %d warm-up and %d timed rounds", len(models), warmup, runs)
-        with torch.inference_mode():
-            for i in range(warmup + runs):
-                for name in models:
+@dataclass
+class _Timed:
+    """One model's ways of running (the portable ONNX session, the NCHWc one when the rewrite found convs, the
+    eager ``deploy()`` graph), its one-image input and counts, and the seconds of each timed round."""
+
+    name: str
+    x: torch.Tensor
+    params: int
+    macs: int
+    generic: Any
+    nchwc: Any = None
+    graph: nn.Module | None = None
+    generic_s: list[float] = field(default_factory=list)
+    nchwc_s: list[float] = field(default_factory=list)
+    eager_s: list[float] = field(default_factory=list)
+
+
+def _prepare(name: str, img_size: int, threads: int, eager: bool, root: Path) -> _Timed:
+    """Build ``name``, count it, export it to ``root/NAME.onnx`` and open its sessions (and its eager graph)."""
+    from parameternet.counting import count_macs, count_params
+    from parameternet.export.folding import deploy
+    from parameternet.export.onnx_export import export_onnx, onnx_session
+    from parameternet.export.ort_nchwc import optimize_for_onnxruntime
+    from parameternet.models import create_model_for_size
+
+    model: nn.Module = create_model_for_size(name, img_size).eval()
+    shape = image_input_shape(model, img_size)  # each model's own channels (1 for the mini models)
+    x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        params, macs = count_params(model).total, count_macs(model, x)
+    path = root / f"{name}.onnx"
+    export_onnx(model, path, dynamic_batch=False, batch_size=1, img_size=img_size)
+    t = _Timed(name, x, params, macs, onnx_session(path, threads=threads, nchwc=False))
+    rewritten, nchwc = optimize_for_onnxruntime(path, static_convs=True)
+    if nchwc.convs:
+        t.nchwc = onnx_session(rewritten, threads=threads, nchwc=False)
+    if eager:
+        t.graph = deploy(model, example_input=x)
+    return t
+
+
+def _time_interleaved(timed: list[_Timed], warmup: int, runs: int) -> None:
+    """``warmup`` untimed then ``runs`` timed rounds; each round runs every model once in each of its ways, one
+    after the other, so a change in the machine's load falls on all of them alike."""
+    feeds = [{t.generic.get_inputs()[0].name: t.x.numpy()} for t in timed]
+    with torch.inference_mode():
+        for i in range(warmup + runs):
+            for t, feed in zip(timed, feeds):
+                ways = [(t.generic.run, (None, feed), t.generic_s)]
+                if t.nchwc is not None:
+                    ways.append((t.nchwc.run, (None, feed), t.nchwc_s))
+                if t.graph is not None:
+                    ways.append((t.graph, (t.x,), t.eager_s))
+                for run, args, seconds in ways:
                     start = time.perf_counter()
-                    generic[name].run(None, feeds[name])
+                    run(*args)
                     if i >= warmup:
-                        generic_times[name].append(time.perf_counter() - start)
-                    if name in nchwc_sessions:
-                        start = time.perf_counter()
-                        nchwc_sessions[name].run(None, feeds[name])
-                        if i >= warmup:
-                            onnx_times[name].append(time.perf_counter() - start)
-                    if eager:
-                        start = time.perf_counter()
-                        graphs[name](inputs[name])
-                        if i >= warmup:
-                            eager_times[name].append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(prev_threads)
-        if tmp is not None:
-            tmp.cleanup()
+                        seconds.append(time.perf_counter() - start)
 
-    rows = []
-    for name in models:
-        graphs_timed = {"onnxruntime": _stats(generic_times[name])}
-        if name in nchwc_sessions:
-            graphs_timed["nchwc"] = _stats(onnx_times[name])
-        graph = min(graphs_timed, key=lambda k: graphs_timed[k][0])
-        (onnx_ms, onnx_p90), generic_ms = graphs_timed[graph], graphs_timed["onnxruntime"][0]
-        nchwc_ms = graphs_timed["nchwc"][0] if "nchwc" in graphs_timed else None
-        eager_ms, eager_p90 = _stats(eager_times[name]) if eager else (None, None)
-        top1, data, source = REPORTED_TOP1.get(name, (None, "", ""))
-        params, macs = counts[name]
-        rows.append(
-            BenchmarkRow(
-                name,
-                params / 1e6,
-                macs / 1e6,
-                onnx_ms,
-                onnx_p90,
-                graph,
-                generic_ms,
-                nchwc_ms,
-                eager_ms,
-                eager_p90,
-                top1,
-                data,
-                source,
-            )
-        )
-    meta = _environment(img_size, threads, warmup, runs)
-    meta["load_average_before"] = [round(v, 2) for v in load_before]
-    meta["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
-    return rows, meta
+
+def _row(t: _Timed, eager: bool) -> BenchmarkRow:
+    """The row of a timed model: the faster ONNX graph's median and p90, both graphs' medians, eager's."""
+    graphs_timed = {"onnxruntime": _stats(t.generic_s)}
+    if t.nchwc is not None:
+        graphs_timed["nchwc"] = _stats(t.nchwc_s)
+    graph = min(graphs_timed, key=lambda k: graphs_timed[k][0])
+    (onnx_ms, onnx_p90), generic_ms = graphs_timed[graph], graphs_timed["onnxruntime"][0]
+    nchwc_ms = graphs_timed["nchwc"][0] if "nchwc" in graphs_timed else None
+    eager_ms, eager_p90 = _stats(t.eager_s) if eager else (None, None)
+    top1, data, source = REPORTED_TOP1.get(t.name, (None, "", ""))
+    return BenchmarkRow(t.name, t.params / 1e6, t.macs / 1e6, onnx_ms, onnx_p90, graph, generic_ms, nchwc_ms,
+                        eager_ms, eager_p90, top1, data, source)  # fmt: skip
 
 
 def _cpu_name() -> str:

@@ -132,40 +132,15 @@ def parameterize(
 
     Returns the converted model; ``model.parameterize_report`` is its :class:`ParameterizeReport`.
     """
-    if not isinstance(model, nn.Module):
-        raise ParameterNetError(f"parameterize() takes an nn.Module, got {type(model).__name__}.")
-    check_num_experts(num_experts)
-    _check_choice("method", method, METHODS)
-    _check_choice("init", init, INITS)
-    _check_choice("router", router, ROUTERS)
-    if method == "repconv" and num_experts < 2:
-        raise ParameterNetError(
-            f"method='repconv' needs num_experts >= 2 (the conv plus num_experts - 1 branches), got {num_experts}."
-        )
-    if not (isinstance(noise, (int, float)) and noise >= 0 and math.isfinite(noise)):
-        raise ParameterNetError(f"noise must be a finite number >= 0, got {noise!r}.")
-    if router_temperature <= 0:
-        raise ParameterNetError(f"router_temperature must be positive, got {router_temperature}.")
+    _check_arguments(model, num_experts, method, init, router, noise, router_temperature)
     include_p, exclude_p = _as_patterns("include", include), _as_patterns("exclude", exclude)
 
     sel = _select(model, method, include_p, exclude_p, example_input, verify)
     selected, candidates, static, example, notes = sel.selected, sel.candidates, sel.static, sel.example, sel.notes
     probe = sel.probe
     rule = probe.positions_rule if probe is not None else None
-    token_routed = [n for n in selected if rule is not None and sel.candidates[n].__class__ is not nn.Conv2d]
-    if token_routed and method == "dynamic":
-        notes.append(
-            f"the model keeps positions apart ({rule.describe()}): its linears route every position on its own, as "
-            "top-1 mixtures of experts (TopKMoELinear); the router options do not apply to them"
-        )
-    else:
-        token_routed = []
-    batch_dims = {
-        n: d for n in selected if n not in token_routed and (d := ((probe.batch_dims or {}) if probe else {}).get(n))
-    }
-    x = None
-    if example is not None and len(example.args) == 1 and not example.kwargs:
-        x = example.args[0] if isinstance(example.args[0], torch.Tensor) else None
+    token_routed, batch_dims = _routing(sel, method)
+    x = _single_tensor(example)
     if count_macs and example is not None and x is None:
         notes.append("MACs not counted: the counter takes one input tensor")
 
@@ -180,44 +155,82 @@ def parameterize(
     lookup = dict(_walk(model))
     converted_after = sum(num_params(lookup[n] if n else model) for n in selected)
     macs_after = _try_macs(model, x, notes) if macs_before is not None else None
-    if verify and probe is not None:
-        _verify(model, {n: lookup[n] if n else model for n in selected}, probe, init == "upcycle")
-        if probe.pair is None:
-            notes.append(
-                "no input dimension keeps samples apart in the example: layers taken as batch-first, per-sample "
-                "independence not checked"
-            )
-    elif verify:
-        notes.append("not self-checked: no example input ran")
+    if verify:
+        _self_check(model, {n: lookup[n] if n else model for n in selected}, probe, init == "upcycle", notes)
 
     report = ParameterizeReport(
-        method=method,
-        num_experts=num_experts,
-        init=init,
-        router=router,
-        router_temperature=float(router_temperature),
-        router_hidden=router_hidden,
-        include=include_p,
-        exclude=exclude_p,
-        converted=selected,
-        static=dict(sorted(static.items())),
-        rule=sel.rule,
-        params_before=params_before,
-        params_after=num_params(model),
-        converted_params_before=converted_before,
-        converted_params_after=converted_after,
-        macs_before=macs_before,
-        macs_after=macs_after,
+        method=method, num_experts=num_experts, init=init, router=router,
+        router_temperature=float(router_temperature), router_hidden=router_hidden, include=include_p,
+        exclude=exclude_p, converted=selected, static=dict(sorted(static.items())), rule=sel.rule,
+        params_before=params_before, params_after=num_params(model), converted_params_before=converted_before,
+        converted_params_after=converted_after, macs_before=macs_before, macs_after=macs_after,
         input_shape=list(example.shape) if example is not None and example.shape is not None else None,
-        notes=notes,
-        batch_dims=batch_dims,
-        token_routed=token_routed,
+        notes=notes, batch_dims=batch_dims, token_routed=token_routed,
         positions=None if rule is None else rule.describe(),
         history=[*previous.history, previous.recipe()] if isinstance(previous, ParameterizeReport) else [],
-    )
+    )  # fmt: skip
     model.parameterize_report = report
     log.debug("%s", report)
     return model
+
+
+def _check_arguments(
+    model: Any, num_experts: int, method: str, init: str, router: str, noise: Any, router_temperature: float
+) -> None:
+    """Refuse (ParameterNetError, one sentence) what :func:`parameterize` cannot take, before it runs anything."""
+    if not isinstance(model, nn.Module):
+        raise ParameterNetError(f"parameterize() takes an nn.Module, got {type(model).__name__}.")
+    check_num_experts(num_experts)
+    _check_choice("method", method, METHODS)
+    _check_choice("init", init, INITS)
+    _check_choice("router", router, ROUTERS)
+    if method == "repconv" and num_experts < 2:
+        raise ParameterNetError(
+            f"method='repconv' needs num_experts >= 2 (the conv plus num_experts - 1 branches), got {num_experts}."
+        )
+    if not (isinstance(noise, (int, float)) and noise >= 0 and math.isfinite(noise)):
+        raise ParameterNetError(f"noise must be a finite number >= 0, got {noise!r}.")
+    if router_temperature <= 0:
+        raise ParameterNetError(f"router_temperature must be positive, got {router_temperature}.")
+
+
+def _routing(sel: Any, method: str) -> tuple[list[str], dict[str, int]]:
+    """``(token_routed, batch_dims)`` of the selected layers: with ``method="dynamic"`` in a model that keeps
+    positions apart, its linears that route every position on its own (noted in ``sel.notes``); the probed batch
+    dimension of each other layer whose batch is not the first dimension."""
+    probe = sel.probe
+    rule = probe.positions_rule if probe is not None else None
+    token_routed = [n for n in sel.selected if rule is not None and sel.candidates[n].__class__ is not nn.Conv2d]
+    if token_routed and method == "dynamic":
+        sel.notes.append(
+            f"the model keeps positions apart ({rule.describe()}): its linears route every position on its own, as "
+            "top-1 mixtures of experts (TopKMoELinear); the router options do not apply to them"
+        )
+    else:
+        token_routed = []
+    dims = (probe.batch_dims or {}) if probe else {}
+    batch_dims = {n: d for n in sel.selected if n not in token_routed and (d := dims.get(n))}
+    return token_routed, batch_dims
+
+
+def _single_tensor(example: Any) -> torch.Tensor | None:
+    """The example's input when it is one tensor (what the MAC counter takes), else None."""
+    if example is not None and len(example.args) == 1 and not example.kwargs:
+        return example.args[0] if isinstance(example.args[0], torch.Tensor) else None
+    return None
+
+
+def _self_check(model: nn.Module, converted: dict[str, nn.Module], probe: Any, upcycled: bool, notes: list) -> None:
+    """:func:`_verify` the ``converted`` layers on the probe's example; what could not be checked goes to ``notes``."""
+    if probe is None:
+        notes.append("not self-checked: no example input ran")
+        return
+    _verify(model, converted, probe, upcycled)
+    if probe.pair is None:
+        notes.append(
+            "no input dimension keeps samples apart in the example: layers taken as batch-first, per-sample "
+            "independence not checked"
+        )
 
 
 def _count_macs(model: nn.Module, x: torch.Tensor) -> int:

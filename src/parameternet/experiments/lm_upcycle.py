@@ -198,7 +198,7 @@ def estimate_text(recipe: str, preset: UpcyclePreset, overrides: Sequence[str] =
     """Measure 1-thread training and evaluation tokens/s here (random tokens) and estimate each run's time and the
     grid's wall time with ``jobs`` one-thread runs side by side (a lower bound: the runs may not pair up at the
     end). Raises ParameterNetError for ``jobs`` below 1 or a bad override."""
-    from parameternet.experiments.lm import measure_tokens_per_s
+    from parameternet.experiments.lm_estimate import measure_tokens_per_s
 
     check_jobs(jobs)
     cfg = check_inputs(preset, recipe, overrides)
@@ -352,7 +352,7 @@ def report(output: str | Path, preset: str = "upcycle2", pool_commits: bool = Fa
                   + (f"differ for: {'; '.join(split)}." if split else "agree for every comparison.")]  # fmt: skip
     router = [r for r in got.router if r["kind"] in UPCYCLED]
     if router:
-        from parameternet.experiments.lm import router_summary
+        from parameternet.experiments.lm_report import router_summary
 
         parts += ["", *router_summary(router, kinds=UPCYCLED)]
     wall = sum(r["wall_s"] or 0 for r in rows)

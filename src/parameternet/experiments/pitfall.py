@@ -210,7 +210,7 @@ def _routing(cfg_dict: dict[str, Any]) -> list[dict[str, Any]]:
     from parameternet.profiling.routing import routing_stats
     from parameternet.train.checkpoint import load_into, load_weights, resolve_weights
     from parameternet.train.config import config_from_dict
-    from parameternet.train.trainer import build_transforms, create_model
+    from parameternet.train.image_build import build_transforms, create_model
 
     run_dir = Path(cfg_dict["output_dir"])
     cached = run_dir / "routing.json"

@@ -296,8 +296,43 @@ def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, 
         graph = deploy_model(model, example_input=example[:1])
     else:
         graph = copy.deepcopy(model).eval()
-    fixed_batch = 1 if per_image else None if dynamic_batch else batch_size
     start = time.perf_counter()
+    moved = _write_graph(model, graph, example, path, dynamic_batch, batch_size, opset, exporter, runtime, per_image)
+    seconds = time.perf_counter() - start
+    if rtol is None:
+        rtol = 1e-2 if dtype == torch.float16 else 1e-4
+    errors, nchwc_error = {}, None
+    if check:
+        errors, nchwc_error = _check_in_onnxruntime(model, path, images, dynamic_batch, batch_size, opset, runtime,
+                                                    rtol)  # fmt: skip
+    report = ExportReport(
+        path=str(path),
+        model=model_name(model),
+        input_shape=["batch" if dynamic_batch else batch_size, chans, height, width],
+        runtime=runtime,
+        nchwc=None if moved is None else str(moved),
+        per_image=per_image,
+        dynamic_batch=dynamic_batch,
+        opset=opset,
+        exporter=exporter,
+        deployed=deploy,
+        max_rel_error=errors,
+        export_seconds=seconds,
+        size_mb=path.stat().st_size / 2**20,
+        nchwc_rel_error=nchwc_error,
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    return report
+
+
+def _write_graph(model, graph, example, path, dynamic_batch, batch_size, opset, exporter, runtime,
+                 per_image) -> Path | None:  # fmt: skip
+    """Export ``graph`` (``model`` deployed or copied) traced on ``example`` to ``path``: a fixed batch declared in
+    the graph, a per-image graph wrapped in a Scan over the batch (rewritten for ONNX Runtime's NCHWc kernels with
+    ``runtime="onnxruntime-cpu"``: what moved is returned, else None). An exporter's failure is ParameterNetError in
+    one line."""
+    (chans, height, width), dtype = example.shape[1:], example.dtype
+    fixed_batch = 1 if per_image else None if dynamic_batch else batch_size
     try:
         with contextlib.nullcontext() if fixed_batch is None else fixed_batch_trace(fixed_batch):
             _run_export(graph, example, path, dynamic_batch=fixed_batch is None, opset=opset, exporter=exporter)
@@ -322,74 +357,61 @@ def _export_to(model, path, dynamic_batch, batch_size, opset, deploy, img_size, 
         else:
             one_image = onnx.load(str(path))
         onnx.save(scan_over_batch(one_image) if dynamic_batch else one_image, str(path))
-    seconds = time.perf_counter() - start
+    return moved
 
+
+def _check_in_onnxruntime(model, path, images, dynamic_batch, batch_size, opset, runtime,
+                          rtol) -> tuple[dict[int, float], float | None]:  # fmt: skip
+    """Load ``path`` in ONNX Runtime and compare it with ``model`` on ``images(n)`` (batches of 1 and 3 for a
+    symbolic batch, else the fixed one; the NCHWc rewrite too for a fixed batch not already rewritten): the largest
+    relative error per batch size and the NCHWc graph's (None when not run). ParameterNetError when ONNX Runtime
+    cannot load it or it takes no input; RuntimeError when an error exceeds ``rtol``."""
     errors: dict[int, float] = {}
     nchwc_error = None
-    if rtol is None:
-        rtol = 1e-2 if dtype == torch.float16 else 1e-4
-    if check:
-        try:
-            session = onnx_session(path, nchwc=False)
-        except ParameterNetError:
-            raise
-        except Exception as e:  # ONNX Runtime's message can quote the whole node: its first line is enough
-            raise ParameterNetError(
-                f"ONNX Runtime cannot load the graph exported for {model_name(model)} at opset {opset}: "
-                f"{first_line(e)[:300]}; "
-                "export at the default opset 18, or please report this model."
-            ) from e
-        nchwc_session = None
-        if not dynamic_batch and runtime != "onnxruntime-cpu":
-            from parameternet.export.ort_nchwc import optimize_for_onnxruntime
+    try:
+        session = onnx_session(path, nchwc=False)
+    except ParameterNetError:
+        raise
+    except Exception as e:  # ONNX Runtime's message can quote the whole node: its first line is enough
+        raise ParameterNetError(
+            f"ONNX Runtime cannot load the graph exported for {model_name(model)} at opset {opset}: "
+            f"{first_line(e)[:300]}; "
+            "export at the default opset 18, or please report this model."
+        ) from e
+    nchwc_session = None
+    if not dynamic_batch and runtime != "onnxruntime-cpu":
+        from parameternet.export.ort_nchwc import optimize_for_onnxruntime
 
-            rewritten, nchwc = optimize_for_onnxruntime(path)
-            nchwc_session = onnx_session(rewritten, nchwc=False) if nchwc.convs else None
-        if not session.get_inputs():
-            raise ParameterNetError(
-                f"the ONNX graph of {model_name(model)} takes no input: its output does not depend on the images "
-                "as traced (a tensor left the graph through numpy or Python); keep the forward in torch ops."
-            )
-        input_name = session.get_inputs()[0].name
+        rewritten, nchwc = optimize_for_onnxruntime(path)
+        nchwc_session = onnx_session(rewritten, nchwc=False) if nchwc.convs else None
+    if not session.get_inputs():
+        raise ParameterNetError(
+            f"the ONNX graph of {model_name(model)} takes no input: its output does not depend on the images "
+            "as traced (a tensor left the graph through numpy or Python); keep the forward in torch ops."
+        )
+    input_name = session.get_inputs()[0].name
 
-        def rel_error(got, expected) -> float:
-            scale = expected.abs().max().double().clamp_min(1e-12)
-            return ((torch.from_numpy(got).double() - expected.double()).abs().max() / scale).item()
+    def rel_error(got, expected) -> float:
+        scale = expected.abs().max().double().clamp_min(1e-12)
+        return ((torch.from_numpy(got).double() - expected.double()).abs().max() / scale).item()
 
-        with eval_mode(model):
-            for n in (1, 3) if dynamic_batch else (batch_size,):
-                x = images(n)
-                expected = model(x).float().cpu()
-                feed = {input_name: x.cpu().numpy()}
-                errors[n] = rel_error(session.run(None, feed)[0], expected)
-                if nchwc_session is not None:
-                    nchwc_error = rel_error(nchwc_session.run(None, feed)[0], expected)
-        worst = max(errors.values())
-        if nchwc_error is not None and nchwc_error > rtol:
-            raise RuntimeError(
-                f"ONNX Runtime's NCHWc kernels give outputs of {model_name(model)} that differ from PyTorch by "
-                f"{nchwc_error:.2e} (relative), more than rtol={rtol:g}; please report this model."
-            )
-        if worst > rtol:
-            raise RuntimeError(
-                f"the ONNX graph of {model_name(model)} differs from PyTorch by {worst:.2e} (relative) in "
-                f"onnxruntime, more than rtol={rtol:g}; please report this model."
-            )
-    report = ExportReport(
-        path=str(path),
-        model=model_name(model),
-        input_shape=["batch" if dynamic_batch else batch_size, chans, height, width],
-        runtime=runtime,
-        nchwc=None if moved is None else str(moved),
-        per_image=per_image,
-        dynamic_batch=dynamic_batch,
-        opset=opset,
-        exporter=exporter,
-        deployed=deploy,
-        max_rel_error=errors,
-        export_seconds=seconds,
-        size_mb=path.stat().st_size / 2**20,
-        nchwc_rel_error=nchwc_error,
-        dtype=str(dtype).removeprefix("torch."),
-    )
-    return report
+    with eval_mode(model):
+        for n in (1, 3) if dynamic_batch else (batch_size,):
+            x = images(n)
+            expected = model(x).float().cpu()
+            feed = {input_name: x.cpu().numpy()}
+            errors[n] = rel_error(session.run(None, feed)[0], expected)
+            if nchwc_session is not None:
+                nchwc_error = rel_error(nchwc_session.run(None, feed)[0], expected)
+    worst = max(errors.values())
+    if nchwc_error is not None and nchwc_error > rtol:
+        raise RuntimeError(
+            f"ONNX Runtime's NCHWc kernels give outputs of {model_name(model)} that differ from PyTorch by "
+            f"{nchwc_error:.2e} (relative), more than rtol={rtol:g}; please report this model."
+        )
+    if worst > rtol:
+        raise RuntimeError(
+            f"the ONNX graph of {model_name(model)} differs from PyTorch by {worst:.2e} (relative) in "
+            f"onnxruntime, more than rtol={rtol:g}; please report this model."
+        )
+    return errors, nchwc_error

@@ -28,11 +28,13 @@ import hashlib
 import io
 import json
 import logging
+import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from parameternet.errors import ParameterNetError
@@ -50,7 +52,9 @@ __all__ = [
     "read_metadata",
     "recorded_metadata",
     "resolve_weights",
+    "restore_rng_state",
     "restore_sharded",
+    "rng_state",
     "save_weights",
     "sharded_dir",
     "sharded_state",
@@ -163,6 +167,27 @@ def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The python, numpy, torch and (on a CUDA ``device``) CUDA generators' states, for a step checkpoint's
+    training state; :func:`restore_rng_state` sets them back."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+    }
+
+
+def restore_rng_state(rng: dict[str, Any], device: torch.device) -> None:
+    """Set the generators to a :func:`rng_state` (the CUDA ones only when it has them and ``device`` is CUDA)."""
+    random.setstate(rng["python"])
+    np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def _hash_file(path: Path) -> dict[str, Any]:

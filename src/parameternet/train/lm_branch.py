@@ -181,7 +181,7 @@ class ExperimentLMTrainer(LMTrainer):
 
     def _fork(self, source: Path) -> None:
         from parameternet.train.checkpoint import CheckpointManager
-        from parameternet.train.loop import check_resume_recipe
+        from parameternet.train.resume import check_resume_recipe
 
         found = source if source.is_file() else None
         if found is None and source.is_dir():

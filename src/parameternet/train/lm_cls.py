@@ -182,25 +182,13 @@ def finetune_classifier(
     :func:`~parameternet.train.lm_eval.check_saved_lm` refuses, or text
     :func:`~parameternet.train.lm_eval.text_data_for` refuses (another vocabulary, or other splits than the run's).
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     import parameternet.models.llama_moe  # noqa: F401  (registers the Auto classes)
-    from parameternet.train.lm_eval import check_saved_lm, check_vocab, text_data_for
-    from parameternet.train.loop import decay_groups
+    from parameternet.train.lm_eval import check_saved_lm, text_data_for
 
-    counts = (("steps", steps), ("batch_size", batch_size), ("max_len", max_len), ("train_per_class", train_per_class),
-              ("test_per_class", test_per_class), ("threads", threads))  # fmt: skip
-    for key, value in counts:
-        if value is not None and value < 1:
-            raise ParameterNetError(f"{key}={value} is invalid; use 1 or more")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ParameterNetError(f"lr={lr} is invalid; use a positive learning rate such as 1e-4")
-    if not weight_decay >= 0:
-        raise ParameterNetError(f"weight_decay={weight_decay} is invalid; use 0 or more")
-    if amp not in ("none", "bf16"):
-        raise ParameterNetError(f"amp={amp!r} is invalid; use none or bf16")
-    if task not in CLS_TASKS:
-        raise ParameterNetError(f"unknown classification task {task!r}; choose from {', '.join(CLS_TASKS)}")
+    _check_arguments(task, lr, weight_decay, amp, steps=steps, batch_size=batch_size, max_len=max_len,
+                     train_per_class=train_per_class, test_per_class=test_per_class, threads=threads)  # fmt: skip
     model_dir = check_saved_lm(model_dir)
     if threads:
         torch.set_num_threads(threads)
@@ -208,50 +196,9 @@ def finetune_classifier(
     data = text_data_for(model_dir, data_dir, tokenizer)
     cls_task = build_cls_task(data, task, train_per_class=train_per_class, test_per_class=test_per_class, seed=0)
     torch.manual_seed(seed)
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the load report lists lm_head / score, which are expected to differ
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir,
-            num_labels=len(cls_task.labels),
-            id2label=dict(enumerate(cls_task.labels)),
-            label2id={name: i for i, name in enumerate(cls_task.labels)},
-            pad_token_id=tokenizer.pad_token_id,
-            dtype=torch.float32,
-        )
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    check_vocab(model, tokenizer)
-    opt = torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr)
-    warmup = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
-    )
-    order_rng = random.Random(seed)
-    order: list[int] = []
-    losses = []
+    model = _load_classifier(model_dir, tokenizer, cls_task.labels)
     start = time.perf_counter()
-    model.train()
-    for step in range(steps):
-        while len(order) < batch_size:
-            perm = list(range(len(cls_task.train)))
-            order_rng.shuffle(perm)
-            order += perm
-        batch, order = [cls_task.train[i] for i in order[:batch_size]], order[batch_size:]
-        ids = _encode(tokenizer, [t for t, _ in batch], max_len)
-        labels = torch.tensor([y for _, y in batch])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
-            out = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=labels)
-        out.loss.float().backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(out.loss.item())
-        if not math.isfinite(losses[-1]):
-            raise ParameterNetError(f"the fine-tuning loss became {losses[-1]} at step {step + 1}; lower lr={lr}")
+    losses = _finetune(model, tokenizer, cls_task.train, steps, batch_size, lr, weight_decay, max_len, amp, seed)
     wall = time.perf_counter() - start
     acc = _accuracy(model, tokenizer, cls_task.test, max_len, 32)
     tail = losses[-max(1, len(losses) // 10) :]
@@ -282,3 +229,84 @@ def finetune_classifier(
         tokenizer.save_pretrained(out_dir / "classifier")  # so AutoTokenizer, lm finetune-cls, ... load it
         atomic_write(out_dir / "cls.json", json.dumps(result, indent=1) + "\n")
     return result
+
+
+def _check_arguments(task: str, lr: float, weight_decay: float, amp: str, **counts: int | None) -> None:
+    """Refuse (ParameterNetError, one sentence) an argument :func:`finetune_classifier` cannot take: a count below
+    1 (``counts``: a None count is not given), an ``lr`` that is not a positive number, a negative
+    ``weight_decay``, an unknown ``amp`` or ``task``."""
+    for key, value in counts.items():
+        if value is not None and value < 1:
+            raise ParameterNetError(f"{key}={value} is invalid; use 1 or more")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ParameterNetError(f"lr={lr} is invalid; use a positive learning rate such as 1e-4")
+    if not weight_decay >= 0:
+        raise ParameterNetError(f"weight_decay={weight_decay} is invalid; use 0 or more")
+    if amp not in ("none", "bf16"):
+        raise ParameterNetError(f"amp={amp!r} is invalid; use none or bf16")
+    if task not in CLS_TASKS:
+        raise ParameterNetError(f"unknown classification task {task!r}; choose from {', '.join(CLS_TASKS)}")
+
+
+def _load_classifier(model_dir: Path, tokenizer, labels: Sequence[str]) -> torch.nn.Module:
+    """The saved language model with a new classification head over ``labels`` (float32), its vocabulary
+    checked against ``tokenizer``'s."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from parameternet.train.lm_eval import check_vocab
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report lists lm_head / score, which are expected to differ
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)},
+            pad_token_id=tokenizer.pad_token_id,
+            dtype=torch.float32,
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    check_vocab(model, tokenizer)
+    return model
+
+
+def _finetune(
+    model: torch.nn.Module, tokenizer, train: Sequence[tuple[str, int]], steps: int, batch_size: int, lr: float,
+    weight_decay: float, max_len: int, amp: str, seed: int,
+) -> list[float]:  # fmt: skip
+    """``steps`` AdamW steps (linear warmup over a tenth, then linear decay to 0; gradients clipped at 1) on
+    batches of ``batch_size`` ``(passage, label)`` pairs of ``train``, cycling through them in an order seeded by
+    ``seed``; the loss of each step. Raises ParameterNetError at the first non-finite loss."""
+    from parameternet.train.loop import decay_groups
+
+    opt = torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr)
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
+    )
+    order_rng = random.Random(seed)
+    order: list[int] = []
+    losses = []
+    model.train()
+    for step in range(steps):
+        while len(order) < batch_size:
+            perm = list(range(len(train)))
+            order_rng.shuffle(perm)
+            order += perm
+        batch, order = [train[i] for i in order[:batch_size]], order[batch_size:]
+        ids = _encode(tokenizer, [t for t, _ in batch], max_len)
+        labels = torch.tensor([y for _, y in batch])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+            out = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=labels)
+        out.loss.float().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+        if not math.isfinite(losses[-1]):
+            raise ParameterNetError(f"the fine-tuning loss became {losses[-1]} at step {step + 1}; lower lr={lr}")
+    return losses

@@ -23,250 +23,53 @@ in lockstep (every process as many forward passes as the one with the most batch
 
 from __future__ import annotations
 
-import contextlib
-import difflib
 import json
 import logging
 import math
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from parameternet.data.images import build_dataset
-from parameternet.data.pipeline import BatchTransform, LoaderDataset, collate, pil_transform
+from parameternet.data.pipeline import LoaderDataset, collate
 from parameternet.errors import ParameterNetError
 from parameternet.runs import StopSignal, atomic_write
-from parameternet.toolkit import strip_wrapper_prefixes
 from parameternet.train import distributed as D
 from parameternet.train.checkpoint import (
-    MIN_MATCH,
     gathered_state_dict,
     load_into,
     load_state,
     load_weights,
-    read_metadata,
     recorded_metadata,
-    resolve_weights,
+    restore_rng_state,
     restore_sharded,
+    rng_state,
     sharded_dir,
     sharded_state,
 )
-from parameternet.train.config import TrainConfig, apply_overrides, config_from_dict
+from parameternet.train.config import TrainConfig
+from parameternet.train.image_build import (
+    AMP,
+    build_loss,
+    build_optimizer,
+    build_transforms,
+    create_model,
+    init_from_checkpoint,
+)
+from parameternet.train.image_eval import evaluate
 from parameternet.train.loop import Cadence, Timing, TrainTask, Window, peak_lr, run_locked, seed_all
 
-__all__ = [
-    "Trainer",
-    "build_transforms",
-    "create_model",
-    "evaluate",
-    "evaluate_checkpoint",
-    "router_param_groups",
-    "train",
-]
+__all__ = ["Trainer", "train"]
 
 log = logging.getLogger(__name__)
-
-
-def create_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """``timm.create_model`` with the recipe's model, class count, input channels and extra arguments."""
-    import timm
-
-    import parameternet.models  # noqa: F401  (registers the paper's models in timm)
-
-    kwargs = dict(cfg.model_kwargs)
-    if cfg.drop_path > 0:
-        kwargs["drop_path_rate"] = cfg.drop_path
-    if not timm.is_model(cfg.model):
-        close = difflib.get_close_matches(cfg.model, timm.list_models(), n=1)
-        hint = f"did you mean {close[0]!r}?" if close else "see timm.list_models()"
-        raise ParameterNetError(f"model {cfg.model!r} is not a timm model; {hint}")
-    try:
-        return timm.create_model(cfg.model, pretrained=False, num_classes=num_classes, in_chans=cfg.in_chans, **kwargs)
-    except TypeError as e:
-        raise ParameterNetError(f"model {cfg.model!r} rejects model_kwargs {kwargs} ({e}); fix model_kwargs") from None
-
-
-def router_param_groups(
-    model: nn.Module, weight_decay: float, router_lr_scale: float = 1.0, router_weight_decay: float | None = None
-) -> list[dict[str, Any]]:
-    """Optimizer parameter groups: timm's weight-decay split (no decay on 1-d tensors), with the routers of the
-    dynamic layers in groups of their own, learning at ``lr x router_lr_scale`` (timm's schedulers honour
-    ``lr_scale``) with ``router_weight_decay`` (default: the others')."""
-    from parameternet.layers import DynamicConv2d, DynamicLinear
-
-    if router_lr_scale <= 0 or (router_weight_decay is not None and router_weight_decay < 0):
-        raise ParameterNetError(
-            f"optim.router_lr_scale={router_lr_scale} must be positive and optim.router_weight_decay="
-            f"{router_weight_decay} not negative"
-        )
-    routers = {
-        id(p) for m in model.modules() if isinstance(m, (DynamicConv2d, DynamicLinear)) for p in m.router.parameters()
-    }
-    skip = set(getattr(model, "no_weight_decay", lambda: ())())
-    groups: dict[tuple[bool, bool], list[torch.Tensor]] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            decays = p.ndim > 1 and name not in skip
-            groups.setdefault((id(p) in routers, decays), []).append(p)
-    out = []
-    for (router, decays), params in groups.items():
-        wd = weight_decay if decays else 0.0
-        if router and router_weight_decay is not None:
-            wd = router_weight_decay if decays else 0.0
-        out.append({"params": params, "weight_decay": wd, "lr_scale": router_lr_scale if router else 1.0})
-    return out
 
 
 def _divisors(n: int) -> str:
     """``"1, 2, 4 or 8"``: the numbers of processes ``n`` images (or sequences) split over evenly."""
     fits = [d for d in range(1, n + 1) if n % d == 0]
     return ", ".join(map(str, fits[:-1])) + f" or {fits[-1]}" if len(fits) > 1 else str(fits[0])
-
-
-def _classifier_classes(model: nn.Module, state_dict: dict) -> int | None:
-    name = getattr(model, "pretrained_cfg", {}).get("classifier")
-    w = strip_wrapper_prefixes(state_dict, model.state_dict()).get(f"{name}.weight") if name else None
-    return int(w.shape[0]) if w is not None else None
-
-
-def init_from_checkpoint(model: nn.Module, path: str, num_classes: int, strict: bool = True) -> None:
-    """Load pretrained weights; a checkpoint with another class count gets a fresh classifier.
-
-    With ``strict`` a checkpoint that fits fewer than 90% of the model's tensors (another architecture) raises
-    ParameterNetError; without it whatever fits is loaded and the rest logged.
-    """
-    weights = resolve_weights(path)
-    sd, meta = load_weights(weights)
-    sd = strip_wrapper_prefixes(sd, model.state_dict(), f"checkpoint {weights}")  # saved from DDP / torch.compile
-    min_match = MIN_MATCH if strict else 0.0
-    if not strict:  # load what fits: tensors of another shape are left as initialised
-        own = model.state_dict()
-        misfit = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
-        if misfit:
-            log.warning("init from %s: %d tensors of another shape left as initialised: %s", weights, len(misfit),
-                        misfit[:8])  # fmt: skip
-            sd = {k: v for k, v in sd.items() if k not in misfit}
-    src_classes = meta.get("num_classes") or _classifier_classes(model, sd) or num_classes
-    if src_classes != num_classes:
-        model.reset_classifier(src_classes)  # shape the head like the checkpoint's, load, then replace it
-        load_into(model, sd, str(weights), strict=False, min_match=min_match)
-        model.reset_classifier(num_classes)
-        log.info("init from %s: classifier re-initialised (%d -> %d classes)", weights, src_classes, num_classes)
-    else:
-        load_into(model, sd, str(weights), strict=False, min_match=min_match)
-        log.info("init from %s (model %s, %d classes)", weights, meta.get("model", "?"), num_classes)
-
-
-def build_transforms(cfg: TrainConfig, ds, train: bool, device: torch.device):
-    """((per-image PIL transform or None, batch transform on the device), pipeline name) for a dataset."""
-    in_memory = getattr(ds, "in_memory", False)
-    pipeline = cfg.data.pipeline
-    if pipeline == "auto":
-        pipeline = "tensor" if in_memory and not (train and cfg.aug.randaugment) else "pil"
-    if pipeline == "tensor" and not in_memory:
-        raise ParameterNetError(f"data.pipeline=tensor needs an in-memory dataset; {ds.name!r} is read from disk")
-    if pipeline == "tensor" and train and cfg.aug.randaugment:
-        raise ParameterNetError(f"aug.randaugment={cfg.aug.randaugment!r} needs data.pipeline=pil (or auto)")
-    a = cfg.aug
-    if pipeline == "pil":
-        per_image = pil_transform(
-            train,
-            cfg.img_size,
-            cfg.data.mean,
-            cfg.data.std,
-            randaugment=a.randaugment,
-            color_jitter=a.color_jitter,
-            hflip=a.hflip,
-            scale=tuple(a.scale),
-            random_erasing=a.random_erasing,
-            crop_pct=cfg.data.crop_pct,
-            interpolation=cfg.data.interpolation,
-        )
-        # the PIL transform already normalised 3 channels; the batch transform only adapts them to in_chans
-        batch = BatchTransform(False, cfg.img_size, cfg.in_chans, [0.0], [1.0])
-    else:
-        per_image = None
-        batch = BatchTransform(
-            train,
-            cfg.img_size,
-            cfg.in_chans,
-            cfg.data.mean,
-            cfg.data.std,
-            hflip=a.hflip,
-            crop_padding=a.crop_padding,
-            random_erasing=a.random_erasing,
-        )
-    return (per_image, batch.to(device)), pipeline
-
-
-class _AMP:
-    """Autocast context and (fp16 only) gradient scaler for the recipe's ``amp`` setting."""
-
-    def __init__(self, mode: str, device: torch.device):
-        if mode == "auto":
-            mode = "none" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-        if mode == "fp16" and device.type != "cuda":
-            raise ParameterNetError("amp='fp16' needs a CUDA device; use amp=bf16 or amp=none on CPU")
-        self.mode, self.device = mode, device
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
-        self.scaler = torch.amp.GradScaler("cuda") if mode == "fp16" else None
-
-    def __call__(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loader, transform: nn.Module, device: torch.device, amp: _AMP, lockstep: bool = False
-) -> dict[str, float]:
-    """Loss, top-1 and top-5 (percent) over a loader, summed over ranks. ``lockstep``: every rank runs as many
-    forward passes as the rank with the most batches (one with fewer repeats its first batch and counts nothing),
-    for a model whose forward is a collective (FSDP)."""
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, images
-    extra = 0
-    if lockstep:
-        extra = int(D.all_reduce_max(torch.tensor([len(loader)], device=device)).item()) - len(loader)
-    first = None
-    for x, y in loader:
-        x, y = transform(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-        first = x[:1] if first is None else first
-        with amp():
-            out = model(x)
-        out = out.float()
-        top = out.topk(min(5, out.shape[1]), dim=1).indices
-        sums += torch.stack(
-            [
-                F.cross_entropy(out, y, reduction="sum").double(),
-                (top[:, 0] == y).sum().double(),
-                (top == y[:, None]).any(dim=1).sum().double(),
-                torch.tensor(float(len(y)), dtype=torch.float64, device=device),
-            ]
-        )
-    for _ in range(extra):  # lockstep: the others' forward passes need this rank's share of the weights
-        with amp():
-            model(first if first is not None else _first_batch(loader, transform, device))
-    D.all_reduce_sum(sums)
-    n = max(sums[3].item(), 1.0)
-    return {
-        "loss": sums[0].item() / n,
-        "top1": 100 * sums[1].item() / n,
-        "top5": 100 * sums[2].item() / n,
-        "images": int(sums[3].item()),
-    }
-
-
-def _first_batch(loader, transform: nn.Module, device: torch.device) -> torch.Tensor:
-    """One image of the loader's dataset as a batch (lockstep evaluation on a rank whose shard is empty)."""
-    x, _ = collate([loader.dataset[0]])
-    return transform(x.to(device))
 
 
 class Trainer(TrainTask):
@@ -380,7 +183,7 @@ class Trainer(TrainTask):
             model.to(memory_format=torch.channels_last)
         self.model = model
         self.params = sum(p.numel() for p in model.parameters())
-        self.amp = _AMP(cfg.amp, self.device)
+        self.amp = AMP(cfg.amp, self.device)
         self.ema = None
         if cfg.ema is not None:
             from timm.utils import ModelEmaV3
@@ -410,65 +213,8 @@ class Trainer(TrainTask):
         return D.fully_shard_model(model, D.shard_units(model), self.dist, low, routers)
 
     def _build_optim(self) -> None:
-        from timm.data import Mixup
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
-
-        cfg, o, s = self.cfg, self.cfg.optim, self.cfg.schedule
-        extra = {k: v for k, v in (("betas", tuple(o.betas) if o.betas else None), ("eps", o.eps)) if v is not None}
-        if o.router_lr_scale != 1.0 or o.router_weight_decay is not None:
-            if o.layer_decay is not None:
-                raise ParameterNetError(
-                    "optim.layer_decay cannot be combined with optim.router_lr_scale / optim.router_weight_decay; "
-                    "drop one of them"
-                )
-            groups = router_param_groups(self.model, o.weight_decay, o.router_lr_scale, o.router_weight_decay)
-            extra["param_group_fn"] = lambda model: groups
-        try:
-            self.optimizer = create_optimizer_v2(
-                self.model,
-                opt=o.name,
-                lr=o.lr,
-                weight_decay=o.weight_decay,
-                momentum=o.momentum,
-                layer_decay=o.layer_decay,
-                **extra,
-            )
-        except (ValueError, AssertionError, KeyError) as e:
-            raise ParameterNetError(f"optim.name={o.name!r} could not be created ({e}); use adamw or sgd") from None
-        warmup = s.warmup_steps if s.warmup_steps is not None else round(s.warmup_epochs * self.steps_per_epoch)
-        try:
-            self.scheduler, _ = create_scheduler_v2(
-                self.optimizer,
-                sched=s.name,
-                num_epochs=self.total_steps,
-                warmup_epochs=min(warmup, self.total_steps),
-                warmup_lr=s.warmup_lr,
-                min_lr=s.min_lr,
-                step_on_epochs=False,
-                updates_per_epoch=1,
-            )
-        except (ValueError, AssertionError) as e:
-            raise ParameterNetError(f"schedule.name={s.name!r} could not be created ({e}); use e.g. cosine") from None
-        if self.scheduler is not None:
-            self.scheduler.step_update(0)
-        a = cfg.aug
-        self.mixup = None
-        if a.mixup > 0 or a.cutmix > 0:
-            self.mixup = Mixup(
-                mixup_alpha=a.mixup,
-                cutmix_alpha=a.cutmix,
-                prob=a.mixup_prob,
-                switch_prob=a.mixup_switch_prob,
-                label_smoothing=a.label_smoothing,
-                num_classes=self.num_classes,
-            )
-            self.criterion = SoftTargetCrossEntropy()
-        elif a.label_smoothing > 0:
-            self.criterion = LabelSmoothingCrossEntropy(smoothing=a.label_smoothing)
-        else:
-            self.criterion = nn.CrossEntropyLoss()
+        self.optimizer, self.scheduler = build_optimizer(self.cfg, self.model, self.steps_per_epoch, self.total_steps)
+        self.mixup, self.criterion = build_loss(self.cfg, self.num_classes)
 
     # ----- checkpoints -----
     def _metadata(self) -> dict[str, Any]:
@@ -483,15 +229,6 @@ class Trainer(TrainTask):
             "step": self.step,
             "world_size": self.dist.world_size,
             "config": cfg.to_dict(),
-        }
-
-    def _rng_state(self) -> dict[str, Any]:
-        np_state = np.random.get_state()
-        return {
-            "python": random.getstate(),
-            "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
         }
 
     def _written_on(self) -> str:
@@ -528,7 +265,7 @@ class Trainer(TrainTask):
             "total_steps": self.total_steps,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.amp.scaler.state_dict() if self.amp.scaler is not None else None,
-            "rng": self._rng_state(),
+            "rng": rng_state(self.device),
             "best": self.best,
             "best_step": self.best_step,
             "last_val": self.last_val,
@@ -571,12 +308,7 @@ class Trainer(TrainTask):
             self.scheduler.load_state_dict(state["scheduler"])
         if self.amp.scaler is not None and state.get("scaler") is not None:
             self.amp.scaler.load_state_dict(state["scaler"])
-        rng = state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
-        torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_rng_state(state["rng"], self.device)
         self.step, self.epoch, self.pos = state["step"], state["epoch"], state["pos"]
         self.best, self.best_step, self.last_val = state["best"], state["best_step"], state.get("last_val", {})
         self.window.restore(state.get("log_window", [0.0, 0]))
@@ -744,59 +476,3 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """
     fsdp = cfg.parallel == "fsdp"
     return run_locked(cfg.device, cfg.output_dir, lambda dist, stop: Trainer(cfg, dist, stop), group=fsdp)
-
-
-def evaluate_checkpoint(path: str, overrides: list[str]) -> dict[str, Any]:
-    """Top-1 / top-5 / loss of a checkpoint on ``data=SPEC`` (the recipe comes from the checkpoint)."""
-    weights = resolve_weights(path)
-    meta = read_metadata(weights)
-    if not meta["model"]:
-        raise ParameterNetError(
-            f"{str(weights)!r} does not name its model (no parameternet metadata); evaluate a file written by "
-            f"parameternet train or convert"
-        )
-    sd, _ = load_weights(weights)
-    if meta["config"]:
-        cfg = config_from_dict(meta["config"])
-    else:  # a convert / parameterize.save output: the model's own input size and channels
-        cfg = config_from_dict({"model": meta["model"]})
-        cfg.model_kwargs = {k: v for k, v in meta["model_kwargs"].items() if k not in ("num_classes", "in_chans")}
-        cfg.in_chans = meta["in_chans"] or cfg.in_chans
-        cfg.img_size = meta["img_size"] or cfg.img_size
-    cfg.resume = cfg.init_from = None
-    overrides = [f"data.val={o.split('=', 1)[1]}" if o.startswith("data=") else o for o in overrides]
-    apply_overrides(cfg, overrides)
-    if not cfg.data.val:
-        raise ParameterNetError("no dataset to evaluate on; pass data=SPEC, e.g. data=fashion-mnist:test")
-    cfg.validate()
-    dist = D.setup(cfg.device)
-    try:
-        seed_all(cfg.seed)
-        if meta["parameterize"]:  # a converted model: rebuilt from its recipe
-            from parameternet.io import build_from_recipe
-
-            model = build_from_recipe(meta)
-            num_classes = int(meta["num_classes"] or model.num_classes)
-        else:
-            num_classes = int(meta["num_classes"] or _classifier_classes(create_model(cfg, 1), sd) or 1000)
-            model = create_model(cfg, num_classes)
-        load_into(model, sd, str(weights), strict=True)
-        model.to(dist.device)
-        ds = build_dataset(cfg.data.val)
-        if ds.num_classes > num_classes:
-            raise ParameterNetError(
-                f"data={cfg.data.val!r} has {ds.num_classes} classes but checkpoint predicts {num_classes}"
-            )
-        (per_image, batch_tf), _ = build_transforms(cfg, ds, False, dist.device)
-        batch = (cfg.eval_batch_size or cfg.batch_size) // dist.world_size or 1
-        loader = torch.utils.data.DataLoader(
-            LoaderDataset(ds, per_image),
-            batch_size=batch,
-            sampler=D.ShardSampler(len(ds), dist.world_size, dist.rank),
-            num_workers=cfg.data.num_workers,
-            collate_fn=collate,
-        )
-        result = evaluate(model, loader, batch_tf, dist.device, _AMP(cfg.amp, dist.device))
-    finally:
-        D.cleanup()
-    return {"checkpoint": str(weights), "data": cfg.data.val, **result}
