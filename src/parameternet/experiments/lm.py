@@ -46,6 +46,7 @@ from parameternet.errors import ParameterNetError
 from parameternet.experiments.lm_grid import (
     DENSE,
     MOE8,
+    SMOKE_OVERRIDES,
     Runner,
     Task,
     Variant,
@@ -161,19 +162,7 @@ PRESETS = {
         cls_variants=(DENSE, "down_proj-4"),
         cls_seeds=(0,),
         cls=dict(task="source", steps=3, batch_size=4, lr=1e-4, max_len=32, train_per_class=20, test_per_class=10),
-        overrides=(
-            "model.hidden_size=32",
-            "model.intermediate_size=64",
-            "model.num_hidden_layers=2",
-            "data.vocab_size=300",
-            "data.val_fraction=0.2",
-            "data.eval_fraction=0.2",
-            "data.seq_len=32",
-            "batch_size=4",
-            "log_every=1",
-            "eval_batch_size=8",
-            "ckpt_every_steps=2",
-        ),  # fmt: skip
+        overrides=(*SMOKE_OVERRIDES, "ckpt_every_steps=2"),
         zero_shot_items=8,
     ),
 }

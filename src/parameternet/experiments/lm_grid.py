@@ -80,6 +80,13 @@ class Variant:
 
 DENSE, MOE8 = "dense", "down_proj-8"
 
+# The smoke presets' model and data: a 2-layer LLaMA of width 32 on a 300-token vocabulary, a wiring check in seconds.
+SMOKE_OVERRIDES = (
+    "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2", "data.vocab_size=300",
+    "data.val_fraction=0.2", "data.eval_fraction=0.2", "data.seq_len=32", "batch_size=4", "log_every=1",
+    "eval_batch_size=8",
+)  # fmt: skip
+
 
 # Recipe keys the grid sets for each run (variant, seed, learning rate, token budget, schedule, evaluation, run
 # directory, one thread), after the user's overrides: an override of one would be ignored or, for max_steps and

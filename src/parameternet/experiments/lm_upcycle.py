@@ -34,7 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from parameternet.errors import ParameterNetError
-from parameternet.experiments.lm_grid import DENSE, MOE8, Runner, Task, check_grid, check_inputs, check_jobs
+from parameternet.experiments.lm_grid import (
+    DENSE,
+    MOE8,
+    SMOKE_OVERRIDES,
+    Runner,
+    Task,
+    check_grid,
+    check_inputs,
+    check_jobs,
+)
 from parameternet.experiments.lm_rows import fmt_mean, load_report_rows
 from parameternet.experiments.lm_upcycle_rule import BRANCHES, CRITERIA, UPCYCLED, judge_rows
 from parameternet.runs import atomic_write
@@ -90,19 +99,7 @@ PRESETS = {
         eval_every=2,
         eval_tokens=4096,
         rewarmup_fraction=0.25,  # 4 of the 16 steps: a ramp the branch's 8 steps can show
-        overrides=(
-            "model.hidden_size=32",
-            "model.intermediate_size=64",
-            "model.num_hidden_layers=2",
-            "data.vocab_size=300",
-            "data.val_fraction=0.2",
-            "data.eval_fraction=0.2",
-            "data.seq_len=32",
-            "batch_size=4",
-            "log_every=1",
-            "eval_batch_size=8",
-            "ckpt_every_steps=4",
-        ),  # fmt: skip
+        overrides=(*SMOKE_OVERRIDES, "ckpt_every_steps=4"),
     ),
 }
 
