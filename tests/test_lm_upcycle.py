@@ -223,6 +223,17 @@ def test_report_gives_the_table_the_verdicts_and_the_plot(tmp_path):
     )
 
 
+def test_a_partial_grid_says_it_is_incomplete_and_how_to_continue(tmp_path):
+    out = tmp_path / "out"
+    _write_grid(out, {"continue": 4.45}, None)  # 3 trunks and one kind of continuation: 6 of 18 runs
+    text = lm_upcycle.report(out)
+    assert text.startswith("Incomplete: 6 of the grid's 18 runs (3 trunks, 3 continuations);")
+    assert "from a checkout of commit aaaaaaaaaaaa to continue." in text
+    _write_grid(tmp_path / "all", dict.fromkeys(("continue", "reset", "upcycle", "upcycle-rewarm", "upcycle-moe-lr"),
+                                                4.45), None)  # fmt: skip
+    assert "Incomplete" not in lm_upcycle.report(tmp_path / "all")
+
+
 def test_upcycle2_command_refuses_what_does_not_apply_in_one_line(capsys, tmp_path):
     assert main(["lm", "experiment", "--preset", "full", "--simulate"]) == 2
     err = capsys.readouterr().err.strip()

@@ -283,6 +283,15 @@ def report(output: str | Path, preset: str = "upcycle2", pool_commits: bool = Fa
     trunks = {r["seed"]: r for r in rows if r["kind"] == "trunk"}
     ends = [r for r in rows if r["kind"] in BRANCHES]
     parts = []
+    expected = len(p.seeds) * (1 + len(BRANCHES)) if p else None
+    if expected and len(rows) < expected:
+        parts += [
+            f"Incomplete: {len(rows)} of the grid's {expected} runs ({len(trunks)} trunks, {len(ends)} continuations);"
+            " verdicts below are on the seeds whose runs have all finished, not the pre-stated design's. Rerun "
+            f"`parameternet lm experiment --preset {preset}` from a checkout of commit "
+            f"{', '.join(sorted({str(r['commit'])[:12] for r in rows}))} to continue.",
+            "",
+        ]
     if ends:
         e = ends[0]
         per_step = e["tokens"] // max(1, e["steps"] - e["start_step"])
