@@ -135,7 +135,7 @@ def test_lm_recipe_errors(tmp_path):
         load_lm_config("configs/lm-small.yaml", ["model.num_expert=4"])
     with pytest.raises(ParameterNetError, match="grad_accum"):
         load_lm_config("configs/lm-small.yaml", ["grad_accum=3"])
-    with pytest.raises(ParameterNetError, match="Unknown projection 'gate'"):
+    with pytest.raises(ParameterNetError, match="unknown projection 'gate'"):
         load_lm_config("configs/lm-small.yaml", ["model.moe_projections=[gate]"])
     with pytest.raises(ParameterNetError, match="does not exist"):
         load_lm_config(tmp_path / "nope.yaml")

@@ -432,7 +432,10 @@ def test_convert_cli_reads_training_checkpoints(tmp_path, capsys):
         (["resnet10t", "--experts", "4", "--method", "prune"], "unknown method 'prune'"),
         (["resnet10q", "--experts", "4"], "unknown model 'resnet10q'"),
         (["missing.pth", "--experts", "4"], "no such checkpoint file"),
-        (["NOTMODEL", "--experts", "4"], "is not a model checkpoint that torch.load can read safely"),
+        (
+            ["NOTMODEL", "--experts", "4"],
+            "is not a model checkpoint: neither safetensors nor a file torch.load reads safely",
+        ),
         (["NODICT", "--experts", "4"], "is not a model checkpoint: it holds no state dict of tensors."),
         (["NOARCH", "--experts", "4"], "does not name its architecture; pass --arch TIMM_NAME."),
         (["resnet10t", "--experts", "4", "--img-size", "3"], "--img-size must be an integer >= 8, got 3."),
@@ -648,3 +651,23 @@ def test_the_self_check_catches_samples_leaking_into_each_other(monkeypatch):
     dense = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
     with pytest.raises(ParameterNetError, match="a sample's output depends on the other samples of its batch"):
         parameterize(dense, 4, example_input=torch.randn(6, 2, 16), count_macs=False)
+
+
+def test_more_experts_than_memory_holds_and_a_second_conversion_are_one_sentence(monkeypatch):
+    """Refused before anything is allocated (not killed by the OOM killer); a ParameterNet is not converted twice."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    monkeypatch.setattr("parameternet.toolkit._physical_memory", lambda: 2**30)  # a 1 GiB machine
+    with pytest.raises(ParameterNetError, match=r"num_experts=1000000 on 2 converted layers needs 3 GiB, more than "
+                                                r"this machine's 1 GiB of memory; use fewer experts"):  # fmt: skip
+        parameterize(net, 1_000_000, example_input=(1, 3, 8, 8), count_macs=False)
+    parameterize(net, 2, example_input=(1, 3, 8, 8), count_macs=False)
+    with pytest.raises(ParameterNetError, match=r"it is already a ParameterNet: 2 dynamic or RepConv layers"):
+        parameterize(net, 2, example_input=(1, 3, 8, 8), count_macs=False)
+
+
+def test_a_command_name_of_the_first_version_names_the_new_one(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["lm-train", "configs/lm-small.yaml"])
+    assert (
+        e.value.code == 2 and "the language-model commands are 'parameternet lm train' now" in capsys.readouterr().err
+    )

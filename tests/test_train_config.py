@@ -32,6 +32,7 @@ def test_overrides_are_typed():
         ("progress=maybe", "it must be true or false"),
         ("optim=adamw", "names a section"),
         ("lr", "is not key=value"),
+        ("=5", "override '=5' is not key=value"),
         ("data.train=imagenet:train", "unknown source"),
         ("amp=fp8", "amp='fp8' is invalid"),
         ("device=gpu", "device='gpu' is invalid; it must be auto, cpu, cuda or cuda:N"),

@@ -498,7 +498,9 @@ def load_source_model(
         except Exception as e:
             first = (str(e).strip().splitlines() or [""])[0][:120]
             raise ParameterNetError(
-                f"{source!r} is not a model checkpoint that torch.load can read safely ({type(e).__name__}: {first})."
+                f"{source!r} is not a model checkpoint: neither safetensors nor a file torch.load reads safely "
+                f"({type(e).__name__}: {first}); pass a .safetensors file written by parameternet or a torch.save "
+                "state dict."
             ) from e
         state, found_arch = _find_state_and_arch(obj)
         if state is None:

@@ -25,6 +25,7 @@ from parameternet.errors import ParameterNetError
 __all__ = [
     "MIN_IMG_SIZE",
     "WRAPPER_PREFIXES",
+    "check_memory",
     "eval_mode",
     "example_input_for",
     "first_line",
@@ -257,13 +258,19 @@ def image_input_shape(
         if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
             raise ParameterNetError(f"img_size must be a positive int or (height, width), got {img_size!r}.")
     chans, height, width = int(chans), int(size[0]), int(size[1])
-    need, memory = 4 * chans * height * width, _physical_memory()
+    check_memory(4 * chans * height * width, f"img_size {height}x{width}: one {chans}-channel float32 image",
+                 "use a smaller img_size")  # fmt: skip
+    return chans, height, width
+
+
+def check_memory(need: int, what: str, fix: str) -> None:
+    """Raise ParameterNetError, before any allocation, when ``need`` bytes exceed this machine's physical memory:
+    "``what`` needs N GiB, more than this machine's M GiB of memory; ``fix``." Nothing where the OS does not say."""
+    memory = _physical_memory()
     if memory is not None and need > memory:
         raise ParameterNetError(
-            f"img_size {height}x{width}: one {chans}-channel float32 image needs {need / 2**30:.0f} GiB, more than "
-            f"this machine's {memory / 2**30:.0f} GiB of memory; use a smaller img_size."
+            f"{what} needs {need / 2**30:.0f} GiB, more than this machine's {memory / 2**30:.0f} GiB of memory; {fix}."
         )
-    return chans, height, width
 
 
 # ---------------------------------------------------------------------------------------------------------------

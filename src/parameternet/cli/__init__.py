@@ -41,13 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LM_COMMANDS = ("data", "train", "eval", "finetune-cls", "experiment")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    given = list(sys.argv[1:] if argv is None else argv)
+    old = next((a for a in given if not a.startswith("-")), "")
+    if old.startswith("lm-") and old[3:] in LM_COMMANDS:  # a command name of the first version, not a typo
+        parser.error(f"argument command: invalid choice: {old!r}; the language-model commands are 'parameternet lm "
+                     f"{old[3:]}' now")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     from parameternet.runs import RunInterrupted, fs_error
 
-    nested = (getattr(args, "lm_command", None), getattr(args, "benchmark_command", None))
+    nested = (getattr(args, f"{name}_command", None) for name in ("lm", "benchmark", "data"))
     command = " ".join(c for c in (args.command, *nested) if c)
     try:
         return int(args.func(args) or 0)

@@ -56,7 +56,7 @@ from parameternet.conversion.select import GATE_NAMES, _as_patterns, _select, _w
 from parameternet.counting import count_macs as _count_macs_of
 from parameternet.errors import ParameterNetError
 from parameternet.layers import ROUTERS, check_num_experts
-from parameternet.toolkit import eval_mode, example_input_for, num_params
+from parameternet.toolkit import check_memory, eval_mode, example_input_for, num_params
 
 __all__ = [
     "GATE_NAMES",
@@ -146,6 +146,10 @@ def parameterize(
 
     params_before = num_params(model)
     converted_before = sum(num_params(candidates[n]) for n in selected)
+    itemsize = max((p.element_size() for n in selected for p in candidates[n].parameters()), default=4)
+    check_memory(converted_before * num_experts * itemsize,
+                 f"num_experts={num_experts} on {len(selected)} converted layers",
+                 "use fewer experts, or convert fewer layers with include / exclude")  # fmt: skip
     macs_before = None
     if count_macs and x is not None:
         macs_before = _try_macs(model, x, notes)

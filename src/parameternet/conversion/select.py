@@ -250,9 +250,12 @@ def _select(
     if selected:
         return _Selection(selected, candidates, static, rule, example, notes, probe)
     what = "nn.Conv2d" if method == "repconv" else "nn.Conv2d or nn.Linear"
+    done = sum(is_parameternet_layer(m) for _, m in walk(model, opaque=is_parameternet_layer))
+    already = f" (it is already a ParameterNet: {done} dynamic or RepConv layers)" if done else ""
     if not candidates:
-        raise ParameterNetError(f"nothing to convert: {type(model).__name__} has no plain {what} layer.")
+        raise ParameterNetError(f"nothing to convert: {type(model).__name__} has no plain {what} layer{already}.")
     raise ParameterNetError(
-        f"nothing to convert: all {len(candidates)} {what} layers of {type(model).__name__} stay static "
-        f"({', '.join(sorted({_reason_kind(static[n]) for n in candidates}))}); choose layers with include=[...]."
+        f"nothing to convert{already}: all {len(candidates)} {what} layers of {type(model).__name__} stay static "
+        f"({', '.join(sorted({_reason_kind(static[n]) for n in candidates}))}); choose layers with include "
+        "(--include on the command line)."
     )

@@ -184,7 +184,7 @@ class LMTrainConfig:
         for name in self.model.moe_projections:
             if name not in MOE_PROJECTIONS:
                 raise ParameterNetError(
-                    f"Unknown projection {name!r} in model.moe_projections; choose from {', '.join(MOE_PROJECTIONS)}."
+                    f"unknown projection {name!r} in model.moe_projections; choose from {', '.join(MOE_PROJECTIONS)}."
                 )
         ParameterNetLlamaConfig(**dataclasses.asdict(self.model))  # its own checks (experts per token, capacity)
         return self

@@ -203,10 +203,10 @@ def from_dict(cls: type[R], data: dict | None, where: str = "") -> R:
 def apply_overrides(cfg: R, overrides: list[str]) -> R:
     """Apply ``key=value`` strings (dotted keys) to the recipe ``cfg`` in place and return it."""
     for item in overrides:
-        if "=" not in item:
-            raise ParameterNetError(f"override {item!r} is not key=value; write e.g. optim.lr=5e-4")
-        key, value = item.split("=", 1)
+        key, eq, value = item.partition("=")
         key = key.strip()
+        if not eq or not key:
+            raise ParameterNetError(f"override {item!r} is not key=value; write e.g. optim.lr=5e-4")
         parts = key.split(".")
         obj = cfg
         for i, part in enumerate(parts):

@@ -61,7 +61,7 @@ class ParameterNetLlamaConfig(LlamaConfig):
         for name in projections:
             if name not in MOE_PROJECTIONS:
                 raise ParameterNetError(
-                    f"Unknown projection {name!r} in moe_projections; choose from {', '.join(MOE_PROJECTIONS)}."
+                    f"unknown projection {name!r} in moe_projections; choose from {', '.join(MOE_PROJECTIONS)}."
                 )
         # One canonical order, so two configs naming the same projections compare and save alike.
         self.moe_projections = [name for name in MOE_PROJECTIONS if name in projections]
