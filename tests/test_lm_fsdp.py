@@ -7,12 +7,7 @@ gradient does not depend on the split (the load-balancing loss of a micro-batch 
 """
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +21,7 @@ from parameternet.train import distributed as D
 from parameternet.train.lm import LMTrainer, load_lm_config, train_lm
 from test_lm_text import make_fake_corpora
 from test_lm_train import TINY
+from torchrun_helpers import kill_after_first_checkpoint, max_diff, rows, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "configs" / "lm-small.yaml")
@@ -39,54 +35,12 @@ def corpora(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _env() -> dict:
-    # one thread per process: reproducible reductions, and two processes share the 2 cores
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def _torchrun(*overrides: str, popen: bool = False):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "parameternet",
-           "lm", "train", RECIPE, *overrides]  # fmt: skip
-    if popen:
-        return subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)  # fmt: skip
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res
-
-
-def _kill_9(agent: subprocess.Popen) -> None:
-    """SIGKILL a torchrun agent and its workers (each in a session of its own, so not in the agent's group)."""
-    workers = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == agent.pid:  # the parent pid
-            workers.append(int(stat.parent.name))
-    assert workers, "torchrun has no worker processes"
-    agent.kill()
-    for pid in workers:
-        os.kill(pid, signal.SIGKILL)
-    agent.wait()
-    for pid in workers:
-        while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]:
-            time.sleep(0.01)
-
-
-def _rows(out: Path, split: str = "train") -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows if r["split"] == split]
+    return torchrun(["lm", "train", RECIPE], *overrides, popen=popen)
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "model" / "model.safetensors")
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def _cut_after(out: Path, step: int) -> None:
@@ -109,12 +63,12 @@ def test_fsdp_two_processes_match_one_and_reshard_to_one(corpora):
     res = _torchrun(*SPLIT_FREE, "parallel=fsdp", "eval_batch_size=1", f"output_dir={two}")
     assert "rank 0/2 joined the gloo process group" in res.stderr
 
-    ref, fsdp = _rows(one), _rows(two)
+    ref, fsdp = rows(one), rows(two)
     assert [r["step"] for r in fsdp] == [1, 2, 3, 4]
     for a, b in zip(ref, fsdp, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-5)
-    assert _rows(two, "val")[0]["loss"] == pytest.approx(_rows(one, "val")[0]["loss"], rel=1e-5)
-    assert _max_diff(_weights(one), _weights(two)) < 1e-6
+    assert rows(two, "val")[0]["loss"] == pytest.approx(rows(one, "val")[0]["loss"], rel=1e-5)
+    assert max_diff(_weights(one), _weights(two)) < 1e-6
 
     # the checkpoints: DCP shards of both processes, the training state, a manifest listing them; no weights file
     ck = two / "checkpoints"
@@ -143,10 +97,10 @@ def test_fsdp_two_processes_match_one_and_reshard_to_one(corpora):
     # resharded 2 -> 1: the one process finishes the two-process run
     summary = train_lm(load_lm_config(RECIPE, [*SPLIT_FREE, "parallel=fsdp", f"output_dir={two}", "resume=auto"]))
     assert summary["steps"] == 4 and summary["session_steps"] == 2
-    assert [r["step"] for r in _rows(two)] == [1, 2, 3, 4]
-    for a, b in zip(ref, _rows(two), strict=True):
+    assert [r["step"] for r in rows(two)] == [1, 2, 3, 4]
+    for a, b in zip(ref, rows(two), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
-    assert _max_diff(_weights(one), _weights(two)) < 1e-6
+    assert max_diff(_weights(one), _weights(two)) < 1e-6
     assert not torch.distributed.is_initialized()  # the group of one is gone with the run
 
 
@@ -157,7 +111,7 @@ def test_fsdp_checkpoints_resume_exactly_in_one_process(corpora):
     plain, full, cut = corpora / "plain", corpora / "full", corpora / "cut"
     train_lm(load_lm_config(RECIPE, [*common, f"output_dir={plain}"]))
     summary = train_lm(load_lm_config(RECIPE, [*common, "parallel=fsdp", f"output_dir={full}"]))
-    assert _max_diff(_weights(plain), _weights(full)) == 0.0
+    assert max_diff(_weights(plain), _weights(full)) == 0.0
     assert summary["zero_shot"] == json.loads((plain / "summary.json").read_text())["zero_shot"]
     shutil.copytree(full, cut)
     _cut_after(cut, 2)
@@ -170,7 +124,7 @@ def test_fsdp_checkpoints_resume_exactly_in_one_process(corpora):
     _cut_after(cut, 2)
     (cut / "checkpoints" / ".step_0000004.dcp.partial").mkdir()
     train_lm(load_lm_config(RECIPE, [*common, "parallel=fsdp", f"output_dir={cut}", "resume=auto"]))
-    assert _max_diff(_weights(full), _weights(cut)) == 0.0 and _rows(full) == _rows(cut)
+    assert max_diff(_weights(full), _weights(cut)) == 0.0 and rows(full) == rows(cut)
     assert not (cut / "checkpoints" / ".step_0000004.dcp.partial").exists()  # cleaned by the next save
 
 
@@ -194,7 +148,7 @@ def test_fsdp_accumulates_unsynced_and_activation_checkpointing_changes_nothing(
     train_lm(load_lm_config(RECIPE, [*common, "parallel=fsdp", "activation_checkpointing=true",
                                      f"output_dir={sharded}"]))  # fmt: skip
     assert calls == [False, True] * 3
-    assert _max_diff(_weights(plain), _weights(sharded)) == 0.0
+    assert max_diff(_weights(plain), _weights(sharded)) == 0.0
 
 
 def test_a_ddp_checkpoint_resumed_under_fsdp_is_one_sentence(corpora, capsys):
@@ -240,17 +194,10 @@ def test_fsdp_kill_9_mid_run_then_resume_ends_with_the_same_weights(corpora):
     args = [*TINY, "model.moe_projections=[down_proj]", "amp=bf16", "activation_checkpointing=true", "grad_accum=2",
             "parallel=fsdp", "max_steps=12", "ckpt_every_steps=2", "zero_shot_items=0"]  # fmt: skip
     full, cut = corpora / "full", corpora / "cut"
-    victim = _torchrun(*args, f"output_dir={cut}", popen=True)
-    deadline = time.time() + 240
-    while not (cut / "checkpoints" / "step_0000002.manifest.json").exists():
-        assert victim.poll() is None and time.time() < deadline, victim.stderr.read()[-3000:]
-        time.sleep(0.01)
-    _kill_9(victim)
-    assert not (cut / "summary.json").exists(), "killed too late to test anything"
-    steps = [int(p.name[5:12]) for p in (cut / "checkpoints").glob("step_*.manifest.json")]
+    last = kill_after_first_checkpoint(_torchrun(*args, f"output_dir={cut}", popen=True), cut)
     _torchrun(*args, f"output_dir={full}")
     res = _torchrun(*args, f"output_dir={cut}", "resume=auto")
-    assert f"resumed from {cut / 'checkpoints' / f'step_{max(steps):07d}.state.pt'} at step {max(steps)}" in res.stderr
-    assert max(steps) < 12
-    assert _rows(cut) == _rows(full) and _rows(cut, "val") == _rows(full, "val")
-    assert _max_diff(_weights(full), _weights(cut)) == 0.0
+    assert f"resumed from {cut / 'checkpoints' / f'step_{last:07d}.state.pt'} at step {last}" in res.stderr
+    assert last < 12
+    assert rows(cut) == rows(full) and rows(cut, "val") == rows(full, "val")
+    assert max_diff(_weights(full), _weights(cut)) == 0.0

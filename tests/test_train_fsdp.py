@@ -12,9 +12,6 @@ tests.
 
 import json
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +24,7 @@ from parameternet.train import distributed as D
 from parameternet.train.checkpoint import load_weights, resolve_weights
 from parameternet.train.config import load_config
 from parameternet.train.trainer import train
-from test_lm_fsdp import _env, _kill_9
+from torchrun_helpers import kill_after_first_checkpoint, max_diff, rows, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -42,28 +39,15 @@ GHOST = ["model=parameternet_mini_025", "channels_last=true", *COMMON]
 
 
 def _torchrun(*overrides: str, popen: bool = False):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "parameternet",
-           "train", SMOKE, *overrides]  # fmt: skip
-    if popen:
-        return subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)  # fmt: skip
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res
+    return torchrun(["train", SMOKE], *overrides, popen=popen)
 
 
 def _rows(out: Path, split: str = "train") -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows if r["split"] == split]
+    return rows(out, split, TIMING)
 
 
 def _final(out: Path, ema: bool = False) -> dict[str, torch.Tensor]:
     return load_weights(out / "checkpoints" / f"final{'.ema' if ema else ''}.safetensors")[0]
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
 def _cut_after(out: Path, step: int) -> None:
@@ -91,7 +75,7 @@ def test_fsdp_two_processes_match_one_and_reshard_to_one(packaged_data, tmp_path
     for a, b in zip(_rows(one, "val"), _rows(two, "val"), strict=True):  # the model's and the EMA's
         assert a["images"] == 45 and (a["weights"], a["images"], a["top1"]) == (b["weights"], b["images"], b["top1"])
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
-    assert _max_diff(_final(one), _final(two)) < 1e-5 and _max_diff(_final(one, True), _final(two, True)) < 1e-5
+    assert max_diff(_final(one), _final(two)) < 1e-5 and max_diff(_final(one, True), _final(two, True)) < 1e-5
 
     # the step checkpoints: DCP shards of both processes (model, AdamW state, EMA), the training state, a manifest
     ck = two / "checkpoints"
@@ -111,7 +95,7 @@ def test_fsdp_two_processes_match_one_and_reshard_to_one(packaged_data, tmp_path
     assert summary["steps"] == 4 and summary["session_steps"] == 2
     for a, b in zip(ref, _rows(two), strict=True):
         assert b["step"] == a["step"] and b["loss"] == pytest.approx(a["loss"], rel=1e-5)
-    assert _max_diff(_final(one), _final(two)) < 1e-5 and _max_diff(_final(one, True), _final(two, True)) < 1e-5
+    assert max_diff(_final(one), _final(two)) < 1e-5 and max_diff(_final(one, True), _final(two, True)) < 1e-5
     assert not torch.distributed.is_initialized()  # the group of one is gone with the run
 
 
@@ -124,7 +108,7 @@ def test_fsdp_in_one_process_is_the_plain_run_and_resumes_exactly(packaged_data,
     train(load_config(SMOKE, [*GHOST, "parallel=fsdp", f"output_dir={full}"]))
     for a, b in zip(_rows(plain), _rows(full), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
-    assert _max_diff(_final(plain), _final(full)) < 1e-5 and _max_diff(_final(plain, True), _final(full, True)) < 1e-5
+    assert max_diff(_final(plain), _final(full)) < 1e-5 and max_diff(_final(plain, True), _final(full, True)) < 1e-5
 
     shutil.copytree(full, cut)
     _cut_after(cut, 2)
@@ -148,7 +132,7 @@ def test_fsdp_in_one_process_is_the_plain_run_and_resumes_exactly(packaged_data,
     )
     assert main([*args, "parallel=fsdp"]) == 0
     assert _rows(cut) == _rows(full) and _rows(cut, "val") == _rows(full, "val")
-    assert _max_diff(_final(full), _final(cut)) == 0.0 and _max_diff(_final(full, True), _final(cut, True)) == 0.0
+    assert max_diff(_final(full), _final(cut)) == 0.0 and max_diff(_final(full, True), _final(cut, True)) == 0.0
 
     _cut_after(plain, 2)
     capsys.readouterr()
@@ -222,7 +206,7 @@ def test_fsdp_matches_ddp_on_two_processes_with_expert_banks_and_batchnorm(packa
     _torchrun(*GHOST, "parallel=fsdp", f"output_dir={fsdp}")
     for a, b in zip(_rows(ddp), _rows(fsdp), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
-    assert _max_diff(_final(ddp), _final(fsdp)) < 1e-5 and _max_diff(_final(ddp, True), _final(fsdp, True)) < 1e-5
+    assert max_diff(_final(ddp), _final(fsdp)) < 1e-5 and max_diff(_final(ddp, True), _final(fsdp, True)) < 1e-5
 
 
 @pytest.mark.slow
@@ -231,17 +215,10 @@ def test_fsdp_kill_9_mid_run_then_resume_ends_with_the_same_weights(packaged_dat
     resume=auto, the same rows, weights and EMA as an uninterrupted run, bit for bit."""
     args = [*GHOST, "parallel=fsdp", "max_steps=12", "eval_every_steps=6"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    victim = _torchrun(*args, f"output_dir={cut}", popen=True)
-    deadline = time.time() + 240
-    while not (cut / "checkpoints" / "step_0000002.manifest.json").exists():
-        assert victim.poll() is None and time.time() < deadline, victim.stderr.read()[-3000:]
-        time.sleep(0.01)
-    _kill_9(victim)
-    assert not (cut / "summary.json").exists(), "killed too late to test anything"
-    steps = [int(p.name[5:12]) for p in (cut / "checkpoints").glob("step_*.manifest.json")]
+    last = kill_after_first_checkpoint(_torchrun(*args, f"output_dir={cut}", popen=True), cut)
     _torchrun(*args, f"output_dir={full}")
     res = _torchrun(*args, f"output_dir={cut}", "resume=auto")
-    assert f"resumed from {cut / 'checkpoints' / f'step_{max(steps):07d}.state.pt'} at step {max(steps)}" in res.stderr
-    assert max(steps) < 12
+    assert f"resumed from {cut / 'checkpoints' / f'step_{last:07d}.state.pt'} at step {last}" in res.stderr
+    assert last < 12
     assert _rows(cut) == _rows(full) and _rows(cut, "val") == _rows(full, "val")
-    assert _max_diff(_final(full), _final(cut)) == 0.0 and _max_diff(_final(full, True), _final(cut, True)) == 0.0
+    assert max_diff(_final(full), _final(cut)) == 0.0 and max_diff(_final(full, True), _final(cut, True)) == 0.0
