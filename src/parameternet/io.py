@@ -4,7 +4,7 @@ A weights file (``parameternet.save``, ``parameternet convert``, a training or L
 safetensors state dict, so timm and ``safetensors.torch.load_file`` read it as is, whose string metadata holds the
 keys below, each JSON-encoded (:data:`FORMAT` names the schema):
 
-- ``format``: :data:`FORMAT` (as read: what the file says, e.g. an older schema's name);
+- ``format``: :data:`FORMAT` (as read: what the file says; a foreign file's own, or none);
 - ``kind``: ``"convert"`` (:func:`save`), ``"train"`` (a vision run), ``"lm"`` (a language-model run) or
   ``"plain"`` (any other file);
 - ``model``: the timm name (None when unknown); ``model_kwargs``: its build arguments, ``num_classes`` and
@@ -13,10 +13,7 @@ keys below, each JSON-encoded (:data:`FORMAT` names the schema):
 - ``config``: the training recipe (a dict) or None;
 - any other key the writer adds (``step``, ``classes``, ``weights``: ``"ema"``, ...).
 
-Files of the two earlier schemas read into the same dict: ``parameternet-checkpoint-1`` (training checkpoints,
-the same keys without the normalisation) and the first ``parameterize.save`` files, whose only metadata is the
-recipe ``{"format": 1, "model", "model_kwargs", "parameterize"}`` as a JSON string under the key
-``"parameternet"``. :func:`load_source_model` also reads foreign checkpoints (timm's, ``torch.save`` files) for
+:func:`load_source_model` also reads foreign checkpoints (timm's, ``torch.save`` files) for
 ``parameternet convert``. A file whose ``format`` names a parameternet schema this version does not know, or whose
 conversion steps hold a key, method or router it does not know (a file of a newer version), is refused with
 ParameterNetError instead of being read as something else.
@@ -58,10 +55,7 @@ __all__ = [
 ]
 
 FORMAT = "parameternet-2"
-OLD_FORMATS = ("parameternet-checkpoint-1",)
 KINDS = ("convert", "train", "lm", "plain")
-RECIPE_KEY = "parameternet"  # the first schema: the whole recipe, as a JSON string, under this key
-RECIPE_FORMAT = 1  # ... with this "format" inside it
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -69,27 +63,17 @@ RECIPE_FORMAT = 1  # ... with this "format" inside it
 
 
 def _normalize(meta: dict[str, Any], source: str) -> dict[str, Any]:
-    """Decoded metadata of any schema, old or new, as the one schema (see the module docstring).
+    """Decoded metadata, parameternet's or a foreign file's, as the one schema (see the module docstring).
 
     Raises ParameterNetError for a parameternet format or a conversion step this version does not know (a file
     written by a newer one), rather than loading it as something else."""
     meta = dict(meta)
     fmt = meta.get("format")
-    if isinstance(fmt, str) and fmt.startswith("parameternet") and fmt not in (FORMAT, *OLD_FORMATS):
-        known = ", ".join(repr(f) for f in (FORMAT, *OLD_FORMATS))
+    if isinstance(fmt, str) and fmt.startswith("parameternet") and fmt != FORMAT:
         raise ParameterNetError(
             f"{source!r} has metadata format {fmt!r}, which this version of parameternet does not read (it reads "
-            f"{known}); upgrade parameternet to the version that wrote the file."
+            f"{FORMAT!r}); use the version of parameternet that wrote the file."
         )
-    recipe = meta.pop(RECIPE_KEY, None)
-    if isinstance(recipe, str):
-        recipe = json.loads(recipe)
-    if isinstance(recipe, dict):  # the first parameterize.save schema
-        if recipe.get("format") != RECIPE_FORMAT:
-            raise ParameterNetError(f"{source!r} has recipe format {recipe.get('format')!r}; expected {RECIPE_FORMAT}.")
-        for k in ("model", "model_kwargs", "parameterize"):
-            meta.setdefault(k, recipe.get(k))
-        meta.setdefault("kind", "convert")
     kwargs = dict(meta.get("model_kwargs") or {})
     for k in ("num_classes", "in_chans"):
         if isinstance(meta.get(k), int):
@@ -106,7 +90,7 @@ def _normalize(meta: dict[str, Any], source: str) -> dict[str, Any]:
     _check_steps(meta["parameterize"], source)
     meta["config"] = cfg
     kind = meta.get("kind")
-    meta["kind"] = "lm" if kind == "parameternet-lm" else kind if kind in KINDS else "train" if cfg else "plain"
+    meta["kind"] = kind if kind in KINDS else "train" if cfg else "plain"
     return meta
 
 
@@ -317,14 +301,12 @@ def _steps_of(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def read_recipe(path: str | Path) -> dict[str, Any] | None:
-    """What :func:`save` stored to rebuild a model (``format``, ``model``, ``model_kwargs``, ``parameterize``), or
-    ``None`` for a file it did not write."""
+    """What :func:`save` stored to rebuild a model (``model``, ``model_kwargs``, ``parameterize``), or ``None`` for
+    a file it did not write."""
     meta = read_metadata(path)
     if meta["kind"] != "convert":
         return None
-    return dict(
-        format=RECIPE_FORMAT, model=meta["model"], model_kwargs=meta["model_kwargs"], parameterize=meta["parameterize"]
-    )
+    return dict(model=meta["model"], model_kwargs=meta["model_kwargs"], parameterize=meta["parameterize"])
 
 
 def build_from_recipe(recipe: dict[str, Any]) -> nn.Module:

@@ -222,7 +222,7 @@ class LMTrainer(TrainTask):
             "last_val": self.last_val,
         }
         meta = {
-            "kind": "parameternet-lm",
+            "kind": "lm",
             "step": self.step,
             "world_size": self.dist.world_size,
             "config": self.cfg.to_dict(),
