@@ -291,12 +291,9 @@ def test_brown_genre_labels():
     assert label_of("source", "gutenberg/austen-emma.txt#003") == 0
 
 
-def test_first_version_csv_is_kept_aside_and_a_foreign_one_refused(tmp_path):
+def test_rows_without_the_later_columns_gain_them_and_a_foreign_csv_is_refused(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "runs.csv").write_text(",".join(lm_rows.FIRST_VERSION_COLUMNS) + ",run\ndense,-,0,0,1,2,3.0,4.0,x\n")
-    lm_rows.check_header(out / "runs.csv", lm.COLUMNS)
-    assert not (out / "runs.csv").exists() and (out / "runs-v1.csv").read_text().startswith("variant,")
     # rows written before heldout_loss existed: the column is added, empty (not measured), the rows kept
     before = [c for c in lm.COLUMNS if c != "heldout_loss"]
     old = {c: "" for c in before} | {"kind": "main", "preset": "full", "variant": "dense", "val_loss": "4.5"}

@@ -24,7 +24,6 @@ from parameternet.experiments.provenance import code_id
 __all__ = [
     "COLUMNS",
     "CURVE_COLUMNS",
-    "FIRST_VERSION_COLUMNS",
     "ROUTER_COLUMNS",
     "ReportRows",
     "check_header",
@@ -82,14 +81,10 @@ def read_rows(csv_path: str | Path) -> list[dict[str, Any]]:
         return [parse_row(dict(r)) for r in csv.DictReader(f)]
 
 
-FIRST_VERSION_COLUMNS = ("variant", "projection", "experts", "seed", "params", "tokens", "train_loss", "val_loss")
-
-
 def check_header(csv_path: Path, columns: Sequence[str]) -> None:
     """A CSV that exists must have ``columns``. One written before columns were added (its columns are ``columns``
     less some, in order: ``heldout_loss`` came later) is rewritten with the new columns empty in its rows, which
-    were not measured; the first version's ``runs.csv`` (one row per run of 262k tokens, no provenance) is kept as
-    ``runs-v1.csv``; any other header is a user error."""
+    were not measured (``results/lm/runs.csv`` is such a file); any other header is a user error."""
     if not csv_path.is_file() or csv_path.stat().st_size == 0:
         return
     with open(csv_path, newline="") as f:
@@ -107,11 +102,6 @@ def check_header(csv_path: Path, columns: Sequence[str]) -> None:
         os.replace(tmp, csv_path)
         added = [c for c in columns if c not in header]
         log.warning("%s: added the columns %s, empty in its %d earlier rows", csv_path, ", ".join(added), len(old))
-        return
-    if header[: len(FIRST_VERSION_COLUMNS)] == FIRST_VERSION_COLUMNS:
-        kept = csv_path.with_name(f"{csv_path.stem}-v1.csv")
-        csv_path.rename(kept)
-        log.warning("%s holds the first version's rows; kept as %s, new rows start a new file", csv_path, kept)
         return
     raise ParameterNetError(
         f"{str(csv_path)!r} has other columns than this version writes; move it away or pass another --output"
