@@ -40,6 +40,7 @@ from parameternet.errors import ParameterNetError
 __all__ = [
     "DataSpec",
     "FolderImages",
+    "ImageSet",
     "TensorImages",
     "build_dataset",
     "class_balanced_indices",
@@ -185,7 +186,29 @@ def _subset_indices(targets: np.ndarray, spec: DataSpec) -> np.ndarray | None:
     return idx
 
 
-class TensorImages(torch.utils.data.Dataset):
+class ImageSet(torch.utils.data.Dataset):
+    """What every image dataset here holds: ``targets`` (int64 class indices, one per image), ``classes`` (their
+    names) and ``name``; images of one size in memory say so (``in_memory``, ``image_shape``), others decode one
+    image at a time (``load_pil``)."""
+
+    in_memory = False
+    targets: torch.Tensor
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """``(C, H, W)`` of every image, or None where the images differ in size."""
+        return None
+
+
+class TensorImages(ImageSet):
     """Images held in memory as a uint8 tensor ``(N, C, H, W)`` with int64 targets."""
 
     in_memory = True
@@ -194,13 +217,6 @@ class TensorImages(torch.utils.data.Dataset):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ParameterNetError(f"in-memory images must be uint8 (N, C, H, W), got {images.dtype} {images.shape}")
         self.images, self.targets, self.classes, self.name = images, targets.long(), tuple(classes), name
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -220,10 +236,8 @@ class TensorImages(torch.utils.data.Dataset):
         return TensorImages(self.images[idx], self.targets[idx], self.classes, self.name)
 
 
-class FolderImages(torch.utils.data.Dataset):
+class FolderImages(ImageSet):
     """An ImageNet-layout folder (``root/<class>/<image>``), decoded with PIL one image at a time."""
-
-    in_memory = False
 
     def __init__(self, root: str | Path):
         from torchvision.datasets import ImageFolder
@@ -240,17 +254,6 @@ class FolderImages(torch.utils.data.Dataset):
         self.samples = list(folder.samples)
         self.classes = tuple(folder.classes)
         self.targets = torch.as_tensor([t for _, t in self.samples], dtype=torch.long)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def image_shape(self) -> None:
-        return None
 
     def load_pil(self, i: int) -> tuple[Image.Image, int]:
         """Image ``i`` decoded by PIL, and its class; raises :class:`ParameterNetError` naming a file that is not

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from parameternet.data.images import ImageSet
 from parameternet.errors import ParameterNetError
 
 __all__ = ["IMAGE_EXTENSIONS", "ShardImages", "expand_pattern", "write_shards"]
@@ -229,7 +230,7 @@ def _read_classes(shards: list[Path], count: int) -> tuple[str, ...]:
     return tuple(str(i) for i in range(count))
 
 
-class ShardImages(torch.utils.data.Dataset):
+class ShardImages(ImageSet):
     """The samples of webdataset tar shards (see the module docstring), decoded with PIL one image at a time.
 
     Args:
@@ -240,7 +241,6 @@ class ShardImages(torch.utils.data.Dataset):
     malformed shard, and from :meth:`load_pil` for an image that does not decode.
     """
 
-    in_memory = False
     exact_epochs = True  # the trainer refuses a split that would leave samples out of an epoch
 
     def __init__(self, pattern: str):
@@ -256,17 +256,6 @@ class ShardImages(torch.utils.data.Dataset):
         self.classes = _read_classes(self.shards, int(self.targets.max()) + 1)
         self._files: dict[int, Any] = {}
         self._pid = os.getpid()
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def image_shape(self) -> None:
-        return None
 
     def __getstate__(self) -> dict[str, Any]:  # data-loader workers open their own files
         return {**self.__dict__, "_files": {}}
