@@ -1,8 +1,13 @@
 """``parameternet benchmark gpu``: its code on a CPU at tiny sizes (``--smoke``), its CSV and its bad input."""
 
 import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from parameternet.benchmark.gpu import run_gpu_benchmark
 from parameternet.cli import main
@@ -42,3 +47,17 @@ def test_without_a_gpu_the_full_benchmark_says_so(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(ParameterNetError, match="needs a CUDA device; --smoke runs the same code on a CPU"):
         run_gpu_benchmark()
+
+
+def test_the_gpu_script_says_in_one_line_when_there_is_no_gpu(tmp_path):
+    """benchmarks/gpu_all.sh runs every GPU measurement; without a CUDA device it stops at once, exit 2."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here")
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run(["bash", str(root / "benchmarks" / "gpu_all.sh"), str(tmp_path / "out")], cwd=root,
+                         env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "gpu_all.sh: no CUDA device here; 'parameternet benchmark gpu --smoke' runs the benchmark's code on a CPU"
+    ]
+    assert not (tmp_path / "out").exists()
