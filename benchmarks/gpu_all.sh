@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of this repository in one go, on one CUDA GPU, into OUT (default results/benchmark/gpu-run):
 #
-#   benchmarks/gpu_all.sh [OUT]          # from the repository root; about 8 minutes on an H200
+#   benchmarks/gpu_all.sh [OUT]          # from the repository root; at most 300 + 120 + 150 s
 #
 # 1. `parameternet benchmark gpu`: ParameterNet-600M against GhostNet-600M (training fp32 / bf16 / channels_last,
 #    memory, inference) and a LLaMA with 8 experts on down_proj against the dense one; OUT/gpu.csv (with the GPU,
