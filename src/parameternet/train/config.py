@@ -130,13 +130,7 @@ class TrainConfig:
     tensorboard: bool = False  # write TensorBoard events when tensorboard is installed
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        # defaults of keys added later are left out, so recipes (and run hashes) from before them stay the same
-        if d["init_strict"]:
-            del d["init_strict"]
-        if d["parallel"] == "ddp":
-            del d["parallel"]
-        return d
+        return dataclasses.asdict(self)
 
     def validate(self) -> TrainConfig:
         """Cross-field checks that one type annotation cannot express; ParameterNetError names the first bad key,
