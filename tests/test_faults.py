@@ -440,23 +440,23 @@ def test_a_write_the_os_refuses_is_named_in_its_own_words(tmp_path):
     assert "no such file or directory; choose another directory" in str(err) and "disk is full" not in str(err)
 
 
-def test_stop_signal_counts_a_signal_sent_twice_at_once_as_one(monkeypatch):
-    """coreutils' timeout signals its child and then the child's process group: one stop, not a second signal; a
-    request (SIGUSR1, the experiments' forwarded stop) never counts as a second signal."""
+def test_a_repeated_sigterm_is_the_same_stop_and_a_second_sigint_exits(monkeypatch):
+    """SIGTERM is the polite stop several senders may deliver (coreutils' timeout to the process and its group, an
+    experiment's runner, systemd): every copy after the first is ignored; Ctrl-C again exits at once."""
     from parameternet.runs import StopSignal
 
     exits = []
     monkeypatch.setattr("parameternet.runs.os._exit", exits.append)
     stop = StopSignal()
     stop._handler(signal.SIGTERM, None)
-    stop._handler(signal.SIGTERM, None)  # the group's copy, microseconds later
-    stop._handler(signal.SIGUSR1, None)
+    time.sleep(0.2)
+    stop._handler(signal.SIGTERM, None)
     assert stop.signum == signal.SIGTERM and exits == []
-    time.sleep(StopSignal.DUPLICATE_S * 1.5)
-    stop._handler(signal.SIGINT, None)  # a user's second signal
+    stop._handler(signal.SIGINT, None)  # a user's Ctrl-C on top
     assert exits == [128 + signal.SIGINT]
-    request_first = StopSignal()
-    request_first._handler(signal.SIGUSR1, None)
-    time.sleep(StopSignal.DUPLICATE_S * 1.5)
-    request_first._handler(signal.SIGTERM, None)  # the user's first signal after the parent's request
-    assert request_first.signum == signal.SIGUSR1 and exits == [128 + signal.SIGINT]
+    ctrl_c = StopSignal()
+    ctrl_c._handler(signal.SIGINT, None)
+    ctrl_c._handler(signal.SIGTERM, None)  # the runner's copy after the user's Ctrl-C: the same stop
+    assert ctrl_c.signum == signal.SIGINT and exits == [128 + signal.SIGINT]
+    ctrl_c._handler(signal.SIGINT, None)
+    assert exits == [128 + signal.SIGINT] * 2

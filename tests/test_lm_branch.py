@@ -11,12 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from parameternet.errors import ParameterNetError
-from parameternet.train.lm import load_lm_config
-from parameternet.train.lm_branch import Rewarmup, train_experiment_lm
+from parameternet.train.lm import load_lm_config, train_lm
+from parameternet.train.lm_branch import Rewarmup
 from test_lm_text import make_fake_corpora
 from test_lm_train import TINY
 
-COMMON = [*TINY, "max_steps=8", "ckpt_every_steps=100", "zero_shot_items=0", "eval_every_steps=2"]
+COMMON = [*TINY, "max_steps=8", "ckpt_every_steps=100", "zero_shot_items=0", "eval_every_steps=2", "heldout_loss=true",
+          "router_windows=64"]  # fmt: skip
 MOE = ["model.moe_projections=[down_proj]", "model.num_experts=4"]
 
 
@@ -26,9 +27,10 @@ def corpora(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _run(out, extra=(), **options):
-    return train_experiment_lm(load_lm_config("configs/lm-small.yaml", [*COMMON, *extra, f"output_dir={out}"]),
-                               **options)  # fmt: skip
+def _run(out, extra=(), **branch):
+    """``lm train`` of the tiny recipe in ``out`` with ``extra`` overrides and ``branch.KEY=VALUE`` for ``branch``."""
+    keys = [f"branch.{k}={v}" for k, v in branch.items()]
+    return train_lm(load_lm_config("configs/lm-small.yaml", [*COMMON, *extra, *keys, f"output_dir={out}"]))
 
 
 def _rows(out, split):
@@ -74,7 +76,7 @@ def test_branches_reset_the_optimizer_and_rewarm_the_schedule(corpora):
     whole_lr = {r["step"]: r["lr"] for r in _rows(whole, "train")}
 
     reset = corpora / "reset"  # dense recipe: the snapshot's weights as they are, a fresh AdamW
-    _run(reset, branch_from=trunk / "snapshot", start_step=4)
+    _run(reset, from_snapshot=trunk / "snapshot", start_step=4)
     train = _rows(reset, "train")
     assert [r["step"] for r in train] == [5, 6, 7, 8]
     assert all(r["lr"] == pytest.approx(whole_lr[r["step"]]) for r in train)  # the dense schedule from there
@@ -82,7 +84,7 @@ def test_branches_reset_the_optimizer_and_rewarm_the_schedule(corpora):
     assert not torch.equal(_weights(reset)["lm_head.weight"], _weights(whole)["lm_head.weight"])  # other moments
 
     rewarm = corpora / "rewarm"  # upcycled, the rate ramped up over 3 steps from the branch point
-    _run(rewarm, MOE, branch_from=trunk / "snapshot", start_step=4, rewarmup_steps=3)
+    _run(rewarm, MOE, from_snapshot=trunk / "snapshot", start_step=4, rewarmup_steps=3)
     lr = {r["step"]: r["lr"] for r in _rows(rewarm, "train")}
     # a row at step s logs the rate of the next step (index s): 2/3 of the schedule at 5, all of it from 6 on
     assert lr[5] == pytest.approx(whole_lr[5] * 2 / 3) and lr[6] == pytest.approx(whole_lr[6])
@@ -120,12 +122,18 @@ def test_branch_options_that_do_not_fit_are_refused_in_one_sentence(corpora):
     trunk = corpora / "trunk"
     _run(trunk, stop_step=4, snapshot_step=4)
     cases = [
-        (dict(branch_from=trunk / "snapshot", fork_from=trunk, start_step=4), "exclude each other"),
+        (
+            dict(from_snapshot=trunk / "snapshot", fork_from=trunk, start_step=4),
+            "must be null when branch.from_snapshot is set",
+        ),
         (dict(fork_from=corpora / "nowhere", start_step=4), "holds no complete checkpoint"),
-        (dict(fork_from=trunk, start_step=3), "ends at step 4, not at start_step=3"),
-        (dict(branch_from=corpora / "nowhere", start_step=4), "holds no saved model"),
+        (dict(fork_from=trunk, start_step=3), "ends at step 4, not at branch.start_step=3"),
+        (dict(from_snapshot=corpora / "nowhere", start_step=4), "holds no saved model"),
         (dict(stop_step=9), r"stop_step=9 must be in \(0, 8\]"),
-        (dict(branch_from=trunk / "snapshot", start_step=4, rewarmup_steps=0), "rewarmup_steps=0 must be at least 1"),
+        (
+            dict(from_snapshot=trunk / "snapshot", start_step=4, rewarmup_steps=0),
+            "branch.rewarmup_steps=0 is invalid; it must be at least 1",
+        ),
     ]
     for i, (options, message) in enumerate(cases):
         with pytest.raises(ParameterNetError, match=message):
@@ -135,4 +143,11 @@ def test_branch_options_that_do_not_fit_are_refused_in_one_sentence(corpora):
     moe = corpora / "moe"
     _run(moe, MOE, snapshot_step=2, stop_step=2)
     with pytest.raises(ParameterNetError, match="holds a model with experts; branch from a dense run's snapshot"):
-        _run(corpora / "from-moe", MOE, branch_from=moe / "snapshot", start_step=2)
+        _run(corpora / "from-moe", MOE, from_snapshot=moe / "snapshot", start_step=2)
+
+
+def test_branch_keys_need_one_process_or_ddp():
+    for key in ("router_windows=4", "heldout_loss=true", "branch.stop_step=2"):
+        with pytest.raises(ParameterNetError, match="parallel='fsdp' does not take branch points"):
+            load_lm_config("configs/lm-small.yaml", [*TINY, "max_steps=8", "parallel=fsdp", key])
+    assert load_lm_config("configs/lm-small.yaml", [*TINY, "max_steps=2", "parallel=fsdp"]).parallel == "fsdp"

@@ -18,8 +18,7 @@ from parameternet.experiments.lm import choose_lrs, verdict
 from parameternet.experiments.lm_report import crossing, crossing_text
 from parameternet.experiments.provenance import provenance
 from parameternet.experiments.rows import append_rows
-from parameternet.train.lm import load_lm_config
-from parameternet.train.lm_branch import train_experiment_lm
+from parameternet.train.lm import load_lm_config, train_lm
 from test_lm_text import make_fake_corpora
 from test_lm_train import TINY
 
@@ -117,17 +116,28 @@ def test_crossing_text_says_why_there_is_no_crossing():
 
 
 def test_upcycled_branch_continues_the_dense_run_from_its_snapshot(corpora):
-    common = [*TINY, "max_steps=6", "ckpt_every_steps=100", "zero_shot_items=0", "eval_every_steps=2"]
+    common = [
+        *TINY,
+        "max_steps=6",
+        "ckpt_every_steps=100",
+        "zero_shot_items=0",
+        "eval_every_steps=2",
+        "router_windows=64",
+    ]
     dense_dir, branch_dir = corpora / "dense", corpora / "branch"
-    dense = train_experiment_lm(
-        load_lm_config("configs/lm-small.yaml", [*common, f"output_dir={dense_dir}"]), snapshot_step=3
+    dense = train_lm(
+        load_lm_config("configs/lm-small.yaml", [*common, f"output_dir={dense_dir}", "branch.snapshot_step=3"])
     )
     assert (dense_dir / "snapshot" / "step.txt").read_text().strip() == "3" and dense["threads"] == 1
     rows = [json.loads(x) for x in (dense_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "val"] == [2, 3, 4, 6]  # 3: the branch point
 
     moe = [*common, "model.moe_projections=[down_proj]", "model.num_experts=4", f"output_dir={branch_dir}"]
-    train_experiment_lm(load_lm_config("configs/lm-small.yaml", moe), branch_from=dense_dir / "snapshot", start_step=3)
+    train_lm(
+        load_lm_config(
+            "configs/lm-small.yaml", [*moe, f"branch.from_snapshot={dense_dir / 'snapshot'}", "branch.start_step=3"]
+        )
+    )
     rows = [json.loads(x) for x in (branch_dir / "metrics.jsonl").read_text().splitlines()]
     dense_rows = [json.loads(x) for x in (dense_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"]
@@ -153,7 +163,7 @@ def test_moe_training_gives_the_same_weights_with_one_or_two_threads(corpora):
             cfg = load_lm_config(
                 "configs/lm-small.yaml", [*common, f"threads={threads}", f"output_dir={corpora}/t{threads}"]
             )
-            train_experiment_lm(cfg)
+            train_lm(cfg)
             out[threads] = load_file(corpora / f"t{threads}" / "model" / "model.safetensors")
     finally:
         torch.set_num_threads(1)
@@ -162,7 +172,7 @@ def test_moe_training_gives_the_same_weights_with_one_or_two_threads(corpora):
 
 def test_lm_finetune_cls_command(corpora, capsys):
     run = corpora / "run"
-    train_experiment_lm(load_lm_config("configs/lm-small.yaml", [*TINY, "max_steps=2", "zero_shot_items=0",
+    train_lm(load_lm_config("configs/lm-small.yaml", [*TINY, "max_steps=2", "zero_shot_items=0",
                                                                  f"output_dir={run}"]))  # fmt: skip
     args = ["lm", "finetune-cls", str(run / "model"), "--task", "source", "--steps", "2", "--batch-size", "4",
             "--max-len", "32", "--output", str(corpora / "cls")]  # fmt: skip
@@ -202,7 +212,7 @@ def test_lm_eval_and_finetune_cls_refuse_models_and_data_they_cannot_use(corpora
     from parameternet.models.llama_moe import ParameterNetLlamaForCausalLM
 
     run = corpora / "run"
-    train_experiment_lm(load_lm_config("configs/lm-small.yaml", [*TINY, "max_steps=1", "zero_shot_items=0",
+    train_lm(load_lm_config("configs/lm-small.yaml", [*TINY, "max_steps=1", "zero_shot_items=0",
                                                                  f"output_dir={run}"]))  # fmt: skip
     data = load_lm_config("configs/lm-small.yaml", TINY).data.prepare().root
     api = corpora / "api"  # a ParameterNet model saved through the Python API: no tokenizer

@@ -169,7 +169,7 @@ def test_the_plan_has_a_trunk_and_five_continuations_per_seed(corpora, tmp_path)
     trunk, cont, reset, up, rewarm, moe_lr = tasks[:6]
     assert trunk.options == {"stop_step": 8, "snapshot_step": 8}
     assert cont.options == {"fork_from": str(trunk.run_dir), "start_step": 8} and cont.after == [trunk]
-    assert reset.options["branch_from"] == up.options["branch_from"] == str(trunk.run_dir / "snapshot")
+    assert reset.options["from_snapshot"] == up.options["from_snapshot"] == str(trunk.run_dir / "snapshot")
     assert rewarm.options["rewarmup_steps"] == 4 and (up.lr, moe_lr.lr) == (p.dense_lr, p.moe_lr)
     assert up.variant == rewarm.variant == moe_lr.variant == "down_proj-4" and reset.variant == "dense"
     assert "eval_every_steps=4" in trunk.overrides and "eval_every_steps=2" in cont.overrides

@@ -285,47 +285,23 @@ def _last_step(metrics) -> int:
     return max((r.get("step", 0) for r in rows), default=0)
 
 
-def test_worker_stops_raise_in_a_task_once_and_are_ignored_while_idle(monkeypatch):
-    import os
-    import signal
-
-    from parameternet.experiments import workers
-    from parameternet.runs import RunInterrupted
-
-    monkeypatch.setattr(workers, "_parent", os.getppid())
-    monkeypatch.setattr(workers, "_stopping", False)
-    workers._stop(signal.SIGUSR1, None)  # idle, parent alive: ignored (no traceback in the pool's queue read)
-
-    @workers.worker_task
-    def task():
-        with pytest.raises(RunInterrupted, match="stopped by SIGTERM; nothing to save yet"):
-            workers._stop(signal.SIGTERM, None)
-        workers._stop(signal.SIGUSR1, None)  # the parent's copy of the same stop: ignored
-        return "done"
-
-    assert task() == "done" and not workers._busy
-    text = str(workers.interrupted(signal.SIGTERM, ["a seed 0"], ["b seed 1"]))
-    assert "except a seed 0, which resume from their last periodic checkpoint; b seed 1, stopped before" in text
-    assert "except" not in str(workers.interrupted(signal.SIGTERM, [], []))
-
-
-def _worker_pids() -> list[int]:
-    """This process's pool workers (spawned children running ``spawn_main``; not the resource tracker)."""
+def _run_pids() -> list[int]:
+    """This process's runs (``parameternet train`` subprocesses)."""
     import os
     from pathlib import Path
 
     pids = []
     for task in Path(f"/proc/{os.getpid()}/task").iterdir():
         pids += [int(x) for x in (task / "children").read_text().split()]
-    return [p for p in pids if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    return [p for p in pids if b"parameternet\x00train" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
-@pytest.mark.parametrize("to", ["parent", "group"])
+@pytest.mark.parametrize("to", ["parent", "every process"])
 def test_sigterm_stops_the_grid_after_the_running_runs_save_and_the_same_command_resumes(
     packaged_data, tmp_path, capfd, to
 ):
-    """``kill PID`` reaches the parent alone, which passes the stop on; ``kill -TERM -PGID`` or coreutils'
-    ``timeout`` reaches the workers too, and the parent's copy must not count as their second signal."""
+    """``kill PID`` reaches the runner alone, which passes the stop on; a SIGTERM to every process (systemd, Slurm,
+    pkill) reaches the runs too, and the runner's copy is the same stop for them."""
     import dataclasses
     import os
     import signal
@@ -347,8 +323,8 @@ def test_sigterm_stops_the_grid_after_the_running_runs_save_and_the_same_command
                 break
             time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGTERM)
-        if to == "group":  # as a signal to the process group delivers it, without signalling pytest's own group
-            for pid in _worker_pids():
+        if to == "every process":
+            for pid in _run_pids():
                 os.kill(pid, signal.SIGTERM)
 
     timer = threading.Thread(target=signal_once_training, daemon=True)

@@ -9,8 +9,8 @@
   one process that writes the directory; a second writer fails with one sentence naming the holder, a lock whose
   process is gone (same host) is taken over with a warning, and the lock is removed when the run ends.
 - :class:`StopSignal`: SIGINT / SIGTERM ask the training loop to finish its step, write a checkpoint and raise
-  :class:`RunInterrupted` (the CLI prints the ``resume=auto`` line and exits 130 / 143); a second signal exits at
-  once.
+  :class:`RunInterrupted` (the CLI prints the ``resume=auto`` line and exits 130 / 143); a second SIGINT exits at
+  once, a repeated SIGTERM is the same stop.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ __all__ = [
     "atomic_path",
     "atomic_write",
     "clean_stale_temps",
-    "die_with_parent",
     "fs_error",
+    "parent_death_signal",
 ]
 
 log = logging.getLogger(__name__)
@@ -314,50 +314,35 @@ class RunInterrupted(Exception):
         saved = f"saved {checkpoint}" if checkpoint else "nothing to save yet"
         super().__init__(f"stopped by {name}{'' if step is None else f' at step {step}'}; {saved}")
 
-    def __reduce__(self):  # crosses process boundaries (the experiments' worker pools) with its fields
-        return (type(self), (self.signum, self.step, self.checkpoint))
-
 
 class StopSignal:
     """Context manager: the first SIGINT / SIGTERM sets :attr:`signum` (the loop finishes its step, saves and
-    raises :class:`RunInterrupted`); a second one exits the process at once with 128 + the signal number.
+    raises :class:`RunInterrupted`); a second SIGINT (Ctrl-C again) exits the process at once with 130.
 
-    SIGUSR1 (:data:`REQUEST`) asks for the same stop but never exits at once: the experiments' parent process
-    passes a stop on to its workers with it, so a worker that also got the user's signal directly (``kill`` of
-    the process group, coreutils' ``timeout``, a terminal's Ctrl-C) still saves instead of taking the parent's
-    copy for a second signal. A second SIGINT / SIGTERM within :data:`DUPLICATE_S` seconds of the first is the
-    same stop delivered twice (coreutils' ``timeout`` signals its child and then the child's process group) and is
-    ignored. Outside the main thread (where handlers cannot be set) it does nothing.
+    A SIGTERM after the first signal is ignored: SIGTERM is the polite stop that ``kill``, coreutils' ``timeout``
+    (which signals its child and then the child's process group), systemd, Slurm and an experiment's grid runner
+    send, and several of them may reach the same process for one stop. Send SIGKILL to end a run without saving.
+    Outside the main thread (where handlers cannot be set) it does nothing.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
-    REQUEST = signal.SIGUSR1
-    DUPLICATE_S = 0.1  # a second signal this soon is one signal delivered twice, not a user's second one
 
     def __init__(self):
         self.signum: int | None = None
-        self._user: float | None = None  # when the first SIGINT / SIGTERM came (a second one exits at once)
         self._old: dict[int, object] = {}
 
     def _handler(self, signum, frame) -> None:
-        if signum != self.REQUEST:  # the user's SIGINT / SIGTERM
-            now = time.monotonic()
-            if self._user is not None:
-                if now - self._user < self.DUPLICATE_S:
-                    return  # coreutils' timeout signals the process and then its process group: one stop, twice
-                sys.stderr.write(f"\n{signal.Signals(signum).name} again: exiting now without saving\n")
-                sys.stderr.flush()
-                for lock in list(_LOCKS):
-                    lock.release()
-                os._exit(128 + signum)
-            self._user = now
-        if self.signum is not None:  # already stopping: a request and a user's signal, in either order
-            return
+        if self.signum is not None:
+            if signum != signal.SIGINT:
+                return  # the same stop again (another sender of SIGTERM)
+            sys.stderr.write("\nSIGINT again: exiting now without saving\n")
+            sys.stderr.flush()
+            for lock in list(_LOCKS):
+                lock.release()
+            os._exit(128 + signum)
         self.signum = signum
-        sys.stderr.write(
-            f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-            f"(send it again to exit at once)\n"
-        )
+        again = "press Ctrl-C again to exit at once" if signum == signal.SIGINT else "SIGKILL exits at once"
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint ({again})\n")
         sys.stderr.flush()
 
     @property
@@ -368,7 +353,7 @@ class StopSignal:
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            for s in (*self.SIGNALS, self.REQUEST):
+            for s in self.SIGNALS:
                 self._old[s] = signal.signal(s, self._handler)
         return self
 
@@ -378,16 +363,20 @@ class StopSignal:
         self._old.clear()
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Ask Linux to send ``sig`` to this process when its parent dies (a no-op elsewhere).
+def parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` for :class:`subprocess.Popen` that asks Linux to send ``sig`` to the child when this
+    process dies (``PR_SET_PDEATHSIG``); None elsewhere.
 
-    Worker processes (pitfall's pool) call it first, so a killed parent never leaves a training worker behind;
-    with SIGTERM the worker saves a checkpoint before it exits.
+    The experiments' grid runner starts each run with it, so a killed runner never leaves a training run behind;
+    with SIGTERM the run saves a checkpoint before it exits. libc is loaded here, in the parent, so the child
+    only makes the call between fork and exec.
     """
     if not sys.platform.startswith("linux"):
-        return
+        return None
     import ctypes
 
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, int(sig))  # PR_SET_PDEATHSIG
+    try:
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, int(sig))  # 1 = PR_SET_PDEATHSIG

@@ -140,7 +140,11 @@ def _add_lm_cls(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--max-len", type=int, default=128, help="tokens per passage at most")
+    p.add_argument("--train-per-class", type=int, default=2000, help="training passages per label at most")
+    p.add_argument("--test-per-class", type=int, default=500, help="test passages per label at most")
+    p.add_argument("--amp", choices=("bf16", "none"), default="bf16", help="bf16 autocast (default) or none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--output", help="directory for cls.json and the fine-tuned classifier/ (with its tokenizer)")
@@ -154,7 +158,8 @@ def _run_lm_cls(args: argparse.Namespace) -> int:
 
     r = finetune_classifier(
         args.model, args.task, data_dir=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        max_len=args.max_len, seed=args.seed, threads=args.threads, output=args.output,
+        weight_decay=args.weight_decay, max_len=args.max_len, train_per_class=args.train_per_class,
+        test_per_class=args.test_per_class, amp=args.amp, seed=args.seed, threads=args.threads, output=args.output,
     )  # fmt: skip
     print(json.dumps(r, indent=1))
     return 0

@@ -297,7 +297,7 @@ class _Runner(Runner):
                 raise ParameterNetError(f"preset {p.name!r} upcycles seed {seed} but has no dense main run of it")
             up = self.task(
                 "upcycle", p.upcycle_variant, seed, lrs["dense"], common,
-                branch_from=str(dense.run_dir / "snapshot"), start_step=mid,
+                from_snapshot=str(dense.run_dir / "snapshot"), start_step=mid,
             )  # fmt: skip
             up.after = [dense]
             tasks.append(up)

@@ -1,8 +1,9 @@
 """The machinery every ``lm experiment`` grid shares: run tasks, worker processes, writing their result rows.
 
 A grid is a list of :class:`Task`: one ``lm train`` run of the base recipe with a variant's, a seed's and the
-grid's overrides (its run directory and recipe hash derived from them), or a classifier fine-tune. :class:`Runner`
-runs them in worker processes (one torch thread each, ``jobs`` side by side, a task after the tasks it needs), skips
+grid's overrides (its run directory and recipe hash derived from them), or an ``lm finetune-cls`` classifier.
+:class:`Runner` runs them as subprocesses of those commands through :func:`~parameternet.experiments.grid.run_jobs`
+(one torch thread each, ``jobs`` side by side, a task after the tasks it needs), skips
 the ones whose row this code already wrote (the key is the kind, variant, seed and recipe hash, among the rows of
 the same commit), and appends each finished run to ``runs.csv`` at once, its validation curve to ``curves.csv`` and
 its router diagnostics to ``router.csv``, each row with the git commit, a dirty flag and the package version
@@ -16,19 +17,16 @@ import hashlib
 import json
 import logging
 import math
-import time
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from parameternet.errors import ParameterNetError
+from parameternet.experiments.grid import Job, run_jobs
 from parameternet.experiments.lm_rows import COLUMNS, CURVE_COLUMNS, ROUTER_COLUMNS, check_header, parse_row, read_rows
 from parameternet.experiments.provenance import code_id, provenance, rows_of_this_code
 from parameternet.experiments.rows import append_rows
-from parameternet.experiments.workers import forward_stop, init_worker, interrupted, worker_task
 from parameternet.runs import atomic_write
 
 __all__ = [
@@ -94,13 +92,18 @@ SMOKE_OVERRIDES = (
 GRID_KEYS = (
     "max_steps", "max_tokens", "seed", "optim.lr", "model.moe_projections", "model.num_experts",
     "schedule.warmup_steps", "eval_every_steps", "eval_tokens", "output_dir", "resume", "threads",
+    *(f"branch.{k}" for k in ("snapshot_step", "stop_step", "start_step", "from_snapshot", "fork_from",
+                              "rewarmup_steps")),
 )  # fmt: skip
 
 
 def base_overrides(preset, extra: Sequence[str] = ()) -> list[str]:
     """The overrides every language-model run of ``preset`` starts from: the preset's, then the user's ``extra``."""
     p = preset
-    return [*p.overrides, f"zero_shot_items={p.zero_shot_items}", "threads=1", "progress=false", *extra]
+    return [
+        *p.overrides, f"zero_shot_items={p.zero_shot_items}", "threads=1", "progress=false", "router_windows=64",
+        "heldout_loss=true", *extra,
+    ]  # fmt: skip
 
 
 def check_inputs(preset, recipe: str | Path, overrides: Sequence[str] = ()):
@@ -123,8 +126,8 @@ def check_inputs(preset, recipe: str | Path, overrides: Sequence[str] = ()):
 class Task:
     """One run of a grid: ``kind`` (the grid's word for it: ``lr``, ``main``, ``trunk``, a branch, ``cls``...),
     ``variant`` (:class:`Variant` name), ``seed``, peak learning rate, the ``lm train`` overrides, its run directory,
-    its recipe hash, the options of :class:`~parameternet.train.lm_branch.ExperimentLMTrainer` (or the classifier's
-    ``kwargs``), and the tasks it needs finished first (``after``)."""
+    its recipe hash, its ``options`` (an ``lm train`` run's ``branch.*`` recipe keys; a classifier's ``lm
+    finetune-cls`` settings under ``kwargs``), and the tasks it needs finished first (``after``)."""
 
     kind: str
     variant: str
@@ -151,28 +154,6 @@ class Task:
 def recipe_hash(obj: Any) -> str:
     """Eight hex digits of the SHA-1 of ``obj`` as sorted JSON: the recipe key of a row and its run directory."""
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
-@worker_task
-def _lm_worker(recipe: str, overrides: list[str], options: dict[str, Any]) -> dict[str, Any]:
-    """One language-model run in a worker process (one torch thread); its summary plus curves and router rows."""
-    from parameternet.train.lm import load_lm_config
-    from parameternet.train.lm_branch import train_experiment_lm
-
-    cfg = load_lm_config(recipe, overrides)
-    cfg.progress = False
-    summary = train_experiment_lm(cfg, **options)
-    return {**summary, **_read_metrics(Path(cfg.output_dir))}
-
-
-@worker_task
-def _cls_worker(model_dir: str, output: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    from parameternet.train.lm_cls import finetune_classifier
-
-    done = Path(output) / "cls.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    return finetune_classifier(model_dir, output=output, threads=1, **kwargs)
 
 
 def _read_metrics(run: Path) -> dict[str, Any]:
@@ -219,25 +200,30 @@ class Runner:
 
         return load_lm_config(self.recipe, [*self.base_overrides(), *overrides])
 
-    def task(self, kind: str, variant: str, seed: int, lr: float | None, overrides: list[str], **options) -> Task:
+    def task(self, kind: str, variant: str, seed: int, lr: float | None, overrides: list[str], **branch) -> Task:
+        """An ``lm train`` run of ``variant`` and ``seed`` with ``overrides`` and ``branch.KEY=VALUE`` for each of
+        ``branch``; its recipe hash covers the whole resolved recipe but where it writes."""
         v = Variant.parse(variant)
-        ov = [*v.overrides(), f"seed={seed}", *overrides]
+        ov = [*v.overrides(), f"seed={seed}", *overrides, *(f"branch.{k}={x}" for k, x in branch.items())]
         if lr is not None:
             ov.append(f"optim.lr={lr}")
         cfg = self.cfg(ov).to_dict()
         cfg.pop("output_dir"), cfg.pop("resume"), cfg.pop("progress")
-        recipe = recipe_hash([cfg, {k: self._relative(o) for k, o in options.items()}])
+        cfg["branch"] = {k: self._relative(x) for k, x in cfg["branch"].items()}
+        recipe = recipe_hash(cfg)
         run_dir = self.runs_dir / kind / f"{variant}-s{seed}" / recipe
         ov = [*self.base_overrides(), *ov, f"output_dir={run_dir}", "resume=auto"]
-        return Task(kind, variant, seed, lr, ov, run_dir, recipe, options)
+        return Task(kind, variant, seed, lr, ov, run_dir, recipe, branch)
 
-    def _relative(self, option: Any) -> str:
-        """An option as its recipe hash sees it: a path under this code's run directories relative to them (the
+    def _relative(self, option: Any) -> Any:
+        """A recipe value as its hash sees it: a path under this code's run directories relative to them (the
         source run's kind, variant, seed and recipe hash), so the hash does not depend on where ``--runs`` is."""
+        if not isinstance(option, str):
+            return option
         try:
             return str(Path(option).relative_to(self.runs_dir))
-        except (TypeError, ValueError):
-            return str(option)
+        except ValueError:
+            return option
 
     @property
     def eval_tokens(self) -> str:
@@ -281,74 +267,25 @@ class Runner:
         )  # fmt: skip
         if not pending:
             return
-        from parameternet.runs import RunInterrupted, StopSignal
+        jobs: dict[int, Job] = {}
+        for t in pending:
+            jobs[id(t)] = job = self._job(t)
+            job.after = [jobs[id(a)] for a in t.after if id(a) in jobs]
+        run_jobs(list(jobs.values()), self.jobs, self._done)
 
-        failures: list[str] = []
-        unsaved: list[str] = []  # runs that ended without saving after a stop
-        fresh: list[str] = []  # runs stopped before their first step
-        running: dict[Future, Task] = {}
-        ctx = get_context("spawn")
-        forwarded = False
-        heartbeat = time.perf_counter()
-        with (
-            StopSignal() as stop,
-            ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx, initializer=init_worker) as pool,
-        ):
-            while pending or running:
-                if stop.requested:  # no new run; the running ones save a checkpoint and stop
-                    pending.clear()
-                    if not forwarded:
-                        forward_stop(pool)
-                        forwarded = True
-                while len(running) < self.jobs and not stop.requested:
-                    ready = next((t for t in pending if all(a.result is not None for a in t.after)), None)
-                    if ready is None:
-                        break
-                    pending.remove(ready)
-                    ready.started = time.perf_counter()
-                    log.info("  start %s -> %s", ready.name, ready.run_dir)
-                    if ready.kind == "cls":
-                        src = ready.after[0]
-                        model_dir = str(src.run_dir / "model")
-                        fut = pool.submit(_cls_worker, model_dir, str(ready.run_dir), ready.options["kwargs"])
-                    else:
-                        fut = pool.submit(_lm_worker, self.recipe, ready.overrides, ready.options)
-                    running[fut] = ready
-                if not running:
-                    break
-                finished, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
-                if not finished and time.perf_counter() - heartbeat >= 300:
-                    heartbeat = time.perf_counter()
-                    log.info("  running: %s", "; ".join(t.name for t in running.values()))
-                for fut in finished:
-                    t = running.pop(fut)
-                    try:
-                        t.result = fut.result()
-                    except RunInterrupted as e:
-                        log.warning("  %s: %s", t.name, e)
-                        if e.checkpoint is None:
-                            fresh.append(t.name)
-                        continue
-                    except Exception as e:  # one broken run must not stop the grid; it is reported at the end
-                        if stop.requested:  # a worker stopped before its trainer could take the signal
-                            log.warning("  %s stopped without saving: %s", t.name, e)
-                            unsaved.append(t.name)
-                            continue
-                        failures.append(f"{t.name}: {e}")
-                        log.error("  FAILED %s: %s", t.name, e)
-                        dropped = {id(t)}
-                        for other in list(pending):
-                            if any(id(a) in dropped for a in other.after):
-                                pending.remove(other)
-                                dropped.add(id(other))
-                        continue
-                    self.finish(t)
-        if stop.requested:
-            raise interrupted(stop.signum, unsaved, fresh)
-        if failures:
-            raise ParameterNetError(
-                f"{len(failures)} run(s) failed, first: {failures[0]}; fix the cause and run the command again"
-            )
+    def _job(self, t: Task) -> Job:
+        """The command of task ``t``: ``lm train`` of the recipe, or ``lm finetune-cls`` of its source's model."""
+        if t.kind != "cls":
+            return Job(t.name, ["lm", "train", self.recipe, *t.overrides], t.run_dir, payload=t)
+        flags = [x for k, v in t.options["kwargs"].items() for x in (f"--{k.replace('_', '-')}", str(v))]
+        model = str(t.after[0].run_dir / "model")
+        argv = ["lm", "finetune-cls", model, "--output", str(t.run_dir), "--threads", "1", *flags]
+        return Job(t.name, argv, t.run_dir, result="cls.json", payload=t)
+
+    def _done(self, job: Job) -> None:
+        t: Task = job.payload
+        t.result = {**(job.summary or {}), **(_read_metrics(t.run_dir) if t.kind != "cls" else {})}
+        self.finish(t)
 
     def finish(self, t: Task) -> None:
         """Append the row of the finished task ``t`` (and its curve and router rows) to the CSVs."""

@@ -6,11 +6,11 @@ AdamW and the dense run's learning-rate schedule, and compared it with the dense
 branch changed three things at once (the model, the optimizer state, the learning rate the MoE trains at). This
 grid separates them. Per seed, the base recipe (``configs/lm-small.yaml``) with round 1's dense learning rate and
 schedule (the same share of the training split, the same warmup and cosine) trains once to the midpoint of its
-schedule (kind ``trunk``, :class:`~parameternet.train.lm_branch.ExperimentLMTrainer` with ``stop_step``), and five
+schedule (kind ``trunk``, ``lm train`` with ``branch.stop_step``), and five
 continuations start from that one snapshot and train to the end of the schedule on the same windows in the same
 order (kinds, :data:`~parameternet.experiments.lm_upcycle_rule.BRANCHES`):
 
-- ``continue``: dense, the trunk's AdamW state kept (``fork_from``): the dense run as if never stopped;
+- ``continue``: dense, the trunk's AdamW state kept (``branch.fork_from``): the dense run as if never stopped;
 - ``reset``: dense, a fresh AdamW, the dense schedule: the optimizer reset alone (the control);
 - ``upcycle``: ``from_dense`` with the preset's experts, a fresh AdamW, the dense schedule: round 1's branch;
 - ``upcycle-rewarm``: as ``upcycle``, the learning rate ramped up again linearly over ``rewarmup_fraction`` of
@@ -142,19 +142,19 @@ def plan(runner: Runner) -> tuple[list[Task], Schedule]:
         at = dict(start_step=sched.mid)
         runs = [
             runner.task("continue", DENSE, seed, p.dense_lr, branch, fork_from=str(trunk.run_dir), **at),
-            runner.task("reset", DENSE, seed, p.dense_lr, branch, branch_from=snapshot, **at),
-            runner.task("upcycle", p.variant, seed, p.dense_lr, branch, branch_from=snapshot, **at),
+            runner.task("reset", DENSE, seed, p.dense_lr, branch, from_snapshot=snapshot, **at),
+            runner.task("upcycle", p.variant, seed, p.dense_lr, branch, from_snapshot=snapshot, **at),
             runner.task(
                 "upcycle-rewarm",
                 p.variant,
                 seed,
                 p.dense_lr,
                 branch,
-                branch_from=snapshot,
+                from_snapshot=snapshot,
                 rewarmup_steps=sched.rewarmup,
                 **at,
             ),  # fmt: skip
-            runner.task("upcycle-moe-lr", p.variant, seed, p.moe_lr, branch, branch_from=snapshot, **at),
+            runner.task("upcycle-moe-lr", p.variant, seed, p.moe_lr, branch, from_snapshot=snapshot, **at),
         ]
         for t in runs:
             t.after = [trunk]

@@ -24,8 +24,9 @@ and the report never pools rows of one cell from different code unless asked to.
 Every training is one ``parameternet train`` run in its own directory under ``runs_dir``, named by the model,
 seed and a hash of its resolved recipe; runs resume from their last checkpoint. Each finished row is appended to
 ``<output>/results.csv`` at once, with routing diagnostics of every dynamic model in ``routing.csv``; ``report``
-rebuilds ``table.md`` and ``pitfall.png`` from the CSVs alone. Runs go to worker processes with one torch thread
-each (``jobs`` of them side by side).
+rebuilds ``table.md`` and ``pitfall.png`` from the CSVs alone. Each training is a subprocess of ``parameternet
+train`` of its resolved recipe (``<run_dir>.yaml``, with ``resume=auto``) through
+:func:`~parameternet.experiments.grid.run_jobs`, one torch thread each, ``jobs`` of them side by side.
 """
 
 from __future__ import annotations
@@ -38,14 +39,13 @@ import os
 import re
 import time
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from importlib import resources
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from parameternet.errors import ParameterNetError
+from parameternet.experiments.grid import Job, run_jobs
 from parameternet.experiments.pitfall_cells import (
     UNION_PER_CLASS,
     Cell,
@@ -69,7 +69,7 @@ from parameternet.experiments.pitfall_tables import FLOATS, INTS, read_rows, sum
 from parameternet.experiments.pitfall_tables import gains as _gains
 from parameternet.experiments.provenance import code_id, provenance, rows_of_this_code
 from parameternet.experiments.rows import append_rows
-from parameternet.experiments.workers import forward_stop, init_worker, interrupted, worker_task
+from parameternet.runs import atomic_write
 
 # This module runs the grids; the cells, presets, tables and reports live in pitfall_cells, pitfall_presets,
 # pitfall_tables and pitfall_report, round 3's design and report in pitfall_round3 and pitfall_round3_report.
@@ -127,7 +127,6 @@ class _Task:
     after: _Task | None = None
     summary: dict[str, Any] | None = None
     routing: list[dict[str, Any]] | None = None
-    started: float = 0.0
 
     @property
     def regime(self) -> str:
@@ -193,14 +192,6 @@ def _plan(preset: Preset, cell: Cell, seeds: Sequence[int], runs_dir: Path, done
     return tasks
 
 
-def _finished_summary(run_dir: Path) -> dict[str, Any] | None:
-    """The summary of a run that completed earlier (its final weights and summary.json exist), else None."""
-    summary = run_dir / "summary.json"
-    if summary.is_file() and (run_dir / "checkpoints" / "final.safetensors").is_file():
-        return json.loads(summary.read_text())
-    return None
-
-
 def _routing(cfg_dict: dict[str, Any]) -> list[dict[str, Any]]:
     """Routing diagnostics of a finished run's final weights on its evaluation set; cached in ``routing.json``."""
     import torch
@@ -229,16 +220,6 @@ def _routing(cfg_dict: dict[str, Any]) -> list[dict[str, Any]]:
     tmp.write_text(json.dumps(stats))
     os.replace(tmp, cached)
     return stats
-
-
-@worker_task
-def _train_worker(cfg_dict: dict[str, Any], diagnose: bool) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
-    """Run one recipe in a worker process (one torch thread); return its summary and routing diagnostics."""
-    from parameternet.train.config import config_from_dict
-    from parameternet.train.trainer import train
-
-    summary = train(config_from_dict(cfg_dict).validate())
-    return summary, (_routing(cfg_dict) if diagnose else None)
 
 
 def _row(task: _Task, preset: Preset, params: int, macs: int, prov: dict[str, Any]) -> dict[str, Any]:
@@ -281,19 +262,6 @@ def _row(task: _Task, preset: Preset, params: int, macs: int, prov: dict[str, An
     return row
 
 
-def _progress(task: _Task) -> str:
-    """``step k`` of a running task from its metrics.jsonl (written every ``log_every`` steps)."""
-    path = task.run_dir / "metrics.jsonl"
-    step = 0
-    if path.is_file():
-        for line in path.read_text().splitlines()[-5:]:
-            try:
-                step = max(step, json.loads(line).get("step", 0))
-            except json.JSONDecodeError:
-                continue
-    return f"{task.cell.name} {task.stage} s{task.seed} step {step} ({time.perf_counter() - task.started:.0f} s)"
-
-
 # ----- running -----
 
 
@@ -309,7 +277,6 @@ class _Runner:
         rows = [r for r in read_rows(self.csv_path) if r.get("preset") == preset.name]
         self.rows, _ = rows_of_this_code(rows, f"pitfall {preset.name}", self.csv_path)
         self.sizes: dict[str, tuple[int, int]] = {}
-        self._last_heartbeat = time.perf_counter()
 
     def done(self) -> set[tuple[str, str, int]]:
         return {(r["model"], r["regime"], r["seed"]) for r in self.rows}
@@ -357,90 +324,26 @@ class _Runner:
         )  # fmt: skip
 
     def _execute(self, tasks: list[_Task]) -> None:
-        """Run ``tasks`` in the worker pool, writing each row as it lands.
+        """Run ``tasks`` (a fine-tune after its pretraining), each a ``parameternet train`` subprocess of its
+        resolved recipe, writing each row as it lands. A stop (SIGINT / SIGTERM) lets the running runs save and
+        raises RunInterrupted; the same command resumes (:func:`~parameternet.experiments.grid.run_jobs`)."""
+        import yaml
 
-        On SIGINT / SIGTERM no new run starts, the running ones save a checkpoint (the stop is passed on to them
-        with :func:`~parameternet.experiments.workers.forward_stop`, whether or not they got the signal too) and
-        :class:`RunInterrupted` is raised once they have, naming any run that could not save; the same command
-        resumes. A second signal exits at once.
-        """
-        from tqdm.auto import tqdm
-
-        from parameternet.runs import RunInterrupted, StopSignal
-
-        pending = list(tasks)
-        for t in pending:  # runs that finished before the CSV row was written (a crash in between)
-            t.summary = _finished_summary(t.run_dir)
-        failures: list[str] = []
-        unsaved: list[str] = []  # runs that ended without saving after a stop
-        fresh: list[str] = []  # runs stopped before their first step
+        jobs: dict[int, Job] = {}
+        for t in tasks:
+            recipe = t.run_dir.with_name(t.run_dir.name + ".yaml")
+            recipe.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(recipe, yaml.safe_dump(t.cfg, sort_keys=False))
+            jobs[id(t)] = job = Job(t.name, ["train", str(recipe)], t.run_dir, payload=t)
+            job.after = [jobs[id(t.after)]] if t.after is not None else []
         start = time.perf_counter()
-        for t in [t for t in pending if t.summary is not None]:
-            if t.stage == "pretrain" or t.after is None or t.after.summary is not None:
-                pending.remove(t)
-                self._finish(t)
-
-        ctx = get_context("spawn")
-        running: dict[Future, _Task] = {}
-        bar = tqdm(total=len(pending), desc=f"pitfall {self.preset.name}", unit="run", disable=None, leave=False)
-        forwarded = False
-        with (
-            bar,
-            StopSignal() as stop,
-            ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx, initializer=init_worker) as pool,
-        ):
-            while pending or running:
-                if stop.requested:
-                    pending.clear()
-                    if not forwarded:
-                        forward_stop(pool)
-                        forwarded = True
-                while len(running) < self.jobs and not stop.requested:
-                    ready = next((t for t in pending if t.after is None or t.after.summary is not None), None)
-                    if ready is None:
-                        break
-                    pending.remove(ready)
-                    if ready.summary is not None:  # finished earlier; its pretraining is now known too
-                        self._finish(ready)
-                        continue
-                    ready.started = time.perf_counter()
-                    log.info("  start %s -> %s", ready.name, ready.run_dir)
-                    diagnose = ready.cell.method == "dynamic" and ready.stage != "pretrain"
-                    running[pool.submit(_train_worker, ready.cfg, diagnose)] = ready
-                if not running:
-                    break
-                finished, _ = wait(running, timeout=min(self.heartbeat_s, 1.0), return_when=FIRST_COMPLETED)
-                now = time.perf_counter()
-                if not finished and now - self._last_heartbeat >= self.heartbeat_s:
-                    self._last_heartbeat = now
-                    log.info("  running: %s", "; ".join(_progress(t) for t in running.values()))
-                for fut in finished:
-                    task = running.pop(fut)
-                    bar.update(1)
-                    try:
-                        task.summary, task.routing = fut.result()
-                    except RunInterrupted as e:
-                        log.warning("  %s: %s", task.name, e)
-                        if e.checkpoint is None:
-                            fresh.append(task.name)
-                        continue
-                    except Exception as e:  # one broken run must not stop the grid; it is reported at the end
-                        if stop.requested:  # a worker stopped before its trainer could take the signal
-                            log.warning("  %s stopped without saving: %s", task.name, e)
-                            unsaved.append(task.name)
-                            continue
-                        failures.append(f"{task.name}: {e}")
-                        log.error("  FAILED %s: %s", task.name, e)
-                        pending = [t for t in pending if t.after is not task]
-                        continue
-                    self._finish(task)
+        run_jobs(list(jobs.values()), self.jobs, self._done, heartbeat_s=self.heartbeat_s)
         log.info("pitfall %s: %.1f min", self.preset.name, (time.perf_counter() - start) / 60)
-        if stop.requested:
-            raise interrupted(stop.signum, unsaved, fresh)
-        if failures:
-            raise ParameterNetError(
-                f"{len(failures)} run(s) failed, first: {failures[0]}; fix the cause and run the command again"
-            )
+
+    def _done(self, job: Job) -> None:
+        task: _Task = job.payload
+        task.summary = job.summary
+        self._finish(task)
 
 
 def read_rows_from_dict(row: dict[str, Any]) -> dict[str, Any]:

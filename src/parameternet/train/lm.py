@@ -416,6 +416,7 @@ class LMTrainer(TrainTask):
             "tokens": self.step * cfg.batch_size * cfg.data.seq_len,
             "session_steps": steps,
             "wall_s": round(wall, 2),
+            "threads": torch.get_num_threads(),
             "tokens_per_s": round(steps * cfg.batch_size * cfg.data.seq_len / max(wall, 1e-9), 1),
             "val": self.last_val,
             "zero_shot": zero_shot,
@@ -451,4 +452,7 @@ def train_lm(cfg: LMTrainConfig) -> dict[str, Any]:
     when another live process holds it), SIGINT / SIGTERM save a checkpoint and raise ``RunInterrupted``.
     """
     fsdp = cfg.parallel == "fsdp"  # FSDP and DCP need a process group, of one process too
-    return run_locked(cfg.device, cfg.output_dir, lambda dist, stop: LMTrainer(cfg, dist, stop), group=fsdp)
+    trainer = LMTrainer
+    if cfg.branch.active or cfg.router_windows or cfg.heldout_loss:
+        from parameternet.train.lm_branch import ExperimentLMTrainer as trainer
+    return run_locked(cfg.device, cfg.output_dir, lambda dist, stop: trainer(cfg, dist, stop), group=fsdp)

@@ -1,37 +1,40 @@
-"""An ``lm train`` run with what the Table 7 experiment needs on top (paper sec. 5.4): router diagnostics at every
-evaluation, a snapshot of the weights at a chosen step, runs that stop at a branch point, branches from such a
-snapshot (upcycled, or dense with a fresh optimizer), forks that continue another run's optimizer state, a
-re-warmup after a branch point and the loss on the held-out split at the end.
+"""What ``lm train`` adds for the language-model experiments (paper sec. 5.4), all set by recipe keys and off by
+default: router diagnostics at every evaluation, a snapshot of the weights at a chosen step, runs that stop at a
+branch point, branches from such a snapshot (upcycled, or dense with a fresh optimizer), forks that continue another
+run's optimizer state, a re-warmup after a branch point and the loss on the held-out split at the end.
 
-:class:`ExperimentLMTrainer` is :class:`~parameternet.train.lm.LMTrainer` with these additions, all optional:
+:func:`~parameternet.train.lm.train_lm` runs :class:`ExperimentLMTrainer` (:class:`~parameternet.train.lm.LMTrainer`
+with these additions) when a recipe sets one of the keys:
 
-- *Router diagnostics.* After every validation of a model with experts, the first ``router_windows`` validation
+- ``router_windows``: after every validation of a model with experts, the first ``router_windows`` validation
   windows go through the model once more and, per layer and converted projection, the mean top-1 router
   probability and each expert's share of the tokens (fractions summing to 1) are written to ``metrics.jsonl`` as a
   ``"split": "router"`` row.
-- *Snapshot.* At step ``snapshot_step`` the weights are saved with ``save_pretrained`` to ``<output_dir>/snapshot/``
-  (atomically) and the validation loss is measured there even when the evaluation interval does not fall on it.
-- *Stop early.* With ``stop_step`` the run ends at that step of its schedule (the learning rate follows the
-  recipe's whole schedule, the last checkpoint is at ``stop_step``): the trunk that branches start from.
-- *Branch.* With ``branch_from`` (a dense snapshot directory) and ``start_step``, training starts at ``start_step``
-  of the recipe's step count with a fresh AdamW state: it reads the same windows in the same order as the dense run
-  from that step on, with the recipe's learning-rate schedule from there. A recipe with experts makes the model
-  :meth:`~parameternet.models.llama_moe.ParameterNetLlamaForCausalLM.from_dense` of the snapshot (upcycling); a
-  dense recipe takes the snapshot's weights as they are (the optimizer reset alone).
-- *Fork.* With ``fork_from`` (a run directory, or a checkpoint's ``.state.pt``), a run without a checkpoint of its
-  own starts from that run's newest checkpoint: weights, AdamW state, schedule position and step, as a resume
-  does, so it continues that run exactly while writing to its own directory (``eval_every_steps`` and the other
-  keys a resume may change can differ).
-- *Re-warmup.* With ``rewarmup_steps`` (and ``start_step``), the learning rate after the branch point is the
+- ``branch.snapshot_step``: the weights are saved with ``save_pretrained`` to ``<output_dir>/snapshot/``
+  (atomically) at that step, and the validation loss is measured there even when the evaluation interval does
+  not fall on it.
+- ``branch.stop_step``: the run ends at that step of its schedule (the learning rate follows the recipe's whole
+  schedule, the last checkpoint is at ``stop_step``): the trunk that branches start from.
+- ``branch.from_snapshot`` (a dense snapshot directory) with ``branch.start_step``: training starts at
+  ``start_step`` of the recipe's step count with a fresh AdamW state: it reads the same windows in the same order
+  as the dense run from that step on, with the recipe's learning-rate schedule from there. A recipe with experts
+  makes the model :meth:`~parameternet.models.llama_moe.ParameterNetLlamaForCausalLM.from_dense` of the snapshot
+  (upcycling); a dense recipe takes the snapshot's weights as they are (the optimizer reset alone).
+- ``branch.fork_from`` (a run directory, or a checkpoint's ``.state.pt``): a run without a checkpoint of its own
+  starts from that run's newest checkpoint (weights, AdamW state, schedule position and step), as a resume does,
+  so it continues that run exactly while writing to its own directory (``eval_every_steps`` and the other keys a
+  resume may change can differ).
+- ``branch.rewarmup_steps`` (with ``branch.start_step``): the learning rate after the branch point is the
   schedule's times ``min(1, (step - start_step + 1) / rewarmup_steps)``: a linear ramp back to the schedule.
-- *Held-out loss.* A run that reaches the end of its schedule measures the next-token loss on the held-out split
+- ``heldout_loss``: a run that reaches the end of its schedule measures the next-token loss on the held-out split
   (the documents neither training nor validation read; ``eval_tokens`` caps it as it caps validation), writes it
   to ``metrics.jsonl`` as a ``"split": "heldout"`` row and returns it in the summary as ``heldout``.
+
+These keys need ``parallel=ddp`` (one process, or DDP).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +45,8 @@ from parameternet.errors import ParameterNetError
 from parameternet.runs import StopSignal
 from parameternet.train import distributed as D
 from parameternet.train.lm import LMTrainConfig, LMTrainer
-from parameternet.train.loop import run_locked
 
-__all__ = ["ExperimentLMTrainer", "router_stats", "train_experiment_lm"]
+__all__ = ["ExperimentLMTrainer", "router_stats"]
 
 
 @torch.no_grad()
@@ -124,55 +126,30 @@ class ExperimentLMTrainer(LMTrainer):
     recipe: a branch or fork source that holds no model or checkpoint, a snapshot with experts, a fork checkpoint
     at another step than ``start_step`` or of another recipe, steps outside the schedule."""
 
-    def __init__(
-        self,
-        cfg: LMTrainConfig,
-        dist: D.DistInfo,
-        stop: StopSignal | None = None,
-        *,
-        router_windows: int = 64,
-        snapshot_step: int | None = None,
-        stop_step: int | None = None,
-        branch_from: str | Path | None = None,
-        fork_from: str | Path | None = None,
-        start_step: int = 0,
-        rewarmup_steps: int | None = None,
-        heldout: bool = True,
-    ):
-        self.router_windows = router_windows
-        self.snapshot_step = snapshot_step
-        self.stop_step = stop_step
-        self.heldout = heldout
-        self.branch_from = Path(branch_from) if branch_from is not None else None
-        self.start_step, self.rewarmup_steps = start_step, rewarmup_steps
-        if self.branch_from is not None and fork_from is not None:
-            raise ParameterNetError(
-                "branch_from (weights, a fresh optimizer) and fork_from (weights and optimizer state) exclude each "
-                "other; pass one"
-            )
+    def __init__(self, cfg: LMTrainConfig, dist: D.DistInfo, stop: StopSignal | None = None):
+        b = cfg.branch
+        self.router_windows = cfg.router_windows
+        self.snapshot_step, self.stop_step, self.heldout = b.snapshot_step, b.stop_step, cfg.heldout_loss
+        self.branch_from = Path(b.from_snapshot) if b.from_snapshot is not None else None
+        self.start_step, self.rewarmup_steps = b.start_step, b.rewarmup_steps
         if self.branch_from is not None and not (self.branch_from / "config.json").is_file():
             raise ParameterNetError(
-                f"branch_from={str(self.branch_from)!r} holds no saved model; run the dense run past its snapshot "
-                f"step first"
+                f"branch.from_snapshot={str(self.branch_from)!r} holds no saved model; run the dense run past its "
+                f"snapshot step first"
             )
-        if cfg.parallel != "ddp":
+        if not 0 <= b.start_step < cfg.total_steps:
+            raise ParameterNetError(f"branch.start_step={b.start_step} must be in [0, {cfg.total_steps}); lower it")
+        if b.stop_step is not None and not b.start_step < b.stop_step <= cfg.total_steps:
             raise ParameterNetError(
-                f"parallel={cfg.parallel!r} is for lm train; the experiment's runs are single-process, drop it"
+                f"branch.stop_step={b.stop_step} must be in ({b.start_step}, {cfg.total_steps}]; pass a step of the "
+                f"schedule"
             )
-        if not 0 <= start_step < cfg.total_steps:
-            raise ParameterNetError(f"start_step={start_step} must be in [0, {cfg.total_steps}); lower it")
-        if stop_step is not None and not start_step < stop_step <= cfg.total_steps:
-            raise ParameterNetError(
-                f"stop_step={stop_step} must be in ({start_step}, {cfg.total_steps}]; pass a step of the schedule"
-            )
-        if rewarmup_steps is not None and rewarmup_steps < 1:
-            raise ParameterNetError(f"rewarmup_steps={rewarmup_steps} must be at least 1; pass 1 or more")
         super().__init__(cfg, dist, stop)
         if self.step == 0 and self.resume_from is None:  # a fresh run (a resumed one has its own step)
-            if fork_from is not None:
-                self._fork(Path(fork_from))
+            if b.fork_from is not None:
+                self._fork(Path(b.fork_from))
             elif self.branch_from is not None:
-                self.step = start_step
+                self.step = b.start_step
                 self.scheduler.step_update(self.step)
 
     @property
@@ -188,14 +165,15 @@ class ExperimentLMTrainer(LMTrainer):
             found = CheckpointManager(source / "checkpoints" if (source / "checkpoints").is_dir() else source).latest()
         if found is None:
             raise ParameterNetError(
-                f"fork_from={str(source)!r} holds no complete checkpoint; run the source run to its stop step first"
+                f"branch.fork_from={str(source)!r} holds no complete checkpoint; run the source run to its stop step "
+                "first"
             )
-        check_resume_recipe(self.cfg, found, "fork from a run of the same recipe")
+        check_resume_recipe(self.cfg, found, "fork from a run of the same recipe", skip=("branch.",))
         self.load_checkpoint(found)
         if self.step != self.start_step:
             raise ParameterNetError(
-                f"fork_from={str(source)!r} ends at step {self.step}, not at start_step={self.start_step}; fork from "
-                f"the checkpoint of the branch point"
+                f"branch.fork_from={str(source)!r} ends at step {self.step}, not at branch.start_step="
+                f"{self.start_step}; fork from the checkpoint of the branch point"
             )
 
     def _build_optim(self) -> None:
@@ -213,7 +191,8 @@ class ExperimentLMTrainer(LMTrainer):
         dense = ParameterNetLlamaForCausalLM.from_pretrained(self.branch_from, dtype=torch.float32)
         if getattr(dense.config, "moe_projections", None):
             raise ParameterNetError(
-                f"branch_from={str(self.branch_from)!r} holds a model with experts; branch from a dense run's snapshot"
+                f"branch.from_snapshot={str(self.branch_from)!r} holds a model with experts; branch from a dense run's "
+                "snapshot"
             )
         if len(self.tokenizer) > dense.config.vocab_size:
             raise ParameterNetError(
@@ -267,10 +246,3 @@ class ExperimentLMTrainer(LMTrainer):
             self.metrics.write({"step": self.step, "split": "heldout", **{k: round(x, 6) for k, x in v.items()}})
             summary["heldout"] = v
         return summary
-
-
-def train_experiment_lm(cfg: LMTrainConfig, **options: Any) -> dict[str, Any]:
-    """Run :class:`ExperimentLMTrainer` like :func:`~parameternet.train.lm.train_lm` (the run lock held, SIGINT /
-    SIGTERM save a checkpoint and raise ``RunInterrupted``) and return its summary plus ``threads`` (torch's)."""
-    summary = run_locked(cfg.device, cfg.output_dir, lambda dist, stop: ExperimentLMTrainer(cfg, dist, stop, **options))
-    return {**summary, "threads": torch.get_num_threads(), "config": dataclasses.asdict(cfg)}

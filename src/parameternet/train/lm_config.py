@@ -17,6 +17,7 @@ from parameternet.train.recipe import DEVICE_WORDS, PARALLEL, PARALLEL_WORDS, ch
 
 __all__ = [
     "PARALLEL",
+    "LMBranchConfig",
     "LMDataConfig",
     "LMModelConfig",
     "LMOptimConfig",
@@ -84,11 +85,32 @@ class LMScheduleConfig:
 
 
 @dataclass
+class LMBranchConfig:
+    """Branch points of a run (the upcycling experiment; every key off by default): save the weights to
+    ``snapshot/`` at ``snapshot_step``; end at ``stop_step`` of the schedule; start at ``start_step`` from a dense
+    snapshot's weights with a fresh AdamW (``from_snapshot``: a model with experts is upcycled from it) or from
+    another run's newest checkpoint, optimizer state included (``fork_from``: a run directory or a ``.state.pt``);
+    ramp the learning rate back to the schedule over ``rewarmup_steps`` after ``start_step``."""
+
+    snapshot_step: int | None = None
+    stop_step: int | None = None
+    start_step: int = 0
+    from_snapshot: str | None = None
+    fork_from: str | None = None
+    rewarmup_steps: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return self != LMBranchConfig()
+
+
+@dataclass
 class LMTrainConfig:
     model: LMModelConfig = field(default_factory=LMModelConfig)
     data: LMDataConfig = field(default_factory=LMDataConfig)
     optim: LMOptimConfig = field(default_factory=LMOptimConfig)
     schedule: LMScheduleConfig = field(default_factory=LMScheduleConfig)
+    branch: LMBranchConfig = field(default_factory=LMBranchConfig)
     seed: int = 0  # weight initialisation
     batch_size: int = 32  # sequences per optimizer step, across all ranks
     grad_accum: int = 1
@@ -98,6 +120,8 @@ class LMTrainConfig:
     eval_every_steps: int = 0  # 0 = at the end only
     eval_tokens: int | None = None  # validation tokens per evaluation; None = all
     zero_shot_items: int = 300  # items per zero-shot task at the end; 0 = skip
+    heldout_loss: bool = False  # at the end of the schedule, the loss on the held-out split too
+    router_windows: int = 0  # after each validation, router diagnostics on this many validation windows (MoE)
     log_every: int = 10
     ckpt_every_steps: int = 100
     keep_last: int = 2
@@ -145,6 +169,19 @@ class LMTrainConfig:
                 f"null (the whole validation split) or at least data.seq_len={self.data.seq_len}",
             ),
             (self.zero_shot_items >= 0, "zero_shot_items", "0 (skip the zero-shot tasks) or more"),
+            (self.router_windows >= 0, "router_windows", "0 (no router diagnostics) or more"),
+            (self.branch.start_step >= 0, "branch.start_step", "0 or more"),
+            (
+                self.branch.rewarmup_steps is None or self.branch.rewarmup_steps >= 1,
+                "branch.rewarmup_steps",
+                "at least 1, or null",
+            ),
+            (
+                not (self.branch.from_snapshot and self.branch.fork_from),
+                "branch.fork_from",
+                "null when branch.from_snapshot is set (weights with a fresh optimizer, or weights and optimizer "
+                "state: one of them)",
+            ),
             (self.ckpt_every_steps >= 0, "ckpt_every_steps", "0 (at the end only) or more"),
             (self.threads is None or self.threads > 0, "threads", "a positive integer or null (torch's default)"),
             (device_ok(self.device), "device", DEVICE_WORDS),
@@ -186,6 +223,11 @@ class LMTrainConfig:
                 raise ParameterNetError(
                     f"unknown projection {name!r} in model.moe_projections; choose from {', '.join(MOE_PROJECTIONS)}."
                 )
+        if self.parallel != "ddp" and (self.branch.active or self.router_windows or self.heldout_loss):
+            raise ParameterNetError(
+                f"parallel={self.parallel!r} does not take branch points, router diagnostics or the held-out loss; "
+                "drop the branch.* / router_windows / heldout_loss keys, or parallel"
+            )
         ParameterNetLlamaConfig(**dataclasses.asdict(self.model))  # its own checks (experts per token, capacity)
         return self
 

@@ -466,7 +466,7 @@ def run_locked(
     group even in one process (see :func:`parameternet.train.distributed.setup`).
 
     Raises ParameterNetError when another live process holds the lock, RunInterrupted after a signal (a second
-    one exits at once).
+    SIGINT exits at once).
     """
     dist = D.setup(device, group)
     try:

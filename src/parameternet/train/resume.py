@@ -61,6 +61,8 @@ RESUME_MAY_CHANGE = frozenset(
         "eval_batch_size",
         "data.num_workers",
         "threads",
+        "router_windows",
+        "heldout_loss",
     }
 )
 
@@ -68,12 +70,15 @@ RESUME_MAY_CHANGE = frozenset(
 _UNSET = object()  # a key the checkpoint does not record
 
 
-def check_resume_recipe(cfg: Any, state_path: Path, restart: str = "start a new output_dir") -> None:
+def check_resume_recipe(
+    cfg: Any, state_path: Path, restart: str = "start a new output_dir", skip: tuple[str, ...] = ()
+) -> None:
     """Refuse to resume from the checkpoint whose ``.state.pt`` is ``state_path`` with a recipe ``cfg`` (a recipe
     dataclass) that differs from the one the checkpoint records in a key outside :data:`RESUME_MAY_CHANGE`: the
     restored optimizer and scheduler would go on with the old values while ``config.yaml`` said the new ones.
 
-    Keys the checkpoint does not record (written before they existed) are not compared. Raises ParameterNetError
+    Keys the checkpoint does not record (written before they existed) and keys starting with one of ``skip`` (a
+    fork's ``"branch."``) are not compared. Raises ParameterNetError
     naming each changed key with its old and new value, ending with ``restart`` (how the task starts afresh).
     """
     source, meta = recorded_metadata(state_path)
@@ -82,7 +87,7 @@ def check_resume_recipe(cfg: Any, state_path: Path, restart: str = "start a new 
         return
     changes = []
     for key in recipe_keys(type(cfg)):
-        if key in RESUME_MAY_CHANGE:
+        if key in RESUME_MAY_CHANGE or key.startswith(skip):
             continue
         old, new = saved, cfg
         for part in key.split("."):

@@ -471,7 +471,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     The main rank holds ``output_dir/run.lock`` for the whole run (ParameterNetError when another live process
     holds it). SIGINT / SIGTERM finish the step, write a checkpoint and raise
-    :class:`~parameternet.runs.RunInterrupted`; a second signal exits at once. ``parallel=fsdp`` makes a process
+    :class:`~parameternet.runs.RunInterrupted`; a second SIGINT exits at once. ``parallel=fsdp`` makes a process
     group even in one process (FSDP and ``torch.distributed.checkpoint`` need one).
     """
     fsdp = cfg.parallel == "fsdp"
