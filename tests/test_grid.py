@@ -19,10 +19,11 @@ from parameternet.experiments import grid
 from parameternet.experiments.grid import Job, run_jobs
 from parameternet.runs import RunInterrupted
 
-# A stand-in for `parameternet ...`: `RUN_DIR ok|fail|slow`, with the real StopSignal, as train and lm train use it.
+# A stand-in for `parameternet ...`: `RUN_DIR ok|fail|slow`, with the real StopSignal, as train and lm train use it,
+# and the CLI's end after a stop.
 FAKE = textwrap.dedent(
     """
-    import json, os, sys, time
+    import json, os, signal, sys, time
     from pathlib import Path
     from parameternet.runs import StopSignal
 
@@ -39,7 +40,9 @@ FAKE = textwrap.dedent(
             time.sleep(0.02)
         if stop.requested:
             (run / "saved").write_text("yes")
-            sys.exit(128 + stop.signum)
+    if stop.requested:  # as the CLI ends after a stop: a later SIGTERM is the same stop
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.exit(128 + stop.signum)
     (run / "summary.json").write_text(json.dumps({"mode": mode, "threads": os.environ["OMP_NUM_THREADS"]}))
     """
 )

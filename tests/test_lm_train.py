@@ -116,7 +116,7 @@ def test_lm_train_resume_ends_with_the_same_weights(corpora):
     with pytest.raises(ParameterNetError, match="resume=auto"):
         train_lm(load_lm_config("configs/lm-small.yaml", [*common, f"output_dir={b}"]))
     changed = ["optim.lr=2e-3", "max_steps=8"]  # the restored optimizer and schedule would keep the old ones
-    refused = r"would change the run's recipe \(optim.lr 0.001 -> 0.002, max_steps 6 -> 8\); resume without changing"
+    refused = r"would change the run's recipe \(max_steps 6 -> 8, optim.lr 0.001 -> 0.002\); resume without changing"
     with pytest.raises(ParameterNetError, match=refused) as e:
         train_lm(load_lm_config("configs/lm-small.yaml", [*common, f"output_dir={b}", "resume=auto", *changed]))
     assert str(e.value).endswith("or start a new output_dir")  # no init_from=: the LM recipe has no such key

@@ -3,7 +3,7 @@ the NaN guard, interrupts that save, resume discovery and resuming to the same r
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,24 +15,21 @@ from parameternet.train import distributed as D
 from parameternet.train import loop
 from parameternet.train.checkpoint import load_state
 from parameternet.train.loop import Cadence, Timing, TrainTask, Window
+from parameternet.train.recipe import RunConfig
 from parameternet.train.resume import discover_resume
 
 CPU = D.DistInfo(0, 1, 0, torch.device("cpu"))
 
 
 @dataclass
-class FakeConfig:
-    output_dir: str
+class FakeConfig(RunConfig):
+    """A recipe of the shared keys plus the fake task's own cadence."""
+
     total_steps: int = 10
     log_every: int = 3
     eval_steps: int = 4
     ckpt_steps: int = 2
-    keep_last: int = 2
-    resume: str | None = None
     progress: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class FakeStop:
@@ -110,10 +107,10 @@ def _rows(out: Path, split: str | None = None, drop=("wait", "compute", "timed")
 
 
 def test_cadence_rows_validations_and_checkpoints(tmp_path):
-    summary = FakeTask(FakeConfig(str(tmp_path))).run()
+    summary = FakeTask(FakeConfig(output_dir=str(tmp_path))).run()
     assert [r["step"] for r in _rows(tmp_path, "train")] == [3, 6, 9, 10]  # every 3 steps and the last
     assert [r["step"] for r in _rows(tmp_path, "val")] == [4, 8, 10]  # every 4 steps and the last
-    assert FakeTask(FakeConfig(str(tmp_path), resume="auto")).ckpt.steps() == [8, 10]  # keep_last=2
+    assert FakeTask(FakeConfig(output_dir=str(tmp_path), resume="auto")).ckpt.steps() == [8, 10]  # keep_last=2
     assert summary == {"steps": 10, "session_steps": 10, "data_wait": 5.0}
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert (tmp_path / "config.yaml").is_file() and not list(tmp_path.rglob("*.tmp*"))
@@ -142,7 +139,7 @@ def test_window_averages_saves_and_times():
 
 
 def test_train_rows_carry_the_window_timing(tmp_path):
-    FakeTask(FakeConfig(str(tmp_path))).run()
+    FakeTask(FakeConfig(output_dir=str(tmp_path))).run()
     rows = _rows(tmp_path, "train", drop=())
     assert [(r["wait"], r["compute"], r["timed"]) for r in rows] == [(1.5, 6.0, 3)] * 3 + [(0.5, 2.0, 1)]
     assert rows[0]["loss"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3) and rows[0]["half"] == rows[0]["loss"] / 2
@@ -150,36 +147,36 @@ def test_train_rows_carry_the_window_timing(tmp_path):
 
 def test_nan_guard_names_the_last_good_checkpoint(tmp_path):
     with pytest.raises(ParameterNetError) as e:
-        FakeTask(FakeConfig(str(tmp_path)), nan_at={5}).run()
+        FakeTask(FakeConfig(output_dir=str(tmp_path)), nan_at={5}).run()
     last = tmp_path / "checkpoints" / "step_0000004.state.pt"
     assert str(e.value) == (
         f"training loss became nan at step 5; stopped and the last good checkpoint is {last}; "
         f"lower optim.lr or set optim.clip_grad"
     )
     with pytest.raises(ParameterNetError, match="at step 1; stopped and no checkpoint was written"):
-        FakeTask(FakeConfig(str(tmp_path / "b")), nan_at={1}).run()
+        FakeTask(FakeConfig(output_dir=str(tmp_path / "b")), nan_at={1}).run()
 
 
 def test_interrupt_saves_and_resume_gives_the_same_rows(tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "run"
-    FakeTask(FakeConfig(str(ref))).run()
-    task = FakeTask(FakeConfig(str(out)))
+    FakeTask(FakeConfig(output_dir=str(ref))).run()
+    task = FakeTask(FakeConfig(output_dir=str(out)))
     task.stop = FakeStop(lambda: task.step, at=5)  # not a checkpoint step: the interrupt writes one
     with pytest.raises(RunInterrupted) as e:
         task.run()
     assert e.value.step == 5 and Path(e.value.checkpoint).name == "step_0000005.safetensors"
     assert task.ckpt.steps() == [4, 5]
     # the row at step 6 averages steps 4 to 6, two of them before the interrupt
-    summary = FakeTask(FakeConfig(str(out), resume="auto")).run()
+    summary = FakeTask(FakeConfig(output_dir=str(out), resume="auto")).run()
     assert summary["steps"] == 10 and summary["session_steps"] == 5
     assert _rows(out) == _rows(ref)
     # a complete run returns its summary without training
-    assert FakeTask(FakeConfig(str(out), resume="auto")).run() == summary
+    assert FakeTask(FakeConfig(output_dir=str(out), resume="auto")).run() == summary
 
 
 def test_resume_discovery_and_refusals(tmp_path):
-    FakeTask(FakeConfig(str(tmp_path), total_steps=4)).run()
-    ckpt = FakeTask(FakeConfig(str(tmp_path), total_steps=4, resume="auto")).ckpt
+    FakeTask(FakeConfig(output_dir=str(tmp_path), total_steps=4)).run()
+    ckpt = FakeTask(FakeConfig(output_dir=str(tmp_path), total_steps=4, resume="auto")).ckpt
     latest = ckpt.dir / "step_0000004.state.pt"
     assert discover_resume("auto", ckpt) == latest
     assert discover_resume(str(tmp_path), ckpt) == latest  # a run directory
@@ -197,10 +194,10 @@ def test_resume_discovery_and_refusals(tmp_path):
 
 
 def test_resume_refuses_another_recipe_but_not_another_cadence(tmp_path):
-    FakeTask(FakeConfig(str(tmp_path), total_steps=4)).run()
+    FakeTask(FakeConfig(output_dir=str(tmp_path), total_steps=4)).run()
     config = (tmp_path / "config.yaml").read_text()
     with pytest.raises(ParameterNetError) as e:
-        FakeTask(FakeConfig(str(tmp_path), total_steps=8, resume="auto"))
+        FakeTask(FakeConfig(output_dir=str(tmp_path), total_steps=8, resume="auto"))
     latest = tmp_path / "checkpoints" / "step_0000004.safetensors"
     assert str(e.value) == (
         f"resuming from {str(latest)!r} would change the run's recipe (total_steps 4 -> 8); "
@@ -208,4 +205,6 @@ def test_resume_refuses_another_recipe_but_not_another_cadence(tmp_path):
     )  # the task's own restart_hint: the vision trainer adds init_from=, which the LM recipe does not have
     assert (tmp_path / "config.yaml").read_text() == config  # the refused recipe is not recorded
     # where and how often it reports may change (RESUME_MAY_CHANGE)
-    assert FakeTask(FakeConfig(str(tmp_path), total_steps=4, log_every=1, keep_last=3, resume="auto")).step == 4
+    assert (
+        FakeTask(FakeConfig(output_dir=str(tmp_path), total_steps=4, log_every=1, keep_last=3, resume="auto")).step == 4
+    )

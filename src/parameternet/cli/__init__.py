@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except RunInterrupted as e:
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the command ends after its stop: a later SIGTERM is the same
         print(f"parameternet {command}: {e}; continue with:\n  {_resume_line(argv, command)}", file=sys.stderr)
         return e.exit_code
     except USER_ERRORS as e:

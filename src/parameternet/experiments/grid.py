@@ -121,12 +121,12 @@ def run_jobs(
     stopped: list[str] = []  # runs that ended after the stop without saving
     env = _child_env()
     heartbeat = time.perf_counter()
-    forwarded = False
+    forwarded = 0.0  # when the stop was passed on
     with StopSignal() as stop:
         try:
             while pending or running:
                 if stop.requested and not forwarded:
-                    forwarded = True
+                    forwarded = time.time()
                     pending.clear()
                     for _, proc in running.values():  # SIGTERM, the stop a run takes any number of times
                         with contextlib.suppress(OSError):
@@ -158,9 +158,9 @@ def run_jobs(
                         job.summary = json.loads(done.read_text())
                         on_done(job)
                     elif stop.requested:
-                        if rc not in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # killed, or failed: not saved
+                        if rc not in (128 + signal.SIGINT, 128 + signal.SIGTERM) and not _saved_since(job, forwarded):
                             stopped.append(job.name)
-                        log.warning("  %s: %s", job.name, _last_line(job.log_path))
+                        log.warning("  %s (exit %s): %s", job.name, rc, _last_line(job.log_path))
                     else:
                         failures.append(f"{job.name}: {_last_line(job.log_path)} (log: {job.log_path})")
                         log.error("  FAILED %s", failures[-1])
@@ -179,6 +179,13 @@ def run_jobs(
         raise ParameterNetError(
             f"{len(failures)} run(s) failed, first: {failures[0]}; fix the cause and run the command again"
         )
+
+
+def _saved_since(job: Job, when: float) -> bool:
+    """Whether the run wrote a complete checkpoint (its manifest, written last) at or after ``when``."""
+    with contextlib.suppress(OSError):
+        return any(p.stat().st_mtime >= when for p in (job.run_dir / "checkpoints").glob("*.manifest.json"))
+    return False
 
 
 def _drop_dependents(pending: list[Job], failed: Job) -> None:

@@ -8,22 +8,11 @@ says what was expected (the loader, shared with the language-model recipes, is :
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from parameternet.train.recipe import (
-    DEVICE_WORDS,
-    PARALLEL,
-    PARALLEL_WORDS,
-    apply_overrides,
-    check_fields,
-    device_ok,
-    from_dict,
-    load_recipe,
-)
-from parameternet.train.recipe import coerce as _coerce  # noqa: F401  (the name before the loader was shared)
+from parameternet.train.recipe import RunConfig, apply_overrides, check_fields, from_dict, load_recipe
 
 __all__ = [
     "AugConfig",
@@ -88,7 +77,12 @@ class ScheduleConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
+    """``train``'s recipe: the model, data, augmentation, optimizer and schedule sections, with the keys every run
+    shares (:class:`~parameternet.train.recipe.RunConfig`: ``max_steps`` overrides ``epochs``). ``parallel=fsdp``
+    shards per stage, the EMA too; with ``amp=bf16`` the stages' weights are gathered in bf16 (routers and the
+    root's stem / head in float32)."""
+
     model: str = "resnet10t"  # any timm model name or one of the paper's models
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
     drop_path: float = 0.0  # stochastic depth rate
@@ -96,41 +90,24 @@ class TrainConfig:
     in_chans: int = 3
     img_size: int = 224
     epochs: int = 1
-    max_steps: int | None = None  # overrides epochs when set
     batch_size: int = 128  # global, across all ranks
     eval_batch_size: int | None = None  # default: batch_size
-    seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     ema: float | None = None  # EMA decay of the weights; None = off
     amp: str = "auto"  # auto (bf16/fp16 autocast on GPU, off on CPU) | none | bf16 | fp16
-    device: str = "auto"  # auto | cpu | cuda
     channels_last: bool = False
     sync_bn: bool = False
-    # ddp: every process holds the whole model (DistributedDataParallel under torchrun). fsdp: FSDP2, parameters,
-    # gradients, optimizer states and the EMA sharded over the processes per stage (expert banks like any parameter),
-    # sharded checkpoints (torch.distributed.checkpoint) that resume on any number of processes; with amp=bf16 the
-    # stages' weights are gathered in bf16 (routers and the root's stem / head in float32).
-    parallel: str = "ddp"
-    output_dir: str = "runs/default"
     init_from: str | None = None  # checkpoint to start from (pretrain -> fine-tune)
     init_strict: bool = (
         True  # init_from refuses a checkpoint fitting < 90% of the model's tensors; false loads what fits
     )
-    resume: str | None = None  # auto = last checkpoint in output_dir, or a checkpoint path
-    log_every: int = 50  # steps between train rows in metrics.jsonl
     eval_every_epochs: int = 1  # 0 = only at the end
     eval_every_steps: int | None = None
     ckpt_every_epochs: int = 1
     ckpt_every_steps: int | None = None
-    keep_last: int = 2  # step checkpoints kept; best and final are kept besides
-    progress: bool = True  # tqdm bar when stderr is a terminal
-    tensorboard: bool = False  # write TensorBoard events when tensorboard is installed
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     def validate(self) -> TrainConfig:
         """Cross-field checks that one type annotation cannot express; ParameterNetError names the first bad key,
@@ -138,26 +115,22 @@ class TrainConfig:
         from parameternet.data.images import parse_spec
 
         checks = [
+            *self.run_checks(),
             (self.batch_size > 0, "batch_size", "a positive integer"),
             (self.epochs > 0 or (self.max_steps or 0) > 0, "epochs", "positive (or set max_steps)"),
-            (self.max_steps is None or self.max_steps > 0, "max_steps", "a positive integer"),
             (self.img_size > 0, "img_size", "a positive integer"),
             (self.in_chans in (1, 3), "in_chans", "1 or 3"),
             (self.amp in ("auto", "none", "bf16", "fp16"), "amp", "one of auto, none, bf16, fp16"),
-            (self.parallel in PARALLEL, "parallel", PARALLEL_WORDS),
             (
                 self.parallel != "fsdp" or self.amp != "fp16",
                 "amp",
                 "auto, none or bf16 with parallel=fsdp (FSDP gathers bf16 weights; fp16 needs a gradient scaler "
                 "over sharded gradients, which is not wired up)",
             ),
-            (device_ok(self.device), "device", DEVICE_WORDS),
             (self.data.pipeline in ("auto", "tensor", "pil"), "data.pipeline", "one of auto, tensor, pil"),
             (self.ema is None or 0 < self.ema < 1, "ema", "a decay in (0, 1) or null"),
-            (self.keep_last >= 1, "keep_last", "at least 1"),
             (self.ckpt_every_epochs >= 0, "ckpt_every_epochs", "0 (no periodic checkpoints) or more"),
             (self.ckpt_every_steps is None or self.ckpt_every_steps >= 0, "ckpt_every_steps", "0 (none) or more"),
-            (self.log_every >= 1, "log_every", "at least 1"),
             (self.eval_batch_size is None or self.eval_batch_size > 0, "eval_batch_size", "a positive integer or null"),
             (self.eval_every_epochs >= 0, "eval_every_epochs", "0 (at the end only) or more"),
             (self.eval_every_steps is None or self.eval_every_steps >= 0, "eval_every_steps", "0 (none) or more"),

@@ -86,8 +86,6 @@ class LMTrainer(TrainTask):
     progress_desc = "lm"
 
     def __init__(self, cfg: LMTrainConfig, dist: D.DistInfo, stop: StopSignal | None = None):
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
         # since the last train row: the loss, the next-token loss and the router loss
         super().__init__(cfg, dist, stop, Window(("loss", "lm_loss", "aux_loss")))
 

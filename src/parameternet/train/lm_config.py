@@ -10,10 +10,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from parameternet.errors import ParameterNetError
-from parameternet.train.recipe import DEVICE_WORDS, PARALLEL, PARALLEL_WORDS, check_fields, device_ok, load_recipe
+from parameternet.train.recipe import PARALLEL, RunConfig, check_fields, load_recipe
 
 __all__ = [
     "PARALLEL",
@@ -105,42 +104,32 @@ class LMBranchConfig:
 
 
 @dataclass
-class LMTrainConfig:
+class LMTrainConfig(RunConfig):
+    """``lm train``'s recipe: the model, data, optimizer, schedule and branch sections, with the keys every run
+    shares (:class:`~parameternet.train.recipe.RunConfig`: ``max_steps`` overrides ``max_tokens``).
+    ``parallel=fsdp`` shards per decoder layer; with ``amp=bf16`` the decoder layers' weights are gathered in bf16
+    (routers and the root's embeddings / head in float32), gradients reduced in float32, and evaluation runs under
+    bf16 autocast."""
+
     model: LMModelConfig = field(default_factory=LMModelConfig)
     data: LMDataConfig = field(default_factory=LMDataConfig)
     optim: LMOptimConfig = field(default_factory=LMOptimConfig)
     schedule: LMScheduleConfig = field(default_factory=LMScheduleConfig)
     branch: LMBranchConfig = field(default_factory=LMBranchConfig)
-    seed: int = 0  # weight initialisation
     batch_size: int = 32  # sequences per optimizer step, across all ranks
     grad_accum: int = 1
     max_tokens: int | None = None  # training tokens; steps = max_tokens // (batch_size * seq_len)
-    max_steps: int | None = None  # overrides max_tokens
     eval_batch_size: int = 32
     eval_every_steps: int = 0  # 0 = at the end only
     eval_tokens: int | None = None  # validation tokens per evaluation; None = all
     zero_shot_items: int = 300  # items per zero-shot task at the end; 0 = skip
     heldout_loss: bool = False  # at the end of the schedule, the loss on the held-out split too
     router_windows: int = 0  # after each validation, router diagnostics on this many validation windows (MoE)
-    log_every: int = 10
     ckpt_every_steps: int = 100
-    keep_last: int = 2
     output_dir: str = "runs/lm"
-    resume: str | None = None  # auto = the last checkpoint in output_dir
-    device: str = "auto"
+    log_every: int = 10
     amp: str = "none"  # none | bf16: training under bf16 autocast (evaluation stays float32; see parallel)
-    # ddp: every process holds the whole model (DistributedDataParallel under torchrun). fsdp: FSDP2, parameters,
-    # gradients and AdamW states sharded over the processes per decoder layer (experts like any parameter), sharded
-    # checkpoints (torch.distributed.checkpoint) that resume on any number of processes; with amp=bf16 the decoder
-    # layers' weights are gathered in bf16 (routers and the root's embeddings / head in float32), gradients reduced
-    # in float32, and evaluation runs under bf16 autocast.
-    parallel: str = "ddp"
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass (less memory)
-    threads: int | None = None  # torch intra-op threads; None = torch's default
-    progress: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     def validate(self) -> LMTrainConfig:
         """Check the values one type annotation cannot (ranges, cross-field rules, the model config's own checks)
@@ -150,10 +139,10 @@ class LMTrainConfig:
 
         one_batch = self.batch_size * self.data.seq_len
         checks = [
+            *self.run_checks(),
             (self.batch_size > 0, "batch_size", "a positive integer"),
             (self.grad_accum > 0 and self.batch_size % self.grad_accum == 0, "grad_accum", "a divisor of batch_size"),
             (self.data.seq_len > 1, "data.seq_len", "at least 2"),
-            (self.max_steps is None or self.max_steps > 0, "max_steps", "a positive integer or null"),
             (self.max_tokens is None or self.max_tokens > 0, "max_tokens", "a positive integer or null"),
             (self.max_steps is not None or self.max_tokens is not None, "max_tokens", "set (or set max_steps)"),
             (
@@ -183,16 +172,11 @@ class LMTrainConfig:
                 "state: one of them)",
             ),
             (self.ckpt_every_steps >= 0, "ckpt_every_steps", "0 (at the end only) or more"),
-            (self.threads is None or self.threads > 0, "threads", "a positive integer or null (torch's default)"),
-            (device_ok(self.device), "device", DEVICE_WORDS),
             (self.optim.lr > 0, "optim.lr", "positive"),
             (len(self.optim.betas) == 2, "optim.betas", "two numbers"),
             (0 <= self.schedule.min_lr_ratio <= 1, "schedule.min_lr_ratio", "between 0 and 1"),
             (self.schedule.warmup_steps >= 0, "schedule.warmup_steps", "0 or more"),
-            (self.log_every >= 1, "log_every", "at least 1"),
             (self.amp in ("none", "bf16"), "amp", "none or bf16"),
-            (self.parallel in PARALLEL, "parallel", PARALLEL_WORDS),
-            (self.keep_last >= 1, "keep_last", "at least 1"),
             (self.model.num_attention_heads > 0, "model.num_attention_heads", "a positive integer"),
             (self.model.hidden_size > 0, "model.hidden_size", "a positive integer"),
             (self.model.intermediate_size > 0, "model.intermediate_size", "a positive integer"),

@@ -36,6 +36,7 @@ from parameternet.runs import RunInterrupted, RunLock, StopSignal, atomic_write,
 from parameternet.toolkit import seed_all
 from parameternet.train import distributed as D
 from parameternet.train.checkpoint import CheckpointManager, recorded_metadata, sharded_dir
+from parameternet.train.recipe import RunConfig
 from parameternet.train.resume import check_resume_recipe, discover_resume
 
 __all__ = [
@@ -210,10 +211,10 @@ class TrainTask:
 
     ``__init__`` opens the run directory and calls the subclass's :meth:`build` (data, model, optimizer,
     ``total_steps``; ``step`` starts at 0), then :meth:`load_checkpoint` when the run resumes. The recipe
-    ``cfg`` needs ``output_dir``, ``keep_last``, ``resume``, ``progress`` and ``to_dict()``. The loop reads
+    ``cfg`` is a :class:`~parameternet.train.recipe.RunConfig` (its ``threads`` are set here). The loop reads
     ``step`` (optimizer steps done), :attr:`last_step`, ``epoch``, ``window``, ``cadence``, ``ddp`` (the module
     the steps run), ``optimizer`` and ``progress_desc``, and calls the methods below. ``window`` names the loss
-    values :meth:`train_step` returns; ``tensorboard`` mirrors the rows to TensorBoard when it is installed.
+    values :meth:`train_step` returns; ``cfg.tensorboard`` mirrors the rows to TensorBoard when it is installed.
     A recipe with ``parallel: fsdp`` makes :attr:`sharded` true: the task writes sharded checkpoints on every
     process (``CheckpointManager.save_sharded``) and resumes only those.
     Raises ParameterNetError (one sentence) for a resume that cannot be honoured (:func:`discover_resume`,
@@ -224,10 +225,12 @@ class TrainTask:
     restart_hint = "start a new output_dir"  # the end of check_resume_recipe's refusal: how this task starts afresh
     epoch = 0  # tasks without epochs stay at 0; their Cadence has no epoch intervals
 
-    def __init__(self, cfg: Any, dist: D.DistInfo, stop: StopSignal | None, window: Window, tensorboard: bool = False):
+    def __init__(self, cfg: RunConfig, dist: D.DistInfo, stop: StopSignal | None, window: Window):
         self.cfg, self.dist, self.stop, self.device = cfg, dist, stop, dist.device
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.out = Path(cfg.output_dir)
-        self.sharded = getattr(cfg, "parallel", "ddp") == "fsdp"
+        self.sharded = cfg.parallel == "fsdp"
         self.resume_source, self.saved_world = None, None  # the checkpoint's weights and its number of processes
         self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.keep_last)
         resume_from = discover_resume(cfg.resume, self.ckpt)
@@ -243,7 +246,7 @@ class TrainTask:
         if dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write(self.out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        self.metrics = Metrics(self.out, dist.is_main, tensorboard)
+        self.metrics = Metrics(self.out, dist.is_main, cfg.tensorboard)
         # rows after the checkpoint resumed from (or all rows, for a run that never completed a checkpoint)
         self.metrics.truncate(self.step)
 

@@ -26,6 +26,7 @@ __all__ = [
     "DEVICE_WORDS",
     "PARALLEL",
     "PARALLEL_WORDS",
+    "RunConfig",
     "apply_overrides",
     "check_fields",
     "coerce",
@@ -62,6 +63,43 @@ DEVICE_WORDS = "auto, cpu, cuda or cuda:N"  # what :func:`device_ok` accepts, fo
 def device_ok(device: str) -> bool:
     """Whether ``device`` is a recipe's ``device`` value: auto, cpu, cuda or cuda:N (N a device index)."""
     return device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device) is not None
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """The keys every training recipe shares (``train``'s :class:`~parameternet.train.config.TrainConfig` and ``lm
+    train``'s :class:`~parameternet.train.lm_config.LMTrainConfig`): the seed, the step budget's override, where
+    the run writes and resumes, on what it runs and how it reports. A recipe type may give a key another default.
+    """
+
+    seed: int = 0
+    max_steps: int | None = None  # overrides the recipe's own budget (epochs, max_tokens) when set
+    output_dir: str = "runs/default"
+    resume: str | None = None  # auto = the last checkpoint in output_dir, or a checkpoint path
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # ddp: every process holds the whole model (DistributedDataParallel under torchrun). fsdp: FSDP2, parameters,
+    # gradients and optimizer states sharded over the processes (expert banks like any parameter), sharded
+    # checkpoints (torch.distributed.checkpoint) that resume on any number of processes (see each recipe type)
+    parallel: str = "ddp"
+    threads: int | None = None  # torch intra-op threads; None = torch's default (OMP_NUM_THREADS)
+    log_every: int = 50  # steps between train rows in metrics.jsonl
+    keep_last: int = 2  # step checkpoints kept; the final ones are kept besides
+    progress: bool = True  # tqdm bar when stderr is a terminal
+    tensorboard: bool = False  # mirror metrics.jsonl to TensorBoard when tensorboard is installed
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def run_checks(self) -> list[tuple[bool, str, str]]:
+        """The :func:`check_fields` entries of the shared keys."""
+        return [
+            (self.max_steps is None or self.max_steps > 0, "max_steps", "a positive integer or null"),
+            (device_ok(self.device), "device", DEVICE_WORDS),
+            (self.parallel in PARALLEL, "parallel", PARALLEL_WORDS),
+            (self.threads is None or self.threads > 0, "threads", "a positive integer or null (torch's default)"),
+            (self.log_every >= 1, "log_every", "at least 1"),
+            (self.keep_last >= 1, "keep_last", "at least 1"),
+        ]
 
 
 def recipe_keys(cls: type, prefix: str = "") -> list[str]:

@@ -79,7 +79,7 @@ class Trainer(TrainTask):
     restart_hint = "start a new output_dir (init_from= starts from its weights)"
 
     def __init__(self, cfg: TrainConfig, dist: D.DistInfo, stop: StopSignal | None = None):
-        super().__init__(cfg, dist, stop, Window(("loss",)), tensorboard=cfg.tensorboard)
+        super().__init__(cfg, dist, stop, Window(("loss",)))
 
     # ----- setup -----
     def build(self) -> None:
