@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import logging
+import signal
 
 import pytest
 import torch
@@ -180,7 +181,7 @@ def test_lm_finetune_cls_command(corpora, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["labels"] == ["gutenberg", "sotu", "brown"] and 0 <= result["acc"] <= 1 and result["steps"] == 2
     assert result["test_items"] % 3 == 0  # balanced
-    assert json.loads((corpora / "cls" / "cls.json").read_text())["acc"] == result["acc"]
+    assert json.loads((corpora / "cls" / "summary.json").read_text())["acc"] == result["acc"]
     from transformers import AutoTokenizer
 
     assert len(AutoTokenizer.from_pretrained(corpora / "cls" / "classifier")) == 300  # saved beside the classifier
@@ -203,6 +204,41 @@ def test_lm_finetune_cls_command(corpora, capsys):
         assert main([*command, str(corpora / "cls" / "classifier"), "--data", str(run / "model")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "(a fine-tuned classifier), not a language model" in err
+
+
+def test_finetune_cls_is_a_run_that_resumes_exactly_and_holds_its_lock(corpora, monkeypatch):
+    """Stopped at step 3 (it saves there), the fine-tune resumes to the uninterrupted run's classifier and result;
+    a finished run returns its result; a second process on the same directory is refused."""
+    from parameternet.errors import ParameterNetError
+    from parameternet.runs import RunInterrupted, RunLock
+    from parameternet.train import lm_cls
+
+    run = corpora / "run"
+    train_lm(load_lm_config("configs/lm-small.yaml", [*TINY, "max_steps=2", "zero_shot_items=0",
+                                                      f"output_dir={run}"]))  # fmt: skip
+    kw = dict(task="source", steps=4, batch_size=4, max_len=32, train_per_class=8, test_per_class=4, threads=1)
+    whole = lm_cls.finetune_classifier(run / "model", output=corpora / "whole", **kw)
+    assert json.loads((corpora / "whole" / "summary.json").read_text()) == whole
+
+    class StopAtStep3(lm_cls.ClassifierTask):
+        def train_step(self, batch):
+            values = super().train_step(batch)
+            if self.step == 3:
+                self.stop.signum = signal.SIGTERM
+            return values
+
+    monkeypatch.setattr(lm_cls, "ClassifierTask", StopAtStep3)
+    with pytest.raises(RunInterrupted, match="at step 3"):
+        lm_cls.finetune_classifier(run / "model", output=corpora / "cut", **kw)
+    monkeypatch.setattr(lm_cls, "ClassifierTask", StopAtStep3.__base__)
+    resumed = lm_cls.finetune_classifier(run / "model", output=corpora / "cut", **kw)
+    same = ("acc", "train_loss", "steps", "test_items")
+    assert {k: resumed[k] for k in same} == {k: whole[k] for k in same}
+    a, b = (load_file(corpora / d / "classifier" / "model.safetensors") for d in ("whole", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert lm_cls.finetune_classifier(run / "model", output=corpora / "cut", **kw)["wall_s"] == resumed["wall_s"]
+    with RunLock(corpora / "held"), pytest.raises(ParameterNetError, match="run.lock"):
+        lm_cls.finetune_classifier(run / "model", output=corpora / "held", **kw)
 
 
 def test_lm_eval_and_finetune_cls_refuse_models_and_data_they_cannot_use(corpora, capsys):

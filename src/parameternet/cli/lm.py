@@ -147,7 +147,12 @@ def _add_lm_cls(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", choices=("bf16", "none"), default="bf16", help="bf16 autocast (default) or none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    p.add_argument("--output", help="directory for cls.json and the fine-tuned classifier/ (with its tokenizer)")
+    p.add_argument(
+        "--output",
+        help="the run directory: checkpoints (a rerun resumes, or returns a finished run's result), summary.json "
+        "and the fine-tuned classifier/ (with its tokenizer); default: a temporary directory, removed",
+    )
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.set_defaults(func=_run_lm_cls)
 
 
@@ -160,6 +165,7 @@ def _run_lm_cls(args: argparse.Namespace) -> int:
         args.model, args.task, data_dir=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, max_len=args.max_len, train_per_class=args.train_per_class,
         test_per_class=args.test_per_class, amp=args.amp, seed=args.seed, threads=args.threads, output=args.output,
+        device=args.device,
     )  # fmt: skip
     print(json.dumps(r, indent=1))
     return 0

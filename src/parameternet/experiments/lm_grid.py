@@ -280,7 +280,7 @@ class Runner:
         flags = [x for k, v in t.options["kwargs"].items() for x in (f"--{k.replace('_', '-')}", str(v))]
         model = str(t.after[0].run_dir / "model")
         argv = ["lm", "finetune-cls", model, "--output", str(t.run_dir), "--threads", "1", *flags]
-        return Job(t.name, argv, t.run_dir, result="cls.json", payload=t)
+        return Job(t.name, argv, t.run_dir, payload=t)
 
     def _done(self, job: Job) -> None:
         t: Task = job.payload

@@ -264,18 +264,7 @@ class LMTrainer(TrainTask):
         final = self.out / name
         model = self._gathered() if self.sharded else self.model
         if self.dist.is_main:
-            try:
-                with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=self.out) as tmp:
-                    staged = Path(tmp) / name
-                    model.save_pretrained(staged)
-                    self.tokenizer.save_pretrained(staged)
-                    for file, text in (extra or {}).items():
-                        (staged / file).write_text(text)
-                    if final.exists():
-                        final.rename(Path(tmp) / "old")
-                    staged.rename(final)
-            except OSError as e:
-                raise (fs_error(final, e) or e) from None
+            save_pretrained_dir(final, model, self.tokenizer, extra)
         D.barrier()
         return final
 
@@ -441,6 +430,23 @@ class LMTrainer(TrainTask):
             log.info("zero-shot %s: acc %.4f  acc_norm %.4f  (%d items)", name, out[name]["acc"], out[name]["acc_norm"],
                      out[name]["items"])  # fmt: skip
         return out
+
+
+def save_pretrained_dir(final: Path, model, tokenizer, extra: dict[str, str] | None = None) -> None:
+    """``model.save_pretrained`` plus the tokenizer (and ``extra`` text files) in directory ``final``, written to a
+    temporary directory beside it and renamed over the old one; a filesystem fault is one ParameterNetError."""
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".{final.name}-", dir=final.parent) as tmp:
+            staged = Path(tmp) / final.name
+            model.save_pretrained(staged)
+            tokenizer.save_pretrained(staged)
+            for file, text in (extra or {}).items():
+                (staged / file).write_text(text)
+            if final.exists():
+                final.rename(Path(tmp) / "old")
+            staged.rename(final)
+    except OSError as e:
+        raise (fs_error(final, e) or e) from None
 
 
 def train_lm(cfg: LMTrainConfig) -> dict[str, Any]:

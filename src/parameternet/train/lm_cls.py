@@ -23,11 +23,9 @@ passages in the same order, steps, batch and learning rate.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +34,10 @@ from typing import Any
 import torch
 
 from parameternet.errors import ParameterNetError
+from parameternet.train.loop import Cadence, Timing, TrainTask, Window, peak_lr
+from parameternet.train.recipe import RunConfig, check_fields
 
-__all__ = ["CLS_TASKS", "ClsTask", "build_cls_task", "finetune_classifier", "label_of"]
+__all__ = ["CLS_TASKS", "ClassifierTask", "ClsConfig", "ClsTask", "build_cls_task", "finetune_classifier", "label_of"]
 
 log = logging.getLogger(__name__)
 
@@ -142,15 +142,158 @@ def _encode(tokenizer, texts: Sequence[str], max_len: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _accuracy(model, tokenizer, items: list[tuple[str, int]], max_len: int, batch_size: int) -> float:
+def _accuracy(model, tokenizer, items: list[tuple[str, int]], max_len: int, batch_size: int, device=None) -> float:
     model.eval()
     correct = 0
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
-        ids = _encode(tokenizer, [t for t, _ in chunk], max_len)
+        ids = _encode(tokenizer, [t for t, _ in chunk], max_len).to(device)
         pred = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits.argmax(-1)
-        correct += (pred == torch.tensor([y for _, y in chunk])).sum().item()
+        correct += (pred.cpu() == torch.tensor([y for _, y in chunk])).sum().item()
     return correct / len(items)
+
+
+@dataclass
+class ClsConfig(RunConfig):
+    """The recipe of a classifier fine-tune (:func:`finetune_classifier`; the run keys are
+    :class:`~parameternet.train.recipe.RunConfig`'s, ``max_steps`` the number of optimizer steps)."""
+
+    model: str = ""  # an ``lm train`` model/ directory
+    task: str = "brown-genre"
+    data_dir: str | None = None  # prepared text; None: the one the model's run names
+    max_steps: int | None = 300
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    max_len: int = 128
+    train_per_class: int = 2000
+    test_per_class: int = 500
+    amp: str = "bf16"  # bf16 | none
+    ckpt_every_steps: int = 100
+    output_dir: str = "runs/cls"
+    log_every: int = 10
+
+    def validate(self) -> ClsConfig:
+        check_fields(self, self.run_checks())
+        _check_arguments(
+            self.task, self.lr, self.weight_decay, self.amp, steps=self.max_steps, batch_size=self.batch_size,
+            max_len=self.max_len, train_per_class=self.train_per_class, test_per_class=self.test_per_class,
+        )  # fmt: skip
+        return self
+
+
+class ClassifierTask(TrainTask):
+    """The classifier fine-tune as a task of the run loop (:class:`~parameternet.train.loop.RunLoop`): checkpoints
+    with exact resume, the run lock, ``metrics.jsonl``; the test accuracy at the end, the classifier in
+    ``classifier/`` (``save_pretrained`` with its tokenizer) and the result in ``summary.json``."""
+
+    progress_desc = "cls"
+    nan_hint = "lower lr"
+
+    def __init__(self, cfg: ClsConfig, dist, stop=None):
+        super().__init__(cfg, dist, stop, Window(("loss",)))
+
+    def build(self) -> None:
+        from transformers import AutoTokenizer
+
+        import parameternet.models.llama_moe  # noqa: F401  (registers the Auto classes)
+        from parameternet.train.lm_eval import check_saved_lm, text_data_for
+        from parameternet.train.loop import decay_groups
+
+        cfg = self.cfg
+        self.model_dir = check_saved_lm(cfg.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        data = text_data_for(self.model_dir, cfg.data_dir, self.tokenizer)
+        self.cls_task = build_cls_task(
+            data, cfg.task, train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class, seed=0
+        )
+        torch.manual_seed(cfg.seed)  # the new head's initialisation
+        self.model = _load_classifier(self.model_dir, self.tokenizer, self.cls_task.labels).to(self.device)
+        self.ddp = self.model
+        self.total_steps = cfg.max_steps
+        self.optimizer = torch.optim.AdamW(decay_groups(self.model, cfg.weight_decay), lr=cfg.lr)
+        warmup, steps = max(1, self.total_steps // 10), self.total_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
+        )
+        self.order = _passage_order(len(self.cls_task.train), cfg.seed, self.total_steps * cfg.batch_size)
+        self.losses: list[float] = []
+        self.acc: float | None = None
+        self.cadence = Cadence(cfg.log_every, None, cfg.ckpt_every_steps)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.cfg.batch_size
+        batch = [self.cls_task.train[i] for i in self.order[self.step * b : (self.step + 1) * b]]
+        ids = _encode(self.tokenizer, [t for t, _ in batch], self.cfg.max_len)
+        return ids.to(self.device), torch.tensor([y for _, y in batch], device=self.device)
+
+    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+        """One AdamW step on ``batch_size`` passages (gradients clipped at 1): ``{"loss"}``."""
+        ids, labels = batch
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp == "bf16"):
+            out = self.model(input_ids=ids, attention_mask=(ids != self.tokenizer.pad_token_id).long(), labels=labels)
+        out.loss.float().backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.losses.append(out.loss.item())
+        return {"loss": self.losses[-1]}
+
+    def validate(self) -> None:
+        """The accuracy on the test passages (after the last step)."""
+        self.acc = _accuracy(self.model, self.tokenizer, self.cls_task.test, self.cfg.max_len, 32, self.device)
+        self.metrics.write({"step": self.step, "split": "test", "acc": round(self.acc, 6)})
+
+    def train_row(self, window: Window) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "split": "train",
+            "loss": round(window.mean("loss"), 6),
+            "lr": peak_lr(self.optimizer),
+        }
+
+    def save_checkpoint(self) -> None:
+        state = {
+            "step": self.step, "total_steps": self.total_steps, "batch_size": self.cfg.batch_size,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "losses": self.losses,
+            "log_window": self.window.saved(),
+        }  # fmt: skip
+        meta = {"kind": "lm", "step": self.step, "world_size": 1, "config": self.cfg.to_dict()}
+        self.ckpt.save_step(self.step, self.model.state_dict(), None, state, meta)
+
+    def load_checkpoint(self, state_path: Path) -> None:
+        from parameternet.train.checkpoint import load_into, load_state, load_weights
+
+        state = load_state(state_path)
+        weights = state_path.with_name(state_path.name.replace(".state.pt", ".safetensors"))
+        load_into(self.model, load_weights(weights)[0], str(weights), strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.losses = state["step"], list(state["losses"])
+        self.window.restore(state["log_window"])
+        log.info("resumed from %s at step %d", state_path, self.step)
+
+    def finish(self, wall: float, timing: Timing) -> dict[str, Any]:
+        """Save ``classifier/`` and return the result: accuracy, chance, items, the last tenth's mean loss."""
+        from parameternet.train.lm import save_pretrained_dir
+
+        cfg = self.cfg
+        save_pretrained_dir(self.out / "classifier", self.model, self.tokenizer)  # AutoTokenizer loads it too
+        tail = self.losses[-max(1, len(self.losses) // 10) :]
+        return {
+            "model": str(self.model_dir), "task": cfg.task, "labels": list(self.cls_task.labels),
+            "acc": round(self.acc, 4), "chance": round(1 / len(self.cls_task.labels), 4),
+            "test_items": len(self.cls_task.test), "train_items": len(self.cls_task.train), "steps": self.step,
+            "batch_size": cfg.batch_size, "lr": cfg.lr, "max_len": cfg.max_len, "seed": cfg.seed,
+            "train_loss": round(sum(tail) / len(tail), 4), "wall_s": round(wall, 1), "threads": torch.get_num_threads(),
+        }  # fmt: skip
+
+    def log_done(self, summary: dict[str, Any]) -> None:
+        log.info("%s on %s: accuracy %.4f on %d held-out passages", summary["model"], summary["task"],
+                 summary["acc"], summary["test_items"])  # fmt: skip
 
 
 def finetune_classifier(
@@ -169,66 +312,54 @@ def finetune_classifier(
     amp: str = "bf16",
     threads: int | None = None,
     output: str | Path | None = None,
+    resume: str | None = "auto",
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Fine-tune the language model in ``model_dir`` on ``task`` and return ``{"acc", "test_items", ...}``.
 
     ``steps`` optimizer steps of ``batch_size`` passages (each at most ``max_len`` tokens), cycling through the
-    training passages in a seeded order. ``output``, when given, receives ``cls.json`` with the result (written
-    last, atomically) and the fine-tuned model with its tokenizer in ``classifier/``.
+    training passages in a seeded order, as a task of the run loop (:class:`ClassifierTask`). ``output``, when
+    given, is the run directory: checkpoints every 100 steps that ``resume="auto"`` continues exactly (a complete
+    run returns its result), the run lock, ``metrics.jsonl``, ``summary.json`` with the result and the fine-tuned
+    model with its tokenizer in ``classifier/``; without it the run goes to a temporary directory that is removed.
 
     Raises ParameterNetError, before anything trains, for ``steps``, ``batch_size``, ``max_len``,
     ``train_per_class``, ``test_per_class`` or ``threads`` below 1, an ``lr`` that is not a positive number, a
     negative ``weight_decay``, an unknown ``amp`` or ``task``, a ``model_dir``
     :func:`~parameternet.train.lm_eval.check_saved_lm` refuses, or text
-    :func:`~parameternet.train.lm_eval.text_data_for` refuses (another vocabulary, or other splits than the run's).
+    :func:`~parameternet.train.lm_eval.text_data_for` refuses (another vocabulary, or other splits than the run's);
+    ParameterNetError when another live process holds the run's lock, RunInterrupted after SIGINT / SIGTERM (a
+    checkpoint saved).
     """
-    from transformers import AutoTokenizer
+    import tempfile
 
-    import parameternet.models.llama_moe  # noqa: F401  (registers the Auto classes)
-    from parameternet.train.lm_eval import check_saved_lm, text_data_for
+    from parameternet.train.loop import run_locked
 
-    _check_arguments(task, lr, weight_decay, amp, steps=steps, batch_size=batch_size, max_len=max_len,
-                     train_per_class=train_per_class, test_per_class=test_per_class, threads=threads)  # fmt: skip
-    model_dir = check_saved_lm(model_dir)
-    if threads:
-        torch.set_num_threads(threads)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    data = text_data_for(model_dir, data_dir, tokenizer)
-    cls_task = build_cls_task(data, task, train_per_class=train_per_class, test_per_class=test_per_class, seed=0)
-    torch.manual_seed(seed)
-    model = _load_classifier(model_dir, tokenizer, cls_task.labels)
-    start = time.perf_counter()
-    losses = _finetune(model, tokenizer, cls_task.train, steps, batch_size, lr, weight_decay, max_len, amp, seed)
-    wall = time.perf_counter() - start
-    acc = _accuracy(model, tokenizer, cls_task.test, max_len, 32)
-    tail = losses[-max(1, len(losses) // 10) :]
-    result = {
-        "model": str(model_dir),
-        "task": task,
-        "labels": list(cls_task.labels),
-        "acc": round(acc, 4),
-        "chance": round(1 / len(cls_task.labels), 4),
-        "test_items": len(cls_task.test),
-        "train_items": len(cls_task.train),
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "max_len": max_len,
-        "seed": seed,
-        "train_loss": round(sum(tail) / len(tail), 4),
-        "wall_s": round(wall, 1),
-        "threads": torch.get_num_threads(),
-    }
-    log.info("%s on %s: accuracy %.4f on %d held-out passages", model_dir, task, acc, len(cls_task.test))
-    if output is not None:
-        out_dir = Path(output)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        from parameternet.runs import atomic_write
+    with tempfile.TemporaryDirectory(prefix="parameternet-cls-") if output is None else _nothing() as tmp:
+        cfg = ClsConfig(
+            model=str(model_dir), task=task, data_dir=data_dir, max_steps=steps, batch_size=batch_size, lr=lr,
+            weight_decay=weight_decay, max_len=max_len, train_per_class=train_per_class,
+            test_per_class=test_per_class, amp=amp, seed=seed, threads=threads, output_dir=str(output or tmp),
+            resume=resume if output is not None else None, device=device, progress=False,
+        ).validate()  # fmt: skip
+        return run_locked(cfg.device, cfg.output_dir, lambda dist, stop: ClassifierTask(cfg, dist, stop))
 
-        model.save_pretrained(out_dir / "classifier")
-        tokenizer.save_pretrained(out_dir / "classifier")  # so AutoTokenizer, lm finetune-cls, ... load it
-        atomic_write(out_dir / "cls.json", json.dumps(result, indent=1) + "\n")
-    return result
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext(None)
+
+
+def _passage_order(n: int, seed: int, length: int) -> list[int]:
+    """The first ``length`` passage indices of the training order: shuffles of ``range(n)`` one after another, from
+    ``random.Random(seed)``; the same at every resume."""
+    rng, order = random.Random(seed), []
+    while len(order) < length:
+        perm = list(range(n))
+        rng.shuffle(perm)
+        order += perm
+    return order[:length]
 
 
 def _check_arguments(task: str, lr: float, weight_decay: float, amp: str, **counts: int | None) -> None:
@@ -271,42 +402,3 @@ def _load_classifier(model_dir: Path, tokenizer, labels: Sequence[str]) -> torch
         hf_logging.set_verbosity(verbosity)
     check_vocab(model, tokenizer)
     return model
-
-
-def _finetune(
-    model: torch.nn.Module, tokenizer, train: Sequence[tuple[str, int]], steps: int, batch_size: int, lr: float,
-    weight_decay: float, max_len: int, amp: str, seed: int,
-) -> list[float]:  # fmt: skip
-    """``steps`` AdamW steps (linear warmup over a tenth, then linear decay to 0; gradients clipped at 1) on
-    batches of ``batch_size`` ``(passage, label)`` pairs of ``train``, cycling through them in an order seeded by
-    ``seed``; the loss of each step. Raises ParameterNetError at the first non-finite loss."""
-    from parameternet.train.loop import decay_groups
-
-    opt = torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr)
-    warmup = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
-    )
-    order_rng = random.Random(seed)
-    order: list[int] = []
-    losses = []
-    model.train()
-    for step in range(steps):
-        while len(order) < batch_size:
-            perm = list(range(len(train)))
-            order_rng.shuffle(perm)
-            order += perm
-        batch, order = [train[i] for i in order[:batch_size]], order[batch_size:]
-        ids = _encode(tokenizer, [t for t, _ in batch], max_len)
-        labels = torch.tensor([y for _, y in batch])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
-            out = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=labels)
-        out.loss.float().backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(out.loss.item())
-        if not math.isfinite(losses[-1]):
-            raise ParameterNetError(f"the fine-tuning loss became {losses[-1]} at step {step + 1}; lower lr={lr}")
-    return losses

@@ -222,6 +222,7 @@ class TrainTask:
     """
 
     progress_desc = "train"
+    nan_hint = "lower optim.lr or set optim.clip_grad"  # the end of the NaN guard's message: the recipe keys to change
     restart_hint = "start a new output_dir"  # the end of check_resume_recipe's refusal: how this task starts afresh
     epoch = 0  # tasks without epochs stay at 0; their Cadence has no epoch intervals
 
@@ -430,8 +431,7 @@ class RunLoop:
         latest = t.ckpt.latest()
         kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written"
         raise ParameterNetError(
-            f"training loss became {loss} at step {t.step}{t.where()}; stopped and {kept}; "
-            f"lower optim.lr or set optim.clip_grad"
+            f"training loss became {loss} at step {t.step}{t.where()}; stopped and {kept}; {t.nan_hint}"
         )
 
     def _write_train_row(self) -> None:
