@@ -181,6 +181,23 @@ def run_modes(
     finally:
         torch.set_num_threads(prev_threads)
         tmp.cleanup()
+    import onnxruntime
+
+    from parameternet.benchmark.cpu import _cpu_name
+
+    meta = {
+        "protocol": f"deploy() models, {img_size or 'default'} px, {threads} thread(s), {warmup} warm-up and "
+        f"{rounds} timed rounds, every (model, mode, batch) once per round; medians in ms per batch",
+        "cpu": _cpu_name(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "load_average_before": [round(v, 2) for v in load_before],
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+    }  # fmt: skip
+    return _rows(times, compile_s, graphs), meta
+
+
+def _rows(times: dict, compile_s: dict, graphs: dict) -> list[ModeRow]:
+    """A row per (model, mode, batch): the median and 90th percentile of its timed calls in ms, the compile time
+    (the first call's time less a call's) and the graphs compiled."""
     rows = []
     for (name, mode, b), ts in times.items():
         ms = [t * 1e3 for t in ts]
@@ -189,21 +206,7 @@ def run_modes(
         if c is not None:  # the first call's time less one call's: what compiling cost
             c = max(0.0, c - statistics.median(ts))
         rows.append(ModeRow(name, mode, b, statistics.median(ms), p90, c, graphs.get((name, mode))))
-    import onnxruntime
-
-    from parameternet.benchmark.cpu import _cpu_name
-
-    meta = {
-        "protocol": f"deploy() models, {img_size or 'default'} px, {threads} thread(s), {warmup} warm-up and "
-        f"{rounds} timed rounds, every (model, mode, batch) once per round; medians in ms per batch",
-        "cpu": _cpu_name(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "load_average_before": [round(v, 2) for v in load_before],
-        "load_average_after": [round(v, 2) for v in os.getloadavg()],
-    }
-    return rows, meta
+    return rows
 
 
 def static_twin(name: str) -> str:

@@ -184,15 +184,7 @@ def _select(
             static[name] = reason
     module_names = [n for n, _ in modules if n]
 
-    for p in exclude_p:
-        if not any(_matches(n, p) for n in module_names):
-            raise ParameterNetError(f"exclude pattern {p!r} matches no module of {type(model).__name__}.")
-    for p in include_p:
-        if not any(n and _matches(n, p) for n in candidates):
-            raise ParameterNetError(
-                f"include pattern {p!r} matches no convertible layer (nn.Conv2d / nn.Linear) of "
-                f"{type(model).__name__}; module names look like {module_names[:3]}."
-            )
+    _check_patterns(model, module_names, candidates, include_p, exclude_p)
 
     notes: list[str] = []
     example = _as_example(model, example_input)
@@ -216,29 +208,10 @@ def _select(
         selected = [n for n in candidates if n and any(_matches(n, p) for p in include_p)]
         static.update({n: REASON_NOT_INCLUDED for n in candidates if n not in selected})
     else:
-        classifier = _classifier_names(model, names)
         rule = "classifier + one-position probe" if positions is not None else "classifier + gate names"
         if positions is not None:
             rule += f" at input {'x'.join(map(str, example.shape or ()))}"
-        selected = []
-        vocab = {(m.embedding_dim, m.num_embeddings) for _, m in modules if isinstance(m, nn.Embedding)}
-        heads = probe.heads if probe is not None else set()
-        for n in candidates:
-            layer = candidates[n]
-            if any(_matches(n, c) for c in classifier):
-                static[n] = REASON_CLASSIFIER
-            elif positions is not None and positions.get(n, 2) <= 1:
-                static[n] = REASON_ONE_POSITION
-            elif positions is None and any(part in GATE_NAMES for part in n.split(".")):
-                static[n] = REASON_GATE_NAME
-            elif n in heads and isinstance(layer, nn.Linear):
-                static[n] = f"{REASON_HEAD}: its output is the model's output (the logits)"
-            elif isinstance(layer, nn.Linear) and layer.out_features in vocab:
-                static[n] = (
-                    f"{REASON_HEAD}: a projection to the vocabulary ({layer.out_features} = an embedding's size)"
-                )
-            else:
-                selected.append(n)
+        selected = _default_choice(model, modules, candidates, static, positions, probe)
     for n in list(selected):
         hit = next((p for p in exclude_p if _matches(n, p)), None)
         if hit is not None:
@@ -247,14 +220,64 @@ def _select(
     if probe is not None:
         _unsafe(model, selected, candidates, static, probe, names)
 
-    if selected:
-        return _Selection(selected, candidates, static, rule, example, notes, probe)
+    if not selected:
+        raise _nothing_to_convert(model, method, candidates, static)
+    return _Selection(selected, candidates, static, rule, example, notes, probe)
+
+
+def _check_patterns(
+    model: nn.Module, module_names: list[str], candidates: dict[str, nn.Module], include_p: list[str],
+    exclude_p: list[str],
+) -> None:  # fmt: skip
+    """ParameterNetError for an exclude pattern that matches no module, or an include pattern that matches no
+    convertible layer."""
+    for p in exclude_p:
+        if not any(_matches(n, p) for n in module_names):
+            raise ParameterNetError(f"exclude pattern {p!r} matches no module of {type(model).__name__}.")
+    for p in include_p:
+        if not any(n and _matches(n, p) for n in candidates):
+            raise ParameterNetError(
+                f"include pattern {p!r} matches no convertible layer (nn.Conv2d / nn.Linear) of "
+                f"{type(model).__name__}; module names look like {module_names[:3]}."
+            )
+
+
+def _default_choice(
+    model: nn.Module, modules: list[tuple[str, nn.Module]], candidates: dict[str, nn.Module], static: dict[str, str],
+    positions: dict[str, int] | None, probe: _Probe | None,
+) -> list[str]:  # fmt: skip
+    """The candidates converted without include patterns; each other one goes to ``static`` with its reason: the
+    classifier, a layer that sees one position (by the probe) or a gate (by its name, without a probe), the
+    model's output head, a projection to the vocabulary."""
+    classifier = _classifier_names(model, {id(m): n for n, m in modules})
+    vocab = {(m.embedding_dim, m.num_embeddings) for _, m in modules if isinstance(m, nn.Embedding)}
+    heads = probe.heads if probe is not None else set()
+    selected = []
+    for n, layer in candidates.items():
+        if any(_matches(n, c) for c in classifier):
+            static[n] = REASON_CLASSIFIER
+        elif positions is not None and positions.get(n, 2) <= 1:
+            static[n] = REASON_ONE_POSITION
+        elif positions is None and any(part in GATE_NAMES for part in n.split(".")):
+            static[n] = REASON_GATE_NAME
+        elif n in heads and isinstance(layer, nn.Linear):
+            static[n] = f"{REASON_HEAD}: its output is the model's output (the logits)"
+        elif isinstance(layer, nn.Linear) and layer.out_features in vocab:
+            static[n] = f"{REASON_HEAD}: a projection to the vocabulary ({layer.out_features} = an embedding's size)"
+        else:
+            selected.append(n)
+    return selected
+
+
+def _nothing_to_convert(
+    model: nn.Module, method: str, candidates: dict[str, nn.Module], static: dict[str, str]
+) -> ParameterNetError:
     what = "nn.Conv2d" if method == "repconv" else "nn.Conv2d or nn.Linear"
     done = sum(is_parameternet_layer(m) for _, m in walk(model, opaque=is_parameternet_layer))
     already = f" (it is already a ParameterNet: {done} dynamic or RepConv layers)" if done else ""
     if not candidates:
-        raise ParameterNetError(f"nothing to convert: {type(model).__name__} has no plain {what} layer{already}.")
-    raise ParameterNetError(
+        return ParameterNetError(f"nothing to convert: {type(model).__name__} has no plain {what} layer{already}.")
+    return ParameterNetError(
         f"nothing to convert{already}: all {len(candidates)} {what} layers of {type(model).__name__} stay static "
         f"({', '.join(sorted({_reason_kind(static[n]) for n in candidates}))}); choose layers with include "
         "(--include on the command line)."

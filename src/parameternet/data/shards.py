@@ -150,29 +150,10 @@ def _scan(path: Path) -> dict[str, np.ndarray]:
                 if ext in IMAGE_EXTENSIONS and "image" not in current:
                     current["image"] = (member.name, member.offset_data, member.size)
                 elif ext == "cls":
-                    raw = tar.extractfile(member).read()
-                    try:
-                        current["label"] = int(raw.strip())
-                    except ValueError:
-                        raise ParameterNetError(
-                            f"shard {str(path)!r} member {member.name!r} holds {raw[:20]!r}, not a class index; "
-                            f"write the label as an integer"
-                        ) from None
-                    if current["label"] < 0:
-                        raise ParameterNetError(
-                            f"shard {str(path)!r} member {member.name!r} holds the negative class index "
-                            f"{current['label']}; write class indices from 0"
-                        )
+                    current["label"] = _read_label(path, member.name, tar.extractfile(member).read())
             close()
             end = tar.offset  # where tarfile stopped: the end-of-archive blocks, or a header it could not read
-        with open(path, "rb") as f:
-            f.seek(end)
-            tail = f.read()
-        if len(tail) < 1024 or tail.strip(b"\0"):
-            raise ParameterNetError(
-                f"shard {str(path)!r} is cut short after member {last} (no end-of-archive marker at byte {end} of "
-                f"{size}); rewrite the shard"
-            )
+        _check_end(path, end, size, last)
     except tarfile.CompressionError:
         raise ParameterNetError(
             f"shard {str(path)!r} is compressed; random access needs plain .tar shards (tar without -z)"
@@ -195,6 +176,35 @@ def _scan(path: Path) -> dict[str, np.ndarray]:
         "sizes": np.asarray(sizes, dtype=np.int64),
         "labels": np.asarray(labels, dtype=np.int64),
     }
+
+
+def _read_label(path: Path, member: str, raw: bytes) -> int:
+    """The class index a ``.cls`` member holds; ParameterNetError naming the shard and member unless it is an
+    integer from 0."""
+    try:
+        label = int(raw.strip())
+    except ValueError:
+        raise ParameterNetError(
+            f"shard {str(path)!r} member {member!r} holds {raw[:20]!r}, not a class index; write the label as an "
+            f"integer"
+        ) from None
+    if label < 0:
+        raise ParameterNetError(
+            f"shard {str(path)!r} member {member!r} holds the negative class index {label}; write class indices from 0"
+        )
+    return label
+
+
+def _check_end(path: Path, end: int, size: int, last: str) -> None:
+    """ParameterNetError unless the shard ends with tar's end-of-archive blocks (zeros) where tarfile stopped."""
+    with open(path, "rb") as f:
+        f.seek(end)
+        tail = f.read()
+    if len(tail) < 1024 or tail.strip(b"\0"):
+        raise ParameterNetError(
+            f"shard {str(path)!r} is cut short after member {last} (no end-of-archive marker at byte {end} of "
+            f"{size}); rewrite the shard"
+        )
 
 
 def _index(path: Path) -> dict[str, np.ndarray]:

@@ -280,23 +280,7 @@ def deploy(
     paired = {conv: norm for conv, norm in pairs}
     kept: dict[str, str] = {}
     folded: list[tuple[str, str]] = []
-    merged: list[str] = []
-
-    for name, module in list(modules.items()):
-        if not isinstance(module, RepConv2d):
-            continue
-        conv = module.merge()
-        norm = modules.get(paired.get(name, ""))
-        if not fold_bn and norm is not None and _foldable(conv, norm) is None:
-            # The branches' shift goes into the norm's running mean: norm(z + c) == norm'(z) with mean - c.
-            with torch.no_grad():
-                _, shift = module.merged_kernel()
-                norm.running_mean.sub_(shift.to(norm.running_mean))
-                conv.bias = None if module.conv.bias is None else nn.Parameter(module.conv.bias.detach().clone())
-        replace(refs, module, conv)
-        modules[name] = conv
-        merged.append(name)
-
+    merged = _merge_repconvs(modules, refs, paired, fold_bn)
     for name, module in modules.items():
         if _is_norm(module) and name not in paired.values():
             kept[name] = "does not directly follow a conv" if fold_bn else "fold_bn=False"
@@ -312,19 +296,35 @@ def deploy(
     model.eval()
 
     report = DeployReport(
-        merged=merged,
-        folded=folded,
-        kept=dict(sorted(kept.items())),
-        found_by=found_by,
-        params_before=params_before,
-        params_after=num_params(model),
-        notes=notes,
-    )
+        merged=merged, folded=folded, kept=dict(sorted(kept.items())), found_by=found_by,
+        params_before=params_before, params_after=num_params(model), notes=notes,
+    )  # fmt: skip
     if x is not None and verify and reference is not None:
         report.max_rel_error = _check(model, x, reference)
     model.deploy_report = report
     log.debug("%s", report)
     return model
+
+
+def _merge_repconvs(modules: dict[str, nn.Module], refs, paired: dict[str, str], fold_bn: bool) -> list[str]:
+    """Replace every RepConv layer of ``modules`` (updated in place) by its merged conv; the names merged. Without
+    ``fold_bn`` the branches' shift moves into the running mean of a foldable norm after the layer."""
+    merged = []
+    for name, module in list(modules.items()):
+        if not isinstance(module, RepConv2d):
+            continue
+        conv = module.merge()
+        norm = modules.get(paired.get(name, ""))
+        if not fold_bn and norm is not None and _foldable(conv, norm) is None:
+            # The branches' shift goes into the norm's running mean: norm(z + c) == norm'(z) with mean - c.
+            with torch.no_grad():
+                _, shift = module.merged_kernel()
+                norm.running_mean.sub_(shift.to(norm.running_mean))
+                conv.bias = None if module.conv.bias is None else nn.Parameter(module.conv.bias.detach().clone())
+        replace(refs, module, conv)
+        modules[name] = conv
+        merged.append(name)
+    return merged
 
 
 def _check(model: nn.Module, x: torch.Tensor, reference: list[torch.Tensor]) -> float:

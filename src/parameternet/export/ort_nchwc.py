@@ -264,7 +264,7 @@ def optimize_for_onnxruntime(model, path: str | Path | None = None, *, static_co
 
 def _rewrite(model, block: int, static_convs: bool):
     """Rewrite ``model`` in place; returns it and the report."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     report = NchwcReport(block)
     g = _Graph(model.graph, model.opset_import)
@@ -294,12 +294,9 @@ def _rewrite(model, block: int, static_convs: bool):
         c_in = group if depthwise else c_in_group
         x = node.input[0]
         label = node.name or node.output[0]
-        if group > 1 and not depthwise:
-            report.skipped[label] = f"group {group} is neither 1 nor depthwise"
-            new_nodes.append(node)
-            continue
-        if x not in blocked and c_in % 4:
-            report.skipped[label] = f"{c_in} input channels, not a multiple of 4"
+        why = _not_blockable(group, depthwise, c_in, x in blocked)
+        if why is not None:
+            report.skipped[label] = why
             new_nodes.append(node)
             continue
         c_in_pad, o_pad = _round_up(c_in, block), _round_up(c_out, block)
@@ -314,19 +311,8 @@ def _rewrite(model, block: int, static_convs: bool):
             report.activations_fused += 1
 
         stored = _block_experts(bank, (c_out, c_in_group, kh, kw), depthwise, c_in_pad, block)
-        kernel_shape = [o_pad, 1 if depthwise else c_in_pad, kh, kw]
-        if alpha is None:  # a constant kernel, stored blocked
-            kernel = name(label + "_kernel")
-            model.graph.initializer.append(numpy_helper.from_array(stored.reshape(kernel_shape), kernel))
-        else:
-            experts, shape = name(label + "_experts"), name(label + "_shape")
-            model.graph.initializer.append(numpy_helper.from_array(stored, experts))
-            model.graph.initializer.append(numpy_helper.from_array(np.array(kernel_shape, np.int64), shape))
-            mixed, kernel = name(label + "_mixed"), name(label + "_kernel")
-            new_nodes += [
-                helper.make_node("MatMul", [alpha, experts], [mixed]),
-                helper.make_node("Reshape", [mixed, shape], [kernel]),
-            ]
+        kernel = _blocked_kernel(model, new_nodes, alpha, stored, [o_pad, 1 if depthwise else c_in_pad, kh, kw],
+                                 label, name)  # fmt: skip
         if x in blocked:
             xb = blocked[x][0]
             report.reorders_saved += 1
@@ -354,6 +340,36 @@ def _rewrite(model, block: int, static_convs: bool):
             model.opset_import.append(helper.make_opsetid(NCHWC, 1))
         _prune(model)
     return model, report
+
+
+def _not_blockable(group: int, depthwise: bool, c_in: int, input_blocked: bool) -> str | None:
+    """Why a conv stays as it is (its report line), or None: grouped but not depthwise, or an NCHW input whose
+    channels are not a multiple of 4."""
+    if group > 1 and not depthwise:
+        return f"group {group} is neither 1 nor depthwise"
+    if not input_blocked and c_in % 4:
+        return f"{c_in} input channels, not a multiple of 4"
+    return None
+
+
+def _blocked_kernel(model, new_nodes: list, alpha: str | None, stored: np.ndarray, kernel_shape: list[int],
+                    label: str, name) -> str:  # fmt: skip
+    """The name of the conv's blocked kernel: a constant initializer, or (a dynamic conv) the blocked experts mixed
+    by ``alpha`` and reshaped, with the nodes that do it appended to ``new_nodes``."""
+    from onnx import helper, numpy_helper
+
+    kernel = name(label + "_kernel")
+    if alpha is None:  # a constant kernel, stored blocked
+        model.graph.initializer.append(numpy_helper.from_array(stored.reshape(kernel_shape), kernel))
+        return kernel
+    experts, shape, mixed = name(label + "_experts"), name(label + "_shape"), name(label + "_mixed")
+    model.graph.initializer.append(numpy_helper.from_array(stored, experts))
+    model.graph.initializer.append(numpy_helper.from_array(np.array(kernel_shape, np.int64), shape))
+    new_nodes += [
+        helper.make_node("MatMul", [alpha, experts], [mixed]),
+        helper.make_node("Reshape", [mixed, shape], [kernel]),
+    ]
+    return kernel
 
 
 def _match_conv(g: _Graph, conv, static_convs: bool):
