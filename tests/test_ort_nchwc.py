@@ -12,6 +12,7 @@ from parameternet import ParameterNetError
 from parameternet.cli import main
 from parameternet.export import ort_nchwc
 from parameternet.export.onnx_export import onnx_session
+from parameternet.export.onnx_scan import scan_over_batch
 from parameternet.export.ort_nchwc import NCHWC, nchwc_block_size, onnxruntime_block_size, optimize_for_onnxruntime
 from test_export import IMG, assert_close_relative, build, images, tiny_parameternet
 
@@ -244,7 +245,7 @@ def test_scan_needs_a_graph_for_one_image(tmp_path):
     path = tmp_path / "b2.onnx"
     parameternet.export_onnx(tiny_parameternet(), path, dynamic_batch=False, batch_size=2, img_size=IMG)
     with pytest.raises(ParameterNetError, match="needs a graph for one image"):
-        ort_nchwc.scan_over_batch(onnx.load(str(path)))
+        scan_over_batch(onnx.load(str(path)))
 
 
 def test_export_cli_rejects_an_unknown_runtime(tmp_path, capsys):

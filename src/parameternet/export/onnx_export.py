@@ -161,7 +161,7 @@ def _mode(dynamic_batch: bool, batch_size: int, runtime: str) -> str:
 
 def _declare_batch(path: Path, batch: int) -> None:
     """Give a fixed-batch graph's outputs their batch size where shape inference lost it (after a reflect pad,
-    say): :func:`~parameternet.export.ort_nchwc.scan_over_batch` needs to see a one-image graph."""
+    say): :func:`~parameternet.export.onnx_scan.scan_over_batch` needs to see a one-image graph."""
     import onnx
 
     model = onnx.load(str(path))
@@ -206,10 +206,10 @@ def export_onnx(
     ``runtime="onnxruntime-cpu"`` writes the graph for ONNX Runtime's CPU provider on this CPU rather than a portable
     one: the graph for one image with its dynamic convs in ONNX Runtime's NCHWc kernels
     (:func:`~parameternet.export.ort_nchwc.optimize_for_onnxruntime`), for a symbolic batch run on each image in
-    turn (:func:`~parameternet.export.ort_nchwc.scan_over_batch`).
+    turn (:func:`~parameternet.export.onnx_scan.scan_over_batch`).
 
     ``per_image``: with a symbolic batch, the graph for one image run on each image in turn (an ONNX ``Scan``,
-    :func:`~parameternet.export.ort_nchwc.scan_over_batch`) rather than the batch-agnostic formulations. Still
+    :func:`~parameternet.export.onnx_scan.scan_over_batch`) rather than the batch-agnostic formulations. Still
     standard ONNX; in ONNX Runtime on a CPU it is the faster portable graph (ParameterNet-600M / GhostNet-600M, one
     thread: 1.47x against 1.83x at batch 1, 1.48x against 1.73x at batch 8, ``parameternet benchmark modes``),
     because a one-image graph mixes each dynamic conv's kernel once and runs one plain conv, where the batch-agnostic
@@ -350,7 +350,8 @@ def _write_graph(model, graph, example, path, dynamic_batch, batch_size, opset, 
     if per_image:
         import onnx
 
-        from parameternet.export.ort_nchwc import optimize_for_onnxruntime, scan_over_batch
+        from parameternet.export.onnx_scan import scan_over_batch
+        from parameternet.export.ort_nchwc import optimize_for_onnxruntime
 
         if runtime == "onnxruntime-cpu":
             one_image, moved = optimize_for_onnxruntime(path)
