@@ -293,69 +293,7 @@ def report(output: str | Path, preset: str = "upcycle2", pool_commits: bool = Fa
             "",
         ]
     if ends:
-        e = ends[0]
-        per_step = e["tokens"] // max(1, e["steps"] - e["start_step"])
-        rates = (f"peak learning rates: dense {p.dense_lr:g}, MoE {p.moe_lr:g}, the values round 1's learning-rate "
-                 "check chose on the validation split; " if p else "")  # fmt: skip
-        parts += [
-            f"Upcycling, round 2: per seed ({', '.join(str(s) for s in sorted(trunks))}), one dense trunk trained to "
-            f"the midpoint of the schedule (step {e['start_step']:,} of {e['steps']:,}; {e['steps'] * per_step:,} "
-            f"training tokens), then five continuations from that snapshot to the end, on the same windows in the "
-            f"same order ({rates}re-warmup over {round(p.rewarmup_fraction * e['steps']) if p else '?'} steps). "
-            "Final losses: mean ± standard error over seeds (number of seeds). Held-out: the documents neither "
-            "training nor validation (nor any choice of this grid or round 1) read.",
-            "",
-            "| Continuation | Model | Optimizer at the branch | Learning rate after it | Train loss | Val loss | "
-            "Held-out loss |",
-            "|---|---|---|---|---|---|---|",
-            f"| trunk (step {e['start_step']:,}) | dense | - | - | "
-            f"{fmt_mean([r['train_loss'] for r in trunks.values()])} | "
-            f"{fmt_mean([r['val_loss'] for r in trunks.values()])} | not measured (not a final model) |",
-        ]
-        for kind in BRANCHES:
-            rs = [r for r in ends if r["kind"] == kind]
-            held = [r["heldout_loss"] for r in rs if r.get("heldout_loss") is not None]
-            parts.append(
-                f"| {kind} | " + " | ".join(LABELS[kind]) + f" | {fmt_mean([r['train_loss'] for r in rs])} | "
-                f"{fmt_mean([r['val_loss'] for r in rs])} | {fmt_mean(held) if held else 'not measured'} |"
-            )
-        parts += [
-            "", "Final validation loss (held-out loss) per seed:", "",
-            "| seed | trunk at the branch | " + " | ".join(BRANCHES) + " |", "|---|---|" + "---|" * len(BRANCHES),
-        ]  # fmt: skip
-        for seed in sorted(trunks):
-            cells = []
-            for kind in BRANCHES:
-                r = next((r for r in ends if r["kind"] == kind and r["seed"] == seed), None)
-                held = f" ({r['heldout_loss']:.4f})" if r and r.get("heldout_loss") is not None else ""
-                cells.append(f"{r['val_loss']:.4f}{held}" if r else "-")
-            parts.append(f"| {seed} | {trunks[seed]['val_loss']:.4f} | " + " | ".join(cells) + " |")
-        val, held = judge_rows(rows, curves), judge_rows(rows, curves, "heldout_loss")
-        k = CRITERIA
-        parts += [
-            "",
-            f"**Verdicts by the rule stated before the runs** (`results/lm-upcycle2/design.md`): gap = reference - "
-            f"branch (positive: the branch is better), final validation loss, paired by seed, mean ± s.e. "
-            f"[{k['level']:.0%} t interval]; fitted change of the seed-mean gap over the branch's second half. "
-            f"better: interval above 0, change >= -{k['flat']}; worse: interval below 0, change <= +{k['flat']}; "
-            f"same: interval within ±{k['margin']} and |change| <= {k['flat']}; else not resolved. The held-out "
-            "column applies the same rule to the held-out losses (with the same validation slope): a check, not the "
-            "verdict.",
-            "",
-            "| branch | against | gap per seed | gap [interval] | change (points) | verdict | held-out gap [interval] "
-            "| held-out reading |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for v, h in zip(val, held):
-            per_seed = ", ".join(f"{g:+.4f}" for g in v.get("gaps", [])) or "-"
-            change = f"{v['change']:+.4f} ({v['points']})" if v.get("n", 0) >= 2 else "-"
-            parts.append(
-                f"| {v['branch']} | {v['reference']} | {per_seed} | {_ci(v)} | {change} | **{v['verdict']}** | "
-                f"{_ci(h)} | {h['verdict']} |"
-            )
-        split = [f"{v['branch']} vs {v['reference']}" for v, h in zip(val, held) if v["verdict"] != h["verdict"]]
-        parts += ["", "Validation and held-out readings "
-                  + (f"differ for: {'; '.join(split)}." if split else "agree for every comparison.")]  # fmt: skip
+        parts += [*_final_losses(p, trunks, ends), *_verdicts(rows, curves)]
     router = [r for r in got.router if r["kind"] in UPCYCLED]
     if router:
         from parameternet.experiments.lm_report import router_summary
@@ -372,6 +310,81 @@ def report(output: str | Path, preset: str = "upcycle2", pool_commits: bool = Fa
     _plot(curves, rows, output / "loss_curves.png")
     atomic_write(output / "table.md", text)
     return text
+
+
+def _final_losses(p, trunks: dict[int, dict[str, Any]], ends: list[dict[str, Any]]) -> list[str]:
+    """The report's protocol line, the table of final losses (mean ± s.e. over seeds) and the per-seed table."""
+    parts: list[str] = []
+    e = ends[0]
+    per_step = e["tokens"] // max(1, e["steps"] - e["start_step"])
+    rates = (f"peak learning rates: dense {p.dense_lr:g}, MoE {p.moe_lr:g}, the values round 1's learning-rate "
+             "check chose on the validation split; " if p else "")  # fmt: skip
+    parts += [
+        f"Upcycling, round 2: per seed ({', '.join(str(s) for s in sorted(trunks))}), one dense trunk trained to "
+        f"the midpoint of the schedule (step {e['start_step']:,} of {e['steps']:,}; {e['steps'] * per_step:,} "
+        f"training tokens), then five continuations from that snapshot to the end, on the same windows in the "
+        f"same order ({rates}re-warmup over {round(p.rewarmup_fraction * e['steps']) if p else '?'} steps). "
+        "Final losses: mean ± standard error over seeds (number of seeds). Held-out: the documents neither "
+        "training nor validation (nor any choice of this grid or round 1) read.",
+        "",
+        "| Continuation | Model | Optimizer at the branch | Learning rate after it | Train loss | Val loss | "
+        "Held-out loss |",
+        "|---|---|---|---|---|---|---|",
+        f"| trunk (step {e['start_step']:,}) | dense | - | - | "
+        f"{fmt_mean([r['train_loss'] for r in trunks.values()])} | "
+        f"{fmt_mean([r['val_loss'] for r in trunks.values()])} | not measured (not a final model) |",
+    ]
+    for kind in BRANCHES:
+        rs = [r for r in ends if r["kind"] == kind]
+        held = [r["heldout_loss"] for r in rs if r.get("heldout_loss") is not None]
+        parts.append(
+            f"| {kind} | " + " | ".join(LABELS[kind]) + f" | {fmt_mean([r['train_loss'] for r in rs])} | "
+            f"{fmt_mean([r['val_loss'] for r in rs])} | {fmt_mean(held) if held else 'not measured'} |"
+        )
+    parts += [
+        "", "Final validation loss (held-out loss) per seed:", "",
+        "| seed | trunk at the branch | " + " | ".join(BRANCHES) + " |", "|---|---|" + "---|" * len(BRANCHES),
+    ]  # fmt: skip
+    for seed in sorted(trunks):
+        cells = []
+        for kind in BRANCHES:
+            r = next((r for r in ends if r["kind"] == kind and r["seed"] == seed), None)
+            held = f" ({r['heldout_loss']:.4f})" if r and r.get("heldout_loss") is not None else ""
+            cells.append(f"{r['val_loss']:.4f}{held}" if r else "-")
+        parts.append(f"| {seed} | {trunks[seed]['val_loss']:.4f} | " + " | ".join(cells) + " |")
+    return parts
+
+
+def _verdicts(rows: list[dict[str, Any]], curves: list[dict[str, Any]]) -> list[str]:
+    """The verdicts of the pre-stated rule on validation (and the held-out check), one table row a comparison."""
+    parts: list[str] = []
+    val, held = judge_rows(rows, curves), judge_rows(rows, curves, "heldout_loss")
+    k = CRITERIA
+    parts += [
+        "",
+        f"**Verdicts by the rule stated before the runs** (`results/lm-upcycle2/design.md`): gap = reference - "
+        f"branch (positive: the branch is better), final validation loss, paired by seed, mean ± s.e. "
+        f"[{k['level']:.0%} t interval]; fitted change of the seed-mean gap over the branch's second half. "
+        f"better: interval above 0, change >= -{k['flat']}; worse: interval below 0, change <= +{k['flat']}; "
+        f"same: interval within ±{k['margin']} and |change| <= {k['flat']}; else not resolved. The held-out "
+        "column applies the same rule to the held-out losses (with the same validation slope): a check, not the "
+        "verdict.",
+        "",
+        "| branch | against | gap per seed | gap [interval] | change (points) | verdict | held-out gap [interval] "
+        "| held-out reading |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for v, h in zip(val, held):
+        per_seed = ", ".join(f"{g:+.4f}" for g in v.get("gaps", [])) or "-"
+        change = f"{v['change']:+.4f} ({v['points']})" if v.get("n", 0) >= 2 else "-"
+        parts.append(
+            f"| {v['branch']} | {v['reference']} | {per_seed} | {_ci(v)} | {change} | **{v['verdict']}** | "
+            f"{_ci(h)} | {h['verdict']} |"
+        )
+    split = [f"{v['branch']} vs {v['reference']}" for v, h in zip(val, held) if v["verdict"] != h["verdict"]]
+    parts += ["", "Validation and held-out readings "
+              + (f"differ for: {'; '.join(split)}." if split else "agree for every comparison.")]  # fmt: skip
+    return parts
 
 
 def _plot(curves: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> None:
