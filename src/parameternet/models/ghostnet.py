@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, SelectAdaptivePool2d, make_divisible
 from timm.models import adapt_input_conv, build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -38,7 +37,13 @@ from torch import nn
 
 from parameternet.errors import ParameterNetError
 from parameternet.layers import DynamicConv2d, RepConv2d
-from parameternet.models._pretrained import check_checkpoint_layout, check_pretrained_source, clean_checkpoint
+from parameternet.models._pretrained import (
+    check_checkpoint_layout,
+    check_pretrained_source,
+    clean_checkpoint,
+    untrained_cfg,
+)
+from parameternet.toolkit import check_image_batch
 
 __all__ = [
     "GhostBottleneck",
@@ -132,18 +137,7 @@ class Stem(ConvBnAct):
         self.in_chans = in_chans
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(x, torch.fx.Proxy):  # torch.fx tracing: no shape to check
-            return super().forward(x)
-        if x.dim() != 4:
-            raise ParameterNetError(
-                f"expected images of shape (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}; "
-                "add the batch dimension with x.unsqueeze(0) for a single image."
-            )
-        if x.shape[1] != self.in_chans:
-            raise ParameterNetError(
-                f"expected {self.in_chans} input channels, got {x.shape[1]}; "
-                f"create the model with in_chans={x.shape[1]} or convert the images."
-            )
+        check_image_batch(x, self.in_chans)
         return super().forward(x)
 
 
@@ -492,22 +486,7 @@ def _static(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv",
-        "classifier": "classifier",
-        "license": "apache-2.0",
-        "paper_ids": "arXiv:2306.14525",
-        **kwargs,
-    }
+_cfg = partial(untrained_cfg, crop_pct=0.875, first_conv="stem.conv", classifier="classifier")
 
 
 _MINI_CFG = dict(crop_pct=1.0, interpolation="bilinear", mean=(0.5,), std=(0.5,))
