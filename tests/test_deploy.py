@@ -24,6 +24,17 @@ def close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> No
     assert err <= rel, f"relative error {err:.2e} > {rel:.0e}"
 
 
+def deploys_exactly(model: nn.Module, x: torch.Tensor, **kwargs) -> nn.Module:
+    """``deploy(model, example_input=x, **kwargs)``, checked to compute ``model``'s output on ``x`` (:func:`close`)."""
+    kwargs.setdefault("example_input", x)
+    with torch.no_grad():
+        y = model(x)
+    deployed = deploy(model, **kwargs)
+    with torch.no_grad():
+        close(deployed(x), y)
+    return deployed
+
+
 def numel(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
@@ -89,12 +100,7 @@ def test_registered_parameternet_deploys_exactly():
     randomise_routers_(model, seed=1)
     randomise_norms_(model, seed=1)
     model.eval()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        y = model(x)
-    deployed = deploy(model, example_input=x)
-    with torch.no_grad():
-        close(deployed(x), y)
+    deployed = deploys_exactly(model, torch.randn(2, 3, 64, 64))
     assert not norms(deployed)  # every BatchNorm of GhostNet follows a conv
 
 
@@ -106,24 +112,17 @@ def test_repconv_model_merges_back_to_the_dense_model():
     model.eval()
     assert model.layer1[0].conv1.branches[0][1].weight.abs().min() > 0
     x = torch.randn(3, 3, 48, 48)
-    with torch.no_grad():
-        y = model(x)
-
-    folded = deploy(model, example_input=x)
-    with torch.no_grad():
-        close(folded(x), y)
+    folded = deploys_exactly(model, x)
     assert numel(folded) == numel(deploy(dense, example_input=x))
     assert not any(isinstance(m, RepConv2d) for m in folded.modules()) and len(folded.deploy_report.merged) == 14
 
     # With fold_bn=False the merged model is the dense architecture itself: same names, shapes and count.
-    merged = deploy(model, fold_bn=False, example_input=x)
-    with torch.no_grad():
-        close(merged(x), y)
+    merged = deploys_exactly(model, x, fold_bn=False)
     assert numel(merged) == numel(dense)
     fresh = timm.create_model("resnet10t", num_classes=10).eval()
     fresh.load_state_dict(merged.state_dict())
     with torch.no_grad():
-        close(fresh(x), y)
+        close(fresh(x), model(x))
 
 
 def test_dense_timm_model_with_batchnorm_act_folds():
@@ -131,12 +130,7 @@ def test_dense_timm_model_with_batchnorm_act_folds():
     model = timm.create_model("mobilenetv3_small_050", num_classes=10)
     randomise_norms_(model)
     model.eval()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        y = model(x)
-    deployed = deploy(model, example_input=x)
-    with torch.no_grad():
-        close(deployed(x), y)
+    deployed = deploys_exactly(model, torch.randn(2, 3, 64, 64))
     assert not any(isinstance(m, BatchNormAct2d) for m in deployed.modules())
     assert isinstance(deployed.conv_stem, nn.Conv2d) and deployed.conv_stem.bias is not None
 
@@ -168,11 +162,7 @@ def test_only_a_batchnorm_that_alone_reads_the_conv_output_is_folded(by):
     randomise_norms_(model)
     model = parameterize(model, 3, include=["b"], count_macs=False).eval()
     x = torch.randn(2, 3, 10, 10)
-    with torch.no_grad():
-        y = model(x)
-    deployed = deploy(model, example_input=x if by == "run" else None)
-    with torch.no_grad():
-        close(deployed(x), y)
+    deployed = deploys_exactly(model, x, example_input=x if by == "run" else None)
     report = deployed.deploy_report
     assert report.folded == [("b", "bn_b")]
     assert set(report.kept) == {"bn_a", "bn_in"}

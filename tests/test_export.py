@@ -23,14 +23,6 @@ from parameternet.models.ghostnet import GhostNet
 IMG = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def build(name: str, **kwargs) -> nn.Module:
     torch.manual_seed(0)
     if "swin" in name:

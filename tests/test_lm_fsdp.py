@@ -21,7 +21,7 @@ from parameternet.train import distributed as D
 from parameternet.train.lm import LMTrainer, load_lm_config, train_lm
 from test_lm_text import make_fake_corpora
 from test_lm_train import TINY
-from torchrun_helpers import kill_after_first_checkpoint, max_diff, rows, torchrun
+from torchrun_helpers import kill_and_resume, max_diff, rows, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "configs" / "lm-small.yaml")
@@ -194,10 +194,6 @@ def test_fsdp_kill_9_mid_run_then_resume_ends_with_the_same_weights(corpora):
     args = [*TINY, "model.moe_projections=[down_proj]", "amp=bf16", "activation_checkpointing=true", "grad_accum=2",
             "parallel=fsdp", "max_steps=12", "ckpt_every_steps=2", "zero_shot_items=0"]  # fmt: skip
     full, cut = corpora / "full", corpora / "cut"
-    last = kill_after_first_checkpoint(_torchrun(*args, f"output_dir={cut}", popen=True), cut)
-    _torchrun(*args, f"output_dir={full}")
-    res = _torchrun(*args, f"output_dir={cut}", "resume=auto")
-    assert f"resumed from {cut / 'checkpoints' / f'step_{last:07d}.state.pt'} at step {last}" in res.stderr
-    assert last < 12
+    assert kill_and_resume(_torchrun, args, full, cut) < 12
     assert rows(cut) == rows(full) and rows(cut, "val") == rows(full, "val")
     assert max_diff(_weights(full), _weights(cut)) == 0.0

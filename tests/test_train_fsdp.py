@@ -24,7 +24,7 @@ from parameternet.train import distributed as D
 from parameternet.train.checkpoint import load_weights, resolve_weights
 from parameternet.train.config import load_config
 from parameternet.train.trainer import train
-from torchrun_helpers import kill_after_first_checkpoint, max_diff, rows, torchrun
+from torchrun_helpers import kill_and_resume, max_diff, rows, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -215,10 +215,6 @@ def test_fsdp_kill_9_mid_run_then_resume_ends_with_the_same_weights(packaged_dat
     resume=auto, the same rows, weights and EMA as an uninterrupted run, bit for bit."""
     args = [*GHOST, "parallel=fsdp", "max_steps=12", "eval_every_steps=6"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    last = kill_after_first_checkpoint(_torchrun(*args, f"output_dir={cut}", popen=True), cut)
-    _torchrun(*args, f"output_dir={full}")
-    res = _torchrun(*args, f"output_dir={cut}", "resume=auto")
-    assert f"resumed from {cut / 'checkpoints' / f'step_{last:07d}.state.pt'} at step {last}" in res.stderr
-    assert last < 12
+    assert kill_and_resume(_torchrun, args, full, cut) < 12
     assert _rows(cut) == _rows(full) and _rows(cut, "val") == _rows(full, "val")
     assert max_diff(_final(full), _final(cut)) == 0.0 and max_diff(_final(full, True), _final(cut, True)) == 0.0

@@ -97,11 +97,25 @@ def ran(monkeypatch):
     return calls
 
 
-def set_side(side: str, monkeypatch) -> None:
-    if side == "chunked":  # the chunked function, one sample a chunk, and the pooling's own backward
+@pytest.fixture(params=CASES)
+def case(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=SIDES)
+def side(request, monkeypatch) -> str:
+    """The side of the size thresholds the test runs on, set for it."""
+    if request.param == "chunked":  # the chunked function, one sample a chunk, and the pooling's own backward
         monkeypatch.setattr(kernels, "KEEP_BYTES", 0)
         monkeypatch.setattr(kernels, "CHUNK_BYTES", 1)
         monkeypatch.setattr(kernels, "MEAN_MIN_NUMEL", 0)
+    return request.param
+
+
+@pytest.fixture
+def built(case, side):
+    """``(layer, x, ref)`` of ``case`` (:func:`build`), to run on ``side`` of the thresholds."""
+    return build(case)
 
 
 def expected_custom(case: str, side: str) -> set[str]:
@@ -129,11 +143,8 @@ def penalty_grads(fn, layer, x, w):
     return [gx.detach(), *grads]
 
 
-@pytest.mark.parametrize("side", SIDES)
-@pytest.mark.parametrize("case", CASES)
-def test_double_backward_matches_reference(case, side, monkeypatch, ran):
-    layer, x, ref = build(case)
-    set_side(side, monkeypatch)
+def test_double_backward_matches_reference(case, side, built, ran):
+    layer, x, ref = built
     w = torch.randn_like(ref(layer, x))
     got = penalty_grads(lambda m, xx: m(xx), layer, x, w)
     assert set(ran) == expected_custom(case, side)  # the custom functions' backwards were differentiated
@@ -142,11 +153,8 @@ def test_double_backward_matches_reference(case, side, monkeypatch, ran):
         torch.testing.assert_close(a, b, **TOL)
 
 
-@pytest.mark.parametrize("side", SIDES)
-@pytest.mark.parametrize("case", CASES)
-def test_func_grad_matches_reference(case, side, monkeypatch, ran):
-    layer, x, ref = build(case)
-    set_side(side, monkeypatch)
+def test_func_grad_matches_reference(built, ran):
+    layer, x, ref = built
     w = torch.randn_like(ref(layer, x))
     got = func.grad(lambda xx: (layer(xx) * w).sum())(x)
     assert ran == []  # under a transform the layers compute plain ops
@@ -155,11 +163,8 @@ def test_func_grad_matches_reference(case, side, monkeypatch, ran):
     torch.testing.assert_close(got, want, **TOL)
 
 
-@pytest.mark.parametrize("side", SIDES)
-@pytest.mark.parametrize("case", CASES)
-def test_func_jvp_matches_reference(case, side, monkeypatch, ran):
-    layer, x, ref = build(case)
-    set_side(side, monkeypatch)
+def test_func_jvp_matches_reference(built, ran):
+    layer, x, ref = built
     v = torch.randn_like(x)
     y, t = func.jvp(layer, (x,), (v,))
     assert ran == []
@@ -168,11 +173,8 @@ def test_func_jvp_matches_reference(case, side, monkeypatch, ran):
     torch.testing.assert_close(t, t_ref, **TOL)
 
 
-@pytest.mark.parametrize("side", SIDES)
-@pytest.mark.parametrize("case", CASES)
-def test_forward_ad_matches_reference(case, side, monkeypatch, ran):
-    layer, x, ref = build(case)
-    set_side(side, monkeypatch)
+def test_forward_ad_matches_reference(built, ran):
+    layer, x, ref = built
     v = torch.randn_like(x)
     with forward_ad.dual_level():
         t = forward_ad.unpack_dual(layer(forward_ad.make_dual(x, v))).tangent
@@ -181,13 +183,10 @@ def test_forward_ad_matches_reference(case, side, monkeypatch, ran):
     torch.testing.assert_close(t, t_ref, **TOL)
 
 
-@pytest.mark.parametrize("side", SIDES)
-@pytest.mark.parametrize("case", CASES)
-def test_per_sample_grads_by_vmap_match_a_loop_over_samples(case, side, monkeypatch):
+def test_per_sample_grads_by_vmap_match_a_loop_over_samples(built):
     """``vmap(grad(loss))`` over the samples. Inside the vmapped function a sample has no batch dimension: it is
     fed as a batch of one (the dynamic layers route per sample)."""
-    layer, x, ref = build(case)
-    set_side(side, monkeypatch)
+    layer, x, ref = built
     target = torch.randn_like(ref(layer, x))
     params = {k: v.detach() for k, v in layer.named_parameters()}
 
@@ -203,25 +202,19 @@ def test_per_sample_grads_by_vmap_match_a_loop_over_samples(case, side, monkeypa
             torch.testing.assert_close(g[i], g_ref, **TOL, msg=lambda m, k=k, i=i: f"{k}, sample {i}: {m}")
 
 
-@pytest.mark.parametrize("side", SIDES)
-@pytest.mark.parametrize("case", CASES)
-def test_vmap_over_batches_matches_reference(case, side, monkeypatch, ran):
+def test_vmap_over_batches_matches_reference(built, ran):
     """``vmap`` over a leading dimension of batches of 3: inside, the layers see a batch past the thresholds."""
-    layer, x, ref = build(case)
-    set_side(side, monkeypatch)
+    layer, x, ref = built
     xs = torch.stack([x, torch.randn_like(x)])
     got = func.vmap(layer)(xs)
     assert ran == []
     torch.testing.assert_close(got, torch.stack([ref(layer, xb) for xb in xs]).detach(), **TOL)
 
 
-@pytest.mark.parametrize("side", SIDES)
-@pytest.mark.parametrize("case", CASES)
-def test_batched_grads_match_reference(case, side, monkeypatch, ran):
+def test_batched_grads_match_reference(case, side, built, ran):
     """``is_grads_batched=True`` (what ``torch.autograd.functional.jacobian(vectorize=True)`` uses): the forward is
     eager, its backward runs under ``vmap`` and must be batched."""
-    layer, x, ref = build(case)
-    set_side(side, monkeypatch)
+    layer, x, ref = built
     xx = x.clone().requires_grad_(True)
     y = layer(xx)
     assert set(ran) == expected_custom(case, side)
@@ -237,14 +230,11 @@ def test_batched_grads_match_reference(case, side, monkeypatch, ran):
                 torch.testing.assert_close(a[j], b, **TOL)
 
 
-@pytest.mark.parametrize("side", SIDES)
-@pytest.mark.parametrize("case", CASES)
-def test_jacobians_match_reference(case, side, monkeypatch, ran):
+def test_jacobians_match_reference(case, side, built, ran):
     """Whole Jacobians w.r.t. the input: ``torch.func.jacrev`` (vjp under vmap) and
     ``torch.autograd.functional.jacobian(vectorize=True)`` (an eager forward, its backward batched) against the
     reference's Jacobian row by row."""
-    layer, x, ref = build(case)
-    set_side(side, monkeypatch)
+    layer, x, ref = built
     x = x[:2, :, :2, :3] if x.dim() == 4 else x[:2, :2]  # a small Jacobian
     want = torch.autograd.functional.jacobian(lambda xx: ref(layer, xx), x)
     torch.testing.assert_close(func.jacrev(layer)(x), want, **TOL)
@@ -261,13 +251,9 @@ GEOMETRIES = {
 }
 
 
-@pytest.mark.parametrize("impl", functional.NAMES)
-@pytest.mark.parametrize("geometry", list(GEOMETRIES))
-def test_every_conv_implementation_under_transforms(geometry, impl, ran):
-    """Each implementation of the functional core forced on the layer (``set_implementation``: what a graph context
-    runs, or a user's choice) under ``torch.func.grad``, ``torch.func.jvp`` and ``vmap`` over batches. The custom
-    ops (``grouped_op``'s, ``triton``'s) step aside for ``grouped``; ``bmm`` and ``per_sample_matmul`` do not ask
-    vmap for a memory format."""
+def forced_conv(geometry: str, impl: str):
+    """``(layer, x, w)``: a conv layer of ``geometry`` forced to ``impl``, an input at a batch size ``impl`` computes
+    and a random output cotangent; skips the test where ``impl`` does not compute the layer."""
     cin, cout, k, kwargs = GEOMETRIES[geometry]
     torch.manual_seed(0)
     layer = DynamicConv2d(cin, cout, k, num_experts=3, **kwargs)
@@ -276,7 +262,17 @@ def test_every_conv_implementation_under_transforms(geometry, impl, ran):
         pytest.skip(f"{impl} does not compute a {geometry} layer")  # the functional core's fixed rule
     set_implementation(layer, impl)
     x = torch.randn(batch, cin, 5, 6)
-    w = torch.randn_like(reference_conv(layer, x))
+    return layer, x, torch.randn_like(reference_conv(layer, x))
+
+
+@pytest.mark.parametrize("impl", functional.NAMES)
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+def test_every_conv_implementation_under_transforms(geometry, impl, ran):
+    """Each implementation of the functional core forced on the layer (``set_implementation``: what a graph context
+    runs, or a user's choice) under ``torch.func.grad``, ``torch.func.jvp`` and ``vmap`` over batches. The custom
+    ops (``grouped_op``'s, ``triton``'s) step aside for ``grouped``; ``bmm`` and ``per_sample_matmul`` do not ask
+    vmap for a memory format."""
+    layer, x, w = forced_conv(geometry, impl)
     got = func.grad(lambda xx: (layer(xx) * w).sum())(x)
     xr = x.clone().requires_grad_(True)
     torch.testing.assert_close(got, torch.autograd.grad((reference_conv(layer, xr) * w).sum(), xr)[0], **TOL)
@@ -294,15 +290,7 @@ def test_every_conv_implementation_under_transforms(geometry, impl, ran):
 @pytest.mark.parametrize("impl", [name for name in functional.NAMES if name != "triton"])
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
 def test_every_conv_implementation_double_backward(geometry, impl):
-    cin, cout, k, kwargs = GEOMETRIES[geometry]
-    torch.manual_seed(0)
-    layer = DynamicConv2d(cin, cout, k, num_experts=3, **kwargs)
-    batch = 1 if impl == "single" else 3
-    if not functional.applies(impl, layer.geometry, batch):
-        pytest.skip(f"{impl} does not compute a {geometry} layer")
-    set_implementation(layer, impl)
-    x = torch.randn(batch, cin, 5, 6)
-    w = torch.randn_like(reference_conv(layer, x))
+    layer, x, w = forced_conv(geometry, impl)
     got = penalty_grads(lambda m, xx: m(xx), layer, x, w)
     for a, b in zip(got, penalty_grads(reference_conv, layer, x, w), strict=True):
         torch.testing.assert_close(a, b, **TOL)

@@ -1,5 +1,5 @@
 """What the multi-process tests share: torchrun on 2 CPU processes, SIGKILL of the agent and its workers mid-run,
-metrics rows without their timings, the largest difference between two state dicts."""
+a killed run resumed, metrics rows without their timings, the largest difference between two state dicts."""
 
 import json
 import os
@@ -62,6 +62,17 @@ def kill_after_first_checkpoint(victim: subprocess.Popen, out: Path) -> int:
     kill_9(victim)
     assert not (out / "summary.json").exists(), "killed too late to test anything"
     return max(int(p.name[5:12]) for p in (out / "checkpoints").glob("step_*.manifest.json"))
+
+
+def kill_and_resume(run, args: list[str], full: Path, cut: Path) -> int:
+    """``run(*args, output_dir=...)`` (a :func:`torchrun` of one command) three times: into ``cut``, SIGKILLed after
+    its first checkpoint; into ``full``, uninterrupted; into ``cut`` again with ``resume=auto``, asserted to resume
+    from the last checkpoint of the first. Returns the step of that checkpoint."""
+    last = kill_after_first_checkpoint(run(*args, f"output_dir={cut}", popen=True), cut)
+    run(*args, f"output_dir={full}")
+    res = run(*args, f"output_dir={cut}", "resume=auto")
+    assert f"resumed from {cut / 'checkpoints' / f'step_{last:07d}.state.pt'} at step {last}" in res.stderr
+    return last
 
 
 def rows(out: Path, split: str = "train", timing: tuple[str, ...] = ("tokens_per_s",)) -> list[dict]:

@@ -25,6 +25,7 @@ from parameternet.errors import ParameterNetError
 __all__ = [
     "MIN_IMG_SIZE",
     "WRAPPER_PREFIXES",
+    "check_image_batch",
     "check_memory",
     "eval_mode",
     "example_input_for",
@@ -261,6 +262,23 @@ def image_input_shape(
     check_memory(4 * chans * height * width, f"img_size {height}x{width}: one {chans}-channel float32 image",
                  "use a smaller img_size")  # fmt: skip
     return chans, height, width
+
+
+def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
+    """Raise ParameterNetError, in one sentence that says how to fix it, unless ``x`` is a batch of images
+    ``(B, in_chans, H, W)``; a torch.fx proxy (tracing: no shape) passes."""
+    if isinstance(x, torch.fx.Proxy):
+        return
+    if x.dim() != 4:
+        raise ParameterNetError(
+            f"expected images of shape (B, {in_chans}, H, W), got shape {tuple(x.shape)}; "
+            "add the batch dimension with x.unsqueeze(0) for a single image."
+        )
+    if x.shape[1] != in_chans:
+        raise ParameterNetError(
+            f"expected {in_chans} input channels, got {x.shape[1]}; "
+            f"create the model with in_chans={x.shape[1]} or convert the images."
+        )
 
 
 def check_memory(need: int, what: str, fix: str) -> None:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from parameternet.errors import ParameterNetError
+from parameternet.models import MODELS
 from parameternet.toolkit import MIN_IMG_SIZE, image_input_shape
 
 __all__ = ["PEERS", "REPORTED_TOP1", "BenchmarkRow", "run_benchmark", "write_outputs"]
@@ -65,14 +66,7 @@ REPORTED_TOP1_1K = {
     "swin_300m": 69.2,
     "parameternet_swin_300m": 72.3,
 }
-OURS = (
-    "ghostnet_300m",
-    "parameternet_300m",
-    "ghostnet_600m",
-    "parameternet_600m",
-    "swin_300m",
-    "parameternet_swin_300m",
-)
+OURS = MODELS  # the paper's models, as registered in timm
 PEERS = ("mobilenetv3_large_100", "efficientnet_b0", "ghostnet_100", "resnet50", "swin_tiny_patch4_window7_224")
 
 

@@ -37,7 +37,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -329,6 +330,26 @@ def default_output(preset: str) -> Path:
     return Path(COMMITTED_OUTPUTS.get(preset, f"runs/lm-{preset}"))
 
 
+@contextmanager
+def grid_output(
+    p: Any, recipe: str | Path, overrides: Sequence[str], output: str | Path | None, jobs: int
+) -> Iterator[Path]:
+    """Check ``jobs`` and the base recipe of the preset ``p`` (a :class:`Preset` or an upcycling one) with
+    ``overrides``, prepare its data, then hold the lock of the output directory (``output``, default
+    :func:`default_output`) with the grid recorded there or checked against it
+    (:func:`~parameternet.experiments.lm_grid.check_grid`); yields the directory. Bad input raises
+    ParameterNetError before the output directory is made."""
+    from parameternet.runs import RunLock
+
+    check_jobs(jobs)
+    base = check_inputs(p, recipe, overrides)
+    base.data.prepare()  # bad input stops here, before the output directory exists
+    output = Path(output) if output is not None else default_output(p.name)
+    with RunLock(output, "experiment results"):  # one writer of the CSVs; each run also locks its own directory
+        check_grid(output, p.name, base)
+        yield output
+
+
 def preset_names() -> list[str]:
     """Every preset of ``lm experiment``: Table 7's (:data:`PRESETS`) and upcycling round 2's."""
     from parameternet.experiments.lm_upcycle import PRESETS as UPCYCLE
@@ -355,15 +376,8 @@ def run_lm_experiment(
         return lm_upcycle.run_upcycle(preset, recipe, overrides, runs_dir, output, jobs)
     if preset not in PRESETS:
         raise ParameterNetError(f"preset {preset!r} is unknown; use one of {', '.join(preset_names())}")
-    check_jobs(jobs)
-    from parameternet.runs import RunLock
-
     p = PRESETS[preset]
-    base = check_inputs(p, recipe, overrides)
-    base.data.prepare()  # bad input stops here, before the output directory exists
-    output = Path(output) if output is not None else default_output(preset)
-    with RunLock(output, "experiment results"):  # one writer of the CSVs; each run also locks its own directory
-        check_grid(output, p.name, base)
+    with grid_output(p, recipe, overrides, output, jobs) as output:
         runner = _Runner(p, str(recipe), overrides, output, Path(runs_dir), jobs)
         lr_tasks = runner.lr_tasks()
         runner.execute(lr_tasks)

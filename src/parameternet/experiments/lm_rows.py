@@ -20,6 +20,7 @@ from typing import Any
 
 from parameternet.errors import ParameterNetError
 from parameternet.experiments.provenance import code_id
+from parameternet.experiments.rows import parse_numbers, read_csv_rows
 
 __all__ = [
     "COLUMNS",
@@ -61,12 +62,7 @@ _FLOATS = (
 
 
 def parse_row(row: dict[str, Any]) -> dict[str, Any]:
-    for k in _INTS:
-        if k in row:
-            row[k] = int(float(row[k])) if row[k] not in (None, "") else None
-    for k in _FLOATS:
-        if k in row:
-            row[k] = float(row[k]) if row[k] not in (None, "") else None
+    parse_numbers(row, _INTS, _FLOATS)
     if "dirty" in row:
         row["dirty"] = str(row["dirty"])
     return row
@@ -74,11 +70,7 @@ def parse_row(row: dict[str, Any]) -> dict[str, Any]:
 
 def read_rows(csv_path: str | Path) -> list[dict[str, Any]]:
     """The rows of one of the experiment's CSVs with numbers parsed (missing file: no rows)."""
-    path = Path(csv_path)
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [parse_row(dict(r)) for r in csv.DictReader(f)]
+    return read_csv_rows(csv_path, parse_row)
 
 
 def check_header(csv_path: Path, columns: Sequence[str]) -> None:

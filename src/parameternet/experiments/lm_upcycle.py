@@ -40,7 +40,6 @@ from parameternet.experiments.lm_grid import (
     SMOKE_OVERRIDES,
     Runner,
     Task,
-    check_grid,
     check_inputs,
     check_jobs,
 )
@@ -173,18 +172,12 @@ def run_upcycle(
     """Run the grid of ``preset`` (skipping the runs this code already made) and write and return the report.
     Raises ParameterNetError on bad input (an unknown preset, ``jobs`` below 1, a bad override or one the grid
     sets: all checked before anything starts or the output directory is made) or on failed runs."""
-    from parameternet.experiments.lm import default_output
-    from parameternet.runs import RunLock
+    from parameternet.experiments.lm import grid_output
 
     if preset not in PRESETS:
         raise ParameterNetError(f"preset {preset!r} is not an upcycling preset; use one of {', '.join(PRESETS)}")
-    check_jobs(jobs)
     p = PRESETS[preset]
-    base = check_inputs(p, recipe, overrides)
-    base.data.prepare()  # bad input stops here, before the output directory exists
-    output = Path(output) if output is not None else default_output(preset)
-    with RunLock(output, "experiment results"):
-        check_grid(output, p.name, base)
+    with grid_output(p, recipe, overrides, output, jobs) as output:
         runner = Runner(p, str(recipe), overrides, output, Path(runs_dir), jobs)
         tasks, _ = plan(runner)
         runner.execute(tasks)

@@ -225,21 +225,19 @@ def _plot(by_role: dict, design: Round3, size_points: dict, path: Path, title: s
 
     colors = {"A": "tab:blue", "B": "tab:red", "M": "tab:green", "D": "tab:purple"}
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5))
-    for role in ("A", "B", "M", "D"):
-        pts = [(e, summary(list(by_role[role].get(e, {}).values()))) for e in design.budgets]
-        pts = [(e, s) for e, s in pts if s.n]
-        if pts:
-            ax.errorbar(
-                [e for e, _ in pts], [s.mean for _, s in pts], yerr=[0 if math.isnan(s.se) else s.se for _, s in pts],
-                marker="o", capsize=3, color=colors[role], label=f"{_ROLES[role]}: {design.cells()[role].name}",
-            )  # fmt: skip
-    for role, pts in size_points.items():
-        pts = [(x, s) for x, s in pts if s.n]
-        if pts:
-            bx.errorbar(
-                [x for x, _ in pts], [s.mean for _, s in pts], yerr=[0 if math.isnan(s.se) else s.se for _, s in pts],
-                marker="o", capsize=3, color=colors[role], label=f"{_ROLES[role]}: {design.cells()[role].name}",
-            )  # fmt: skip
+    budget_points = {
+        role: [(e, summary(list(by_role[role].get(e, {}).values()))) for e in design.budgets]
+        for role in ("A", "B", "M", "D")
+    }
+    for axis, points in ((ax, budget_points), (bx, size_points)):
+        for role, pts in points.items():
+            pts = [(x, s) for x, s in pts if s.n]
+            if pts:
+                axis.errorbar(
+                    [x for x, _ in pts], [s.mean for _, s in pts],
+                    yerr=[0 if math.isnan(s.se) else s.se for _, s in pts],
+                    marker="o", capsize=3, color=colors[role], label=f"{_ROLES[role]}: {design.cells()[role].name}",
+                )  # fmt: skip
     for axis, xlabel, what in (
         (ax, "pretraining epochs on the union (log scale)", "gain against the pretraining budget"),
         (bx, f"pretraining images, {design.size_steps:,} steps each (log scale)", "gain against the set's size"),

@@ -7,7 +7,6 @@ its dynamic layers, :func:`parameternet.profiling.routing.summarize_routing`), t
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from parameternet.errors import ParameterNetError
 from parameternet.experiments.pitfall_cells import Cell
 from parameternet.experiments.provenance import code_id
+from parameternet.experiments.rows import parse_numbers, read_csv_rows
 
 __all__ = [
     "FLOATS",
@@ -37,20 +37,7 @@ FLOATS = (
 
 def read_rows(csv_path: str | Path) -> list[dict[str, Any]]:
     """The rows of a results CSV with numbers parsed (missing file: no rows)."""
-    path = Path(csv_path)
-    if not path.is_file():
-        return []
-    out = []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            for k in INTS:
-                if k in row:
-                    row[k] = int(float(row[k])) if row[k] not in (None, "") else None
-            for k in FLOATS:
-                if k in row:
-                    row[k] = float(row[k]) if row[k] not in (None, "") else None
-            out.append(row)
-    return out
+    return read_csv_rows(csv_path, lambda row: parse_numbers(row, INTS, FLOATS))
 
 
 def rows_of_one_code(

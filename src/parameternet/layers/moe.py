@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parameternet.errors import ParameterNetError
+from parameternet.layers.experts import check_num_experts
 from parameternet.layers.kernels import transforms_active
 from parameternet.layers.router import router_precision
 
@@ -246,8 +247,7 @@ class TopKMoELinear(nn.Module):
         capacity_factor: float | None = None,
     ):
         super().__init__()
-        if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
-            raise ParameterNetError(f"num_experts must be an integer >= 1, got {num_experts!r}.")
+        check_num_experts(num_experts)
         if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_experts:
             raise ParameterNetError(
                 f"top_k={top_k!r} must be an integer from 1 to num_experts={num_experts}; lower it or add experts."

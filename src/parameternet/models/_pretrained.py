@@ -14,6 +14,7 @@ import shlex
 from typing import Any
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import resolve_pretrained_cfg
 from torch import nn
 
@@ -21,7 +22,25 @@ from parameternet.errors import ParameterNetError
 from parameternet.layers import DynamicConv2d, DynamicLinear, MlpSoftmaxRouter, RepConv2d
 from parameternet.toolkit import strip_wrapper_prefixes
 
-__all__ = ["check_checkpoint_layout", "check_pretrained_source", "clean_checkpoint"]
+__all__ = ["check_checkpoint_layout", "check_pretrained_source", "clean_checkpoint", "untrained_cfg"]
+
+
+def untrained_cfg(**kwargs: Any) -> dict[str, Any]:
+    """A pretrained config (for ``generate_default_cfgs``) of a model of the paper with no published weights: no url,
+    ImageNet-1K at 224 px (bicubic, ImageNet mean and std, a 7x7 final map) unless ``kwargs`` say otherwise; they
+    also give the ``crop_pct``, ``first_conv`` and ``classifier`` of the architecture."""
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "license": "apache-2.0",
+        "paper_ids": "arXiv:2306.14525",
+        **kwargs,
+    }
 
 
 def check_pretrained_source(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> None:

@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, SelectAdaptivePool2d, make_divisible
 from timm.models import adapt_input_conv, build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -38,7 +37,13 @@ from torch import nn
 
 from parameternet.errors import ParameterNetError
 from parameternet.layers import DynamicConv2d, RepConv2d
-from parameternet.models._pretrained import check_checkpoint_layout, check_pretrained_source, clean_checkpoint
+from parameternet.models._pretrained import (
+    check_checkpoint_layout,
+    check_pretrained_source,
+    clean_checkpoint,
+    untrained_cfg,
+)
+from parameternet.toolkit import check_image_batch
 
 __all__ = [
     "GhostBottleneck",
@@ -132,18 +137,7 @@ class Stem(ConvBnAct):
         self.in_chans = in_chans
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(x, torch.fx.Proxy):  # torch.fx tracing: no shape to check
-            return super().forward(x)
-        if x.dim() != 4:
-            raise ParameterNetError(
-                f"expected images of shape (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}; "
-                "add the batch dimension with x.unsqueeze(0) for a single image."
-            )
-        if x.shape[1] != self.in_chans:
-            raise ParameterNetError(
-                f"expected {self.in_chans} input channels, got {x.shape[1]}; "
-                f"create the model with in_chans={x.shape[1]} or convert the images."
-            )
+        check_image_batch(x, self.in_chans)
         return super().forward(x)
 
 
@@ -492,24 +486,10 @@ def _static(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv",
-        "classifier": "classifier",
-        "license": "apache-2.0",
-        "paper_ids": "arXiv:2306.14525",
-        **kwargs,
-    }
+_cfg = partial(untrained_cfg, crop_pct=0.875, first_conv="stem.conv", classifier="classifier")
 
 
+_MINI_WIDTHS = {"025": 0.25, "050": 0.5, "100": 1.0, "200": 2.0}  # the mini family's fixed widths by name suffix
 _MINI_CFG = dict(crop_pct=1.0, interpolation="bilinear", mean=(0.5,), std=(0.5,))
 
 default_cfgs = generate_default_cfgs(
@@ -521,7 +501,7 @@ default_cfgs = generate_default_cfgs(
         **{
             f"{family}_mini_{w}.untrained": _cfg(num_classes=10, input_size=(1, 28, 28), pool_size=(4, 4), **_MINI_CFG)
             for family in ("ghostnet", "parameternet")
-            for w in ("025", "050", "100", "200")
+            for w in _MINI_WIDTHS
         },
         **{
             f"{family}_mini.untrained": _cfg(num_classes=10, input_size=(1, 28, 28), pool_size=(4, 4), **_MINI_CFG)
@@ -584,49 +564,27 @@ def parameternet_mini(pretrained: bool = False, width: float = 1.0, head_chs: in
     return _mini("parameternet_mini", width, pretrained, {**kwargs, "head_chs": head_chs})
 
 
-@register_model
-def ghostnet_mini_025(pretrained: bool = False, **kwargs: Any) -> GhostNet:
-    """GhostNet-mini at width 0.25 for 28 px grey images (the pitfall experiment's smallest baseline)."""
-    return _mini("ghostnet_mini_025", 0.25, pretrained, kwargs)
+def _register_mini(variant: str, width: float, doc: str) -> Callable[..., GhostNet]:
+    """Register ``variant`` in timm: :func:`_mini` at the fixed ``width``, taking ``pretrained`` and the model's
+    keyword arguments."""
+
+    def create(pretrained: bool = False, **kwargs: Any) -> GhostNet:
+        return _mini(variant, width, pretrained, kwargs)
+
+    create.__name__ = create.__qualname__ = variant
+    create.__doc__ = doc
+    return register_model(create)
 
 
-@register_model
-def ghostnet_mini_050(pretrained: bool = False, **kwargs: Any) -> GhostNet:
-    """GhostNet-mini at width 0.5 for 28 px grey images."""
-    return _mini("ghostnet_mini_050", 0.5, pretrained, kwargs)
-
-
-@register_model
-def ghostnet_mini_100(pretrained: bool = False, **kwargs: Any) -> GhostNet:
-    """GhostNet-mini at width 1.0 for 28 px grey images."""
-    return _mini("ghostnet_mini_100", 1.0, pretrained, kwargs)
-
-
-@register_model
-def ghostnet_mini_200(pretrained: bool = False, **kwargs: Any) -> GhostNet:
-    """GhostNet-mini at width 2.0 for 28 px grey images."""
-    return _mini("ghostnet_mini_200", 2.0, pretrained, kwargs)
-
-
-@register_model
-def parameternet_mini_025(pretrained: bool = False, **kwargs: Any) -> GhostNet:
-    """ParameterNet-mini at width 0.25: dynamic convs (``num_experts`` default 4; ``method="repconv"`` too)."""
-    return _mini("parameternet_mini_025", 0.25, pretrained, kwargs)
-
-
-@register_model
-def parameternet_mini_050(pretrained: bool = False, **kwargs: Any) -> GhostNet:
-    """ParameterNet-mini at width 0.5: dynamic convs (``num_experts`` default 4; ``method="repconv"`` too)."""
-    return _mini("parameternet_mini_050", 0.5, pretrained, kwargs)
-
-
-@register_model
-def parameternet_mini_100(pretrained: bool = False, **kwargs: Any) -> GhostNet:
-    """ParameterNet-mini at width 1.0: dynamic convs (``num_experts`` default 4; ``method="repconv"`` too)."""
-    return _mini("parameternet_mini_100", 1.0, pretrained, kwargs)
-
-
-@register_model
-def parameternet_mini_200(pretrained: bool = False, **kwargs: Any) -> GhostNet:
-    """ParameterNet-mini at width 2.0: dynamic convs (``num_experts`` default 4; ``method="repconv"`` too)."""
-    return _mini("parameternet_mini_200", 2.0, pretrained, kwargs)
+# ghostnet_mini_025 ... parameternet_mini_200: the mini family at fixed widths for 28 px grey images (the pitfall
+# experiment's models).
+for _w, _width in _MINI_WIDTHS.items():
+    _note = " (the pitfall experiment's smallest baseline)" if _w == "025" else ""
+    globals()[f"ghostnet_mini_{_w}"] = _register_mini(
+        f"ghostnet_mini_{_w}", _width, f"GhostNet-mini at width {_width} for 28 px grey images{_note}."
+    )
+    globals()[f"parameternet_mini_{_w}"] = _register_mini(
+        f"parameternet_mini_{_w}",
+        _width,
+        f'ParameterNet-mini at width {_width}: dynamic convs (``num_experts`` default 4; ``method="repconv"`` too).',
+    )

@@ -19,7 +19,6 @@ from functools import partial
 from typing import Any
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.swin_transformer import SwinTransformer
@@ -28,7 +27,13 @@ from torch import nn
 
 from parameternet.errors import ParameterNetError
 from parameternet.layers import DynamicLinear
-from parameternet.models._pretrained import check_checkpoint_layout, check_pretrained_source, clean_checkpoint
+from parameternet.models._pretrained import (
+    check_checkpoint_layout,
+    check_pretrained_source,
+    clean_checkpoint,
+    untrained_cfg,
+)
+from parameternet.toolkit import check_image_batch
 
 __all__ = ["ATTN_ROUTINGS", "DynamicSwinTransformer", "SwinDynamicLinear"]
 
@@ -42,19 +47,7 @@ class CheckedPatchEmbed(PatchEmbed):
     """timm's patch embedding, with a clear error for an input of the wrong rank or channel count."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_chans = self.proj.in_channels
-        if isinstance(x, torch.fx.Proxy):  # torch.fx tracing: no shape to check
-            return super().forward(x)
-        if x.dim() != 4:
-            raise ParameterNetError(
-                f"expected images of shape (B, {in_chans}, H, W), got shape {tuple(x.shape)}; "
-                "add the batch dimension with x.unsqueeze(0) for a single image."
-            )
-        if x.shape[1] != in_chans:
-            raise ParameterNetError(
-                f"expected {in_chans} input channels, got {x.shape[1]}; "
-                f"create the model with in_chans={x.shape[1]} or convert the images."
-            )
+        check_image_batch(x, self.proj.in_channels)
         return super().forward(x)
 
 
@@ -181,23 +174,7 @@ def _create_swin(variant: str, model_cls: type[SwinTransformer], pretrained: boo
     )
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head.fc",
-        "license": "apache-2.0",
-        "paper_ids": "arXiv:2306.14525",
-        **kwargs,
-    }
+_cfg = partial(untrained_cfg, crop_pct=0.9, fixed_input_size=True, first_conv="patch_embed.proj", classifier="head.fc")
 
 
 default_cfgs = generate_default_cfgs({"swin_300m.untrained": _cfg(), "parameternet_swin_300m.untrained": _cfg()})

@@ -134,6 +134,25 @@ class ParameterNetLlamaPreTrainedModel(LlamaPreTrainedModel):
 
             atomic_write(Path(save_directory) / f"{REMOTE_MODULE}.py", _REMOTE_CODE)
 
+    def _routed_model(
+        self, labels: torch.LongTensor | None, output_router_logits: bool | None, **inputs
+    ) -> tuple[MoeModelOutputWithPast, bool, bool]:
+        """``self.model(**inputs)`` with the router logits captured whenever the router losses are due: there are
+        labels, the model is training or ``output_router_logits`` (default: the config's) is set. Returns the output,
+        whether the logits were captured, and ``output_router_logits`` resolved."""
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        collect = bool(self.config.moe_projections) and (output_router_logits or labels is not None or self.training)
+        return self.model(output_router_logits=collect, **inputs), collect, output_router_logits
+
+    def _plus_router_losses(
+        self, loss: torch.Tensor | None, aux_loss: torch.Tensor | None, z_loss: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The task ``loss`` (None without labels) plus the router losses weighted by the config's coefficients."""
+        if loss is None or aux_loss is None:
+            return loss
+        return loss + self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # nn.Linear (the routers too): normal(0, initializer_range)
@@ -188,18 +207,15 @@ class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, LlamaForCau
         """LLaMA's causal-LM forward. The router losses are computed whenever there are labels, the model is
         training or ``output_router_logits`` is set; ``router_logits`` are returned only in the last case."""
         config = self.config
-        if output_router_logits is None:
-            output_router_logits = config.output_router_logits
-        has_routers = bool(config.moe_projections)
-        collect = has_routers and (output_router_logits or labels is not None or self.training)
-        outputs: MoeModelOutputWithPast = self.model(
+        outputs, collect, output_router_logits = self._routed_model(
+            labels,
+            output_router_logits,
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_router_logits=collect,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -211,8 +227,7 @@ class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, LlamaForCau
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=config.vocab_size, **kwargs)
-            if aux_loss is not None:
-                loss = loss + config.router_aux_loss_coef * aux_loss + config.router_z_loss_coef * z_loss
+        loss = self._plus_router_losses(loss, aux_loss, z_loss)
 
         return ParameterNetCausalLMOutput(
             loss=loss,
@@ -340,17 +355,15 @@ class ParameterNetLlamaForSequenceClassification(ParameterNetLlamaPreTrainedMode
         """``input_ids`` ``(B, T)`` -> ``logits`` ``(B, num_labels)``; ``labels`` ``(B,)``. Router losses as in
         :meth:`ParameterNetLlamaForCausalLM.forward`."""
         config = self.config
-        if output_router_logits is None:
-            output_router_logits = config.output_router_logits
-        collect = bool(config.moe_projections) and (output_router_logits or labels is not None or self.training)
-        outputs: MoeModelOutputWithPast = self.model(
+        outputs, collect, output_router_logits = self._routed_model(
+            labels,
+            output_router_logits,
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_router_logits=collect,
             **kwargs,
         )
         logits = self.score(outputs.last_hidden_state)  # (B, T, num_labels)
@@ -377,8 +390,7 @@ class ParameterNetLlamaForSequenceClassification(ParameterNetLlamaPreTrainedMode
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=config)
-            if aux_loss is not None:
-                loss = loss + config.router_aux_loss_coef * aux_loss + config.router_z_loss_coef * z_loss
+        loss = self._plus_router_losses(loss, aux_loss, z_loss)
         return ParameterNetSequenceClassifierOutput(
             loss=loss,
             logits=pooled,
