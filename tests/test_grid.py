@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from parameternet.errors import ParameterNetError
 from parameternet.experiments import grid
 from parameternet.experiments.grid import Job, run_jobs
 from parameternet.runs import RunInterrupted
+from process_helpers import sigterm_when, wait_for
 
 # A stand-in for `parameternet ...`: `RUN_DIR ok|fail|slow`, with the real StopSignal, as train and lm train use it,
 # and the CLI's end after a stop.
@@ -89,22 +87,14 @@ def test_a_stop_reaches_every_running_run_once_or_twice_and_each_saves(fake, to)
     its stop on, and a run that got its own copy too takes the second one for the same stop."""
     jobs = [_job(fake, n, "slow") for n in ("a", "b", "c")]
 
-    def stop_when_running():
-        deadline = time.time() + 60
-        while time.time() < deadline and not all((j.run_dir / "started").exists() for j in jobs[:2]):
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
-        if to == "every process":
-            for pid in _children():
-                os.kill(pid, signal.SIGTERM)
+    def running() -> bool:
+        return all((j.run_dir / "started").exists() for j in jobs[:2])
 
-    timer = threading.Thread(target=stop_when_running, daemon=True)
-    timer.start()
-    try:
-        with pytest.raises(RunInterrupted) as info:
-            run_jobs(jobs, 2, lambda j: None, poll_s=0.02)
-    finally:
-        timer.join()
+    with (
+        sigterm_when(running, 60, b"fake.py" if to == "every process" else None),
+        pytest.raises(RunInterrupted) as info,
+    ):
+        run_jobs(jobs, 2, lambda j: None, poll_s=0.02)
     assert info.value.exit_code == 128 + signal.SIGTERM and "except" not in str(info.value)
     assert all((j.run_dir / "saved").exists() for j in jobs[:2]) and not jobs[2].run_dir.exists()
 
@@ -122,22 +112,10 @@ def test_a_killed_runner_leaves_no_run_behind(fake, tmp_path):
         """
     )
     runner = subprocess.Popen([sys.executable, "-c", code])
-    deadline = time.time() + 60
-    while time.time() < deadline and not (tmp_path / "k" / "started").exists():
-        time.sleep(0.05)
+    wait_for((tmp_path / "k" / "started").exists, 60)
     runner.kill()
     runner.wait()
-    deadline = time.time() + 30
-    while time.time() < deadline and not (tmp_path / "k" / "saved").exists():
-        time.sleep(0.05)
-    assert (tmp_path / "k" / "saved").exists()
-
-
-def _children() -> list[int]:
-    pids = []
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        pids += [int(x) for x in (task / "children").read_text().split()]
-    return [p for p in pids if b"fake.py" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert wait_for((tmp_path / "k" / "saved").exists, 30)
 
 
 def test_job_progress_reads_the_newest_step(tmp_path):

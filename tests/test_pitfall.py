@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import time
 from pathlib import Path
 
 import pytest
@@ -285,17 +284,6 @@ def _last_step(metrics) -> int:
     return max((r.get("step", 0) for r in rows), default=0)
 
 
-def _run_pids() -> list[int]:
-    """This process's runs (``parameternet train`` subprocesses)."""
-    import os
-    from pathlib import Path
-
-    pids = []
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        pids += [int(x) for x in (task / "children").read_text().split()]
-    return [p for p in pids if b"parameternet\x00train" in Path(f"/proc/{p}/cmdline").read_bytes()]
-
-
 @pytest.mark.parametrize("to", ["parent", "every process"])
 def test_sigterm_stops_the_grid_after_the_running_runs_save_and_the_same_command_resumes(
     packaged_data, tmp_path, capfd, to
@@ -303,11 +291,10 @@ def test_sigterm_stops_the_grid_after_the_running_runs_save_and_the_same_command
     """``kill PID`` reaches the runner alone, which passes the stop on; a SIGTERM to every process (systemd, Slurm,
     pkill) reaches the runs too, and the runner's copy is the same stop for them."""
     import dataclasses
-    import os
     import signal
-    import threading
 
     from parameternet.runs import RunInterrupted
+    from process_helpers import sigterm_when
 
     long = dataclasses.replace(
         pitfall.PRESETS["smoke"],
@@ -315,25 +302,13 @@ def test_sigterm_stops_the_grid_after_the_running_runs_save_and_the_same_command
     )
     runner = pitfall._Runner(long, tmp_path / "out", tmp_path / "runs", 2, 60.0)
 
-    def signal_once_training():  # once both runs are past step 100, as a user's kill would be
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            steps = [_last_step(p) for p in (tmp_path / "runs").rglob("metrics.jsonl")]
-            if len(steps) == 2 and min(steps) >= 100:
-                break
-            time.sleep(0.5)
-        os.kill(os.getpid(), signal.SIGTERM)
-        if to == "every process":
-            for pid in _run_pids():
-                os.kill(pid, signal.SIGTERM)
+    def training() -> bool:  # both runs past step 100, as a user's kill would come
+        steps = [_last_step(p) for p in (tmp_path / "runs").rglob("metrics.jsonl")]
+        return len(steps) == 2 and min(steps) >= 100
 
-    timer = threading.Thread(target=signal_once_training, daemon=True)
-    timer.start()
-    try:
-        with pytest.raises(RunInterrupted) as info:
-            runner.run(((pitfall.static_cell(0.25).name, (0,)),))
-    finally:
-        timer.join()
+    runs = b"parameternet\x00train" if to == "every process" else None
+    with sigterm_when(training, 300, runs), pytest.raises(RunInterrupted) as info:
+        runner.run(((pitfall.static_cell(0.25).name, (0,)),))
     assert info.value.exit_code == 128 + signal.SIGTERM
     assert "a checkpoint of every run in progress" in str(info.value) and "except" not in str(info.value)
     saved = sorted(p.name for p in (tmp_path / "runs").rglob("step_*.safetensors"))

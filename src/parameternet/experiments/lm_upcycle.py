@@ -162,14 +162,10 @@ def plan(runner: Runner) -> tuple[list[Task], Schedule]:
 
 
 def run_upcycle(
-    preset: str = "upcycle2",
-    recipe: str = "configs/lm-small.yaml",
-    overrides: Sequence[str] = (),
-    runs_dir: str | Path = "runs/lm-experiment",
-    output: str | Path | None = None,
-    jobs: int = 1,
+    preset: str, recipe: str, overrides: Sequence[str], runs_dir: str | Path, output: str | Path | None, jobs: int
 ) -> str:
-    """Run the grid of ``preset`` (skipping the runs this code already made) and write and return the report.
+    """Run the grid of ``preset`` (skipping the runs this code already made) and write and return the report;
+    :func:`~parameternet.experiments.lm.run_lm_experiment` calls it (and sets the defaults) for these presets.
     Raises ParameterNetError on bad input (an unknown preset, ``jobs`` below 1, a bad override or one the grid
     sets: all checked before anything starts or the output directory is made) or on failed runs."""
     from parameternet.experiments.lm import grid_output
