@@ -205,6 +205,6 @@ def test_table6_counts_training_and_inference_parameters():
 
 @pytest.mark.slow
 def test_table6_cli_at_224(capsys):
-    assert main(["profile", "--table6"]) == 0
+    assert main(["profile", "table6"]) == 0
     out = capsys.readouterr().out
     assert "RepConv" in out and "DynamicConv" in out and "8.63M" in out and "15.74M" in out

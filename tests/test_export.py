@@ -153,7 +153,7 @@ def test_export_hint_for_a_checkpoint_without_metadata_names_a_flag_export_has(t
 def test_profile_and_export_take_the_same_swin_sizes(tmp_path, capsys):
     """A Swin builds its attention masks for one input size: both commands build a named one for --img-size; a
     checkpoint's model takes the size it was built for, and another --img-size is one sentence."""
-    assert main(["profile", "swin_300m", "--img-size", "40", "--json"]) == 0
+    assert main(["profile", "models", "swin_300m", "--img-size", "40", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["img_size"] == [40, 40]
     assert main(["export", "swin_300m", "--onnx", str(tmp_path / "s40.onnx"), "--img-size", "40"]) == 0
     assert "swin_300m, input batchx3x40x40" in capsys.readouterr().out

@@ -28,8 +28,8 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def paper_table():
-    """`parameternet profile --json`: every vision row of the paper, measured once for the whole file."""
-    rc, out, err = run_cli("--json")
+    """`parameternet profile paper --json`: every vision row of the paper, measured once for the whole file."""
+    rc, out, err = run_cli("paper", "--json")
     return rc, json.loads(out)
 
 
@@ -130,7 +130,7 @@ def test_bad_profile_arguments():
 
 
 def test_cli_named_models_json():
-    rc, out, _ = run_cli("ghostnet_300m", "parameternet_swin_300m", "--img-size", "64", "--json")
+    rc, out, _ = run_cli("models", "ghostnet_300m", "parameternet_swin_300m", "--img-size", "64", "--json")
     assert rc == 0
     rows = json.loads(out)
     assert [r["model"] for r in rows] == ["ghostnet_300m", "parameternet_swin_300m"]
@@ -145,11 +145,11 @@ def test_profile_measures_and_prints_the_models_own_input():
     assert result.in_chans == 1 and result.img_size == tuple(grey.pretrained_cfg["input_size"][1:])
     assert parameternet.profile(grey, img_size=32).as_dict()["in_chans"] == 1
 
-    rc, out, _ = run_cli("ghostnet_mini", "--json")  # 1 x 28 x 28 grey images
+    rc, out, _ = run_cli("models", "ghostnet_mini", "--json")  # 1 x 28 x 28 grey images
     assert rc == 0 and [(r["in_chans"], r["img_size"]) for r in json.loads(out)] == [(1, [28, 28])]
-    rc, out, _ = run_cli("ghostnet_mini", "parameternet_mini", "--img-size", "32")
+    rc, out, _ = run_cli("models", "ghostnet_mini", "parameternet_mini", "--img-size", "32")
     assert rc == 0 and out.splitlines()[-1].startswith("input 1x1x32x32; MACs counted")
-    rc, out, _ = run_cli("ghostnet_mini", "resnet10t")  # different inputs: one column each
+    rc, out, _ = run_cli("models", "ghostnet_mini", "resnet10t")  # different inputs: one column each
     lines = out.splitlines()
     assert lines[0].split()[-1] == "input" and lines[2].endswith(" 1x1x28x28") and lines[3].endswith(" 1x3x176x176")
     assert lines[-1].startswith("MACs counted")
@@ -165,7 +165,7 @@ def test_profile_of_a_converted_module_uses_the_conversions_input():
 
 
 def test_cli_named_model_table():
-    rc, out, _ = run_cli("parameternet_300m", "--img-size", "32")
+    rc, out, _ = run_cli("models", "parameternet_300m", "--img-size", "32")
     assert rc == 0
     assert out.splitlines()[2].startswith("parameternet_300m") and "15.74M" in out
 
@@ -173,16 +173,30 @@ def test_cli_named_model_table():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["parameternet_60m"], "unknown model 'parameternet_60m'; did you mean parameternet_600m"),
-        (["--img-size", "128"], "the paper's table is measured at 224px, got --img-size 128"),
-        (["ghostnet_mini", "--img-size", "3"], "--img-size must be an integer >= 8, got 3."),
-        (["ghostnet_mini", "--batch-size", "0"], "--batch-size must be an integer >= 1, got 0."),
-        (["ghostnet_mini", "--threads", "2"], "--threads applies only with --latency; add --latency or drop it."),
-        (["--table6", "--latency"], "--latency applies to named models and the paper's table, not to --table6; drop"),
-        (["--table6", "--batch-size", "2"], "--batch-size applies to named models and the paper's table, not to"),
+        (["models", "parameternet_60m"], "unknown model 'parameternet_60m'; did you mean parameternet_600m"),
+        (["models", "ghostnet_mini", "--img-size", "3"], "--img-size must be an integer >= 8, got 3."),
+        (["models", "ghostnet_mini", "--batch-size", "0"], "--batch-size must be an integer >= 1, got 0."),
+        (["models", "ghostnet_mini", "--threads", "2"], "--threads applies only with --latency; add --latency or drop"),
+        (["table6", "--img-size", "2"], "--img-size must be an integer >= 8, got 2."),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(argv, message):
     rc, out, err = run_cli(*argv)
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["ghostnet_mini"], "invalid choice: 'ghostnet_mini'; profile models with 'parameternet profile models "
+                            "ghostnet_mini'"),
+        (["--threads", "2", "ghostnet_mini"], "'parameternet profile models ghostnet_mini'"),
+        (["table6", "--latency"], "unrecognized arguments: --latency"),
+        (["paper", "--img-size", "128"], "unrecognized arguments: --img-size 128"),
+    ],
+)  # fmt: skip
+def test_cli_profile_commands_are_argparse_choices(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["profile", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -42,6 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 LM_COMMANDS = ("data", "train", "eval", "finetune-cls", "experiment")
+PROFILE_COMMANDS = ("paper", "models", "table6")
+
+
+def _check_profile_command(parser: argparse.ArgumentParser, rest: list[str]) -> None:
+    """A model name where ``profile``'s command goes gets the command that profiles it."""
+    i = 0
+    while i < len(rest) and rest[i].startswith("-"):
+        i += 2 if rest[i] in ("--batch-size", "--threads") else 1
+    if i < len(rest) and rest[i] not in PROFILE_COMMANDS:
+        parser.error(f"argument COMMAND: invalid choice: {rest[i]!r}; profile models with 'parameternet profile "
+                     f"models {' '.join(rest[i:])}'")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     if old.startswith("lm-") and old[3:] in LM_COMMANDS:  # a command name of the first version, not a typo
         parser.error(f"argument command: invalid choice: {old!r}; the language-model commands are 'parameternet lm "
                      f"{old[3:]}' now")  # fmt: skip
+    if given[:1] == ["profile"]:
+        _check_profile_command(parser, given[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     from parameternet.runs import RunInterrupted, fs_error

@@ -91,7 +91,7 @@ def format_table6(rows: list[dict[str, Any]]) -> str:
 
 
 def run_table6(as_json: bool = False, num_experts: int = 4, img_size: int = 224) -> int:
-    """Print Table 6 (``parameternet profile --table6``)."""
+    """Print Table 6 (``parameternet profile table6``)."""
     rows = table6(num_experts, img_size)
     print(json.dumps(rows, indent=2) if as_json else format_table6(rows))
     return 0
