@@ -46,3 +46,25 @@ def test_the_root_is_a_plain_module_whose_names_are_the_functions():
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         parameternet.nope  # noqa: B018
     assert set(parameternet.__all__) <= set(dir(parameternet))
+
+
+def _choices(*path: str) -> dict:
+    """{flag: choices} of one CLI subcommand, e.g. _choices("lm", "finetune-cls")."""
+    from parameternet.cli import build_parser
+
+    parser = build_parser()
+    for name in path:
+        parser = next(a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict)).choices[name]
+    return {a.option_strings[0]: tuple(a.choices) for a in parser._actions if a.option_strings and a.choices}
+
+
+def test_the_cli_offers_exactly_the_library_s_choices():
+    """argparse's choices= are literals so that --help imports no torch; they stay the library's names."""
+    from parameternet.conversion import INITS, METHODS
+    from parameternet.export.onnx_export import EXPORTERS
+    from parameternet.layers.router import ROUTERS
+    from parameternet.train.lm_cls import CLS_TASKS
+
+    assert _choices("convert") == {"--method": METHODS, "--init": INITS, "--router": ROUTERS}
+    assert _choices("export")["--exporter"] == EXPORTERS
+    assert _choices("lm", "finetune-cls")["--task"] == tuple(CLS_TASKS)

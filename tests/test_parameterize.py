@@ -429,7 +429,6 @@ def test_convert_cli_reads_training_checkpoints(tmp_path, capsys):
         (["resnet10t", "--experts", "0"], "num_experts must be an integer >= 1, got 0."),
         (["resnet10t", "--experts", "4", "--exclude", "nope*"], "exclude pattern 'nope*' matches no module"),
         (["resnet10t", "--experts", "4", "--include", "bn1"], "include pattern 'bn1' matches no convertible layer"),
-        (["resnet10t", "--experts", "4", "--method", "prune"], "unknown method 'prune'"),
         (["resnet10q", "--experts", "4"], "unknown model 'resnet10q'"),
         (["missing.pth", "--experts", "4"], "no such checkpoint file"),
         (
@@ -452,6 +451,13 @@ def test_convert_cli_bad_input_is_one_sentence_and_exit_2(tmp_path, capsys, args
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--method", "prune"), ("--init", "zeros"), ("--router", "softmax")])
+def test_convert_cli_refuses_an_unknown_choice_by_argparse(capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        main(["convert", "resnet10t", "--experts", "4", flag, value])
+    assert e.value.code == 2 and f"invalid choice: '{value}'" in capsys.readouterr().err
 
 
 def test_convert_refuses_an_output_that_is_not_safetensors(tmp_path, capsys):

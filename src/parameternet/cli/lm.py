@@ -135,7 +135,10 @@ def _add_lm_cls(sub: argparse._SubParsersAction) -> None:
         "held-out documents.",
     )
     p.add_argument("model", help="a model/ directory written by lm train")
-    p.add_argument("--task", default="brown-genre", help="brown-genre (informative vs imaginative) or source")
+    p.add_argument(
+        "--task", default="brown-genre", choices=("brown-genre", "source"),
+        help="brown-genre (informative vs imaginative, default) or source (which corpus)",
+    )  # fmt: skip
     p.add_argument("--data", help="prepared text directory (default: the one the run's recipe names)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)

@@ -85,7 +85,10 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--img-size", type=int, help="input height and width (default: the model's)")
     p.add_argument("--opset", type=int, default=18)
-    p.add_argument("--exporter", default="torchscript", help="torchscript (default, fast) or dynamo (torch.export)")
+    p.add_argument(
+        "--exporter", default="torchscript", choices=("torchscript", "dynamo"),
+        help="torchscript (default, fast) or dynamo (torch.export)",
+    )  # fmt: skip
     p.add_argument("--no-deploy", action="store_true", help="export the model as it is, BatchNorms unfolded")
     p.add_argument(
         "--runtime",

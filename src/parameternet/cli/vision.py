@@ -110,9 +110,15 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
         help="a timm model name, a local checkpoint file or a train run directory",
     )
     p.add_argument("--experts", type=int, required=True, help="experts per layer (repconv: parallel kernels, >= 2)")
-    p.add_argument("--method", default="dynamic", help="dynamic (default) or repconv")
-    p.add_argument("--init", default="upcycle", help="upcycle (keep the model's function, default) or random")
-    p.add_argument("--router", default="linear-sigmoid", help="linear-sigmoid (default) or mlp-softmax")
+    p.add_argument("--method", default="dynamic", choices=("dynamic", "repconv"), help="dynamic (default) or repconv")
+    p.add_argument(
+        "--init", default="upcycle", choices=("upcycle", "random"),
+        help="upcycle (keep the model's function, default) or random",
+    )  # fmt: skip
+    p.add_argument(
+        "--router", default="linear-sigmoid", choices=("linear-sigmoid", "mlp-softmax"),
+        help="linear-sigmoid (default) or mlp-softmax",
+    )  # fmt: skip
     p.add_argument("--include", nargs="+", action="extend", metavar="PAT", help="convert only these modules")
     p.add_argument("--exclude", nargs="+", action="extend", metavar="PAT", help="keep these modules static")
     p.add_argument("--arch", help="timm model name, for a checkpoint that does not record its architecture")
