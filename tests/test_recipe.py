@@ -65,3 +65,33 @@ def test_each_mistake_is_one_sentence(tmp_path, text, overrides, message):
 def test_a_missing_recipe_names_an_example(tmp_path):
     with pytest.raises(ParameterNetError, match="does not exist; pass a YAML file such as configs/x.yaml"):
         load_recipe(Recipe, tmp_path / "nope.yaml", example="configs/x.yaml")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("max_steps=-5", "max_steps=-5 is invalid; it must be a positive integer or null"),
+        ("max_steps=0", "max_steps=0 is invalid"),
+        ("threads=-2", "threads=-2 is invalid"),
+        ("threads=0", "threads=0 is invalid"),
+        ("device=gpu", "device='gpu' is invalid; it must be auto, cpu, cuda or cuda:N"),
+        ("device=cuda:x", "device='cuda:x' is invalid"),
+        ("parallel=zero3", "parallel='zero3' is invalid; it must be ddp (the whole model on every process) or fsdp"),
+        ("log_every=0", "log_every=0 is invalid; it must be at least 1"),
+        ("keep_last=0", "keep_last=0 is invalid; it must be at least 1"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["vision", "lm"])
+def test_the_run_keys_both_recipes_share_are_checked_in_both(kind, override, message):
+    """RunConfig's keys (seed, steps, device, parallelism, threads, logging, checkpoints) mean the same in the image
+    and the language-model recipe, and a bad value is the same sentence in each."""
+    from parameternet.train.config import load_config
+    from parameternet.train.lm_config import load_lm_config
+
+    load = {
+        "vision": lambda o: load_config("configs/smoke.yaml", o),
+        "lm": lambda o: load_lm_config("configs/lm-small.yaml", o),
+    }
+    with pytest.raises(ParameterNetError) as e:
+        load[kind]([override])
+    assert message in str(e.value) and "\n" not in str(e.value)

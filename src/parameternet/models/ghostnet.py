@@ -55,12 +55,16 @@ __all__ = [
 ]
 
 # One block: (depthwise kernel, expansion channels, output channels, SE ratio, stride), before the width multiplier.
-# Each inner tuple is a stage; the final 1x1 conv widens to the last block's expansion channels.
-GHOSTNET_STAGES = (
+# Each inner tuple is a stage; the final 1x1 conv widens to the last block's expansion channels. Every model starts
+# with GhostNet's first four stages (strides 1, 2, 1, 2: down to a quarter of the stem's resolution).
+_FIRST_STAGES = (
     ((3, 16, 16, 0.0, 1),),
     ((3, 48, 24, 0.0, 2),),
     ((3, 72, 24, 0.0, 1),),
     ((5, 72, 40, 0.25, 2),),
+)
+
+GHOSTNET_STAGES = _FIRST_STAGES + (
     ((5, 120, 40, 0.25, 1),),
     ((3, 240, 80, 0.0, 2),),
     (
@@ -79,11 +83,7 @@ GHOSTNET_STAGES = (
     ),
 )
 
-PARAMETERNET_600M_STAGES = (
-    ((3, 16, 16, 0.0, 1),),
-    ((3, 48, 24, 0.0, 2),),
-    ((3, 72, 24, 0.0, 1),),
-    ((5, 72, 40, 0.25, 2),),
+PARAMETERNET_600M_STAGES = _FIRST_STAGES + (
     ((3, 120, 40, 0.25, 1),) * 2,
     ((3, 240, 80, 0.0, 2),),
     ((3, 200, 80, 0.0, 1),) * 3 + ((3, 480, 112, 0.25, 1),) + ((3, 672, 112, 0.25, 1),) * 2,
@@ -91,15 +91,9 @@ PARAMETERNET_600M_STAGES = (
     ((3, 960, 160, 0.25, 1),) * 5,
 )
 
-# For 28-32 px images: the stem halves 28 to 14, two stride-2 stages reach 7 and 4; the first five blocks of
-# GHOSTNET_STAGES with the third-resolution SE block repeated once.
-GHOSTNET_MINI_STAGES = (
-    ((3, 16, 16, 0.0, 1),),
-    ((3, 48, 24, 0.0, 2),),
-    ((3, 72, 24, 0.0, 1),),
-    ((5, 72, 40, 0.25, 2),),
-    ((3, 120, 40, 0.25, 1),),
-)
+# For 28-32 px images: the stem halves 28 to 14, two stride-2 stages reach 7 and 4; then one 3x3 SE block at the
+# last resolution.
+GHOSTNET_MINI_STAGES = _FIRST_STAGES + (((3, 120, 40, 0.25, 1),),)
 
 ConvLayer = Callable[..., nn.Module]
 
