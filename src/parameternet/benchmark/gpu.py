@@ -206,6 +206,29 @@ def _llama_step(spec: dict, moe: bool, device) -> Callable[[], None]:
     return step
 
 
+def _inference_rows(rows: tuple[str, ...], sizes: _Sizes, device: torch.device, done: Callable[[GpuRow], None]) -> None:
+    """The inference rows among ``rows``: the deployed pair at batch 1 (eager, CUDA graphs) and at the large batch."""
+    if not {"infer_b1_eager", "infer_b1_graphs", "infer_b256_bf16"} & set(rows):
+        return
+    deployed = [_deployed(n, sizes, device) for n in PAIR]
+    x1 = torch.randn(1, 3, sizes.img, sizes.img, device=device)
+    if "infer_b1_eager" in rows:
+        fns = tuple(_infer(m, x1, autocast=False) for m in deployed)
+        done(_row("infer_b1_eager", PAIR, "ms", _interleave(fns, sizes, device), sizes, None))
+    if "infer_b1_graphs" in rows:
+        mode = dict(mode="reduce-overhead") if device.type == "cuda" else dict(backend="eager")
+        compiled = [torch.compile(m, **mode) for m in deployed]
+        fns = tuple(_infer(m, x1, autocast=False) for m in compiled)
+        done(_row("infer_b1_graphs", PAIR, "ms", _interleave(fns, sizes, device), sizes, None))
+        del compiled
+    if "infer_b256_bf16" in rows:
+        xb = torch.randn(sizes.batch_infer, 3, sizes.img, sizes.img, device=device)
+        fns = tuple(_infer(m, xb, autocast=True) for m in deployed)
+        done(_row("infer_b256_bf16", PAIR, "img/s", _interleave(fns, sizes, device), sizes, sizes.batch_infer))
+    del deployed
+    gc.collect()
+
+
 def run_gpu_benchmark(
     *, smoke: bool = False, rows: tuple[str, ...] | None = None, log: Callable[[str], None] = print
 ) -> tuple[list[GpuRow], dict]:
@@ -256,24 +279,7 @@ def run_gpu_benchmark(
         else:
             log("     memory_fp32: skipped (CUDA memory statistics need a GPU)")
 
-    if {"infer_b1_eager", "infer_b1_graphs", "infer_b256_bf16"} & set(rows):
-        deployed = [_deployed(n, sizes, device) for n in PAIR]
-        x1 = torch.randn(1, 3, sizes.img, sizes.img, device=device)
-        if "infer_b1_eager" in rows:
-            fns = tuple(_infer(m, x1, autocast=False) for m in deployed)
-            done(_row("infer_b1_eager", PAIR, "ms", _interleave(fns, sizes, device), sizes, None))
-        if "infer_b1_graphs" in rows:
-            mode = dict(mode="reduce-overhead") if device.type == "cuda" else dict(backend="eager")
-            compiled = [torch.compile(m, **mode) for m in deployed]
-            fns = tuple(_infer(m, x1, autocast=False) for m in compiled)
-            done(_row("infer_b1_graphs", PAIR, "ms", _interleave(fns, sizes, device), sizes, None))
-            del compiled
-        if "infer_b256_bf16" in rows:
-            xb = torch.randn(sizes.batch_infer, 3, sizes.img, sizes.img, device=device)
-            fns = tuple(_infer(m, xb, autocast=True) for m in deployed)
-            done(_row("infer_b256_bf16", PAIR, "img/s", _interleave(fns, sizes, device), sizes, sizes.batch_infer))
-        del deployed
-        gc.collect()
+    _inference_rows(rows, sizes, device, done)
 
     for name, spec in zip(("moe_h512", "moe_h2048"), sizes.llama):
         if name not in rows:
