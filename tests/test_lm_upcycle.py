@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -279,11 +280,43 @@ def _smoke(corpora, seeds):
     return args
 
 
-def test_upcycle2_smoke_grid_with_one_seed(corpora, monkeypatch):
-    """The whole code path of the grid (trunk, fork, branches, rows, report) on one seed of the smoke preset."""
+def test_upcycle2_smoke_grid_with_one_seed(corpora, monkeypatch, caplog, capsys):
+    """The whole code path of the grid (trunk, fork, branches, rows, report) on one seed of the smoke preset; then a
+    branch still to run whose trunk's run directory is gone: the trunk runs again, must end where its row says, and
+    keeps its one row."""
     p = lm_upcycle.PRESETS["upcycle2-smoke"]
     monkeypatch.setitem(lm_upcycle.PRESETS, "upcycle2-smoke", dataclasses.replace(p, seeds=(3,)))
-    _smoke(corpora, (3,))
+    args = _smoke(corpora, (3,))
+    out, runs = corpora / "out", corpora / "runs" / code_id(provenance())
+    rows = (out / "runs.csv").read_text().splitlines()
+    keep = [r for r in rows if not r.startswith("reset,")]
+    (out / "runs.csv").write_text("\n".join(keep) + "\n")
+    for d in (runs / "trunk", runs / "reset"):
+        shutil.rmtree(d)
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0
+    assert "trunk dense seed 3: its row is here but not its run directory" in caplog.text
+    assert "trunk dense seed 3 ran again and ends where its row says" in caplog.text
+    again = lm.read_rows(out / "runs.csv")
+    assert sorted(r["kind"] for r in again) == sorted(r.split(",")[0] for r in rows[1:])  # one trunk row, reset back
+
+    # a trunk that would not end where its row says stops the grid before anything starts from it
+    with open(out / "runs.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    table = [{**r, "val_loss": "9.5"} if r["kind"] == "trunk" else r for r in table if r["kind"] != "reset"]
+    with open(out / "runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(lm.COLUMNS))
+        writer.writeheader()
+        writer.writerows(table)
+    for d in (runs / "trunk", runs / "reset"):
+        shutil.rmtree(d)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert (
+        "trunk dense seed 3 ran again (its run directory" in err and "its row says {'steps': 8, 'val_loss': 9.5}" in err
+    )
+    assert err.count("\n") == 1 and not (runs / "reset").exists()
 
 
 @pytest.mark.slow

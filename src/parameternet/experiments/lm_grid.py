@@ -140,6 +140,7 @@ class Task:
     after: list[Task] = field(default_factory=list)
     result: dict[str, Any] | None = None
     started: float = 0.0
+    rerun_of: dict[str, Any] | None = None  # the row of a finished run made again (its run directory was gone)
 
     @property
     def key(self) -> tuple[str, str, int, str]:
@@ -267,8 +268,9 @@ class Runner:
         )  # fmt: skip
         if not pending:
             return
+        rerun = self._gone(tasks, pending)
         jobs: dict[int, Job] = {}
-        for t in pending:
+        for t in rerun + pending:
             jobs[id(t)] = job = self._job(t)
             job.after = [jobs[id(a)] for a in t.after if id(a) in jobs]
         run_jobs(list(jobs.values()), self.jobs, self._done)
@@ -282,10 +284,38 @@ class Runner:
         argv = ["lm", "finetune-cls", model, "--output", str(t.run_dir), "--threads", "1", *flags]
         return Job(t.name, argv, t.run_dir, payload=t)
 
+    def _gone(self, tasks: list[Task], pending: list[Task]) -> list[Task]:
+        """The finished tasks that a pending task starts from but whose run directory no longer holds the finished
+        run (deleted, or made on another machine): they run again, in the order of ``tasks``, and their rows stay."""
+        needed = {id(a) for t in pending for a in t.after}
+        gone = [t for t in tasks if id(t) in needed and t.result and not (t.run_dir / "summary.json").is_file()]
+        for t in gone:
+            t.rerun_of, t.result = t.result["row"], None
+            log.info("  %s: its row is here but not its run directory %s; it runs again", t.name, t.run_dir)
+        return gone
+
     def _done(self, job: Job) -> None:
         t: Task = job.payload
         t.result = {**(job.summary or {}), **(_read_metrics(t.run_dir) if t.kind != "cls" else {})}
-        self.finish(t)
+        if t.rerun_of is not None:
+            self._check_rerun(t)
+        else:
+            self.finish(t)
+
+    def _check_rerun(self, t: Task) -> None:
+        """A run made again for the tasks that start from it must end where its row says (the runs are deterministic
+        at one thread): else the runs made from it now would not continue the run the earlier rows continued."""
+        row = t.rerun_of
+        again = {"steps": t.result["steps"], "val_loss": _round((t.result.get("val") or {}).get("loss"))}
+        then = {k: row[k] for k in again}
+        if again != then:
+            raise ParameterNetError(
+                f"{t.name} ran again (its run directory {str(t.run_dir)!r} was gone) and ended at {again}, but its "
+                f"row says {then}; the runs that start from it would not continue the run the other rows did: "
+                f"remove that seed's rows from {str(self.csv)!r} to run them all again"
+            )
+        t.result = {**t.result, "row": row}
+        log.info("  %s ran again and ends where its row says (val loss %s)", t.name, row["val_loss"])
 
     def finish(self, t: Task) -> None:
         """Append the row of the finished task ``t`` (and its curve and router rows) to the CSVs."""
