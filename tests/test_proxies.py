@@ -12,9 +12,9 @@ import parameternet.models  # noqa: F401  (registers the models)
 from parameternet.export.folding import deploy
 from parameternet.layers import DynamicConv2d, kernels
 
-# Measured at this commit: 1.75x (GhostNet-600M 1,523 ATen ops, ParameterNet-600M 2,667). A ceiling, so a change that
-# adds ops per dynamic layer fails here; the target (1.5x) needs fewer kernels around each layer.
-OPS_RATIO_CEILING = 1.80
+# Measured: 1.69x (GhostNet-600M 1,523 ATen ops, ParameterNet-600M 2,579, 12 per dynamic layer). A ceiling, so a change
+# that adds an op to every dynamic layer fails here; the goal (1.5x) needs fewer kernels around each layer.
+OPS_RATIO_CEILING = 1.72
 
 
 def aten_ops(name: str) -> int:

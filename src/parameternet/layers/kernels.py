@@ -178,11 +178,12 @@ def route_mean(router: nn.Module, x: torch.Tensor, dims: tuple[int, ...]) -> tor
         n *= x.shape[d]
     with router_precision(x) as p:  # float32 under autocast (the sum accumulates in float32 either way)
         if x.shape[0] == 1 and not transforms_active():
-            # One sample: a matrix-vector product needs no transposed weight and no broadcast bias copy (five
-            # dispatched ops instead of twelve; at batch 1 a GPU's eager time is the ops it dispatches).
+            # One sample: a matrix-vector product needs no transposed weight and no broadcast bias copy, and a view
+            # gives the mix its (1, M) row in one op where unsqueeze takes two; at batch 1 a GPU's eager time is the
+            # ops it dispatches.
             sum_dims = (0, *dims)
             pooled = x.sum(sum_dims, dtype=torch.float32) if p.active else x.sum(sum_dims)
-            return torch.addmv(p.cast(fc.bias), p.cast(fc.weight), pooled, alpha=1.0 / n).sigmoid_().unsqueeze(0)
+            return torch.addmv(p.cast(fc.bias), p.cast(fc.weight), pooled, alpha=1.0 / n).sigmoid_().view(1, -1)
         pooled = x.sum(dims, dtype=torch.float32) if p.active else x.sum(dims)
         return torch.addmm(p.cast(fc.bias), pooled, p.cast(fc.weight).t(), alpha=1.0 / n).sigmoid_()
 
