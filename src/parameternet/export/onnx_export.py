@@ -8,7 +8,7 @@ switches to formulations that hold no batch size while it is exported (see its m
 ``dynamic_batch=False`` the graph is for one batch size only and may use the faster per-sample conv; for a batch of
 one that is a plain conv whose kernel is mixed in the graph.
 
-Two exporters: ``"torchscript"`` (the default here: about ten times faster to run on these models, and what
+Two exporters: ``"torchscript"`` (the default here: the faster of the two to run on these models, and what
 ``parameternet benchmark`` uses) and ``"dynamo"`` (``torch.export``; PyTorch's default since 2.9 and the one that
 stays when the TorchScript exporter is removed). Both give graphs that match PyTorch; the export is checked in
 ONNX Runtime at batch 1 and a larger batch (or at the fixed batch size) against the model as given.
@@ -210,10 +210,10 @@ def export_onnx(
 
     ``per_image``: with a symbolic batch, the graph for one image run on each image in turn (an ONNX ``Scan``,
     :func:`~parameternet.export.onnx_scan.scan_over_batch`) rather than the batch-agnostic formulations. Still
-    standard ONNX; in ONNX Runtime on a CPU it is the faster portable graph (ParameterNet-600M / GhostNet-600M, one
-    thread: 1.47x against 1.83x at batch 1, 1.48x against 1.73x at batch 8, ``parameternet benchmark modes``),
-    because a one-image graph mixes each dynamic conv's kernel once and runs one plain conv, where the batch-agnostic
-    depthwise conv runs one conv per expert; a runtime that batches images across a device (a GPU) loses that
+    standard ONNX; in ONNX Runtime on a CPU it is the faster portable graph (``parameternet benchmark modes``
+    measures both; the figures are in the documentation's "Deployment and speed" page), because a one-image graph
+    mixes each dynamic conv's kernel once and runs one plain conv, where the batch-agnostic depthwise conv runs one
+    conv per expert; a runtime that batches images across a device (a GPU) loses that
     parallelism. Default: ``True`` for ``runtime="onnxruntime-cpu"`` (whose graph is always per image), else
     ``False``. A per-image graph takes batches of one image or more: ONNX Runtime's ``Scan`` refuses an empty one,
     which the batch-agnostic graph returns as an empty output.

@@ -3,8 +3,8 @@
 ONNX Runtime's CPU provider runs a convolution fastest in its NCHWc layout (channels in blocks of 8 or 16, the
 SIMD width), but its graph optimizer moves a ``Conv`` there only when the kernel is a constant, because it
 reorders the kernel once, offline. A dynamic conv's kernel is an input, ``alpha @ experts``, so those convs stay in
-the generic path, which cannot fuse an activation and is several times slower for a depthwise conv (about 10 ms of
-node time against 2 ms for ParameterNet-600M's, ``benchmarks/deploy_speed.py --breakdown``).
+the generic path, which cannot fuse an activation and is slower for a depthwise conv (``benchmarks/deploy_speed.py
+--breakdown`` times each node; the figures are in the documentation's "Deployment and speed" page).
 
 The mixing is linear, so reordering (and zero-padding) every expert once gives the mixed kernel already in the
 blocked layout. :func:`optimize_for_onnxruntime` rewrites each ``Conv(x, Reshape(MatMul(alpha, experts)), b)`` of a
