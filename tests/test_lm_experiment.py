@@ -389,6 +389,38 @@ def test_a_grid_of_another_base_recipe_is_refused_in_the_same_output(tmp_path):
         lm.check_grid(tmp_path, "smoke", small)
 
 
+def test_a_grid_records_the_device_it_trains_on_and_refuses_another(tmp_path, monkeypatch, capsys):
+    h200 = {"device": "NVIDIA H200", "torch": "2.11.0", "cuda": "13.0"}
+    lm_grid.check_hardware(tmp_path, h200)
+    lm_grid.check_hardware(tmp_path, dict(h200, torch="2.12.0"))  # the same GPU resumes
+    with pytest.raises(ValueError, match=r"trained on 'NVIDIA H200'; this run would train on 'cpu'; pass another"):
+        lm_grid.check_hardware(tmp_path, lm_grid.hardware("cpu"))
+    assert lm_grid.hardware_line(tmp_path) == ["Trained on one NVIDIA H200 (torch 2.11.0, CUDA 13.0).", ""]
+    cpu = tmp_path / "cpu"
+    lm_grid.check_hardware(cpu, lm_grid.hardware("cpu"))
+    assert lm_grid.hardware_line(cpu) == [] and lm_grid.hardware_line(tmp_path / "none") == []
+
+    # The gpu preset on a machine without CUDA: one sentence and exit 2 before any directory is made.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device='cuda:1', but torch sees no CUDA device"):
+        lm_grid.hardware("cuda:1")
+    assert lm_grid.hardware("auto") == {"device": "cpu"}
+    out, runs = tmp_path / "gpu", tmp_path / "runs"
+    assert main(["lm", "experiment", "--preset", "gpu", "--output", str(out), "--runs", str(runs)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "override device=cpu" in err
+    assert not out.exists() and not runs.exists()
+
+
+def test_the_gpu_preset_is_the_main_comparison_at_hidden_512():
+    p = lm.PRESETS["gpu"]
+    cfg = lm.check_inputs(p, "configs/lm-small.yaml")
+    assert (cfg.device, cfg.batch_size, cfg.model.hidden_size, cfg.model.num_hidden_layers) == ("cuda", 64, 512, 8)
+    assert dict(p.main) == {lm.DENSE: (0, 1, 2), lm.MOE8: (0, 1, 2)} and p.corpus_fraction == 1.0
+    assert not p.upcycle_seeds and not p.cls_variants
+    assert lm.default_output("gpu").as_posix() == "results/lm-gpu"
+
+
 def test_estimate_uses_the_jobs_given(corpora, monkeypatch):
     monkeypatch.setattr(lm_estimate, "measure_tokens_per_s", lambda *a, **k: {"dense": 1000.0, "moe": 800.0})
     one = lm_estimate.estimate_text("configs/lm-small.yaml", lm.PRESETS["smoke"], jobs=1)

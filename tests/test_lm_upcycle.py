@@ -246,7 +246,7 @@ def test_upcycle2_command_refuses_what_does_not_apply_in_one_line(capsys, tmp_pa
     assert "sets eval_every_steps, which lm experiment sets for each run" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert lm.default_output("upcycle2") == lm.Path("results/lm-upcycle2")
-    with pytest.raises(ValueError, match="use one of full, quick, smoke, upcycle2, upcycle2-smoke"):
+    with pytest.raises(ValueError, match="use one of full, quick, gpu, smoke, upcycle2, upcycle2-smoke"):
         lm.run_lm_experiment("upcycle3")
 
 

@@ -61,6 +61,8 @@ def _choices(*path: str) -> dict:
 def test_the_cli_offers_exactly_the_library_s_choices():
     """argparse's choices= are literals so that --help imports no torch; they stay the library's names."""
     from parameternet.conversion import INITS, METHODS
+    from parameternet.experiments.lm import preset_names
+    from parameternet.experiments.pitfall_presets import PRESETS as PITFALL_PRESETS
     from parameternet.export.onnx_export import EXPORTERS
     from parameternet.layers.router import ROUTERS
     from parameternet.train.lm_cls import CLS_TASKS
@@ -68,3 +70,5 @@ def test_the_cli_offers_exactly_the_library_s_choices():
     assert _choices("convert") == {"--method": METHODS, "--init": INITS, "--router": ROUTERS}
     assert _choices("export")["--exporter"] == EXPORTERS
     assert _choices("lm", "finetune-cls")["--task"] == tuple(CLS_TASKS)
+    assert set(_choices("lm", "experiment")["--preset"]) == set(preset_names())
+    assert set(_choices("pitfall")["--preset"]) == set(PITFALL_PRESETS)

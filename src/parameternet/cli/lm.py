@@ -49,8 +49,9 @@ def add_lm(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--preset",
         default="full",
-        choices=["full", "quick", "smoke", "upcycle2", "upcycle2-smoke"],
-        help="the grid (default: full; upcycle2: upcycling round 2, five continuations of one dense snapshot)",
+        choices=["full", "quick", "gpu", "smoke", "upcycle2", "upcycle2-smoke"],
+        help="the grid (default: full; gpu: the main comparison at hidden 512 on one CUDA GPU; upcycle2: upcycling "
+        "round 2, five continuations of one dense snapshot)",
     )
     p.add_argument("--recipe", default="configs/lm-small.yaml")
     p.add_argument("--runs", default="runs/lm-experiment", help="directory of the individual runs")

@@ -1,6 +1,6 @@
 """Table 7 of ParameterNet (arXiv 2306.14525, sec. 5.4) at CPU scale: dense LLaMA against a top-1 mixture of experts
 on one FFN projection at the same FLOPs, trained to the corpus, with a learning-rate check, upcycling and the
-paper's fine-tuned classifier. ``parameternet lm experiment --preset full|quick|smoke`` (``--preset upcycle2``:
+paper's fine-tuned classifier. ``parameternet lm experiment --preset full|quick|gpu|smoke`` (``--preset upcycle2``:
 upcycling, round 2, :mod:`parameternet.experiments.lm_upcycle`).
 
 Every language-model run is one ``lm train`` run of the base recipe (``configs/lm-small.yaml``: 4 layers, hidden
@@ -52,8 +52,10 @@ from parameternet.experiments.lm_grid import (
     Task,
     Variant,
     check_grid,
+    check_hardware,
     check_inputs,
     check_jobs,
+    hardware,
     recipe_hash,
 )
 from parameternet.experiments.lm_rows import (
@@ -146,6 +148,25 @@ PRESETS = {
         cls_seeds=(0,),
         cls=dict(task="brown-genre", steps=100, batch_size=16, lr=1e-4),
         zero_shot_items=100,
+    ),
+    # Table 7's main comparison at a larger size on one CUDA GPU (it refuses to start without one): the whole
+    # training split once (871 steps of 64 x 128 tokens), two runs side by side on the GPU.
+    "gpu": Preset(
+        "gpu",
+        "one CUDA GPU: hidden 512, 8 layers, batch 64 x 128 tokens; lr check on 1M tokens; dense vs MoE-8 down on "
+        "the whole training split once, 3 seeds each; no upcycling, no classifier",
+        main=((DENSE, (0, 1, 2)), (MOE8, (0, 1, 2))),
+        eval_every=100,
+        upcycle_seeds=(),
+        cls_variants=(),
+        overrides=(
+            "device=cuda",
+            "batch_size=64",
+            "model.hidden_size=512",
+            "model.intermediate_size=2048",
+            "model.num_hidden_layers=8",
+            "model.num_attention_heads=8",
+        ),
     ),
     # A wiring check for tests and CI: tiny model, a few steps of everything; checks the command, not the science.
     "smoke": Preset(
@@ -321,12 +342,12 @@ class _Runner(Runner):
 # ----- the command -----
 
 
-COMMITTED_OUTPUTS = {"full": "results/lm", "upcycle2": "results/lm-upcycle2"}
+COMMITTED_OUTPUTS = {"full": "results/lm", "upcycle2": "results/lm-upcycle2", "gpu": "results/lm-gpu"}
 
 
 def default_output(preset: str) -> Path:
-    """``results/lm`` for the full preset and ``results/lm-upcycle2`` for upcycle2 (committed), ``runs/lm-<preset>``
-    for the others."""
+    """``results/lm``, ``results/lm-upcycle2`` and ``results/lm-gpu`` for the full, upcycle2 and gpu presets
+    (committed), ``runs/lm-<preset>`` for the others."""
     return Path(COMMITTED_OUTPUTS.get(preset, f"runs/lm-{preset}"))
 
 
@@ -336,17 +357,20 @@ def grid_output(
 ) -> Iterator[Path]:
     """Check ``jobs`` and the base recipe of the preset ``p`` (a :class:`Preset` or an upcycling one) with
     ``overrides``, prepare its data, then hold the lock of the output directory (``output``, default
-    :func:`default_output`) with the grid recorded there or checked against it
-    (:func:`~parameternet.experiments.lm_grid.check_grid`); yields the directory. Bad input raises
+    :func:`default_output`) with the grid and the device it trains on recorded there or checked against them
+    (:func:`~parameternet.experiments.lm_grid.check_grid`, :func:`~parameternet.experiments.lm_grid.check_hardware`);
+    yields the directory. Bad input raises
     ParameterNetError before the output directory is made."""
     from parameternet.runs import RunLock
 
     check_jobs(jobs)
     base = check_inputs(p, recipe, overrides)
+    device = hardware(base.device)
     base.data.prepare()  # bad input stops here, before the output directory exists
     output = Path(output) if output is not None else default_output(p.name)
     with RunLock(output, "experiment results"):  # one writer of the CSVs; each run also locks its own directory
         check_grid(output, p.name, base)
+        check_hardware(output, device)
         yield output
 
 

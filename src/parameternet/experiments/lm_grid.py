@@ -37,7 +37,10 @@ __all__ = [
     "Task",
     "Variant",
     "base_overrides",
+    "hardware",
+    "hardware_line",
     "check_grid",
+    "check_hardware",
     "check_inputs",
     "check_jobs",
     "recipe_hash",
@@ -404,6 +407,51 @@ def check_grid(output: Path, preset: str, base) -> None:
             f"{str(output)!r} holds the {preset} grid of another base recipe ({'; '.join(diffs[:3])}"
             f"{'; ...' if len(diffs) > 3 else ''}); pass another --output, or the recipe and overrides it was run with"
         )
+
+
+def hardware(device: str) -> dict[str, str]:
+    """What a grid's runs train on, for a recipe's ``device`` (auto, cpu, cuda or cuda:N, resolved as ``lm train``
+    resolves it): ``{"device": "cpu"}`` or the CUDA device's name with torch's and CUDA's versions. Raises
+    ParameterNetError when the recipe names CUDA and torch sees no CUDA device."""
+    import torch
+
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        return {"device": "cpu"}
+    if not torch.cuda.is_available():
+        raise ParameterNetError(
+            f"the grid's recipe says device={device!r}, but torch sees no CUDA device here; run it where torch sees a "
+            "GPU, or override device=cpu"
+        )
+    index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+    return {"device": torch.cuda.get_device_name(index), "torch": torch.__version__, "cuda": str(torch.version.cuda)}
+
+
+def check_hardware(output: Path, now: dict[str, str]) -> None:
+    """Record in ``output/hardware.json`` what the grid's runs train on (:func:`hardware`) the first time, and refuse
+    a later run on another device: its rows and wall times would land beside rows made elsewhere. Raises
+    ParameterNetError naming both devices."""
+    path = output / "hardware.json"
+    try:
+        then = json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        raise ParameterNetError(f"{str(path)!r} is not valid JSON; delete it to record this grid afresh") from None
+    if then is None:
+        atomic_write(path, json.dumps(now, indent=1, sort_keys=True) + "\n")
+    elif then.get("device") != now["device"]:
+        raise ParameterNetError(
+            f"{str(output)!r} holds a grid trained on {then.get('device')!r}; this run would train on "
+            f"{now['device']!r}; pass another --output"
+        )
+
+
+def hardware_line(output: Path) -> list[str]:
+    """The report's line naming the GPU a grid trained on (nothing for a CPU grid or one without a record)."""
+    path = output / "hardware.json"
+    hw = json.loads(path.read_text()) if path.is_file() else {}
+    if hw.get("device", "cpu") == "cpu":
+        return []
+    return [f"Trained on one {hw['device']} (torch {hw.get('torch')}, CUDA {hw.get('cuda')}).", ""]
 
 
 def check_jobs(jobs: int) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from parameternet.experiments.lm import CRITERIA, PRESETS, Preset, verdict
-from parameternet.experiments.lm_grid import DENSE, MOE8, Variant
+from parameternet.experiments.lm_grid import DENSE, MOE8, Variant, hardware_line
 from parameternet.experiments.lm_rows import fmt_mean, load_report_rows, mean_curve, seed_curves
 from parameternet.runs import atomic_write
 
@@ -39,6 +39,7 @@ def report(output: str | Path, preset: str | None = "full", pool_commits: bool =
     compare = preset_obj.compare if preset_obj else MOE8
     parts = [
         *_main_table(rows, main, preset_obj),
+        *hardware_line(output),
         *_lr_check(output / "lr.json"),
         *_main_verdict(main, curves, compare),
         *_upcycling(rows, main, curves),

@@ -42,6 +42,7 @@ from parameternet.experiments.lm_grid import (
     Task,
     check_inputs,
     check_jobs,
+    hardware_line,
 )
 from parameternet.experiments.lm_rows import fmt_mean, load_report_rows
 from parameternet.experiments.lm_upcycle_rule import BRANCHES, CRITERIA, UPCYCLED, judge_rows
@@ -281,6 +282,7 @@ def report(output: str | Path, preset: str = "upcycle2", pool_commits: bool = Fa
             f"{', '.join(sorted({str(r['commit'])[:12] for r in rows}))} to continue.",
             "",
         ]
+    parts += hardware_line(Path(output))
     if ends:
         parts += [*_final_losses(p, trunks, ends), *_verdicts(rows, curves)]
     router = [r for r in got.router if r["kind"] in UPCYCLED]
