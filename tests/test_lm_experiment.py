@@ -20,6 +20,7 @@ from parameternet.experiments.lm_report import crossing, crossing_text
 from parameternet.experiments.provenance import provenance
 from parameternet.experiments.rows import append_rows
 from parameternet.train.lm import load_lm_config, train_lm
+from parameternet.train.lm_config import LMDataConfig
 from test_lm_text import make_fake_corpora
 from test_lm_train import TINY
 
@@ -399,6 +400,13 @@ def test_a_grid_records_the_device_it_trains_on_and_refuses_another(tmp_path, mo
     cpu = tmp_path / "cpu"
     lm_grid.check_hardware(cpu, lm_grid.hardware("cpu"))
     assert lm_grid.hardware_line(cpu) == [] and lm_grid.hardware_line(tmp_path / "none") == []
+    for bad in ("[]", "null", "{}", '{"device": null}', '"NVIDIA H200"', '{"device":'):
+        (cpu / "hardware.json").write_text(bad)
+        for call in (lambda: lm_grid.check_hardware(cpu, h200), lambda: lm_grid.hardware_line(cpu)):
+            with pytest.raises(ValueError, match=r"hardware.json' is not a device record .* delete it"):
+                call()
+    (cpu / "hardware.json").write_text('{"device": "NVIDIA H200"}')  # versions are optional in the report
+    assert lm_grid.hardware_line(cpu) == ["Trained on one NVIDIA H200.", ""]
 
     # The gpu preset on a machine without CUDA: one sentence and exit 2 before any directory is made.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -410,6 +418,23 @@ def test_a_grid_records_the_device_it_trains_on_and_refuses_another(tmp_path, mo
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "override device=cpu" in err
     assert not out.exists() and not runs.exists()
+    assert main(["lm", "experiment", "--preset", "gpu", "--estimate"]) == 2  # no GPU here: the same sentence
+    assert "override device=cpu" in capsys.readouterr().err
+    monkeypatch.setattr(lm_grid, "hardware", lambda device: {"device": "NVIDIA H200"})
+    monkeypatch.setattr(lm_estimate, "hardware", lambda device: {"device": "NVIDIA H200"})
+    assert main(["lm", "experiment", "--preset", "gpu", "--estimate"]) == 2
+    assert "--estimate times one-thread CPU steps, and preset 'gpu' trains on a GPU" in capsys.readouterr().err
+
+
+def test_a_grid_on_another_device_is_refused_before_the_data_or_the_grid_record(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "hardware.json").write_text('{"device": "NVIDIA H200"}')
+    monkeypatch.setattr(LMDataConfig, "prepare", lambda self: pytest.fail("the data was prepared"))
+    args = ["lm", "experiment", "--preset", "smoke", "--output", str(out), "--runs", str(tmp_path / "runs")]
+    assert main(args) == 2
+    assert "holds a grid trained on 'NVIDIA H200'; this run would train on 'cpu'" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["hardware.json"] and not (tmp_path / "runs").exists()
 
 
 def test_the_gpu_preset_is_the_main_comparison_at_hidden_512():

@@ -59,7 +59,7 @@ def add_lm(sub: argparse._SubParsersAction) -> None:
         "--output",
         "--results",
         dest="output",
-        help="default: results/lm (full), results/lm-upcycle2 (upcycle2), runs/lm-PRESET else",
+        help="default: results/lm (full), results/lm-gpu (gpu), results/lm-upcycle2 (upcycle2), runs/lm-PRESET else",
     )
     p.add_argument("--jobs", type=int, default=1, help="runs side by side, one torch thread each (default 1)")
     p.add_argument(

@@ -366,11 +366,12 @@ def grid_output(
     check_jobs(jobs)
     base = check_inputs(p, recipe, overrides)
     device = hardware(base.device)
-    base.data.prepare()  # bad input stops here, before the output directory exists
     output = Path(output) if output is not None else default_output(p.name)
+    check_hardware(output, device, write=False)  # before the data's preparation, which can take a while
+    base.data.prepare()  # bad input stops here, before the output directory exists
     with RunLock(output, "experiment results"):  # one writer of the CSVs; each run also locks its own directory
-        check_grid(output, p.name, base)
         check_hardware(output, device)
+        check_grid(output, p.name, base)
         yield output
 
 

@@ -9,7 +9,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from parameternet.experiments.lm_grid import DENSE, Variant, check_inputs, check_jobs
+from parameternet.errors import ParameterNetError
+from parameternet.experiments.lm_grid import DENSE, Variant, check_inputs, check_jobs, hardware
 
 if TYPE_CHECKING:
     from parameternet.experiments.lm import Preset
@@ -99,11 +100,16 @@ def estimate_wall_s(
 def estimate_text(recipe: str, preset: Preset, overrides: Sequence[str] = (), jobs: int = 2) -> str:
     """Measure 1-thread tokens/s here and estimate the preset's wall time with ``jobs`` one-thread runs side by side,
     at its corpus share and at the whole. Raises ParameterNetError for ``jobs`` below 1 or a bad override (as
-    :func:`run_lm_experiment` does)."""
+    :func:`run_lm_experiment` does), or a recipe that trains on a GPU (the measurement is of CPU steps)."""
     from parameternet.data.text import prepare_text_data
 
     check_jobs(jobs)
     cfg = check_inputs(preset, recipe, overrides)
+    if hardware(cfg.device)["device"] != "cpu":
+        raise ParameterNetError(
+            f"--estimate times one-thread CPU steps, and preset {preset.name!r} trains on a GPU (device="
+            f"{cfg.device}); run it without --estimate"
+        )
     d = cfg.data
     data = prepare_text_data(
         d.dir, corpora=d.corpora, vocab_size=d.vocab_size, val_fraction=d.val_fraction, eval_fraction=d.eval_fraction

@@ -427,31 +427,46 @@ def hardware(device: str) -> dict[str, str]:
     return {"device": torch.cuda.get_device_name(index), "torch": torch.__version__, "cuda": str(torch.version.cuda)}
 
 
-def check_hardware(output: Path, now: dict[str, str]) -> None:
-    """Record in ``output/hardware.json`` what the grid's runs train on (:func:`hardware`) the first time, and refuse
-    a later run on another device: its rows and wall times would land beside rows made elsewhere. Raises
-    ParameterNetError naming both devices."""
+def _recorded_hardware(output: Path) -> dict[str, str] | None:
+    """``output/hardware.json`` as :func:`check_hardware` wrote it, or None when there is none. Raises
+    ParameterNetError for a file that is not such a record."""
     path = output / "hardware.json"
+    if not path.is_file():
+        return None
     try:
-        then = json.loads(path.read_text()) if path.is_file() else None
+        record = json.loads(path.read_text())
     except ValueError:
-        raise ParameterNetError(f"{str(path)!r} is not valid JSON; delete it to record this grid afresh") from None
-    if then is None:
-        atomic_write(path, json.dumps(now, indent=1, sort_keys=True) + "\n")
-    elif then.get("device") != now["device"]:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("device"), str):
         raise ParameterNetError(
-            f"{str(output)!r} holds a grid trained on {then.get('device')!r}; this run would train on "
-            f"{now['device']!r}; pass another --output"
+            f'{str(path)!r} is not a device record (a JSON object with a "device" name); delete it to record the '
+            "device afresh"
+        )
+    return record
+
+
+def check_hardware(output: Path, now: dict[str, str], write: bool = True) -> None:
+    """Refuse a run of a grid in ``output`` on another device than the one ``output/hardware.json`` records (its
+    rows and wall times would land beside rows made elsewhere); with ``write``, record ``now`` (:func:`hardware`)
+    when there is no record yet. Raises ParameterNetError naming both devices, or a file that is not a record."""
+    then = _recorded_hardware(output)
+    if then is None:
+        if write:
+            atomic_write(output / "hardware.json", json.dumps(now, indent=1, sort_keys=True) + "\n")
+    elif then["device"] != now["device"]:
+        raise ParameterNetError(
+            f"{str(output)!r} holds a grid trained on {then['device']!r}; this run would train on {now['device']!r}; "
+            "pass another --output"
         )
 
 
 def hardware_line(output: Path) -> list[str]:
     """The report's line naming the GPU a grid trained on (nothing for a CPU grid or one without a record)."""
-    path = output / "hardware.json"
-    hw = json.loads(path.read_text()) if path.is_file() else {}
-    if hw.get("device", "cpu") == "cpu":
+    hw = _recorded_hardware(output) or {"device": "cpu"}
+    if hw["device"] == "cpu":
         return []
-    return [f"Trained on one {hw['device']} (torch {hw.get('torch')}, CUDA {hw.get('cuda')}).", ""]
+    versions = ", ".join(f"{name} {hw[key]}" for name, key in (("torch", "torch"), ("CUDA", "cuda")) if hw.get(key))
+    return [f"Trained on one {hw['device']}{f' ({versions})' if versions else ''}.", ""]
 
 
 def check_jobs(jobs: int) -> None:

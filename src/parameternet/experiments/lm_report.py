@@ -281,8 +281,8 @@ def _verdict_lines(title: str, v: dict[str, Any]) -> list[str]:
     lines = [f"**{title}: {v['verdict']}** ({v['reason']})."]
     if "gap" in v:
         lines.append(
-            f"Gap dense - MoE at the end: {v['gap']:+.4f} ± {v['se']:.4f} nats (s.e., seeds {v['n'][0]} and "
-            f"{v['n'][1]}), 95% CI [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]; fitted change of the gap over the "
+            f"Gap dense - MoE at the end: {v['gap']:+.4f} ± {v['se']:.4f} nats (s.e. over {v['n'][0]} and "
+            f"{v['n'][1]} seeds), 95% CI [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]; fitted change of the gap over the "
             f"second half: {v['change']:+.4f} nats ({v['second_half_points']} evaluations)."
         )
     if v.get("seeds_needed"):

@@ -312,9 +312,10 @@ def _final_losses(p, trunks: dict[int, dict[str, Any]], ends: list[dict[str, Any
              "check chose on the validation split; " if p else "")  # fmt: skip
     parts += [
         f"Upcycling, round 2: per seed ({', '.join(str(s) for s in sorted(trunks))}), one dense trunk trained to "
-        f"the midpoint of the schedule (step {e['start_step']:,} of {e['steps']:,}; {e['steps'] * per_step:,} "
-        f"training tokens), then five continuations from that snapshot to the end, on the same windows in the "
-        f"same order ({rates}re-warmup over {round(p.rewarmup_fraction * e['steps']) if p else '?'} steps). "
+        f"the midpoint of the schedule (step {e['start_step']:,} of {e['steps']:,}: {e['start_step'] * per_step:,} of "
+        f"its {e['steps'] * per_step:,} training tokens), then five continuations from that snapshot to the end, "
+        f"on the same windows in the same order ({rates}re-warmup over "
+        f"{round(p.rewarmup_fraction * e['steps']) if p else '?'} steps). "
         "Final losses: mean ± standard error over seeds (number of seeds). Held-out: the documents neither "
         "training nor validation (nor any choice of this grid or round 1) read.",
         "",
