@@ -53,8 +53,12 @@ def add_lm(sub: argparse._SubParsersAction) -> None:
         help="the grid (default: full; gpu: the main comparison at hidden 512 on one CUDA GPU; upcycle2: upcycling "
         "round 2, five continuations of one dense snapshot)",
     )
-    p.add_argument("--recipe", default="configs/lm-small.yaml")
-    p.add_argument("--runs", default="runs/lm-experiment", help="directory of the individual runs")
+    p.add_argument(
+        "--recipe", default="configs/lm-small.yaml", help="the base recipe every run starts from (default: %(default)s)"
+    )
+    p.add_argument(
+        "--runs", default="runs/lm-experiment", help="directory of the individual runs (default: %(default)s)"
+    )
     p.add_argument(
         "--output",
         "--results",
