@@ -410,16 +410,16 @@ def test_a_grid_records_the_device_it_trains_on_and_refuses_another(tmp_path, mo
 
     # The gpu preset on a machine without CUDA: one sentence and exit 2 before any directory is made.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="device='cuda:1', but torch sees no CUDA device"):
+    with pytest.raises(ValueError, match="device='cuda:1' but no CUDA device is visible; use device=cpu"):
         lm_grid.hardware("cuda:1")
     assert lm_grid.hardware("auto") == {"device": "cpu"}
     out, runs = tmp_path / "gpu", tmp_path / "runs"
     assert main(["lm", "experiment", "--preset", "gpu", "--output", str(out), "--runs", str(runs)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "override device=cpu" in err
+    assert err.count("\n") == 0 and "no CUDA device is visible; use device=cpu" in err
     assert not out.exists() and not runs.exists()
     assert main(["lm", "experiment", "--preset", "gpu", "--estimate"]) == 2  # no GPU here: the same sentence
-    assert "override device=cpu" in capsys.readouterr().err
+    assert "no CUDA device is visible; use device=cpu" in capsys.readouterr().err
     monkeypatch.setattr(lm_grid, "hardware", lambda device: {"device": "NVIDIA H200"})
     monkeypatch.setattr(lm_estimate, "hardware", lambda device: {"device": "NVIDIA H200"})
     assert main(["lm", "experiment", "--preset", "gpu", "--estimate"]) == 2

@@ -37,12 +37,12 @@ __all__ = [
     "Task",
     "Variant",
     "base_overrides",
-    "hardware",
-    "hardware_line",
     "check_grid",
     "check_hardware",
     "check_inputs",
     "check_jobs",
+    "hardware",
+    "hardware_line",
     "recipe_hash",
 ]
 
@@ -410,21 +410,17 @@ def check_grid(output: Path, preset: str, base) -> None:
 
 
 def hardware(device: str) -> dict[str, str]:
-    """What a grid's runs train on, for a recipe's ``device`` (auto, cpu, cuda or cuda:N, resolved as ``lm train``
-    resolves it): ``{"device": "cpu"}`` or the CUDA device's name with torch's and CUDA's versions. Raises
-    ParameterNetError when the recipe names CUDA and torch sees no CUDA device."""
+    """What a grid's runs train on, for a recipe's ``device`` (resolved as ``lm train`` resolves it,
+    :func:`~parameternet.train.distributed.pick_device`): ``{"device": "cpu"}`` or the CUDA device's name with
+    torch's and CUDA's versions. Raises ParameterNetError when the recipe names CUDA and torch sees no CUDA device."""
     import torch
 
-    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if not use_cuda:
+    from parameternet.train.distributed import pick_device
+
+    dev = pick_device(device)
+    if dev.type == "cpu":
         return {"device": "cpu"}
-    if not torch.cuda.is_available():
-        raise ParameterNetError(
-            f"the grid's recipe says device={device!r}, but torch sees no CUDA device here; run it where torch sees a "
-            "GPU, or override device=cpu"
-        )
-    index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
-    return {"device": torch.cuda.get_device_name(index), "torch": torch.__version__, "cuda": str(torch.version.cuda)}
+    return {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "cuda": str(torch.version.cuda)}
 
 
 def _recorded_hardware(output: Path) -> dict[str, str] | None:

@@ -34,6 +34,7 @@ __all__ = [
     "data_parallel",
     "fully_shard_model",
     "mix_seed",
+    "pick_device",
     "setup",
     "shard_units",
 ]
@@ -57,21 +58,27 @@ class DistInfo:
         return self.world_size > 1
 
 
+def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """The torch device a recipe's ``device`` (auto, cpu, cuda or cuda:N) names: auto is CUDA when torch sees a GPU;
+    plain ``cuda`` is GPU ``local_rank``. Raises ParameterNetError for CUDA when torch sees none."""
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ParameterNetError(f"device={device!r} but no CUDA device is visible; use device=cpu")
+    return torch.device("cuda", int(device.split(":")[1]) if ":" in device else local_rank)
+
+
 def setup(device: str = "auto", group: bool = False) -> DistInfo:
     """Pick the device and, under torchrun, join the process group (nccl on CUDA, gloo on CPU); with ``group`` a
     single process makes a group of one too (FSDP and ``torch.distributed.checkpoint`` need one)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ParameterNetError(f"device={device!r} but no CUDA device is visible; use device=cpu")
+    dev = pick_device(device, local_rank)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
-        index = int(device.split(":")[1]) if ":" in device else local_rank
-        dev = torch.device("cuda", index)
         torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
     if (world > 1 or group) and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         if world > 1:
